@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create (or reuse) the test virtualenv: CPU torch, ray, pytest; plus the ComfyUI host's requirements
+# when a host is present at $COMFYUI_PATH (default /opt/ComfyUI). Idempotent; safe on a fresh clone.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${PACK_VENV:-$here/.venv}
+host=${COMFYUI_PATH:-/opt/ComfyUI}
+py=${PYTHON:-python3}
+
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+# torch 2.13.0 CPU lies on this machine's disk; a bare "torch" would pull a multi-GB CUDA build.
+"$venv/bin/python" -c 'import torch' 2>/dev/null || "${pip[@]}" torch==2.13.0
+"${pip[@]}" -r "$here/requirements-test.txt" -c "$here/.ci/constraints.txt"
+
+if [ -f "$host/comfy/ldm/lightricks/av_model.py" ]; then
+  if ! "$venv/bin/python" -c 'import aiohttp, comfy_aimdo, av, torchsde, spandrel, kornia' 2>/dev/null; then
+    grep -vE '^(torch|torchvision|torchaudio)\s*$' "$host/requirements.txt" > "$venv/host-requirements.txt"
+    "${pip[@]}" -r "$venv/host-requirements.txt" -c "$here/.ci/constraints.txt"
+  fi
+  # torchaudio's compiled extension does not load beside this torch; ComfyUI's LTX audio code only
+  # uses its pure-Python parts, so install it without deps and drop the .so files.
+  if [ ! -d "$site/torchaudio" ]; then
+    "${pip[@]}" --no-deps torchaudio==2.11.0
+    rm -f "$site"/torchaudio/lib/*.so
+  fi
+  # PyPI's torchvision does not find its C++ ops beside CPU torch 2.13; declare their schemas
+  # when torchvision is first imported (test environment only, never part of the pack).
+  cp "$here/.ci/torchvision_shim.py" "$site/_ltxav_tv_shim.py"
+  echo "import _ltxav_tv_shim" > "$site/_ltxav_tv_shim.pth"
+else
+  echo "setup_env: no ComfyUI host at $host (COMFYUI_PATH): host tests will skip" >&2
+fi

@@ -1,0 +1,20 @@
+"""ComfyUI-LTXAV-Parallel: long LTX-2 audio-video generation on several GPUs.
+
+Nodes are registered only when this folder is loaded by ComfyUI (as a custom node); the pure
+modules (ffn_chunking, ...) import without it.
+"""
+try:
+    import comfy.patcher_extension  # noqa: F401  (present only inside ComfyUI)
+except ImportError:
+    pass
+else:
+    from comfy_api.latest import ComfyExtension, io
+
+    from .nodes_ltx_ffn_chunker import NODES as _FFN_NODES
+
+    class LTXAVParallelExtension(ComfyExtension):
+        async def get_node_list(self) -> list[type[io.ComfyNode]]:
+            return [*_FFN_NODES]
+
+    async def comfy_entrypoint() -> LTXAVParallelExtension:
+        return LTXAVParallelExtension()

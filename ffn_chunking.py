@@ -1,0 +1,211 @@
+"""Sequence-chunked feed-forward for LTX transformer blocks (video ``ff`` and audio ``audio_ff``).
+
+The FFN of an LTX-2 block expands every token 4x (two such tensors live at once: the projection
+and its GELU). Running it over slices of the token sequence keeps that expansion to one slice at a
+time; the output is the same because the FFN acts on each token independently.
+
+How it is attached (no module is replaced, nothing global is patched):
+  * settings live in ``transformer_options[CHUNKING_KEY]`` as plain data (so they survive
+    ``ModelPatcher.clone`` and can be sent to other processes);
+  * ``diffusion_model_wrapper`` is a ComfyUI DIFFUSION_MODEL wrapper: for the duration of one
+    forward it sets ``forward`` on each block's ``ff`` / ``audio_ff`` *instance* and removes it
+    afterwards, so weight patches (LoRA), dtype casting and offloading keep using the same modules.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHUNKING_KEY = "ltx_ffn_chunking"
+WRAPPER_KEY = "ltx_ffn_chunking"
+MAX_CHUNKS = 128
+# auto: at most this many tokens per chunk (each chunk still saturates a GPU matmul) ...
+AUTO_MAX_TOKENS_PER_CHUNK = 4096
+# ... and a chunk's hidden activations use at most this share of the free device memory.
+AUTO_FREE_MEMORY_SHARE = 1 / 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSettings:
+    """What the user asked for: a fixed chunk count, or ``auto``."""
+
+    num_chunks: int = 1
+    auto: bool = False
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_options(cls, transformer_options) -> ChunkSettings | None:
+        raw = (transformer_options or {}).get(CHUNKING_KEY)
+        return cls(**raw) if raw else None
+
+
+def hidden_bytes_per_token(ff: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of FFN activation per token at its peak: the 4x projection and its GELU output."""
+    proj = ff.net[0].proj
+    return 2 * proj.out_features * torch.empty((), dtype=dtype).element_size()
+
+
+def auto_num_chunks(tokens: int, bytes_per_token: int, free_bytes: float | None) -> int:
+    """Fewest chunks such that a chunk has at most AUTO_MAX_TOKENS_PER_CHUNK tokens and its hidden
+    activations fit in AUTO_FREE_MEMORY_SHARE of ``free_bytes`` (None: no memory limit)."""
+    n = math.ceil(tokens / AUTO_MAX_TOKENS_PER_CHUNK)
+    if free_bytes is not None and free_bytes > 0:
+        n = max(n, math.ceil(tokens * bytes_per_token / (free_bytes * AUTO_FREE_MEMORY_SHARE)))
+    return max(1, min(MAX_CHUNKS, n))
+
+
+def _chunk_bounds(n_tokens: int, n_chunks: int) -> list[int]:
+    """Boundaries of ``n_chunks`` near-equal slices of ``n_tokens`` (sizes differ by at most one)."""
+    return [(i * n_tokens) // n_chunks for i in range(n_chunks + 1)]
+
+
+def _may_overwrite(x: torch.Tensor) -> bool:
+    """The LTX blocks pass the FFN a fresh temporary (rms_norm(x) * scale + shift) and drop it right
+    after the call; we may then write the output into it instead of allocating another buffer."""
+    return x._base is None and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())
+
+
+def chunked_forward(ff: torch.nn.Module, x: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """``type(ff).forward`` applied to ``num_chunks`` slices of the sequence dim (1) of ``x``.
+
+    Each output slice goes into ``x`` once its input slice has been consumed when that is safe
+    (see ``_may_overwrite``), else into a new tensor. Equal to the unchunked call up to matmul
+    reduction order.
+    """
+    plain = type(ff).forward
+    n_tokens = x.shape[1] if x.dim() >= 2 else 0
+    n_chunks = min(num_chunks, n_tokens)
+    if n_chunks <= 1:
+        return plain(ff, x)
+    bounds = _chunk_bounds(n_tokens, n_chunks)
+    out = None
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        y = plain(ff, x[:, start:end])
+        if out is None:
+            same = y.shape[2:] == x.shape[2:] and y.dtype == x.dtype and y.device == x.device
+            out = x if same and _may_overwrite(x) else y.new_empty((x.shape[0], n_tokens, *y.shape[2:]))
+        out[:, start:end] = y
+        del y
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """Chunk counts resolved for one forward (``auto`` already decided)."""
+
+    video_chunks: int
+    audio_chunks: int
+    video_tokens: int
+    audio_tokens: int
+
+
+def _token_counts(x) -> tuple[int, int]:
+    """Video and audio token counts of an LTX(AV) diffusion-model input (patch size 1)."""
+    if isinstance(x, (list, tuple)):
+        video = x[0]
+        audio = x[1] if len(x) > 1 else None
+    else:
+        video, audio = x, None
+    v_tokens = math.prod(video.shape[2:])
+    a_tokens = audio.shape[2] if audio is not None and audio.dim() >= 3 else 0
+    return v_tokens, a_tokens
+
+
+def _free_memory(device: torch.device) -> float | None:
+    try:
+        import comfy.model_management as mm
+    except ImportError:  # outside ComfyUI (unit tests): no memory limit
+        return None
+    return mm.get_free_memory(device)
+
+
+def make_plan(settings: ChunkSettings, diffusion_model: torch.nn.Module, x) -> ChunkPlan:
+    v_tokens, a_tokens = _token_counts(x)
+    if not settings.auto:
+        n = max(1, min(MAX_CHUNKS, settings.num_chunks))
+        return ChunkPlan(min(n, max(v_tokens, 1)), min(n, max(a_tokens, 1)), v_tokens, a_tokens)
+    block = diffusion_model.transformer_blocks[0]
+    video = x[0] if isinstance(x, (list, tuple)) else x
+    free = _free_memory(video.device)
+    v = auto_num_chunks(v_tokens, hidden_bytes_per_token(block.ff, video.dtype), free)
+    a = 1
+    if a_tokens and hasattr(block, "audio_ff"):
+        a = auto_num_chunks(a_tokens, hidden_bytes_per_token(block.audio_ff, video.dtype), free)
+    return ChunkPlan(v, a, v_tokens, a_tokens)
+
+
+@contextlib.contextmanager
+def installed(diffusion_model: torch.nn.Module, plan: ChunkPlan):
+    """Route every block's ``ff`` / ``audio_ff`` through ``chunked_forward`` inside the ``with``."""
+    touched = []
+    try:
+        for block in diffusion_model.transformer_blocks:
+            for name, n in (("ff", plan.video_chunks), ("audio_ff", plan.audio_chunks)):
+                ff = getattr(block, name, None)
+                if ff is None or n <= 1:
+                    continue
+                touched.append((ff, ff.__dict__.get("forward")))
+                # instance attribute, removed in `finally`: the module and its weights stay as they are
+                ff.forward = functools.partial(chunked_forward, ff, num_chunks=n)
+        yield
+    finally:
+        for ff, previous in reversed(touched):
+            if previous is None:
+                ff.__dict__.pop("forward", None)
+            else:
+                ff.forward = previous
+
+
+_last_logged: ChunkPlan | None = None
+
+
+def new_run() -> None:
+    """Forget the last logged plan so the next forward logs it again (called once per sampling run)."""
+    global _last_logged
+    _last_logged = None
+
+
+def _log_plan(plan: ChunkPlan) -> None:
+    global _last_logged
+    if plan == _last_logged:
+        return
+    _last_logged = plan
+    if plan.video_chunks > 1:
+        log.info("Video FFN chunking active: %d chunks (%d tokens)", plan.video_chunks, plan.video_tokens)
+    if plan.audio_chunks > 1:
+        log.info("Audio FFN chunking active: %d chunks (%d tokens)", plan.audio_chunks, plan.audio_tokens)
+
+
+def transformer_options_of(args, kwargs) -> dict:
+    """``transformer_options`` of an LTX ``_forward(x, timestep, context, attention_mask, frame_rate,
+    transformer_options, ...)`` call, however it was passed."""
+    if "transformer_options" in kwargs:
+        return kwargs["transformer_options"]
+    return args[5] if len(args) > 5 else {}
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    """ComfyUI DIFFUSION_MODEL wrapper: chunk the FFNs for this forward if the options ask for it."""
+    settings = ChunkSettings.from_options(transformer_options_of(args, kwargs))
+    if settings is None:
+        return executor(*args, **kwargs)
+    model = executor.class_obj
+    plan = make_plan(settings, model, args[0])
+    _log_plan(plan)
+    with installed(model, plan):
+        return executor(*args, **kwargs)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """ComfyUI OUTER_SAMPLE wrapper: marks the start of a sampling run (for the once-per-run log)."""
+    new_run()
+    return executor(*args, **kwargs)

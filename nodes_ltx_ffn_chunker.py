@@ -1,0 +1,77 @@
+"""The LTX FFN Chunker node: MODEL in, MODEL out, with sequence-chunked block feed-forwards."""
+from __future__ import annotations
+
+import comfy.patcher_extension
+from comfy.ldm.lightricks.model import LTXBaseModel
+from comfy_api.latest import io
+
+from . import ffn_chunking
+
+CATEGORY = "LTXAV Multi-GPU"
+
+
+def require_ltx(model, node: str, input_name: str = "model"):
+    """Return the model's LTX diffusion model, or raise a message naming the node and the input."""
+    dm = model.get_model_object("diffusion_model")
+    if not isinstance(dm, LTXBaseModel):
+        raise ValueError(
+            f"{node}: input '{input_name}' is a {type(dm).__name__} model, not an LTX-2 model. "
+            "Load an LTX-2 checkpoint (LTXAV audio-video, or LTXV video) with 'Load Diffusion Model' "
+            "or 'Load Checkpoint' and connect that MODEL.")
+    return dm
+
+
+def apply_ffn_chunking(model, settings: ffn_chunking.ChunkSettings):
+    """A clone of ``model`` whose LTX block FFNs run in chunks; ``model`` itself is untouched."""
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    for kind in (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE):
+        m.remove_wrappers_with_key(kind, ffn_chunking.WRAPPER_KEY)
+    if not settings.auto and settings.num_chunks <= 1:
+        to.pop(ffn_chunking.CHUNKING_KEY, None)  # 1 chunk = off: plain ComfyUI behaviour
+        return m
+    to[ffn_chunking.CHUNKING_KEY] = settings.as_dict()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, ffn_chunking.WRAPPER_KEY,
+                           ffn_chunking.diffusion_model_wrapper)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ffn_chunking.WRAPPER_KEY,
+                           ffn_chunking.outer_sample_wrapper)
+    return m
+
+
+class LTXFFNChunker(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LTXFFNChunker",
+            display_name="LTX FFN Chunker",
+            category=CATEGORY,
+            description=("Runs the feed-forward of every LTX-2 block (video and audio) over slices of the token "
+                         "sequence, so its 4x-wide activations never exist for the whole video at once. "
+                         "Same output; much lower peak memory on long videos."),
+            search_aliases=["ffn chunk", "feed forward chunking", "ltx memory", "ltxav"],
+            inputs=[
+                io.Model.Input("model", tooltip="An LTX-2 (LTXAV or LTXV) model. Connect after LoRA loaders or before: "
+                               "both work. The MODEL that goes in is not changed."),
+                io.Boolean.Input("auto", default=True, label_on="auto", label_off="fixed",
+                                 tooltip=("auto: choose the chunk count at run time from the sequence length and free "
+                                          f"device memory (at most {ffn_chunking.AUTO_MAX_TOKENS_PER_CHUNK} tokens per "
+                                          "chunk; no chunking for short clips). fixed: use num_chunks.")),
+                io.Int.Input("num_chunks", default=16, min=1, max=ffn_chunking.MAX_CHUNKS,
+                             tooltip=("Chunks when auto is off; 1 = off. More chunks = lower FFN peak memory "
+                                      "(the FFN's 4x activations shrink by this factor); very many small chunks "
+                                      "run slower on GPU, and with weight offloading each chunk re-reads the "
+                                      "FFN weights.")),
+            ],
+            outputs=[io.Model.Output(tooltip="The same model, with chunked feed-forwards.")],
+        )
+
+    @classmethod
+    def execute(cls, model, auto: bool, num_chunks: int) -> io.NodeOutput:
+        require_ltx(model, "LTX FFN Chunker")
+        if not 1 <= num_chunks <= ffn_chunking.MAX_CHUNKS:
+            raise ValueError(f"LTX FFN Chunker: input 'num_chunks' is {num_chunks}; "
+                             f"use 1 (off) to {ffn_chunking.MAX_CHUNKS}.")
+        return io.NodeOutput(apply_ffn_chunking(model, ffn_chunking.ChunkSettings(num_chunks, bool(auto))))
+
+
+NODES = [LTXFFNChunker]

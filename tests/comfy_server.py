@@ -1,0 +1,156 @@
+"""A headless ComfyUI server on loopback with this pack installed, for POST /prompt tests."""
+import json
+import os
+import pickle  # noqa: F401  (torch.save below writes pickles LoadTrainingDataset reads)
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from comfy_host import COMFYUI_PATH, ROOT
+
+PACK_FOLDER = "ComfyUI-LTXAV-Parallel"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """``python main.py --cpu`` in a private base directory: models, input, output, custom_nodes."""
+
+    def __init__(self, base: Path, extra_args=(), env=None):
+        self.base = Path(base)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        for d in ("custom_nodes", "models/diffusion_models", "models/loras", "input", "output", "user", "temp"):
+            (self.base / d).mkdir(parents=True, exist_ok=True)
+        link = self.base / "custom_nodes" / PACK_FOLDER
+        if not link.exists():
+            link.symlink_to(ROOT, target_is_directory=True)
+        self.log_path = self.base / "server.log"
+        self.extra_args = list(extra_args)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = None
+
+    def start(self, timeout=120):
+        cmd = [sys.executable, str(COMFYUI_PATH / "main.py"), "--cpu", "--listen", "127.0.0.1",
+               "--port", str(self.port), "--base-directory", str(self.base), "--disable-auto-launch",
+               "--disable-api-nodes", "--preview-method", "none", "--database-url", "sqlite:///:memory:",
+               *self.extra_args]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=str(COMFYUI_PATH), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=self.env, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI server exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI server did not answer in {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(30)
+        if self.proc:
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path, payload):
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def queue(self, prompt: dict) -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+        if status != 200:
+            raise AssertionError(f"POST /prompt refused ({status}): {json.dumps(body)[:2000]}")
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout=300) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                if hist[prompt_id]["status"]["status_str"] in ("success", "error"):
+                    return hist[prompt_id]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI server died:\n{self.log()[-4000:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log()[-4000:]}")
+
+    def run(self, prompt: dict, timeout=300) -> dict:
+        return self.wait(self.queue(prompt), timeout)
+
+    def saved_latents(self, entry: dict) -> dict[str, torch.Tensor]:
+        """{node_id: latent tensor} for every SaveLatent output of a finished prompt."""
+        out = {}
+        for node_id, outputs in entry["outputs"].items():
+            for item in outputs.get("latents", []):
+                path = self.base / "output" / item["subfolder"] / item["filename"]
+                out[node_id] = load_file(str(path))["latent_tensor"]
+        return out
+
+
+def write_inputs(base: Path, caption_channels: int, length: int, folder="tiny_cond", seed=1):
+    """What the workflows load with stock nodes: an LTXAV conditioning (as LTXVConditioning would
+    give, without Gemma) and an empty audio latent, as a LoadTrainingDataset folder."""
+    from comfy_host import make_conditioning
+
+    d = Path(base) / "output" / folder
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save({"latents": [{"samples": torch.zeros(1, 8, length + 1, 16), "type": "audio"}],
+                "conditioning": [make_conditioning(caption_channels, seed=seed)]}, d / "shard_000.pkl")
+    return folder
+
+
+def t2v_prompt(unet_name, dataset, width=128, height=96, length=25, seed=42, steps=2, model_node=None,
+               extra=None, prefix="t2v"):
+    """API-format LTXAV text-to-video: UNETLoader -> [model_node] -> KSampler -> SaveLatent (video, audio)."""
+    p = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
+        "3": {"class_type": "LoadTrainingDataset", "inputs": {"folder_name": dataset}},
+        "4": {"class_type": "EmptyLTXVLatentVideo", "inputs": {"width": width, "height": height, "length": length,
+                                                             "batch_size": 1}},
+        "5": {"class_type": "LTXVConcatAVLatent", "inputs": {"video_latent": ["4", 0], "audio_latent": ["3", 0]}},
+        "10": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 1]}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": 3.0,
+                                                  "sampler_name": "euler", "scheduler": "simple",
+                                                  "positive": ["3", 1], "negative": ["10", 0],
+                                                  "latent_image": ["5", 0], "denoise": 1.0}},
+        "7": {"class_type": "LTXVSeparateAVLatent", "inputs": {"av_latent": ["6", 0]}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"latents/{prefix}_v"}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 1], "filename_prefix": f"latents/{prefix}_a"}},
+    }
+    if model_node is not None:
+        p["2"] = {**model_node, "inputs": {"model": ["1", 0], **model_node["inputs"]}}
+        p["6"]["inputs"]["model"] = ["2", 0]
+    p.update(extra or {})
+    return p

@@ -1,0 +1,47 @@
+import logging
+
+import pytest
+
+from comfy_host import HOST_MISSING, host_available, import_host, import_pack
+
+
+def pytest_report_header(config):
+    from comfy_host import COMFYUI_PATH
+    return [f"ComfyUI host: {COMFYUI_PATH} ({'found' if host_available() else 'MISSING: host tests will skip'})"]
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """The ComfyUI host, imported in CPU mode; skips (loudly) when it is absent."""
+    if not host_available():
+        pytest.skip(HOST_MISSING)
+    import_host()
+    import comfy.sd
+
+    return comfy
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    return import_pack()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(comfy, tmp_path_factory):
+    from tiny_ltxav import write_tiny_ltxav
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_ltxav.safetensors"
+    config = write_tiny_ltxav(path)
+    return path, config
+
+
+@pytest.fixture
+def tiny_model(comfy, tiny_ckpt):
+    """A fresh ModelPatcher from ComfyUI's own loader (the UNETLoader path)."""
+    return comfy.sd.load_diffusion_model(str(tiny_ckpt[0]))
+
+
+@pytest.fixture
+def caplog_info(caplog):
+    caplog.set_level(logging.INFO)
+    return caplog

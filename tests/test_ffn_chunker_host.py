@@ -1,0 +1,188 @@
+"""LTX FFN Chunker through the real ComfyUI model, loader, sampler and LoRA path."""
+import importlib
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfy_host import make_conditioning, make_latent
+
+REL_TOL_FP32 = 1e-6
+
+
+@pytest.fixture(scope="module")
+def fc(pack):
+    return importlib.import_module("ltxav_pack.ffn_chunking")
+
+
+@pytest.fixture(scope="module")
+def node(pack):
+    return importlib.import_module("ltxav_pack.nodes_ltx_ffn_chunker").LTXFFNChunker
+
+
+@pytest.fixture
+def spy(fc, monkeypatch):
+    """Counts chunked FFN calls per chunk count."""
+    calls = []
+    real = fc.chunked_forward
+
+    def counting(ff, x, num_chunks):
+        calls.append((x.shape[1], num_chunks))
+        return real(ff, x, num_chunks)
+
+    monkeypatch.setattr(fc, "chunked_forward", counting)
+    return calls
+
+
+def sample(model, tiny_ckpt, audio=True, seed=42, steps=2, **latent):
+    import nodes
+
+    cc = tiny_ckpt[1]["caption_channels"]
+    lat = make_latent(audio=audio, **latent)
+    out = nodes.common_ksampler(model, seed, steps, 3.0, "euler", "simple",
+                                make_conditioning(cc, seed=1), make_conditioning(cc, seed=2), lat)[0]["samples"]
+    return out.unbind() if getattr(out, "is_nested", False) else [out]
+
+
+def rel_err(a, b):
+    return max((x - y).abs().max().item() / y.abs().max().item() for x, y in zip(a, b))
+
+
+def chunk(node, model, n=5, auto=False):
+    return node.execute(model, auto, n)[0]
+
+
+LATENT = dict(width=128, height=96, length=25)  # 4 x 3 x 4 = 48 video tokens, 26 audio tokens
+
+
+@pytest.mark.parametrize("audio", [True, False], ids=["audio", "no-audio"])
+@pytest.mark.parametrize("n", [4, 5], ids=["divides", "does-not-divide"])
+def test_chunked_equals_unchunked(node, tiny_model, tiny_ckpt, spy, audio, n):
+    plain = sample(tiny_model, tiny_ckpt, audio=audio, **LATENT)
+    assert not spy
+    chunked = sample(chunk(node, tiny_model, n), tiny_ckpt, audio=audio, **LATENT)
+    layers = 2
+    assert (48, n) in spy and len([c for c in spy if c[0] == 48]) == layers * 2  # 2 steps, cond+uncond batched
+    if audio:
+        assert (26, n) in spy
+    assert rel_err(chunked, plain) <= REL_TOL_FP32
+
+
+def test_auto_chunks_long_sequences(fc, node, tiny_model, tiny_ckpt, spy, monkeypatch, caplog_info):
+    plain = sample(tiny_model, tiny_ckpt, **LATENT)
+    monkeypatch.setattr(fc, "AUTO_MAX_TOKENS_PER_CHUNK", 10)  # the tiny clip counts as "long"
+    got = sample(chunk(node, tiny_model, 1, auto=True), tiny_ckpt, **LATENT)
+    assert (48, 5) in spy and (26, 3) in spy
+    assert "Video FFN chunking active: 5 chunks" in caplog_info.text
+    assert rel_err(got, plain) <= REL_TOL_FP32
+
+
+def test_auto_leaves_short_sequences_alone(node, tiny_model, tiny_ckpt, spy):
+    sample(chunk(node, tiny_model, 1, auto=True), tiny_ckpt, **LATENT)
+    assert not spy
+
+
+def test_bf16_model(comfy, node, tiny_ckpt):
+    model = comfy.sd.load_diffusion_model(str(tiny_ckpt[0]), model_options={"dtype": torch.bfloat16})
+    plain = sample(model, tiny_ckpt, steps=1, **LATENT)
+    chunked = sample(chunk(node, model, 5), tiny_ckpt, steps=1, **LATENT)
+    assert rel_err(chunked, plain) <= 2e-2  # bf16: same math, different matmul reduction order
+
+
+def test_log_once_per_run(node, tiny_model, tiny_ckpt, caplog_info):
+    m = chunk(node, tiny_model, 4)
+    for _ in range(2):
+        caplog_info.clear()
+        sample(m, tiny_ckpt, steps=3, **LATENT)
+        lines = [r.getMessage() for r in caplog_info.records if "FFN chunking active" in r.getMessage()]
+        assert lines == ["Video FFN chunking active: 4 chunks (48 tokens)",
+                         "Audio FFN chunking active: 4 chunks (26 tokens)"]
+
+
+def test_one_chunk_fixed_is_off(fc, node, tiny_model):
+    m = chunk(node, tiny_model, 1)
+    assert fc.CHUNKING_KEY not in m.model_options["transformer_options"]
+    assert not m.get_wrappers("diffusion_model", fc.WRAPPER_KEY)
+
+
+def test_clone_isolation(fc, node, tiny_model, tiny_ckpt, spy):
+    before = sample(tiny_model, tiny_ckpt, **LATENT)
+    chunked = chunk(node, tiny_model, 4)
+    assert chunked is not tiny_model
+    assert fc.CHUNKING_KEY not in tiny_model.model_options.get("transformer_options", {})
+    sample(chunked, tiny_ckpt, **LATENT)
+    assert spy
+    dm = tiny_model.model.diffusion_model
+    assert all("forward" not in b.ff.__dict__ and "forward" not in b.audio_ff.__dict__ for b in dm.transformer_blocks)
+    spy.clear()
+    after = sample(tiny_model, tiny_ckpt, **LATENT)  # the same loaded model, without the node
+    assert not spy
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_applying_twice_keeps_one_wrapper(fc, node, tiny_model, tiny_ckpt, spy):
+    m = chunk(node, chunk(node, tiny_model, 4), 6)
+    assert len(m.get_wrappers("diffusion_model", fc.WRAPPER_KEY)) == 1
+    sample(m, tiny_ckpt, **LATENT)
+    assert {n for _, n in spy} == {6}
+
+
+@pytest.fixture
+def lora_name(comfy, tiny_ckpt, tmp_path):
+    """A LoRA on the FFNs and attention of block 0, in the models/loras folder ComfyUI searches."""
+    import folder_paths
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tiny_ckpt[0]))
+    g = torch.Generator().manual_seed(7)
+    lora = {}
+    for key in ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
+                "transformer_blocks.0.audio_ff.net.0.proj", "transformer_blocks.0.attn1.to_q"):
+        out_dim, in_dim = sd[key + ".weight"].shape
+        lora[f"diffusion_model.{key}.lora_up.weight"] = torch.randn(out_dim, 4, generator=g) * 0.3
+        lora[f"diffusion_model.{key}.lora_down.weight"] = torch.randn(4, in_dim, generator=g) * 0.3
+    save_file(lora, str(tmp_path / "tiny_lora.safetensors"))
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    return "tiny_lora.safetensors"
+
+
+def test_lora_with_and_without_chunking(node, tiny_model, tiny_ckpt, lora_name, spy):
+    import nodes
+
+    def lora(m):
+        return nodes.LoraLoaderModelOnly().load_lora_model_only(m, lora_name, 1.0)[0]
+
+    plain = sample(tiny_model, tiny_ckpt, **LATENT)
+    with_lora = sample(lora(tiny_model), tiny_ckpt, **LATENT)
+    assert rel_err(with_lora, plain) > 1e-2  # the LoRA really changes the output
+    lora_then_chunk = sample(chunk(node, lora(tiny_model), 5), tiny_ckpt, **LATENT)
+    chunk_then_lora = sample(lora(chunk(node, tiny_model, 5)), tiny_ckpt, **LATENT)
+    assert spy
+    assert rel_err(lora_then_chunk, with_lora) <= REL_TOL_FP32
+    assert rel_err(chunk_then_lora, with_lora) <= REL_TOL_FP32
+
+
+def test_non_ltx_model_is_refused(comfy, node):
+    import comfy.model_patcher
+
+    class NotLTX(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = torch.nn.Linear(2, 2)
+
+    patcher = comfy.model_patcher.ModelPatcher(NotLTX(), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"LTX FFN Chunker: input 'model' is a Linear model, not an LTX-2 model"):
+        node.execute(patcher, False, 4)
+
+
+@pytest.mark.parametrize("n", [0, 129])
+def test_chunk_count_out_of_range(node, tiny_model, n):
+    with pytest.raises(ValueError, match=r"LTX FFN Chunker: input 'num_chunks' is .*use 1 \(off\) to 128"):
+        node.execute(tiny_model, False, n)
+
+
+def test_node_schema(node):
+    schema = node.define_schema()
+    assert schema.display_name == "LTX FFN Chunker"
+    assert all(i.tooltip for i in schema.inputs)
