@@ -98,28 +98,6 @@ def chunked_forward(ff: torch.nn.Module, x: torch.Tensor, num_chunks: int) -> to
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkPlan:
-    """Chunk counts resolved for one forward (``auto`` already decided)."""
-
-    video_chunks: int
-    audio_chunks: int
-    video_tokens: int
-    audio_tokens: int
-
-
-def _token_counts(x) -> tuple[int, int]:
-    """Video and audio token counts of an LTX(AV) diffusion-model input (patch size 1)."""
-    if isinstance(x, (list, tuple)):
-        video = x[0]
-        audio = x[1] if len(x) > 1 else None
-    else:
-        video, audio = x, None
-    v_tokens = math.prod(video.shape[2:])
-    a_tokens = audio.shape[2] if audio is not None and audio.dim() >= 3 else 0
-    return v_tokens, a_tokens
-
-
 def _free_memory(device: torch.device) -> float | None:
     try:
         import comfy.model_management as mm
@@ -128,34 +106,52 @@ def _free_memory(device: torch.device) -> float | None:
     return mm.get_free_memory(device)
 
 
-def make_plan(settings: ChunkSettings, diffusion_model: torch.nn.Module, x) -> ChunkPlan:
-    v_tokens, a_tokens = _token_counts(x)
-    if not settings.auto:
+def chunks_for(settings: ChunkSettings, ff: torch.nn.Module, x: torch.Tensor, free_bytes: float | None) -> int:
+    """Chunk count for one FFN call on ``x`` [B, tokens, dim] (decided per call: under sequence
+    parallelism or with guide/reference tokens the FFN sees other lengths than the latent has)."""
+    tokens = x.shape[1] if x.dim() >= 2 else 0
+    if settings.auto:
+        n = auto_num_chunks(tokens, hidden_bytes_per_token(ff, x.dtype), free_bytes)
+    else:
         n = max(1, min(MAX_CHUNKS, settings.num_chunks))
-        return ChunkPlan(min(n, max(v_tokens, 1)), min(n, max(a_tokens, 1)), v_tokens, a_tokens)
-    block = diffusion_model.transformer_blocks[0]
-    video = x[0] if isinstance(x, (list, tuple)) else x
-    free = _free_memory(video.device)
-    v = auto_num_chunks(v_tokens, hidden_bytes_per_token(block.ff, video.dtype), free)
-    a = 1
-    if a_tokens and hasattr(block, "audio_ff"):
-        a = auto_num_chunks(a_tokens, hidden_bytes_per_token(block.audio_ff, video.dtype), free)
-    return ChunkPlan(v, a, v_tokens, a_tokens)
+    return max(1, min(n, tokens))
+
+
+_logged: dict[str, tuple[int, int]] = {}
+
+
+def new_run() -> None:
+    """Forget what was logged so the next forward logs its chunking again (once per sampling run)."""
+    _logged.clear()
+
+
+def _log_chunks(kind: str, n: int, tokens: int) -> None:
+    if _logged.get(kind) != (n, tokens):
+        _logged[kind] = (n, tokens)
+        log.info("%s FFN chunking active: %d chunks (%d tokens)", kind, n, tokens)
+
+
+def _chunked_call(ff, kind, settings, free_bytes, x):
+    n = chunks_for(settings, ff, x, free_bytes)
+    if n <= 1:
+        return type(ff).forward(ff, x)
+    _log_chunks(kind, n, x.shape[1])
+    return chunked_forward(ff, x, n)
 
 
 @contextlib.contextmanager
-def installed(diffusion_model: torch.nn.Module, plan: ChunkPlan):
-    """Route every block's ``ff`` / ``audio_ff`` through ``chunked_forward`` inside the ``with``."""
+def installed(diffusion_model: torch.nn.Module, settings: ChunkSettings, free_bytes: float | None = None):
+    """Route every block's ``ff`` (video) / ``audio_ff`` through chunks inside the ``with``."""
     touched = []
     try:
         for block in diffusion_model.transformer_blocks:
-            for name, n in (("ff", plan.video_chunks), ("audio_ff", plan.audio_chunks)):
+            for name, kind in (("ff", "Video"), ("audio_ff", "Audio")):
                 ff = getattr(block, name, None)
-                if ff is None or n <= 1:
+                if ff is None:
                     continue
                 touched.append((ff, ff.__dict__.get("forward")))
                 # instance attribute, removed in `finally`: the module and its weights stay as they are
-                ff.forward = functools.partial(chunked_forward, ff, num_chunks=n)
+                ff.forward = functools.partial(_chunked_call, ff, kind, settings, free_bytes)
         yield
     finally:
         for ff, previous in reversed(touched):
@@ -163,26 +159,6 @@ def installed(diffusion_model: torch.nn.Module, plan: ChunkPlan):
                 ff.__dict__.pop("forward", None)
             else:
                 ff.forward = previous
-
-
-_last_logged: ChunkPlan | None = None
-
-
-def new_run() -> None:
-    """Forget the last logged plan so the next forward logs it again (called once per sampling run)."""
-    global _last_logged
-    _last_logged = None
-
-
-def _log_plan(plan: ChunkPlan) -> None:
-    global _last_logged
-    if plan == _last_logged:
-        return
-    _last_logged = plan
-    if plan.video_chunks > 1:
-        log.info("Video FFN chunking active: %d chunks (%d tokens)", plan.video_chunks, plan.video_tokens)
-    if plan.audio_chunks > 1:
-        log.info("Audio FFN chunking active: %d chunks (%d tokens)", plan.audio_chunks, plan.audio_tokens)
 
 
 def transformer_options_of(args, kwargs) -> dict:
@@ -199,9 +175,9 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if settings is None:
         return executor(*args, **kwargs)
     model = executor.class_obj
-    plan = make_plan(settings, model, args[0])
-    _log_plan(plan)
-    with installed(model, plan):
+    x = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+    free = _free_memory(x.device) if settings.auto else None
+    with installed(model, settings, free):
         return executor(*args, **kwargs)
 
 

@@ -84,8 +84,11 @@ class FFNPeaks:
 rows = []
 for setting in a.chunks.split(","):
     to = options(setting)
-    plan = ffn_chunking.make_plan(ffn_chunking.ChunkSettings.from_options(to) or ffn_chunking.ChunkSettings(),
-                                  model, inputs["x"])
+    settings = ffn_chunking.ChunkSettings.from_options(to) or ffn_chunking.ChunkSettings()
+    free = ffn_chunking._free_memory(inputs["x"][0].device) if settings.auto else None
+    block = model.transformer_blocks[0]
+    chunks = [ffn_chunking.chunks_for(settings, ff, x.new_empty((1, n, 0)), free)
+              for ff, x, n in ((block.ff, inputs["x"][0], video_tokens), (block.audio_ff, inputs["x"][1], inputs["x"][1].shape[2]))]
     hooks = FFNPeaks()
     forward(to)
     hooks.remove()
@@ -103,7 +106,7 @@ for setting in a.chunks.split(","):
         forward(to)
         common.sync()
         times.append(time.perf_counter() - t0)
-    rows.append(dict(chunks=setting, video_chunks=plan.video_chunks, audio_chunks=plan.audio_chunks,
+    rows.append(dict(chunks=setting, video_chunks=chunks[0], audio_chunks=chunks[1],
                      ffn_video_peak_gb=round(ffn["ff"] / common.GB, 4),
                      ffn_audio_peak_gb=round(ffn["audio_ff"] / common.GB, 4),
                      forward_peak_over_weights_gb=round(forward_peak / common.GB, 3),

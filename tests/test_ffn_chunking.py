@@ -118,13 +118,13 @@ def test_auto_num_chunks():
 
 def test_installed_routes_and_restores():
     model = Model()
-    plan = fc.ChunkPlan(video_chunks=4, audio_chunks=1, video_tokens=40, audio_tokens=5)
     ff = model.transformer_blocks[0].ff
-    with fc.installed(model, plan):
+    with fc.installed(model, fc.ChunkSettings(4, False)):
         assert "forward" in ff.__dict__
-        assert "forward" not in model.transformer_blocks[0].audio_ff.__dict__  # 1 chunk: untouched
         ff(torch.randn(1, 40, 32))
         assert ff.calls == 4
+        model.transformer_blocks[0].audio_ff(torch.randn(1, 3, 16))  # 3 tokens: 3 chunks
+        assert model.transformer_blocks[0].audio_ff.calls == 3
     assert "forward" not in ff.__dict__
     ff(torch.randn(1, 40, 32))
     assert ff.calls == 5
@@ -132,18 +132,21 @@ def test_installed_routes_and_restores():
 
 def test_installed_restores_after_an_error():
     model = Model()
-    plan = fc.ChunkPlan(2, 2, 8, 8)
     with pytest.raises(RuntimeError):
-        with fc.installed(model, plan):
+        with fc.installed(model, fc.ChunkSettings(2, False)):
             raise RuntimeError("boom")
     assert all("forward" not in b.ff.__dict__ and "forward" not in b.audio_ff.__dict__ for b in model.transformer_blocks)
 
 
-def test_fixed_plan_caps_at_token_count():
-    model = Model()
-    x = [torch.zeros(1, 128, 1, 2, 2), torch.zeros(1, 8, 3, 16)]
-    plan = fc.make_plan(fc.ChunkSettings(16, False), model, x)
-    assert (plan.video_chunks, plan.audio_chunks, plan.video_tokens, plan.audio_tokens) == (4, 3, 4, 3)
+def test_chunk_count_per_call():
+    ff = FeedForward()
+    x = torch.zeros(1, 5, 32)
+    assert fc.chunks_for(fc.ChunkSettings(16, False), ff, x, None) == 5  # capped at the token count
+    assert fc.chunks_for(fc.ChunkSettings(3, False), ff, x, None) == 3
+    long = torch.zeros(1, 9000, 32)
+    assert fc.chunks_for(fc.ChunkSettings(1, True), ff, long, None) == 3  # auto: <= 4096 tokens a chunk
+    # auto with little free memory: 9000 tokens x 2 x 128 x 4 bytes = 9.2 MB of activations, share 1/8 of 8 MB
+    assert fc.chunks_for(fc.ChunkSettings(1, True), ff, long, 8e6) == 10
 
 
 def test_settings_roundtrip_through_options():

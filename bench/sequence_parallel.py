@@ -1,0 +1,197 @@
+"""Per-rank peak memory and forward time of the sequence-parallel LTXAV forward on 1..W GPUs, at
+real LTX-2 dims (random weights, a few layers), against ComfyUI's stock forward on one GPU (W=1).
+
+Usage: python bench/sequence_parallel.py --comfy PATH [--layers 4] [--worlds 1,2,4]
+          [--cases 897x768x512,897x1280x704,897x1920x1088] [--i2v 0,1] [--ffn auto] [--repeats 3]
+          [--out results.jsonl]
+One process per GPU (NCCL); W=1 is the plain ComfyUI forward (no sequence parallelism). Both use the
+pack's FFN chunking (``--ffn``: auto, a chunk count, or 1 for off). Memory is PyTorch's allocator:
+peak allocated above the weights, per rank, for the forward and for its PE and block phases (a
+separate synchronised pass); time is the median of ``--repeats`` forwards. A correctness check
+compares each W>1 output of the first case with the W=1 output (relative L2, bf16).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+KB = 1024
+
+
+class _Mem:
+    """torch.cuda memory calls, as zeros on CPU (the --tiny smoke run)."""
+
+    def __getattr__(self, name):
+        if torch.cuda.is_available():
+            return getattr(torch.cuda, name)
+        return lambda *args, **kwargs: 0
+
+
+cuda = _Mem()
+
+
+def rank_main(rank, world, a, init_file, out_dir):
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)
+    common.import_comfy(a.comfy)
+    import comfy.patcher_extension
+
+    common.import_pack()
+    from ltxav_pack import ffn_chunking
+    from ltxav_pack import xdit_context_parallel as xsp
+
+    dmw = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    wrappers = {}
+    if world > 1:
+        xsp.init_process_groups(rank, world, xsp.Degrees(world if a.ulysses == 0 else a.ulysses,
+                                                         1 if a.ulysses == 0 else world // a.ulysses),
+                                "nccl" if on_gpu else "gloo", f"file://{init_file}")
+        sp = xsp.SequenceParallel()
+        wrappers["sp"] = [sp.diffusion_model_wrapper]
+    to = {"wrappers": {dmw: wrappers}}
+    if a.ffn != "1":
+        wrappers["ffn"] = [ffn_chunking.diffusion_model_wrapper]
+        auto = a.ffn == "auto"
+        to[ffn_chunking.CHUNKING_KEY] = ffn_chunking.ChunkSettings(1 if auto else int(a.ffn), auto).as_dict()
+
+    torch.manual_seed(0)
+    model = common.build_model(a.layers, tiny=a.tiny,
+                               device=torch.device("cuda", rank) if on_gpu else torch.device("cpu"))
+    cuda.synchronize()
+    weights = cuda.memory_allocated()
+    phases = {}
+
+    def phase(name):
+        fn = getattr(model, name)
+
+        def run(*args, **kwargs):
+            cuda.synchronize()
+            cuda.reset_peak_memory_stats()
+            out = fn(*args, **kwargs)
+            cuda.synchronize()
+            phases[name] = cuda.max_memory_allocated() - weights
+            return out
+        return run
+
+    rows = []
+    for ci, case in enumerate(a.cases.split(",")):
+        for i2v in (int(v) for v in a.i2v.split(",")):
+            inputs, tokens = common.make_inputs(model, case, i2v=bool(i2v))
+            err = None
+            try:
+                with torch.no_grad():
+                    out = model(**inputs, transformer_options=to)  # warm-up
+                    cuda.synchronize()
+                    cuda.empty_cache()
+                    cuda.reset_peak_memory_stats()
+                    out = model(**inputs, transformer_options=to)
+                    cuda.synchronize()
+                    peak = cuda.max_memory_allocated() - weights
+                    if ci == 0 and i2v == 0:
+                        check = Path(out_dir).parent / "check.pt"
+                        if world == 1:
+                            torch.save([o.float().cpu() for o in out], check)
+                        elif check.exists():
+                            ref = torch.load(check)
+                            err = max(((o.float().cpu() - r).norm() / r.norm()).item() for o, r in zip(out, ref))
+                    del out
+                    times = []
+                    for _ in range(a.repeats):
+                        cuda.synchronize()
+                        t0 = time.perf_counter()
+                        model(**inputs, transformer_options=to)
+                        cuda.synchronize()
+                        times.append(time.perf_counter() - t0)
+                    # phase peaks (synchronised pass)
+                    phases.clear()
+                    model._prepare_positional_embeddings = phase("_prepare_positional_embeddings")
+                    model._process_transformer_blocks = phase("_process_transformer_blocks")
+                    model(**inputs, transformer_options=to)
+                    del model._prepare_positional_embeddings, model._process_transformer_blocks
+                row = dict(peak_over_weights_gb=round(peak / common.GB, 3),
+                           pe_peak_gb=round(phases["_prepare_positional_embeddings"] / common.GB, 3),
+                           blocks_peak_gb=round(phases["_process_transformer_blocks"] / common.GB, 3),
+                           forward_s=round(statistics.median(times), 4), times=[round(t, 4) for t in times])
+            except torch.OutOfMemoryError as e:
+                row = dict(error=str(e).splitlines()[0][:160])
+            row.update(case=case, i2v=i2v, rank=rank, world=world, video_tokens=tokens,
+                       weights_gb=round(weights / common.GB, 3), rel_l2_vs_w1=err)
+            rows.append(row)
+            del inputs
+            cuda.empty_cache()
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(rows))
+    if world > 1:
+        xsp.destroy_process_groups()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfy", required=True)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--worlds", default="1,2,4")
+    ap.add_argument("--ulysses", type=int, default=0, help="Ulysses degree (0: all ranks Ulysses)")
+    ap.add_argument("--cases", default="897x768x512,897x1280x704,897x1920x1088")
+    ap.add_argument("--i2v", default="0,1")
+    ap.add_argument("--ffn", default="auto")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU (gloo): a smoke run")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    info = common.device_info()
+    command = "python bench/sequence_parallel.py " + " ".join(
+        f"--{k} {v}" for k, v in vars(a).items() if k not in ("comfy", "out"))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (int(w) for w in a.worlds.split(",")):
+            out_dir = Path(tmp) / f"w{world}"
+            out_dir.mkdir()
+            t0 = time.perf_counter()
+            mp.start_processes(rank_main, args=(world, a, str(Path(tmp) / f"init{world}"), str(out_dir)),
+                               nprocs=world, start_method="spawn")
+            per_rank = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+            for rows in zip(*per_rank):
+                first = rows[0]
+                peaks = [r.get("peak_over_weights_gb") for r in rows]
+                tokens = first["video_tokens"]
+                target = (64 * KB * tokens / world + 0.5 * common.GB) / common.GB
+                res = dict(bench="sequence_parallel", world=world, case=first["case"], i2v=first["i2v"],
+                           layers=a.layers, video_tokens=tokens, weights_gb=first["weights_gb"],
+                           per_rank_peak_over_weights_gb=peaks,
+                           per_rank_pe_peak_gb=[r.get("pe_peak_gb") for r in rows],
+                           per_rank_blocks_peak_gb=[r.get("blocks_peak_gb") for r in rows],
+                           forward_s=max((r.get("forward_s") or 0) for r in rows),
+                           target_gb=round(target, 3) if world > 1 else None,
+                           within_target=(all(p is not None and p <= target for p in peaks) if world > 1 else None),
+                           rel_l2_vs_w1=first["rel_l2_vs_w1"], error=first.get("error"),
+                           ffn=a.ffn, ulysses=(world if a.ulysses == 0 else a.ulysses), **info, command=command,
+                           run_s=round(time.perf_counter() - t0, 1))
+                results.append(res)
+                print(json.dumps(res), flush=True)
+    print(f"{'W':>2} {'case':>14} {'i2v':>3} {'peak/rank GB':>13} {'target':>7} {'PE':>6} {'blocks':>7} {'fwd s':>7} {'relL2':>8}")
+    for r in results:
+        print(f"{r['world']:>2} {r['case']:>14} {r['i2v']:>3} {max(p or -1 for p in r['per_rank_peak_over_weights_gb']):>13} "
+              f"{r['target_gb']!s:>7} {max(p or -1 for p in r['per_rank_pe_peak_gb']):>6} "
+              f"{max(p or -1 for p in r['per_rank_blocks_peak_gb']):>7} {r['forward_s']:>7} {r['rel_l2_vs_w1']!s:>8}")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in results))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    main()

@@ -1,0 +1,107 @@
+"""Inputs and runs shared by the stock (single process) and sequence-parallel (one process per
+rank) sides of the sequence-parallel tests. Everything is seeded, so both sides build the same
+inputs; run_case returns the outputs as a list of tensors."""
+import contextlib
+
+import torch
+
+from comfy_host import make_conditioning, make_latent
+
+# latent sizes (width, height, frames): 96 tokens (4 frames x 4 x 6), divisible by 2, 3 and 4;
+# 45 tokens (3 x 3 x 5) and 70 tokens (2 x 5 x 7) for counts that do not divide.
+SHAPES = {"even": (192, 128, 25), "odd45": (160, 96, 17), "odd70": (224, 160, 9)}
+FORWARD_CASES = ["fwd_t2v", "fwd_noaudio", "fwd_i2v", "fwd_ref_audio"]
+SAMPLER_CASES = ["ks_t2v", "ks_i2v", "ks_guide", "ks_guide_attenuated", "ks_noaudio"]
+VIDEO_SIDE_ADALN = ("adaln_single", "av_ca_video_scale_shift_adaln_single", "av_ca_a2v_gate_adaln_single")
+
+
+class FakeVAE:
+    """Stands in for the LTX-2 video VAE in LTXVAddGuide (only its encode output shape matters)."""
+    downscale_index_formula = (8, 32, 32)
+
+    def encode(self, pixels):
+        n, h, w, _ = pixels.shape
+        g = torch.Generator().manual_seed(int(n * 1000 + h + w))
+        return torch.randn(1, 128, (n - 1) // 8 + 1, h // 32, w // 32, generator=g)
+
+
+def token_count(shape):
+    w, h, f = SHAPES[shape]
+    return ((f - 1) // 8 + 1) * (h // 32) * (w // 32)
+
+
+def forward_inputs(dm, shape, case, seed=0):
+    w, h, frames = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    fl, lh, lw = (frames - 1) // 8 + 1, h // 32, w // 32
+    vx = torch.randn(1, 128, fl, lh, lw, generator=g)
+    ax = torch.randn(1, 8, frames + 1, 16, generator=g)
+    ctx = torch.randn(1, 16, 2 * dm.caption_channels, generator=g)
+    sigma = torch.full((1,), 0.7)
+    kw = {"x": [vx] if case == "fwd_noaudio" else [vx, ax], "timestep": (sigma, sigma), "context": ctx,
+          "frame_rate": 25}
+    if case == "fwd_i2v":  # as comfy.model_base.LTXAV.process_timestep does for a denoise mask
+        mask = torch.ones(1, 1, fl, lh, lw)
+        mask[:, :, 0] = 0
+        kw["denoise_mask"] = mask
+        kw["timestep"] = (dm.patchifier.patchify((mask * sigma.view(1, 1, 1, 1, 1))[:, :1])[0], sigma)
+    if case == "fwd_ref_audio":
+        kw["ref_audio"] = {"tokens": torch.randn(1, 5, 128, generator=g)}
+    return kw
+
+
+def sampler_inputs(shape, case, caption_channels):
+    from comfy_extras.nodes_lt import LTXVAddGuide, LTXVConcatAVLatent
+
+    w, h, frames = SHAPES[shape]
+    pos, neg = make_conditioning(caption_channels, seed=1), make_conditioning(caption_channels, seed=2)
+    video = make_latent(w, h, frames, audio=False)
+    if case == "ks_i2v":  # what LTXVImgToVideoInplace leaves: first latent frame kept (mask 0)
+        mask = torch.ones(1, 1, video["samples"].shape[2], 1, 1)
+        mask[:, :, 0] = 0.0
+        video["noise_mask"] = mask
+    if case in ("ks_guide", "ks_guide_attenuated"):
+        image = torch.rand(1, h, w, 3, generator=torch.Generator().manual_seed(3))
+        strength = 1.0 if case == "ks_guide" else 0.5
+        pos, neg, video = LTXVAddGuide.execute(pos, neg, FakeVAE(), video, image, 0, strength)
+    if case == "ks_noaudio":
+        return pos, neg, video
+    audio = {"samples": torch.zeros(1, 8, frames + 1, 16), "type": "audio"}
+    return pos, neg, LTXVConcatAVLatent.execute(video, audio)[0]
+
+
+def run_case(patcher, case, shape, transformer_options):
+    """Outputs of one case through ``patcher`` (direct diffusion-model forward, or 2 KSampler steps)."""
+    import nodes
+
+    dm = patcher.model.diffusion_model
+    if case in FORWARD_CASES:
+        with torch.no_grad():
+            out = dm(**forward_inputs(dm, shape, case), transformer_options=transformer_options)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+    cc = dm.caption_channels
+    pos, neg, latent = sampler_inputs(shape, case, cc)
+    out = nodes.common_ksampler(patcher, 42, 2, 3.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+    return list(out.unbind()) if getattr(out, "is_nested", False) else [out]
+
+
+@contextlib.contextmanager
+def recording_shapes(dm):
+    """Record the token counts ComfyUI's PE code and video-side adaLN modules are asked for:
+    {"pe": [tokens per _precompute_freqs_cis call], "adaln": [values per adaLN call]}."""
+    seen = {"pe": [], "adaln": []}
+    real = dm._precompute_freqs_cis
+
+    def pe(indices_grid, *args, **kwargs):
+        seen["pe"].append(indices_grid.shape[2])
+        return real(indices_grid, *args, **kwargs)
+
+    hooks = [getattr(dm, name).register_forward_pre_hook(lambda mod, args: seen["adaln"].append(args[0].numel()))
+             for name in VIDEO_SIDE_ADALN]
+    dm._precompute_freqs_cis = pe
+    try:
+        yield seen
+    finally:
+        del dm._precompute_freqs_cis
+        for hk in hooks:
+            hk.remove()

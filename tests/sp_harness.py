@@ -1,0 +1,54 @@
+"""Run sequence-parallel cases on W CPU processes (gloo), one process per rank."""
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _rank_main(rank, world, ulysses, ring, ckpt, init_file, out_dir, jobs, env):
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    from comfy_host import import_host, import_pack
+
+    import_host()
+    pack = import_pack()
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger(pack.__name__).addHandler(handler)
+    logging.getLogger(pack.__name__).setLevel(logging.INFO)
+    import comfy.patcher_extension
+    import comfy.sd
+    from sp_cases import recording_shapes, run_case
+
+    sp_mod = __import__(f"{pack.__name__}.xdit_context_parallel", fromlist=["x"])
+    degrees = sp_mod.Degrees(ulysses, ring)
+    sp_mod.init_process_groups(rank, world, degrees, "gloo", f"file://{init_file}")
+    try:
+        sp = sp_mod.SequenceParallel()
+        patcher = comfy.sd.load_diffusion_model(ckpt)
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, sp_mod.WRAPPER_KEY,
+                                     sp.diffusion_model_wrapper)
+        to = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {sp_mod.WRAPPER_KEY: [sp.diffusion_model_wrapper]}}}
+        results = {}
+        for case, shape in jobs:
+            with recording_shapes(patcher.model.diffusion_model) as seen:
+                outs = run_case(patcher, case, shape, to)
+            results[(case, shape)] = {"outs": outs, "seen": seen}
+        results["log"] = lines
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        sp_mod.destroy_process_groups()
+
+
+def run_parallel(world, ulysses, ring, ckpt, jobs, env=None):
+    """Run ``jobs`` [(case, shape)] on ``world`` processes; returns each rank's {job: result}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = Path(tmp) / "init"
+        mp.start_processes(_rank_main, args=(world, ulysses, ring, str(ckpt), str(init_file), tmp, jobs, env or {}),
+                           nprocs=world, join=True, start_method="spawn")
+        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]

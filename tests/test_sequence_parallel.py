@@ -1,0 +1,115 @@
+"""Sequence-parallel LTXAV forward on W CPU processes (gloo) against ComfyUI's stock single-process
+forward on the same tiny checkpoint and inputs."""
+import functools
+import importlib
+
+import pytest
+import torch
+
+from sp_cases import FORWARD_CASES, SAMPLER_CASES, SHAPES, recording_shapes, run_case, token_count
+from sp_harness import run_parallel
+
+REL_L2 = 1e-5
+# (world, ulysses, ring): Ulysses-only, ring-only and hybrid degrees
+CONFIGS = [(2, 2, 1), (2, 1, 2), (3, 3, 1), (3, 1, 3), (4, 2, 2), (4, 4, 1)]
+ODD_SHAPE = {2: "odd45", 3: "odd70", 4: "odd45"}  # token counts that do not divide W
+
+
+@pytest.fixture(scope="module")
+def stock(comfy, tiny_ckpt):
+    """Stock ComfyUI results (no wrapper), computed once per (case, shape)."""
+    patcher = comfy.sd.load_diffusion_model(str(tiny_ckpt[0]))
+
+    @functools.cache
+    def result(case, shape):
+        with recording_shapes(patcher.model.diffusion_model) as seen:
+            outs = run_case(patcher, case, shape, {})
+        return outs, seen
+
+    return result
+
+
+def rel_l2(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def jobs_for(world):
+    even = [(c, "even") for c in FORWARD_CASES + SAMPLER_CASES]
+    odd = [(c, ODD_SHAPE[world]) for c in ("fwd_t2v", "fwd_i2v", "ks_i2v", "ks_guide_attenuated")]
+    return even + odd
+
+
+@pytest.mark.parametrize("world,ulysses,ring", CONFIGS, ids=[f"w{w}-u{u}-r{r}" for w, u, r in CONFIGS])
+def test_parallel_equals_stock(stock, tiny_ckpt, world, ulysses, ring):
+    jobs = jobs_for(world)
+    ranks = run_parallel(world, ulysses, ring, tiny_ckpt[0], jobs)
+    for job in jobs:
+        want, want_seen = stock(*job)
+        for rank, res in enumerate(ranks):
+            got = res[job]["outs"]
+            assert len(got) == len(want), job
+            for g, w in zip(got, want):
+                assert g.shape == w.shape, (job, rank)
+                err = rel_l2(g, w)
+                assert err <= REL_L2, f"{job} rank {rank}: relative L2 {err:.2e}"
+        # every rank returns the same tensors (they continue sampling from them)
+        for res in ranks[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(res[job]["outs"], ranks[0][job]["outs"]))
+
+        # no rank builds a full-length PE or per-token timestep embedding
+        n = max(want_seen["pe"])  # the stock forward's video token count (guides included)
+        local = -(-n // world)
+        for res in ranks:
+            assert max(res[job]["seen"]["pe"]) <= max(local, _audio_tokens(job)), job
+            assert max(res[job]["seen"]["adaln"]) < n, job
+
+
+def _audio_tokens(job):
+    case, shape = job
+    if case in ("fwd_noaudio", "ks_noaudio"):
+        return 0
+    return SHAPES[shape][2] + 1 + (5 if case == "fwd_ref_audio" else 0)
+
+
+def test_shape_recording_sees_full_lengths_in_stock(stock):
+    """The recorder the test above relies on does see full lengths in the stock forward."""
+    _, seen = stock("fwd_i2v", "even")
+    n = token_count("even")
+    assert n in seen["pe"] and max(seen["adaln"]) == n
+
+
+def test_attenuated_guides_change_the_result(stock):
+    """The attenuation path is really exercised: strength 0.5 guides differ from strength 1."""
+    plain, _ = stock("ks_guide", "even")
+    attenuated, _ = stock("ks_guide_attenuated", "even")
+    assert rel_l2(attenuated[0], plain[0]) > 1e-3
+
+
+def test_memory_lines_when_enabled(tiny_ckpt, comfy):
+    ranks = run_parallel(2, 2, 1, tiny_ckpt[0], [("fwd_t2v", "even")], env={"LTXAV_PARALLEL_MEMORY_LOG": "1"})
+    for rank, res in enumerate(ranks):
+        assert [line.split(".")[0] for line in res["log"]] == [f"[RayWorker {rank}] PE Generated",
+                                                               f"[RayWorker {rank}] Blocks complete"]
+    quiet = run_parallel(2, 2, 1, tiny_ckpt[0], [("fwd_t2v", "even")])
+    assert quiet[0]["log"] == []
+
+
+@pytest.fixture(scope="module")
+def sp(pack):
+    return importlib.import_module("ltxav_pack.xdit_context_parallel")
+
+
+@pytest.mark.parametrize("deg,world,heads,msg", [
+    ((2, 2), 2, 32, r"ulysses_degree x ring_degree = 2 x 2 = 4, but 2 GPUs"),
+    ((3, 1), 3, 32, r"ulysses_degree=3 does not divide the model's 32 video attention heads; use a ulysses_degree from \[1\]"),
+    ((0, 2), 2, 32, r"must be >= 1"),
+])
+def test_bad_degrees(sp, deg, world, heads, msg):
+    with pytest.raises(ValueError, match=msg):
+        sp.check_degrees(sp.Degrees(*deg), world, heads, "LTXAV Parallel Sampler")
+
+
+def test_non_ltxav_refused(sp, tiny_model):
+    with pytest.raises(ValueError, match=r"Sampler X: the model is a Linear, not LTX-2 audio-video"):
+        sp.require_ltxav(torch.nn.Linear(1, 1), "Sampler X")
+    assert sp.require_ltxav(tiny_model.model.diffusion_model, "Sampler X") is tiny_model.model.diffusion_model

@@ -1,0 +1,89 @@
+"""xfuser's long-context attention through the pack's kernel, on CPU processes (gloo), against full
+attention: Ulysses, ring and hybrid degrees, with and without padding. Needs no ComfyUI host."""
+import importlib
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from comfy_host import import_pack
+
+if importlib.util.find_spec("xfuser") is None:  # (importing xfuser itself fails without a GPU)
+    pytest.skip("xfuser not installed (pip install xfuser==0.4.5)", allow_module_level=True)
+
+
+def _rank(rank, world, ulysses, ring, n_tokens, init_file, out_dir):
+    torch.set_num_threads(1)
+    import_pack()
+    sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    sp.init_process_groups(rank, world, sp.Degrees(ulysses, ring), "gloo", f"file://{init_file}")
+    try:
+        par = sp.SequenceParallel()
+        g = torch.Generator().manual_seed(0)
+        b, h, d, t = 2, 4, 8, 7
+        q, k, v = (torch.randn(b, n_tokens, h, d, generator=g) for _ in range(3))
+        aq = torch.randn(b, t, h, d, generator=g)
+        layout = sp.ShardLayout(n_tokens, world, rank)
+        lq, lk, lv = (layout.take(x).clone() for x in (q, k, v))
+        lk[:, layout.real:] = float("nan")
+        par.kernel.padding = layout.pad > 0
+        out = par.attention(None, lq, lk, lv)
+        full = layout.gather(out, par.group)
+        # audio queries over sharded video keys: each rank's partial softmax, merged
+        o, lse = sp.attention_with_lse(aq, layout.take(k)[:, :layout.real], layout.take(v)[:, :layout.real])
+        outs = [torch.empty_like(o) for _ in range(world)]
+        lses = [torch.empty_like(lse) for _ in range(world)]
+        torch.distributed.all_gather(outs, o, group=par.group)
+        torch.distributed.all_gather(lses, lse, group=par.group)
+        merged = None
+        m_lse = None
+        for oo, ll in zip(outs, lses):
+            merged, m_lse = par.merge(merged, m_lse, oo, ll)
+        torch.save({"self": full, "cross": merged.to(aq.dtype), "q": q, "k": k, "v": v, "aq": aq},
+                   Path(out_dir) / f"{rank}.pt")
+    finally:
+        sp.destroy_process_groups()
+
+
+def sdpa(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                            v.transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("world,ulysses,ring,n", [
+    (2, 2, 1, 16), (2, 2, 1, 15), (2, 1, 2, 15), (3, 1, 3, 17), (4, 2, 2, 18), (4, 4, 1, 13),
+])
+def test_long_context_attention_matches_full_attention(world, ulysses, ring, n):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_rank, args=(world, ulysses, ring, n, os.path.join(tmp, "init"), tmp), nprocs=world,
+                           start_method="spawn")
+        res = [torch.load(Path(tmp) / f"{r}.pt") for r in range(world)]
+    want_self = sdpa(res[0]["q"], res[0]["k"], res[0]["v"])
+    want_cross = sdpa(res[0]["aq"], res[0]["k"], res[0]["v"])
+    for r in res:
+        torch.testing.assert_close(r["self"], want_self, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["cross"], want_cross, rtol=1e-5, atol=1e-6)
+
+
+def test_shard_layout():
+    import_pack()
+    sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    layout = [sp.ShardLayout(10, 4, r) for r in range(4)]
+    assert [(x.start, x.real, x.local, x.pad) for x in layout] == [(0, 3, 3, 2), (3, 3, 3, 2), (6, 3, 3, 2), (9, 1, 3, 2)]
+    t = torch.arange(10).view(1, 10)
+    assert layout[3].take(t).tolist() == [[9, 9, 9]]
+    with pytest.raises(ValueError, match="the video has 5 tokens, too few to split over 4 GPUs"):
+        sp.ShardLayout(5, 4, 0).check()
+
+
+def test_distinct_values():
+    import_pack()
+    sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    t = torch.tensor([[0.7, 0.0, 0.7, 0.7], [0.5, 0.5, 0.5, 0.5]])
+    values, index = sp.distinct_values(t)
+    assert values.shape == (2, 2)
+    assert torch.equal(values.gather(1, index), t)

@@ -1,0 +1,428 @@
+"""Sequence-parallel LTXAV forward over W ranks with xfuser (xDiT): pad -> shard -> run -> gather.
+
+Each rank holds 1/W of the video tokens through the whole transformer; audio tokens (about 25 a
+second) stay whole on every rank. ComfyUI's own ``LTXAVModel._forward`` still runs the forward; for
+the duration of one call a DIFFUSION_MODEL wrapper sets a few instance attributes so that:
+
+* ``_process_input`` patchifies as usual but projects (``patchify_proj``) only this rank's tokens;
+  positions are sliced the same way, so ComfyUI's PE code only ever sees the local slice;
+* ``_prepare_timestep`` sends ComfyUI's adaLN code the distinct timestep values (2 for
+  image-to-video) instead of one per token, and blocks index them per local token
+  (``LocalTimestep``): no rank holds a full-sequence timestep tensor;
+* video self-attention goes through xfuser's ``xFuserLongContextAttention`` (Ulysses all-to-all,
+  ring, or both), with a kernel that drops the padding keys; audio-to-video cross-attention is
+  local (video queries, all audio keys); video-to-audio cross-attention merges each rank's partial
+  softmax (output + log-sum-exp) over its own video keys, which is exact;
+* ``proj_out`` gathers the 128-channel output of every rank, so ComfyUI's keyframe scatter and
+  unpatchify run on the whole latent, which is small.
+
+Padding: the token count is padded to a multiple of W at the end of the sequence; padding keys are
+marked NaN inside self-attention and dropped by the attention kernel, and padding queries' outputs
+are cut off at the gather, so real tokens never see padding.
+
+Guide attenuation masks (LTXVAddGuide with strength < 1) take a slower path: ComfyUI builds its
+N x N bias as on one GPU, and video self-attention gathers K/V for the local query rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import instrumentation, xfuser_compat
+
+WRAPPER_KEY = "ltxav_sequence_parallel"
+# Anything that is not a yunchang AttnType makes xfuser call our ``attn_processor`` as the kernel.
+_PROCESSOR_ATTN_TYPE = "ltxav_pack_kernel"
+_ROLE = contextvars.ContextVar("ltxav_sp_attention_role", default=None)
+
+
+# --------------------------------------------------------------------------- checks
+
+@dataclasses.dataclass(frozen=True)
+class Degrees:
+    """Sequence-parallel degrees: ``ulysses * ring`` ranks."""
+
+    ulysses: int
+    ring: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.ulysses * self.ring
+
+
+def check_degrees(degrees: Degrees, world: int, video_heads: int, node: str) -> None:
+    """Raise a message naming ``node`` when the degrees cannot run ``world`` ranks."""
+    if degrees.ulysses < 1 or degrees.ring < 1:
+        raise ValueError(f"{node}: ulysses_degree and ring_degree must be >= 1 "
+                         f"(got {degrees.ulysses} and {degrees.ring}).")
+    if degrees.world != world:
+        raise ValueError(f"{node}: ulysses_degree x ring_degree = {degrees.ulysses} x {degrees.ring} = "
+                         f"{degrees.world}, but {world} GPUs are used; pick degrees whose product is {world} "
+                         f"(e.g. ulysses_degree={world}, ring_degree=1).")
+    if video_heads % degrees.ulysses:
+        fits = [d for d in range(1, world + 1) if world % d == 0 and video_heads % d == 0]
+        raise ValueError(f"{node}: ulysses_degree={degrees.ulysses} does not divide the model's {video_heads} "
+                         f"video attention heads; use a ulysses_degree from {fits} and put the rest in ring_degree.")
+
+
+def require_ltxav(diffusion_model, node: str):
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+
+    if not isinstance(diffusion_model, LTXAVModel):
+        raise ValueError(f"{node}: the model is a {type(diffusion_model).__name__}, not LTX-2 audio-video (LTXAV); "
+                         "sequence-parallel sampling supports LTXAV checkpoints only.")
+    return diffusion_model
+
+
+# --------------------------------------------------------------------------- layout
+
+@dataclasses.dataclass(frozen=True)
+class ShardLayout:
+    """``total`` tokens padded to ``local * world``; rank r holds padded tokens [r*local, (r+1)*local).
+
+    Requires every rank to hold at least one real token (``total > (world - 1) * local``)."""
+
+    total: int
+    world: int
+    rank: int
+
+    @property
+    def local(self) -> int:
+        return math.ceil(self.total / self.world)
+
+    @property
+    def start(self) -> int:
+        return self.rank * self.local
+
+    @property
+    def real(self) -> int:
+        """Real (non-padding) tokens on this rank."""
+        return max(0, min(self.local, self.total - self.start))
+
+    @property
+    def pad(self) -> int:
+        return self.local * self.world - self.total
+
+    def check(self, node: str = "Sequence parallel") -> None:
+        last_real = self.total - (self.world - 1) * self.local
+        if last_real < 1:
+            raise ValueError(f"{node}: the video has {self.total} tokens, too few to split over {self.world} GPUs "
+                             f"(the last one would get none); use fewer GPUs or a longer/larger video.")
+
+    def take(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's slice of ``t`` along ``dim``, padded to ``local`` by repeating its last element."""
+        part = t.narrow(dim, self.start, self.real)
+        if self.real == self.local:
+            return part
+        fill = part.narrow(dim, self.real - 1, 1)
+        shape = list(t.shape)
+        shape[dim] = self.local - self.real
+        return torch.cat([part, fill.expand(shape)], dim=dim)
+
+    def gather(self, t: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+        """All ranks' slices, concatenated along ``dim`` without the padding."""
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts, dim=dim).narrow(dim, 0, self.total)
+
+
+# --------------------------------------------------------------------------- timesteps
+
+def _compressed_timestep_class():
+    from comfy.ldm.lightricks.av_model import CompressedTimestep
+
+    return CompressedTimestep
+
+
+class _LocalTimestepMixin:
+    """Per-token timestep embeddings for this rank's tokens, stored as ``data`` [B, K, F] for the K
+    distinct timestep values and ``index`` [B, L] (value of each local token). Blocks expand one
+    adaLN parameter at a time, as with ComfyUI's ``CompressedTimestep``."""
+
+    def _setup(self, data: torch.Tensor, index: torch.Tensor):
+        self.batch_size, self.num_frames, self.feature_dim = data.shape
+        self.patches_per_frame = 0
+        self.data = data
+        self.index = index
+
+    def _take(self, values: torch.Tensor) -> torch.Tensor:
+        idx = self.index.unsqueeze(-1).expand(-1, -1, values.shape[-1])
+        return values.gather(1, idx)
+
+    def expand(self):
+        return self._take(self.data)
+
+    def expand_for_computation(self, scale_shift_table, batch_size, indices=slice(None, None)):
+        n = scale_shift_table.shape[0]
+        per_value = self.data.reshape(batch_size, self.num_frames, n, -1)[:, :, indices, :]
+        table = scale_shift_table[indices].unsqueeze(0).unsqueeze(0).to(device=self.data.device, dtype=self.data.dtype)
+        summed = table + per_value
+        return tuple(self._take(summed[:, :, j]) for j in range(summed.shape[2]))
+
+
+@functools.cache
+def local_timestep_class():
+    """``LocalTimestep``: a subclass of ComfyUI's CompressedTimestep (blocks test for that class)."""
+    return type("LocalTimestep", (_LocalTimestepMixin, _compressed_timestep_class()), {})
+
+
+def make_local_timestep(data, index):
+    obj = local_timestep_class().__new__(local_timestep_class())
+    obj._setup(data, index)
+    return obj
+
+
+def distinct_values(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``t`` [B, N]: its distinct values [B, K] (rows padded by repeating a value) and the
+    index [B, N] of each entry among them."""
+    rows = [torch.unique(r, return_inverse=True) for r in t]
+    k = max(v.numel() for v, _ in rows)
+    values = torch.stack([torch.cat([v, v[-1:].expand(k - v.numel())]) for v, _ in rows])
+    return values, torch.stack([i for _, i in rows])
+
+
+# --------------------------------------------------------------------------- attention kernel
+
+def attention_with_lse(q, k, v, softmax_scale=None):
+    """softmax(q k^T) v and its log-sum-exp (float32, for exact merging of partial results).
+    q, k, v: [B, S, H, D]; returns [B, S, H, D] and [B, H, S]."""
+    if k.shape[1] == 0:
+        return torch.zeros_like(q), q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    aten = torch.ops.aten
+    if q.device.type == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False, scale=softmax_scale)[:2]
+    elif q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out, lse = aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False, scale=softmax_scale)[:2]
+    else:
+        out, lse = aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, False,
+                                                                scale=softmax_scale)[:2]
+        lse = lse[..., :q.shape[1]]
+    return out.transpose(1, 2), lse.float()
+
+
+class PaddingDroppingKernel:
+    """The attention kernel handed to xfuser: drops NaN-marked padding keys, which are always a
+    suffix of whatever key block it gets (padding sits at the end of the sequence)."""
+
+    def __init__(self):
+        self.padding = False
+
+    def __call__(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
+        if self.padding:
+            real = int((~torch.isnan(k[0, :, 0, 0])).sum())
+            k, v = k[:, :real], v[:, :real]
+        return attention_with_lse(q, k, v, softmax_scale)
+
+
+# --------------------------------------------------------------------------- process groups
+
+def init_process_groups(rank: int, world: int, degrees: Degrees, backend: str, init_method: str) -> None:
+    """torch.distributed + xfuser's groups (sequence parallel = Ulysses x ring) for this process."""
+    xf = xfuser_compat.load()
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+    xf.parallel_state.init_distributed_environment(world_size=world, rank=rank, backend=backend,
+                                                   distributed_init_method=init_method, local_rank=rank)
+    xf.parallel_state.initialize_model_parallel(sequence_parallel_degree=world, ulysses_degree=degrees.ulysses,
+                                                ring_degree=degrees.ring, backend=backend)
+
+
+def destroy_process_groups() -> None:
+    xf = xfuser_compat.load()
+    if xf.parallel_state.model_parallel_is_initialized():
+        xf.parallel_state.destroy_model_parallel()
+    xf.parallel_state.destroy_distributed_environment()
+
+
+# --------------------------------------------------------------------------- the forward
+
+def _tagged_forward(role, module, *args, **kwargs):
+    token = _ROLE.set(role)
+    try:
+        return type(module).forward(module, *args, **kwargs)
+    finally:
+        _ROLE.reset(token)
+
+
+@contextlib.contextmanager
+def _instance_attrs(pairs):
+    """Set (obj, name, value) instance attributes for the ``with`` body, then put back what was there."""
+    saved = []
+    try:
+        for obj, name, value in pairs:
+            saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, old in reversed(saved):
+            if old is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = old
+
+
+_MISSING = object()
+
+
+class SequenceParallel:
+    """This process's part of a sequence-parallel LTXAV forward; create after ``init_process_groups``."""
+
+    def __init__(self, rank_label: int | None = None):
+        xf = xfuser_compat.load()
+        ps = xf.parallel_state
+        self.group = ps.get_sp_group().device_group
+        self.rank = ps.get_sequence_parallel_rank()
+        self.world = ps.get_sequence_parallel_world_size()
+        self.rank_label = self.rank if rank_label is None else rank_label
+        self.kernel = PaddingDroppingKernel()
+        self.attention = xf.xFuserLongContextAttention(attn_type=_PROCESSOR_ATTN_TYPE, attn_processor=self.kernel)
+        self.merge = xf.update_out_and_lse
+
+    def diffusion_model_wrapper(self, executor, *args, **kwargs):
+        """ComfyUI DIFFUSION_MODEL wrapper: run this forward sequence-parallel."""
+        model = require_ltxav(executor.class_obj, "Sequence parallel")
+        call = _Call(self, model)
+        args, kwargs = call.with_attention_override(args, kwargs)
+        with call.installed():
+            return executor(*args, **kwargs)
+
+
+class _Call:
+    """State of one sequence-parallel forward (the layout is known once inputs are patchified)."""
+
+    def __init__(self, sp: SequenceParallel, model):
+        self.sp = sp
+        self.model = model
+        self.layout: ShardLayout | None = None
+        self.outer_override = None
+
+    # -- installation -------------------------------------------------------
+    def with_attention_override(self, args, kwargs):
+        if "transformer_options" in kwargs:
+            to = kwargs["transformer_options"]
+        else:
+            to = args[5]
+        self.outer_override = to.get("optimized_attention_override")
+        to = {**to, "optimized_attention_override": self.attention_override}
+        if "transformer_options" in kwargs:
+            return args, {**kwargs, "transformer_options": to}
+        return (*args[:5], to, *args[6:]), kwargs
+
+    def installed(self):
+        m = self.model
+        pairs = [
+            (m, "_process_input", self.process_input),
+            (m, "_prepare_timestep", self.prepare_timestep),
+            (m, "_build_guide_self_attention_mask", self.build_guide_mask),
+            (m.proj_out, "forward", self.proj_out_gathered),
+        ]
+        if instrumentation.enabled():
+            pairs += [(m, "_prepare_positional_embeddings", self.logged(m._prepare_positional_embeddings,
+                                                                         instrumentation.pe_generated)),
+                      (m, "_process_transformer_blocks", self.logged(m._process_transformer_blocks,
+                                                                     instrumentation.blocks_complete))]
+        for block in m.transformer_blocks:
+            pairs.append((block.attn1, "forward", functools.partial(_tagged_forward, "video_self", block.attn1)))
+            pairs.append((block.video_to_audio_attn, "forward",
+                          functools.partial(_tagged_forward, "video_to_audio", block.video_to_audio_attn)))
+        return _instance_attrs(pairs)
+
+    def logged(self, fn, report):
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            report(self.sp.rank_label, self.model.patchify_proj.weight.device)
+            return out
+        return run
+
+    # -- inputs -------------------------------------------------------------
+    def process_input(self, x, keyframe_idxs, denoise_mask, **kwargs):
+        m = self.model
+        with _instance_attrs([(m.patchify_proj, "forward", lambda t: t)]):  # project only local tokens
+            (vx, ax), (v_coords, a_coords), extra = type(m)._process_input(m, x, keyframe_idxs, denoise_mask, **kwargs)
+        self.layout = layout = ShardLayout(vx.shape[1], self.sp.world, self.sp.rank)
+        layout.check()
+        self.sp.kernel.padding = layout.pad > 0
+        vx = m.patchify_proj(layout.take(vx))
+        return [vx, ax], [layout.take(v_coords, dim=2), a_coords], extra
+
+    def prepare_timestep(self, timestep, batch_size, hidden_dtype, **kwargs):
+        m = self.model
+        prepare = functools.partial(type(m)._prepare_timestep, m)
+        if timestep.dim() < 2 or timestep.shape[1] == 1:  # one value per sample: nothing grows with length
+            return prepare(timestep, batch_size, hidden_dtype, **kwargs)
+        grid_mask = kwargs.pop("grid_mask", None)
+        if grid_mask is not None:
+            timestep = timestep[:, grid_mask]
+        values, index = distinct_values(timestep.reshape(timestep.shape[0], timestep.shape[1]))
+        index = self.layout.take(index)
+        kwargs["has_spatial_mask"] = True  # values are not laid out per frame: no per-frame compression
+        (v_t, a_t, cross, v_p, a_p), (v_emb, a_emb), rest = prepare(values, batch_size, hidden_dtype, **kwargs)
+        local = make_local_timestep
+        v_t = local(v_t.data, index)
+        v_emb = local(v_emb.data, index)
+        if cross:
+            cross = [cross[0], local(cross[1].data, index), local(cross[2].data, index), cross[3]]
+        return [v_t, a_t, cross, v_p, a_p], [v_emb, a_emb], rest
+
+    def build_guide_mask(self, x, transformer_options, merged_args):
+        vx = x[0]
+        stand_in = vx.new_empty((vx.shape[0], self.layout.total, 0))
+        mask = type(self.model)._build_guide_self_attention_mask(self.model, [stand_in], transformer_options,
+                                                                 merged_args)
+        return None if mask is None else self.layout.take(mask, dim=2)
+
+    # -- output -------------------------------------------------------------
+    def proj_out_gathered(self, x):
+        y = type(self.model.proj_out).forward(self.model.proj_out, x)
+        return self.layout.gather(y, self.sp.group)
+
+    # -- attention ----------------------------------------------------------
+    def attention_override(self, func, q, k, v, heads, mask=None, **kwargs):
+        role = _ROLE.get()
+        if role == "video_self":
+            return self.video_self_attention(func, q, k, v, heads, mask, kwargs)
+        if role == "video_to_audio":
+            return self.video_to_audio_attention(func, q, k, v, heads, mask, kwargs)
+        if self.outer_override is not None:
+            return self.outer_override(func, q, k, v, heads, mask=mask, **kwargs)
+        return func(q, k, v, heads, mask=mask, **kwargs)
+
+    def video_self_attention(self, func, q, k, v, heads, mask, kwargs):
+        layout = self.layout
+        if mask is not None:  # guide attenuation: local query rows against all keys
+            k = layout.gather(k, self.sp.group)
+            v = layout.gather(v, self.sp.group)
+            return func(q, k, v, heads, mask=mask, **kwargs)
+        b, n, inner = q.shape
+        if layout.real < n:
+            k[:, layout.real:] = float("nan")  # padding keys: dropped by PaddingDroppingKernel
+        shape = (b, n, heads, inner // heads)
+        out = self.sp.attention(None, q.reshape(shape), k.reshape(shape), v.reshape(shape))
+        return out.reshape(b, n, inner)
+
+    def video_to_audio_attention(self, func, q, k, v, heads, mask, kwargs):
+        """Audio queries (whole, every rank) over video keys (sharded): exact merge of partial softmaxes."""
+        if mask is not None:
+            k = self.layout.gather(k, self.sp.group)
+            v = self.layout.gather(v, self.sp.group)
+            return func(q, k, v, heads, mask=mask, **kwargs)
+        b, t, inner = q.shape
+        real = self.layout.real
+        d = inner // heads
+        out, lse = attention_with_lse(q.reshape(b, t, heads, d), k[:, :real].reshape(b, real, heads, d),
+                                      v[:, :real].reshape(b, real, heads, d))
+        outs = [torch.empty_like(out) for _ in range(self.sp.world)]
+        lses = [torch.empty_like(lse) for _ in range(self.sp.world)]
+        dist.all_gather(outs, out.contiguous(), group=self.sp.group)
+        dist.all_gather(lses, lse.contiguous(), group=self.sp.group)
+        merged, merged_lse = None, None
+        for o, s in zip(outs, lses):
+            merged, merged_lse = self.sp.merge(merged, merged_lse, o, s)
+        return merged.to(q.dtype).reshape(b, t, inner)
