@@ -221,6 +221,22 @@ class PaddingDroppingKernel:
         return attention_with_lse(q, k, v, softmax_scale)
 
 
+# at most this share of the heads goes through one all-to-all + attention: a group's gathered
+# q/k/v are what the sequence-parallel attention holds on top of ComfyUI's own tensors
+HEAD_GROUPS = 4
+
+
+def head_group_size(heads: int, ulysses: int) -> int:
+    """Largest head count that divides ``heads``, is a multiple of ``ulysses`` and is at most
+    ``max(ulysses, heads // HEAD_GROUPS)``."""
+    cap = max(ulysses, heads // HEAD_GROUPS)
+    return max(g for g in range(ulysses, cap + 1, ulysses) if heads % g == 0)
+
+
+def _may_overwrite(t: torch.Tensor) -> bool:
+    return t._base is None and t.is_contiguous() and not (t.requires_grad and torch.is_grad_enabled())
+
+
 # --------------------------------------------------------------------------- process groups
 
 def init_process_groups(rank: int, world: int, degrees: Degrees, backend: str, init_method: str) -> None:
@@ -280,8 +296,11 @@ class SequenceParallel:
         self.group = ps.get_sp_group().device_group
         self.rank = ps.get_sequence_parallel_rank()
         self.world = ps.get_sequence_parallel_world_size()
+        self.ulysses = ps.get_ulysses_parallel_world_size()
+        self.ring = ps.get_ring_parallel_world_size()
         self.rank_label = self.rank if rank_label is None else rank_label
         self.kernel = PaddingDroppingKernel()
+        self.all_to_all = xf.SeqAllToAll4D.apply
         self.attention = xf.xFuserLongContextAttention(attn_type=_PROCESSOR_ATTN_TYPE, attn_processor=self.kernel)
         self.merge = xf.update_out_and_lse
 
@@ -390,29 +409,58 @@ class _Call:
             return self.video_self_attention(func, q, k, v, heads, mask, kwargs)
         if role == "video_to_audio":
             return self.video_to_audio_attention(func, q, k, v, heads, mask, kwargs)
-        if self.outer_override is not None:
-            return self.outer_override(func, q, k, v, heads, mask=mask, **kwargs)
-        return func(q, k, v, heads, mask=mask, **kwargs)
+        return self.kernel_call(func, q, k, v, heads, mask, kwargs)
 
     def video_self_attention(self, func, q, k, v, heads, mask, kwargs):
         layout = self.layout
         if mask is not None:  # guide attenuation: local query rows against all keys
             k = layout.gather(k, self.sp.group)
             v = layout.gather(v, self.sp.group)
-            return func(q, k, v, heads, mask=mask, **kwargs)
+            return self.kernel_call(func, q, k, v, heads, mask, kwargs)
         b, n, inner = q.shape
-        if layout.real < n:
-            k[:, layout.real:] = float("nan")  # padding keys: dropped by PaddingDroppingKernel
         shape = (b, n, heads, inner // heads)
-        out = self.sp.attention(None, q.reshape(shape), k.reshape(shape), v.reshape(shape))
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        # the output goes into q's buffer, group by group, once that group of q has been sent
+        out = q if _may_overwrite(q) else torch.empty_like(q)
+        group = head_group_size(heads, self.sp.ulysses)
+        if self.sp.ring == 1:
+            for h in range(0, heads, group):
+                s = slice(h, h + group)
+                out[:, :, s] = self.ulysses_attention(func, q[:, :, s], k[:, :, s], v[:, :, s], kwargs)
+        else:
+            if layout.real < n:
+                k[:, layout.real:] = float("nan")  # padding keys: dropped by PaddingDroppingKernel
+            for h in range(0, heads, group):
+                s = slice(h, h + group)
+                out[:, :, s] = self.sp.attention(None, q[:, :, s], k[:, :, s], v[:, :, s])
         return out.reshape(b, n, inner)
+
+    def ulysses_attention(self, func, q, k, v, kwargs):
+        """All-to-all (xfuser/yunchang's SeqAllToAll4D) from [B, L, G, D] sequence shards to
+        [B, W*L, G/W, D] head shards, ComfyUI's own attention over the whole sequence (padding keys
+        cut off the end), and back."""
+        pg = self.sp.attention.ulysses_pg
+        a2a = self.sp.all_to_all
+        qf, kf, vf = (a2a(pg, t, 2, 1) for t in (q, k, v))
+        total = self.layout.total
+        b, sp_len, g, d = qf.shape
+        o = self.kernel_call(func, qf.reshape(b, sp_len, g * d), kf[:, :total].reshape(b, total, g * d),
+                             vf[:, :total].reshape(b, total, g * d), g, None, kwargs)
+        del qf, kf, vf
+        return a2a(pg, o.reshape(b, sp_len, g, d), 1, 2)
+
+    def kernel_call(self, func, q, k, v, heads, mask, kwargs):
+        """ComfyUI's attention function (or an override another node installed)."""
+        if self.outer_override is not None:
+            return self.outer_override(func, q, k, v, heads, mask=mask, **kwargs)
+        return func(q, k, v, heads, mask=mask, **kwargs)
 
     def video_to_audio_attention(self, func, q, k, v, heads, mask, kwargs):
         """Audio queries (whole, every rank) over video keys (sharded): exact merge of partial softmaxes."""
         if mask is not None:
             k = self.layout.gather(k, self.sp.group)
             v = self.layout.gather(v, self.sp.group)
-            return func(q, k, v, heads, mask=mask, **kwargs)
+            return self.kernel_call(func, q, k, v, heads, mask, kwargs)
         b, t, inner = q.shape
         real = self.layout.real
         d = inner // heads

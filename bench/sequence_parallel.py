@@ -1,10 +1,11 @@
 """Per-rank peak memory and forward time of the sequence-parallel LTXAV forward on 1..W GPUs, at
 real LTX-2 dims (random weights, a few layers), against ComfyUI's stock forward on one GPU (W=1).
 
-Usage: python bench/sequence_parallel.py --comfy PATH [--layers 4] [--worlds 1,2,4]
+Usage: python bench/sequence_parallel.py --comfy PATH [--layers 4] [--worlds 1,2,4,2r,4h]
           [--cases 897x768x512,897x1280x704,897x1920x1088] [--i2v 0,1] [--ffn auto] [--repeats 3]
           [--out results.jsonl]
-One process per GPU (NCCL); W=1 is the plain ComfyUI forward (no sequence parallelism). Both use the
+One process per GPU (NCCL); W=1 is the plain ComfyUI forward (no sequence parallelism). A world is
+W (all Ulysses), Wr (all ring) or Wh (Ulysses 2 x ring W/2). Both use the
 pack's FFN chunking (``--ffn``: auto, a chunk count, or 1 for off). Memory is PyTorch's allocator:
 peak allocated above the weights, per rank, for the forward and for its PE and block phases (a
 separate synchronised pass); time is the median of ``--repeats`` forwards. A correctness check
@@ -40,7 +41,18 @@ class _Mem:
 cuda = _Mem()
 
 
-def rank_main(rank, world, a, init_file, out_dir):
+def parse_world(token):
+    """'4' -> (4, ulysses 4, ring 1); '4r' -> (4, 1, 4); '4h' -> (4, 2, 2)."""
+    w = int(token.rstrip("rh"))
+    if token.endswith("r"):
+        return w, 1, w
+    if token.endswith("h"):
+        return w, 2, w // 2
+    return w, w, 1
+
+
+def rank_main(rank, token, a, init_file, out_dir):
+    world, ulysses, ring = parse_world(token)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(rank)
@@ -56,8 +68,7 @@ def rank_main(rank, world, a, init_file, out_dir):
     dmw = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     wrappers = {}
     if world > 1:
-        xsp.init_process_groups(rank, world, xsp.Degrees(world if a.ulysses == 0 else a.ulysses,
-                                                         1 if a.ulysses == 0 else world // a.ulysses),
+        xsp.init_process_groups(rank, world, xsp.Degrees(ulysses, ring),
                                 "nccl" if on_gpu else "gloo", f"file://{init_file}")
         sp = xsp.SequenceParallel()
         wrappers["sp"] = [sp.diffusion_model_wrapper]
@@ -142,7 +153,6 @@ def main():
     ap.add_argument("--comfy", required=True)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--worlds", default="1,2,4")
-    ap.add_argument("--ulysses", type=int, default=0, help="Ulysses degree (0: all ranks Ulysses)")
     ap.add_argument("--cases", default="897x768x512,897x1280x704,897x1920x1088")
     ap.add_argument("--i2v", default="0,1")
     ap.add_argument("--ffn", default="auto")
@@ -155,11 +165,12 @@ def main():
         f"--{k} {v}" for k, v in vars(a).items() if k not in ("comfy", "out"))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for world in (int(w) for w in a.worlds.split(",")):
-            out_dir = Path(tmp) / f"w{world}"
+        for token in a.worlds.split(","):
+            world, ulysses, ring = parse_world(token)
+            out_dir = Path(tmp) / f"w{token}"
             out_dir.mkdir()
             t0 = time.perf_counter()
-            mp.start_processes(rank_main, args=(world, a, str(Path(tmp) / f"init{world}"), str(out_dir)),
+            mp.start_processes(rank_main, args=(token, a, str(Path(tmp) / f"init{token}"), str(out_dir)),
                                nprocs=world, start_method="spawn")
             per_rank = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
             for rows in zip(*per_rank):
@@ -176,13 +187,13 @@ def main():
                            target_gb=round(target, 3) if world > 1 else None,
                            within_target=(all(p is not None and p <= target for p in peaks) if world > 1 else None),
                            rel_l2_vs_w1=first["rel_l2_vs_w1"], error=first.get("error"),
-                           ffn=a.ffn, ulysses=(world if a.ulysses == 0 else a.ulysses), **info, command=command,
+                           ffn=a.ffn, ulysses=ulysses, ring=ring, **info, command=command,
                            run_s=round(time.perf_counter() - t0, 1))
                 results.append(res)
                 print(json.dumps(res), flush=True)
-    print(f"{'W':>2} {'case':>14} {'i2v':>3} {'peak/rank GB':>13} {'target':>7} {'PE':>6} {'blocks':>7} {'fwd s':>7} {'relL2':>8}")
+    print(f"{'W':>2} {'U':>2} {'R':>2} {'case':>14} {'i2v':>3} {'peak/rank GB':>13} {'target':>7} {'PE':>6} {'blocks':>7} {'fwd s':>7} {'relL2':>8}")
     for r in results:
-        print(f"{r['world']:>2} {r['case']:>14} {r['i2v']:>3} {max(p or -1 for p in r['per_rank_peak_over_weights_gb']):>13} "
+        print(f"{r['world']:>2} {r['ulysses']:>2} {r['ring']:>2} {r['case']:>14} {r['i2v']:>3} {max(p or -1 for p in r['per_rank_peak_over_weights_gb']):>13} "
               f"{r['target_gb']!s:>7} {max(p or -1 for p in r['per_rank_pe_peak_gb']):>6} "
               f"{max(p or -1 for p in r['per_rank_blocks_peak_gb']):>7} {r['forward_s']:>7} {r['rel_l2_vs_w1']!s:>8}")
     if a.out:

@@ -28,15 +28,18 @@ def import_host():
     import comfy.model_management  # noqa: F401
 
 
-def import_pack():
-    """Import the repo as a package, the way ComfyUI imports a custom-node folder."""
+def import_pack(run_init=True):
+    """Import the repo as a package, the way ComfyUI imports a custom-node folder. With
+    ``run_init=False`` its __init__ (node registration, which needs ComfyUI set up) does not run and
+    only the plain modules are importable, as in a sequence-parallel worker."""
     if PACK_NAME in sys.modules:
         return sys.modules[PACK_NAME]
     spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
+    if run_init:
+        spec.loader.exec_module(module)
     return module
 
 

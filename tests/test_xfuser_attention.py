@@ -18,7 +18,7 @@ if importlib.util.find_spec("xfuser") is None:  # (importing xfuser itself fails
 
 def _rank(rank, world, ulysses, ring, n_tokens, init_file, out_dir):
     torch.set_num_threads(1)
-    import_pack()
+    import_pack(run_init=False)
     sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
     sp.init_process_groups(rank, world, sp.Degrees(ulysses, ring), "gloo", f"file://{init_file}")
     try:
