@@ -11,10 +11,11 @@ else:
     from comfy_api.latest import ComfyExtension, io
 
     from .nodes_ltx_ffn_chunker import NODES as _FFN_NODES
+    from .nodes_parallel_sampler import NODES as _SAMPLER_NODES
 
     class LTXAVParallelExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:
-            return [*_FFN_NODES]
+            return [*_FFN_NODES, *_SAMPLER_NODES]
 
     async def comfy_entrypoint() -> LTXAVParallelExtension:
         return LTXAVParallelExtension()

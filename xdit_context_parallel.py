@@ -290,7 +290,7 @@ _MISSING = object()
 class SequenceParallel:
     """This process's part of a sequence-parallel LTXAV forward; create after ``init_process_groups``."""
 
-    def __init__(self, rank_label: int | None = None):
+    def __init__(self, rank_label: int | None = None, phase_stats: bool = False):
         xf = xfuser_compat.load()
         ps = xf.parallel_state
         self.group = ps.get_sp_group().device_group
@@ -303,6 +303,17 @@ class SequenceParallel:
         self.all_to_all = xf.SeqAllToAll4D.apply
         self.attention = xf.xFuserLongContextAttention(attn_type=_PROCESSOR_ATTN_TYPE, attn_processor=self.kernel)
         self.merge = xf.update_out_and_lse
+        # phase_stats: keep per-phase allocation peaks (host-side allocator counters, no device sync)
+        self.phase_stats = phase_stats and torch.cuda.is_available()
+        self.stats: dict[str, int] = {}
+
+    def reset_stats(self) -> None:
+        self.stats = {}
+
+    def _record(self, name: str, base: int) -> None:
+        peak = torch.cuda.max_memory_allocated() - base
+        self.stats[name] = max(self.stats.get(name, 0), peak)
+        self.stats["peak"] = max(self.stats.get("peak", 0), peak)
 
     def diffusion_model_wrapper(self, executor, *args, **kwargs):
         """ComfyUI DIFFUSION_MODEL wrapper: run this forward sequence-parallel."""
@@ -310,7 +321,10 @@ class SequenceParallel:
         call = _Call(self, model)
         args, kwargs = call.with_attention_override(args, kwargs)
         with call.installed():
-            return executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
+        if self.phase_stats:
+            self._record("output", call.base)
+        return out
 
 
 class _Call:
@@ -321,6 +335,10 @@ class _Call:
         self.model = model
         self.layout: ShardLayout | None = None
         self.outer_override = None
+        self.base = 0
+        if sp.phase_stats:
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
 
     # -- installation -------------------------------------------------------
     def with_attention_override(self, args, kwargs):
@@ -342,21 +360,26 @@ class _Call:
             (m, "_build_guide_self_attention_mask", self.build_guide_mask),
             (m.proj_out, "forward", self.proj_out_gathered),
         ]
-        if instrumentation.enabled():
-            pairs += [(m, "_prepare_positional_embeddings", self.logged(m._prepare_positional_embeddings,
-                                                                         instrumentation.pe_generated)),
-                      (m, "_process_transformer_blocks", self.logged(m._process_transformer_blocks,
-                                                                     instrumentation.blocks_complete))]
+        if instrumentation.enabled() or self.sp.phase_stats:
+            pairs += [(m, "_prepare_positional_embeddings", self.phase(m._prepare_positional_embeddings, "pe",
+                                                                        instrumentation.pe_generated)),
+                      (m, "_process_transformer_blocks", self.phase(m._process_transformer_blocks, "blocks",
+                                                                    instrumentation.blocks_complete))]
         for block in m.transformer_blocks:
             pairs.append((block.attn1, "forward", functools.partial(_tagged_forward, "video_self", block.attn1)))
             pairs.append((block.video_to_audio_attn, "forward",
                           functools.partial(_tagged_forward, "video_to_audio", block.video_to_audio_attn)))
         return _instance_attrs(pairs)
 
-    def logged(self, fn, report):
+    def phase(self, fn, name, report):
+        """``fn`` followed by its peak (phase_stats) and its log line (LTXAV_PARALLEL_MEMORY_LOG)."""
         def run(*args, **kwargs):
             out = fn(*args, **kwargs)
-            report(self.sp.rank_label, self.model.patchify_proj.weight.device)
+            if instrumentation.enabled():
+                report(self.sp.rank_label, self.model.patchify_proj.weight.device)
+            if self.sp.phase_stats:
+                self.sp._record(name, self.base)
+                torch.cuda.reset_peak_memory_stats()
             return out
         return run
 

@@ -1,0 +1,148 @@
+"""Sampler nodes that run LTXAV sampling on several GPUs (Ray workers, sequence parallel)."""
+from __future__ import annotations
+
+import comfy.nested_tensor
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+from comfy_api.latest import io, ui
+
+from .nodes_ltx_ffn_chunker import CATEGORY
+from .parallel_sampler import POOL, ParallelSettings
+
+
+def parallel_inputs():
+    """The inputs both sampler nodes share: how many GPUs and how to split attention over them."""
+    return [
+        io.Int.Input("gpus", default=0, min=0, max=64,
+                     tooltip=("GPUs to split the video over, one Ray worker each (0 = all the Ray cluster has). "
+                              "Per-GPU memory for the video falls about as 1/gpus; each worker holds a full copy "
+                              "of the weights (offloaded as ComfyUI does when they do not fit). With ComfyUI on "
+                              "--cpu: the number of CPU worker processes.")),
+        io.Int.Input("ulysses_degree", default=0, min=0, max=64,
+                     tooltip=("GPUs that split attention heads with all-to-all (Ulysses); 0 = gpus / ring_degree. "
+                              "Must divide the model's 32 heads. The fastest and leanest choice: keep ring at 1 "
+                              "when it divides.")),
+        io.Int.Input("ring_degree", default=1, min=1, max=64,
+                     tooltip=("GPUs that pass key/value blocks around a ring; ulysses x ring = gpus. Use it only "
+                              "when the GPU count does not divide 32 (e.g. 3 or 6 GPUs): slower and more memory "
+                              "than Ulysses.")),
+        io.String.Input("ray_address", default="local",
+                        tooltip=("'local': a private Ray cluster on this machine (127.0.0.1, no dashboard), started "
+                                 "on first use and kept for later prompts. 'auto': the cluster `ray start` runs "
+                                 "here. host:port: a Ray head elsewhere; its nodes need this ComfyUI and this pack "
+                                 "at the same paths. Changing it restarts the workers.")),
+    ]
+
+
+def _settings(gpus, ulysses_degree, ring_degree, ray_address):
+    return ParallelSettings(gpus, ulysses_degree, ring_degree, ray_address)
+
+
+def _noise_mask(latent):
+    return latent.get("noise_mask")
+
+
+class LTXAVParallelKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LTXAVParallelKSampler",
+            display_name="LTXAV Parallel KSampler",
+            category=CATEGORY,
+            description=("KSampler for LTX-2 audio-video that splits the video over several GPUs (Ray workers, "
+                         "xDiT sequence parallelism). Same result as KSampler on one GPU; each GPU holds 1/gpus of "
+                         "the video's activations."),
+            search_aliases=["multi gpu ksampler", "ltx parallel", "sequence parallel", "xdit", "ray"],
+            inputs=[
+                io.Model.Input("model", tooltip="An LTX-2 audio-video MODEL from 'Load Diffusion Model' or 'Load "
+                               "Checkpoint', after LoRA loaders and the LTX FFN Chunker if used: the workers "
+                               "rebuild it from the same file and apply the same patches."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The noise seed, as in KSampler."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps; time grows linearly."),
+                io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale; above 1 each step runs the model on "
+                                       "positive and negative (twice the work)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="The sampling algorithm, as in KSampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                               tooltip="The noise schedule, as in KSampler."),
+                io.Conditioning.Input("positive", tooltip="Positive conditioning (LTXVConditioning, guides...)."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning."),
+                io.Latent.Input("latent_image", tooltip="The LTXAV latent (video + audio from LTXVConcatAVLatent, "
+                                "or video only)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of the schedule to run, as in KSampler."),
+                *parallel_inputs(),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                gpus, ulysses_degree, ring_degree, ray_address) -> io.NodeOutput:
+        latent = latent_image
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"],
+                                                         latent.get("downscale_ratio_spacial", None))
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        job = dict(mode="ksampler", noise=noise, latent=samples, noise_mask=_noise_mask(latent), seed=seed,
+                   steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, positive=positive,
+                   negative=negative, denoise=denoise, disable_noise=False, start_step=None, last_step=None,
+                   force_full_denoise=False)
+        result = POOL.run(model, job, _settings(gpus, ulysses_degree, ring_degree, ray_address), steps)
+        out = latent.copy()
+        out.pop("downscale_ratio_spacial", None)
+        out["samples"] = result["samples"]
+        return io.NodeOutput(out, ui=ui.PreviewText(result["summary"]))
+
+
+class LTXAVParallelSamplerCustomAdvanced(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LTXAVParallelSamplerCustomAdvanced",
+            display_name="LTXAV Parallel SamplerCustomAdvanced",
+            category=CATEGORY,
+            description=("SamplerCustomAdvanced for LTX-2 audio-video over several GPUs (Ray workers, xDiT "
+                         "sequence parallelism): takes the same NOISE, GUIDER (CFG, dual CFG, ...), SAMPLER and "
+                         "SIGMAS (LTXV scheduler or manual) as the stock node."),
+            search_aliases=["multi gpu sampler", "ltx parallel", "sequence parallel", "xdit", "ray"],
+            inputs=[
+                io.Noise.Input("noise", tooltip="RandomNoise or DisableNoise, as in SamplerCustomAdvanced."),
+                io.Guider.Input("guider", tooltip="A guider (CFGGuider, DualCFGGuider, BasicGuider...) built on an "
+                                "LTX-2 audio-video MODEL; the workers rebuild its model and use its conditioning."),
+                io.Sampler.Input("sampler", tooltip="KSamplerSelect or another SAMPLER."),
+                io.Sigmas.Input("sigmas", tooltip="LTXVScheduler, BasicScheduler or manual sigmas; steps = "
+                                "len(sigmas) - 1."),
+                io.Latent.Input("latent_image", tooltip="The LTXAV latent (video + audio, or video only)."),
+                *parallel_inputs(),
+            ],
+            outputs=[io.Latent.Output(display_name="output"), io.Latent.Output(display_name="denoised_output")],
+        )
+
+    @classmethod
+    def execute(cls, noise, guider, sampler, sigmas, latent_image, gpus, ulysses_degree, ring_degree,
+                ray_address) -> io.NodeOutput:
+        patcher = guider.model_patcher
+        latent = latent_image.copy()
+        latent["samples"] = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"],
+                                                                   latent.get("downscale_ratio_spacial", None))
+        job = dict(mode="guider", noise=noise.generate_noise(latent), latent=latent["samples"],
+                   noise_mask=_noise_mask(latent), seed=noise.seed, guider=guider, sampler=sampler, sigmas=sigmas)
+        steps = sigmas.shape[-1] - 1
+        result = POOL.run(patcher, job, _settings(gpus, ulysses_degree, ring_degree, ray_address), steps)
+        samples = result["samples"]
+        out = latent.copy()
+        out.pop("downscale_ratio_spacial", None)
+        out["samples"] = samples
+        denoised = out
+        if result.get("x0") is not None:
+            x0 = patcher.model.process_latent_out(result["x0"])
+            if samples.is_nested:
+                x0 = comfy.nested_tensor.NestedTensor(comfy.utils.unpack_latents(x0, [t.shape for t in samples.unbind()]))
+            denoised = {**out, "samples": x0}
+        return io.NodeOutput(out, denoised, ui=ui.PreviewText(result["summary"]))
+
+
+NODES = [LTXAVParallelKSampler, LTXAVParallelSamplerCustomAdvanced]

@@ -1,0 +1,327 @@
+"""Running LTXAV sampling on Ray workers from ComfyUI: the Ray connection, the worker group (kept
+alive across prompts), and one run with progress, interrupt and fault handling.
+
+A run: connect to Ray (a private local cluster on 127.0.0.1 by default), make sure W workers exist
+with process groups for the requested degrees, make sure each holds this MODEL (rebuilt from its load
+recipe + patches; reloaded only when those change), send the sampling job, then watch: the progress
+bar follows rank 0's step, Interrupt stops every rank at the same step, and a worker that dies, fails
+or stops answering ends the run with an error within seconds; the whole group is then killed (its
+peers would wait in collectives forever) and the next prompt starts a new one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import sys
+import time
+
+import torch
+
+from . import ffn_chunking, ray_worker, xdit_context_parallel
+
+log = logging.getLogger(__name__)
+NODE = "LTXAV Parallel Sampler"
+POLL_S = 0.25
+START_TIMEOUT_S = float(os.environ.get("LTXAV_PARALLEL_START_S", 600))
+LOAD_TIMEOUT_S = float(os.environ.get("LTXAV_PARALLEL_LOAD_S", 3600))
+HEARTBEAT_S = float(os.environ.get("LTXAV_PARALLEL_HEARTBEAT_S", 15))
+STALL_S = float(os.environ.get("LTXAV_PARALLEL_STALL_S", 900))
+
+
+class WorkerFault(RuntimeError):
+    """A worker died, failed or stopped answering; the group has been stopped."""
+
+
+class _TaskFailed(Exception):
+    def __init__(self, rank, error):
+        super().__init__(rank, error)
+        self.rank, self.error = rank, error
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelSettings:
+    """The sampler nodes' parallel inputs: ``gpus`` 0 = all Ray sees; ``ulysses`` 0 = ``gpus / ring``."""
+
+    gpus: int = 0
+    ulysses: int = 0
+    ring: int = 1
+    ray_address: str = "local"
+
+
+@dataclasses.dataclass
+class _Group:
+    actors: list
+    world: int
+    degrees: xdit_context_parallel.Degrees
+    address: str
+    cpu: bool
+    infos: list
+    model_key: str | None = None
+
+
+def _cpu_mode() -> bool:
+    import comfy.model_management as mm
+
+    return mm.cpu_state == mm.CPUState.CPU or not torch.cuda.is_available()
+
+
+def _host_args() -> dict:
+    import comfy.cli_args
+
+    return {k: v for k, v in vars(comfy.cli_args.args).items() if isinstance(v, (bool, int, float, str, type(None)))}
+
+
+def _passthrough_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith(ray_worker.ENV_PASSTHROUGH)}
+
+
+def _cause(err: BaseException) -> BaseException:
+    return getattr(err, "cause", None) or err
+
+
+class ParallelSampler:
+    """The pack's one Ray worker group (per ComfyUI process)."""
+
+    def __init__(self):
+        self.group: _Group | None = None
+        self.address: str | None = None
+        self._remote_cls = None
+
+    # -- Ray --------------------------------------------------------------------
+    def connect(self, address: str) -> None:
+        address = (address or "local").strip()
+        if address == "local" and "ray" not in sys.modules:
+            # keep a private cluster on loopback: Ray otherwise swaps 127.0.0.1 for the machine's address
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+
+        if ray.is_initialized() and self.address == address:
+            return
+        if ray.is_initialized():
+            self.stop_group()
+            ray.shutdown()
+        kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True,
+                      runtime_env={"env_vars": _passthrough_env()})
+        try:
+            if address == "local":
+                gpus = 0 if _cpu_mode() else torch.cuda.device_count()
+                ray.init(address="local", _node_ip_address="127.0.0.1", num_gpus=gpus, **kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+        except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, RuntimeError, ValueError...
+            raise ValueError(f"{NODE}: cannot connect to the Ray cluster at ray_address={address!r}: "
+                             f"{type(e).__name__}: {e}. Use 'local' for a private cluster on this machine, "
+                             "'auto' for the one `ray start` made here, or the head's host:port.") from None
+        self.address = address
+        log.info("%s: connected to Ray (%s): %s", NODE, address, ray.cluster_resources())
+
+    def _worker_class(self):
+        if self._remote_cls is None:
+            import ray
+            from ray import cloudpickle
+
+            cloudpickle.register_pickle_by_value(sys.modules[ray_worker.__name__])
+            self._remote_cls = ray.remote(ray_worker.LTXAVWorker)
+        return self._remote_cls
+
+    # -- the worker group ---------------------------------------------------------
+    def resolve(self, settings: ParallelSettings, video_heads: int) -> tuple[int, xdit_context_parallel.Degrees, bool]:
+        import ray
+
+        cpu = _cpu_mode()
+        resources = ray.cluster_resources()
+        kind = "CPU" if cpu else "GPU"
+        available = int(resources.get(kind, 0))
+        if settings.gpus < 0:
+            raise ValueError(f"{NODE}: input 'gpus' is {settings.gpus}; use 0 for all GPUs or a count.")
+        if cpu and settings.gpus == 0:
+            raise ValueError(f"{NODE}: ComfyUI runs on the CPU, so 'gpus' counts CPU worker processes: set it "
+                             "(e.g. 2); 0 (= all GPUs) has no meaning without GPUs.")
+        world = settings.gpus or available
+        if world < 1 or world > available:
+            raise ValueError(f"{NODE}: input 'gpus' asks for {world} {'CPU workers' if cpu else 'GPUs'} but the Ray "
+                             f"cluster at {self.address!r} has {available}; use gpus <= {available} (0 = all).")
+        if settings.ulysses == 0:
+            ring = max(1, settings.ring)
+            if world % ring:
+                raise ValueError(f"{NODE}: ring_degree={ring} does not divide gpus={world}; pick a ring_degree "
+                                 f"that divides {world}.")
+            degrees = xdit_context_parallel.Degrees(world // ring, ring)
+        else:
+            degrees = xdit_context_parallel.Degrees(settings.ulysses, settings.ring)
+        xdit_context_parallel.check_degrees(degrees, world, video_heads, NODE)
+        return world, degrees, cpu
+
+    def ensure_group(self, world, degrees, cpu) -> tuple[_Group, float]:
+        import ray
+        import comfy.model_management
+
+        g = self.group
+        if g and (g.world, g.degrees, g.address, g.cpu) == (world, degrees, self.address, cpu):
+            try:
+                ray.get([a.progress.remote() for a in g.actors], timeout=HEARTBEAT_S)
+                return g, 0.0
+            except Exception:  # noqa: BLE001 - any dead or frozen worker: start over
+                log.warning("%s: a worker of the previous group is gone; starting new workers", NODE)
+        self.stop_group()
+        t0 = time.perf_counter()
+        comfy_path = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
+        pack_dir = os.path.dirname(os.path.abspath(__file__))
+        resources = {"num_cpus": 1, "num_gpus": 0 if cpu else 1}
+        cls = self._worker_class()
+        env = {"env_vars": _passthrough_env()}
+        actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
+            rank, world, comfy_path, pack_dir, __package__, _host_args()) for rank in range(world)]
+        group = _Group(actors, world, degrees, self.address, cpu, infos=[])
+        self.group = group
+        init = self._wait([actors[0].rendezvous.remote()], "start", START_TIMEOUT_S, heartbeat=False)[0]
+        self._wait([a.init_groups.remote(init, degrees.ulysses, degrees.ring) for a in actors], "start",
+                   START_TIMEOUT_S, heartbeat=False)
+        group.infos = self._wait([a.info.remote() for a in actors], "start", START_TIMEOUT_S, heartbeat=False)
+        seconds = time.perf_counter() - t0
+        log.info("%s: started %d workers (Ulysses %d x ring %d) in %.1f s: %s", NODE, world, degrees.ulysses,
+                 degrees.ring, seconds, ", ".join(f"{i['rank']}: {i['device']} pid {i['pid']} on {i['node']}"
+                                                  for i in group.infos))
+        return group, seconds
+
+    def stop_group(self) -> None:
+        """Kill the workers (frees their GPU memory); the next run starts new ones."""
+        g, self.group = self.group, None
+        if not g:
+            return
+        import ray
+
+        for a in g.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    # -- one run ------------------------------------------------------------------
+    def run(self, patcher, job: dict, settings: ParallelSettings, total_steps: int) -> dict:
+        """Sample ``job`` on the workers; returns rank 0's result plus ``memory`` (every rank's) and
+        ``timings``."""
+        import comfy.model_management
+        import comfy.utils
+
+        dm = patcher.get_model_object("diffusion_model")
+        xdit_context_parallel.require_ltxav(dm, NODE)
+        self.connect(settings.ray_address)  # first: it decides how Ray is imported
+        import ray
+        world, degrees, cpu = self.resolve(settings, dm.num_attention_heads)
+        recipe, spec, skipped = ray_worker.model_spec(
+            patcher, own_keys=(ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY))
+        if skipped:
+            log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, ", ".join(skipped))
+        key = hashlib.blake2b(recipe + spec, digest_size=16).hexdigest()
+        job_bytes = ray_worker.dumps(job, ray_worker.model_refs(patcher))
+        comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
+        comfy.model_management.soft_empty_cache()
+
+        group, start_s = self.ensure_group(world, degrees, cpu)
+        t0 = time.perf_counter()
+        recipe_ref, spec_ref = ray.put(recipe), ray.put(spec)
+        loads = self._wait([a.load.remote(key, recipe_ref, spec_ref) for a in group.actors], "model load",
+                           LOAD_TIMEOUT_S)
+        load_s = time.perf_counter() - t0
+        if any(r["reloaded"] for r in loads):
+            log.info("%s: model loaded on %d workers in %.1f s", NODE, world, load_s)
+        group.model_key = key
+
+        t0 = time.perf_counter()
+        job_ref = ray.put(job_bytes)
+        results = self._wait([a.sample.remote(job_ref) for a in group.actors], "sampling", STALL_S,
+                             pbar=comfy.utils.ProgressBar(total_steps))
+        sample_s = time.perf_counter() - t0
+        memory = [r["memory"] for r in results]
+        if results[0]["interrupted"]:
+            log.info("%s: interrupted at step %d; the workers stay loaded", NODE, results[0]["step"])
+            comfy.model_management.interrupt_current_processing(False)
+            raise comfy.model_management.InterruptProcessingException()
+        out = dict(results[0])
+        out["memory"] = memory
+        out["timings"] = {"ray_start_s": round(start_s, 2), "model_load_s": round(load_s, 2),
+                          "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4)}
+        out["summary"] = summary(group, memory, out["timings"])
+        log.info("%s", out["summary"])
+        return out
+
+    def _wait(self, refs, what, stall_s, heartbeat=True, pbar=None):
+        """Results of ``refs`` (one per worker, in rank order), watching the workers meanwhile."""
+        import ray
+        import comfy.model_management
+
+        group = self.group
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results = [None] * len(refs)
+        step, moved, interrupted = 0, time.monotonic(), False
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
+                for ref in done:
+                    rank = pending.pop(ref)
+                    try:
+                        results[rank] = ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        raise _TaskFailed(rank, e) from None
+                if not pending:
+                    break
+                if heartbeat:
+                    hb = [a.progress.remote() for a in group.actors]
+                    ready, late = ray.wait(hb, num_returns=len(hb), timeout=HEARTBEAT_S)
+                    if late:
+                        rank = hb.index(late[0])
+                        raise WorkerFault(f"worker {rank} stopped answering for {HEARTBEAT_S:.0f} s during {what} "
+                                          "(hung, frozen or overloaded)")
+                    steps = ray.get(hb)
+                    if steps[0] != step:
+                        step, moved = steps[0], time.monotonic()
+                        if pbar is not None:
+                            pbar.update_absolute(step)
+                if time.monotonic() - moved > stall_s:
+                    raise WorkerFault(f"no progress for {stall_s:.0f} s during {what} (at step {step})")
+                if not interrupted and comfy.model_management.processing_interrupted():
+                    interrupted = True
+                    for a in group.actors:
+                        a.interrupt.remote()
+        except WorkerFault as e:
+            self.stop_group()
+            raise RuntimeError(f"{NODE}: {e}. The workers were stopped; the next prompt starts new ones.") from None
+        except _TaskFailed as e:
+            self.stop_group()
+            raise RuntimeError(f"{NODE}: {_describe(e.error, e.rank, what, group)}. The workers were stopped; the "
+                               "next prompt starts new ones.") from None
+        return results
+
+
+def _describe(err, rank, what, group) -> str:
+    import ray
+
+    cause = _cause(err)
+    device = group.infos[rank]["device"] if group and len(group.infos) > rank else "its device"
+    who = f"worker {rank} ({device})"
+    if isinstance(err, ray.exceptions.RayActorError):
+        return f"{who} died during {what} (its process was killed, crashed, or ran out of host memory)"
+    if isinstance(cause, torch.OutOfMemoryError) or "OutOfMemoryError" in type(cause).__name__:
+        return (f"{who} ran out of GPU memory during {what}: {str(cause).splitlines()[0][:300]}. Use more "
+                "GPUs, the LTX FFN Chunker, or a shorter or smaller video")
+    return f"{who} failed during {what}: {type(cause).__name__}: {str(cause).splitlines()[0][:400]}"
+
+
+def summary(group: _Group, memory: list[dict], timings: dict) -> str:
+    """The per-worker memory lines shown in the log and on the node."""
+    lines = [f"{NODE}: {group.world} workers, Ulysses {group.degrees.ulysses} x ring {group.degrees.ring}; "
+             f"{timings['s_per_step']} s/step, model load {timings['model_load_s']} s, "
+             f"Ray start {timings['ray_start_s']} s"]
+    for m, info in zip(memory, group.infos):
+        if m["peak_gb"] is None:
+            lines.append(f"  worker {m['rank']} ({info['device']}): no GPU memory figures on CPU")
+        else:
+            lines.append(f"  worker {m['rank']} ({info['device']}): peak {m['peak_gb']} GB above the forward's start "
+                         f"(PE {m['pe_gb']} GB, blocks {m['blocks_gb']} GB); {m['allocated_gb']} GB allocated")
+    return "\n".join(lines)
+
+
+POOL = ParallelSampler()

@@ -1,0 +1,310 @@
+"""The Ray worker: one process per GPU (or CPU process), holding the model and one rank of the
+sequence-parallel forward, running ComfyUI's own sampler.
+
+Every worker runs the same sampling loop on the same inputs; only the diffusion-model forward is
+split (``xdit_context_parallel``) and its output gathered, so all ranks stay in step and rank 0's
+result is the answer.
+
+What crosses from ComfyUI to the workers is pickled with ``dumps``: anything that refers to the
+driver's MODEL (its ModelPatcher, model_options, BaseModel or diffusion model) is sent as a
+reference and resolves to the worker's own copy, so guiders and model options travel without the
+weights. The worker rebuilds the model from the MODEL's load recipe (``cached_patcher_init``, set by
+ComfyUI's loaders), then applies the MODEL's weight patches (LoRA), object patches and options.
+
+This module is sent to Ray workers by value (ComfyUI imports custom nodes under a path-like module
+name that other processes cannot import); it imports the rest of the pack at run time, under the
+same package name as in ComfyUI.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import io
+import os
+import pickle
+import socket
+import sys
+import threading
+import time
+import types
+
+import torch
+
+ENV_PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
+FAULT_ENV = "LTXAV_PARALLEL_FAULT"  # test hook: "oom:RANK:STEP" raises an OutOfMemoryError there
+MODEL_REF_NAMES = ("patcher", "model_options", "base_model", "diffusion_model")
+
+
+# --------------------------------------------------------------------------- transfer
+
+def model_refs(patcher) -> dict:
+    """The objects that stand for the model in anything sent to workers."""
+    return {"patcher": patcher, "model_options": patcher.model_options, "base_model": patcher.model,
+            "diffusion_model": patcher.model.diffusion_model}
+
+
+def dumps(obj, refs: dict) -> bytes:
+    """cloudpickle ``obj``, sending the objects in ``refs`` by name."""
+    from ray import cloudpickle
+
+    by_id = {id(v): k for k, v in refs.items()}
+
+    class RefPickler(cloudpickle.Pickler):
+        def persistent_id(self, o):
+            return by_id.get(id(o))
+
+    buf = io.BytesIO()
+    RefPickler(buf, protocol=5).dump(obj)
+    return buf.getvalue()
+
+
+def loads(data: bytes, refs: dict):
+    """Inverse of ``dumps``: names resolve to the objects in ``refs``."""
+
+    class RefUnpickler(pickle.Unpickler):
+        def persistent_load(self, pid):
+            return refs[pid]
+
+    return RefUnpickler(io.BytesIO(data)).load()
+
+
+def model_spec(patcher, own_keys=()) -> tuple[bytes, bytes, list[str]]:
+    """What a worker needs to rebuild ``patcher``'s model: its load recipe, its patches and options
+    (pickled with model references), and the names of the parts that cannot travel (left out)."""
+    from ray import cloudpickle
+
+    if patcher.cached_patcher_init is None:
+        raise ValueError("the MODEL has no load recipe (ComfyUI records one in UNETLoader 'Load Diffusion "
+                         "Model' and CheckpointLoaderSimple 'Load Checkpoint'); load the model with one of those")
+    refs = model_refs(patcher)
+    skipped = []
+
+    def keep(name, value):
+        try:
+            dumps(value, refs)
+            return True
+        except Exception:  # noqa: BLE001 - anything unpicklable stays behind, named in the warning
+            skipped.append(name)
+            return False
+
+    options = {}
+    for k, v in patcher.model_options.items():
+        if k == "transformer_options":
+            continue
+        if keep(f"model_options[{k!r}]", v):
+            options[k] = v
+    to = {}
+    for k, v in patcher.model_options.get("transformer_options", {}).items():
+        if k == "wrappers":
+            continue
+        if keep(f"transformer_options[{k!r}]", v):
+            to[k] = v
+    wrappers = {}
+    for kind, by_key in patcher.wrappers.items():
+        for key, fns in by_key.items():
+            if key in own_keys:
+                continue
+            if keep(f"wrapper {kind}/{key}", fns):
+                wrappers.setdefault(kind, {})[key] = list(fns)
+    object_patches = {k: v for k, v in patcher.object_patches.items() if keep(f"object patch {k!r}", v)}
+    spec = {"patches": {k: list(v) for k, v in patcher.patches.items()}, "patches_uuid": patcher.patches_uuid,
+            "object_patches": object_patches, "model_options": options, "transformer_options": to,
+            "wrappers": wrappers}
+    return cloudpickle.dumps(patcher.cached_patcher_init), dumps(spec, refs), skipped
+
+
+# --------------------------------------------------------------------------- worker process set-up
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _import_host(comfy_path: str, host_args: dict) -> None:
+    if comfy_path not in sys.path:
+        sys.path.insert(0, comfy_path)
+    import comfy.cli_args
+
+    for k, v in host_args.items():
+        setattr(comfy.cli_args.args, k, v)
+    # Ray gives each actor its GPU as device 0; the ComfyUI process's own device choice does not apply
+    comfy.cli_args.args.cuda_device = None
+    comfy.cli_args.args.default_device = None
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+
+
+def _import_pack(pack_dir: str, pack_name: str) -> types.ModuleType:
+    """The pack's modules, without its __init__ (node registration), under ComfyUI's package name."""
+    if pack_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(pack_name, os.path.join(pack_dir, "__init__.py"),
+                                                      submodule_search_locations=[pack_dir])
+        sys.modules[pack_name] = importlib.util.module_from_spec(spec)
+    return sys.modules[pack_name]
+
+
+def _fault(rank: int, step: int) -> str | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    parts = spec.split(":")
+    if len(parts) == 3 and int(parts[1]) == rank and int(parts[2]) == step:
+        return parts[0]
+    return None
+
+
+def _gb(n: float) -> float:
+    return round(n / (1 << 30), 3)
+
+
+class LTXAVWorker:
+    """One rank. Methods run in a Ray actor with two threads: ``sample`` in one; ``progress`` and
+    ``interrupt`` answer in the other while it runs."""
+
+    def __init__(self, rank: int, world: int, comfy_path: str, pack_dir: str, pack_name: str, host_args: dict):
+        self.rank, self.world = rank, world
+        _import_host(comfy_path, host_args)
+        self.pack_name = pack_name
+        _import_pack(pack_dir, pack_name)
+        self.xsp = importlib.import_module(f"{pack_name}.xdit_context_parallel")
+        self.ffn = importlib.import_module(f"{pack_name}.ffn_chunking")
+        self.step = 0
+        self.stop = threading.Event()
+        self.patcher = None
+        self.model_key = None
+        self.loads = 0
+        self.sp = None
+        self.cpu_group = None
+        self.cuda = torch.cuda.is_available()
+
+    # -- identity and groups --------------------------------------------------
+    def info(self) -> dict:
+        import ray
+
+        name = torch.cuda.get_device_name(0) if self.cuda else "cpu"
+        ffn = None
+        if self.patcher is not None:
+            ffn = self.patcher.model_options.get("transformer_options", {}).get(self.ffn.CHUNKING_KEY)
+        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": name,
+                "loads": self.loads, "ffn_chunking": ffn}
+
+    def rendezvous(self) -> str:
+        import ray
+
+        return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+
+    def init_groups(self, init_method: str, ulysses: int, ring: int) -> None:
+        backend = "nccl" if self.cuda else "gloo"
+        self.xsp.init_process_groups(self.rank, self.world, self.xsp.Degrees(ulysses, ring), backend, init_method)
+        self.sp = self.xsp.SequenceParallel(rank_label=self.rank, phase_stats=True)
+        from xfuser.core.distributed.parallel_state import get_sp_group
+
+        self.cpu_group = get_sp_group().cpu_group
+
+    # -- model ------------------------------------------------------------------
+    def load(self, key: str, recipe_bytes: bytes, spec_bytes: bytes) -> dict:
+        """Build the model from its recipe and spec unless the one loaded already has this ``key``."""
+        if key == self.model_key:
+            return {"reloaded": False, "seconds": 0.0}
+        t0 = time.perf_counter()
+        self.patcher = None
+        self.model_key = None
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        import comfy.patcher_extension
+
+        fn, args = pickle.loads(recipe_bytes)
+        patcher = fn(*args)
+        spec = loads(spec_bytes, model_refs(patcher))
+        patcher.patches = {k: list(v) for k, v in spec["patches"].items()}
+        patcher.patches_uuid = spec["patches_uuid"]
+        for k, v in spec["object_patches"].items():
+            patcher.add_object_patch(k, v)
+        patcher.model_options.update(spec["model_options"])
+        patcher.model_options.setdefault("transformer_options", {}).update(spec["transformer_options"])
+        for kind, by_key in spec["wrappers"].items():
+            for key_, fns in by_key.items():
+                for fn_ in fns:
+                    patcher.add_wrapper_with_key(kind, key_, fn_)
+        settings = self.ffn.ChunkSettings.from_options(patcher.model_options["transformer_options"])
+        if settings is not None:  # the FFN Chunker's wrappers are the pack's own: re-add them here
+            for kind, fn_ in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.ffn.diffusion_model_wrapper),
+                              (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.ffn.outer_sample_wrapper)):
+                patcher.remove_wrappers_with_key(kind, self.ffn.WRAPPER_KEY)
+                patcher.add_wrapper_with_key(kind, self.ffn.WRAPPER_KEY, fn_)
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY,
+                                     self.sp.diffusion_model_wrapper)
+        self.xsp.require_ltxav(patcher.model.diffusion_model, "LTXAV Parallel Sampler")
+        self.patcher = patcher
+        self.model_key = key
+        self.loads += 1
+        return {"reloaded": True, "seconds": round(time.perf_counter() - t0, 3)}
+
+    # -- sampling ---------------------------------------------------------------
+    def progress(self) -> int:
+        return self.step
+
+    def interrupt(self) -> None:
+        self.stop.set()
+
+    def _callback(self, step, x0, x, total):
+        import comfy.model_management
+        import torch.distributed as dist
+
+        self.step = step + 1
+        if self.rank == 0:
+            self.last_x0 = x0
+        if _fault(self.rank, self.step) == "oom":
+            raise torch.OutOfMemoryError(f"injected out-of-memory on rank {self.rank} at step {self.step} "
+                                         f"({FAULT_ENV})")
+        # all ranks agree to stop at the same step (they are in lock-step collectives)
+        flag = torch.tensor([1 if self.stop.is_set() else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        if flag.item():
+            raise comfy.model_management.InterruptProcessingException()
+
+    def sample(self, job_bytes: bytes) -> dict:
+        import comfy.model_management
+        import comfy.sample
+
+        if self.patcher is None:
+            raise RuntimeError("no model loaded")
+        self.step = 0
+        self.stop.clear()
+        self.last_x0 = None
+        job = loads(job_bytes, model_refs(self.patcher))
+        self.sp.reset_stats()
+        try:
+            if job["mode"] == "ksampler":
+                samples = comfy.sample.sample(
+                    self.patcher, job["noise"], job["steps"], job["cfg"], job["sampler_name"], job["scheduler"],
+                    job["positive"], job["negative"], job["latent"], denoise=job["denoise"],
+                    disable_noise=job["disable_noise"], start_step=job["start_step"], last_step=job["last_step"],
+                    force_full_denoise=job["force_full_denoise"], noise_mask=job["noise_mask"],
+                    callback=self._callback, disable_pbar=True, seed=job["seed"])
+            else:
+                guider = job["guider"]
+                samples = guider.sample(job["noise"], job["latent"], job["sampler"], job["sigmas"],
+                                        denoise_mask=job["noise_mask"], callback=self._callback, disable_pbar=True,
+                                        seed=job["seed"])
+                samples = samples.to(comfy.model_management.intermediate_device())
+        except comfy.model_management.InterruptProcessingException:
+            return {"interrupted": True, "step": self.step, "memory": self.memory()}
+        out = {"interrupted": False, "memory": self.memory()}
+        if self.rank == 0:
+            out["samples"] = samples
+            out["x0"] = None if self.last_x0 is None else self.last_x0.cpu()
+        self.last_x0 = None
+        return out
+
+    def memory(self) -> dict:
+        """Peaks of this run's forwards, above what was allocated when each forward began (weights,
+        latents, conditioning), in GB; None on CPU."""
+        stats = self.sp.stats
+        out = {"rank": self.rank}
+        for name in ("peak", "pe", "blocks"):
+            out[f"{name}_gb"] = _gb(stats[name]) if self.cuda and name in stats else None
+        out["allocated_gb"] = _gb(torch.cuda.memory_allocated()) if self.cuda else None
+        return out
