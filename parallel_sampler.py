@@ -61,6 +61,17 @@ class _Group:
     model_key: str | None = None
 
 
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Fail fast when nothing listens at a host:port Ray address."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError("expected 'local', 'auto' or host:port")
+    with socket.create_connection((host, int(port)), timeout=timeout):
+        pass
+
+
 def _cpu_mode() -> bool:
     import comfy.model_management as mm
 
@@ -92,30 +103,41 @@ class ParallelSampler:
     # -- Ray --------------------------------------------------------------------
     def connect(self, address: str) -> None:
         address = (address or "local").strip()
-        if address == "local" and "ray" not in sys.modules:
-            # keep a private cluster on loopback: Ray otherwise swaps 127.0.0.1 for the machine's address
+        loopback = address == "local" or address.removeprefix("ray://").split(":")[0] in ("127.0.0.1", "localhost")
+        if loopback and "ray" not in sys.modules:
+            # a cluster on loopback only: Ray otherwise swaps 127.0.0.1 for the machine's network address
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         if ray.is_initialized() and self.address == address:
             return
+        if address not in ("local", "auto"):
+            try:
+                _probe(address)  # ray.init itself retries an unreachable head for minutes
+            except (OSError, ValueError) as e:
+                raise self._unreachable(address, e) from None
         if ray.is_initialized():
-            self.stop_group()
-            ray.shutdown()
+            raise ValueError(f"{NODE}: input 'ray_address' changed from {self.address!r} to {address!r}, but this "
+                             "ComfyUI process is already part of a Ray cluster and Ray cannot move it to another "
+                             "one: restart ComfyUI to use the new address, or set it back.")
         kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True,
                       runtime_env={"env_vars": _passthrough_env()})
+        if loopback:
+            kwargs["_node_ip_address"] = "127.0.0.1"
+        if address == "local":
+            kwargs["num_gpus"] = 0 if _cpu_mode() else torch.cuda.device_count()
         try:
-            if address == "local":
-                gpus = 0 if _cpu_mode() else torch.cuda.device_count()
-                ray.init(address="local", _node_ip_address="127.0.0.1", num_gpus=gpus, **kwargs)
-            else:
-                ray.init(address=address, **kwargs)
-        except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, RuntimeError, ValueError...
-            raise ValueError(f"{NODE}: cannot connect to the Ray cluster at ray_address={address!r}: "
-                             f"{type(e).__name__}: {e}. Use 'local' for a private cluster on this machine, "
-                             "'auto' for the one `ray start` made here, or the head's host:port.") from None
+            ray.init(address=address, **kwargs)
+        except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, ValueError, RuntimeError...
+            raise self._unreachable(address, e) from None
         self.address = address
         log.info("%s: connected to Ray (%s): %s", NODE, address, ray.cluster_resources())
+
+    @staticmethod
+    def _unreachable(address, e):
+        return ValueError(f"{NODE}: cannot connect to the Ray cluster at ray_address={address!r}: "
+                          f"{type(e).__name__}: {e}. Use 'local' for a private cluster on this machine, 'auto' for "
+                          "the one `ray start` made here, or the head's host:port.")
 
     def _worker_class(self):
         if self._remote_cls is None:
@@ -269,13 +291,7 @@ class ParallelSampler:
                 if not pending:
                     break
                 if heartbeat:
-                    hb = [a.progress.remote() for a in group.actors]
-                    ready, late = ray.wait(hb, num_returns=len(hb), timeout=HEARTBEAT_S)
-                    if late:
-                        rank = hb.index(late[0])
-                        raise WorkerFault(f"worker {rank} stopped answering for {HEARTBEAT_S:.0f} s during {what} "
-                                          "(hung, frozen or overloaded)")
-                    steps = ray.get(hb)
+                    steps = _heartbeat_of(group, what)
                     if steps[0] != step:
                         step, moved = steps[0], time.monotonic()
                         if pbar is not None:
@@ -290,10 +306,46 @@ class ParallelSampler:
             self.stop_group()
             raise RuntimeError(f"{NODE}: {e}. The workers were stopped; the next prompt starts new ones.") from None
         except _TaskFailed as e:
+            rank, error = _root_cause(group, e.rank, e.error)
             self.stop_group()
-            raise RuntimeError(f"{NODE}: {_describe(e.error, e.rank, what, group)}. The workers were stopped; the "
+            raise RuntimeError(f"{NODE}: {_describe(error, rank, what, group)}. The workers were stopped; the "
                                "next prompt starts new ones.") from None
         return results
+
+
+def _heartbeat_of(group, what):
+    """Every worker's step, answered by its second thread; raises for a dead or silent worker."""
+    import ray
+
+    refs = [a.progress.remote() for a in group.actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=HEARTBEAT_S)
+    steps = []
+    for rank, ref in enumerate(refs):
+        if ref not in ready:
+            raise WorkerFault(f"worker {rank} stopped answering for {HEARTBEAT_S:.0f} s during {what} "
+                              "(hung, frozen or overloaded)")
+        try:
+            steps.append(ray.get(ref))
+        except ray.exceptions.RayError as e:
+            raise _TaskFailed(rank, e) from None
+    return steps
+
+
+def _root_cause(group, rank, error):
+    """When one worker dies its peers fail too (their collectives lose a member): name the dead one."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayActorError):
+        return rank, error
+    refs = [a.progress.remote() for a in group.actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+    for r, ref in enumerate(refs):
+        if ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                return r, e
+    return rank, error
 
 
 def _describe(err, rank, what, group) -> str:
@@ -303,6 +355,7 @@ def _describe(err, rank, what, group) -> str:
     device = group.infos[rank]["device"] if group and len(group.infos) > rank else "its device"
     who = f"worker {rank} ({device})"
     if isinstance(err, ray.exceptions.RayActorError):
+        log.warning("%s: %s died: %s", NODE, who, str(err)[:2000])
         return f"{who} died during {what} (its process was killed, crashed, or ran out of host memory)"
     if isinstance(cause, torch.OutOfMemoryError) or "OutOfMemoryError" in type(cause).__name__:
         return (f"{who} ran out of GPU memory during {what}: {str(cause).splitlines()[0][:300]}. Use more "

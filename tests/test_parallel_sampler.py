@@ -1,0 +1,294 @@
+"""The parallel sampler nodes with real Ray actors (2 CPU workers, gloo) against the stock samplers
+on the same tiny checkpoint, seed and inputs; worker reuse, reloads, interrupt and faults."""
+import importlib
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from comfy_host import make_conditioning, make_latent
+
+REL = 1e-5
+LATENT = dict(width=128, height=96, length=25)
+
+
+@pytest.fixture(scope="module")
+def ps(pack):
+    return importlib.import_module("ltxav_pack.parallel_sampler")
+
+
+@pytest.fixture(scope="module")
+def nodes_mod(pack):
+    return importlib.import_module("ltxav_pack.nodes_parallel_sampler")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shutdown(ps):
+    yield
+    import ray
+
+    ps.POOL.stop_group()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def conds(cc):
+    return make_conditioning(cc, seed=1), make_conditioning(cc, seed=2)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def parts(latent):
+    s = latent["samples"]
+    return s.unbind() if getattr(s, "is_nested", False) else [s]
+
+
+def stock_ksampler(model, cc, steps=3, latent=None, **kw):
+    import nodes
+
+    pos, neg = conds(cc)
+    return nodes.common_ksampler(model, 42, steps, 3.0, "euler", "simple", pos, neg, latent or make_latent(**LATENT),
+                                 **kw)[0]
+
+
+def parallel_ksampler(nodes_mod, model, cc, steps=3, latent=None, gpus=2, ulysses=0, ring=1, address="local"):
+    pos, neg = conds(cc)
+    out = nodes_mod.LTXAVParallelKSampler.execute(model, 42, steps, 3.0, "euler", "simple", pos, neg,
+                                                  latent or make_latent(**LATENT), 1.0, gpus, ulysses, ring, address)
+    return out.args[0], out.ui
+
+
+def worker_infos(ps):
+    import ray
+
+    return ray.get([a.info.remote() for a in ps.POOL.group.actors])
+
+
+def assert_close(got, want):
+    for g, w in zip(parts(got), parts(want)):
+        assert g.shape == w.shape
+        assert rel(g, w) <= REL
+
+
+def test_ksampler_equals_stock_and_reuses_workers(ps, nodes_mod, tiny_model, tiny_ckpt):
+    cc = tiny_ckpt[1]["caption_channels"]
+    want = stock_ksampler(tiny_model, cc)
+    got, ui = parallel_ksampler(nodes_mod, tiny_model, cc)
+    assert_close(got, want)
+    assert "LTXAV Parallel Sampler: 2 workers, Ulysses 2 x ring 1" in ui.value
+    pids = [i["pid"] for i in worker_infos(ps)]
+    got2, _ = parallel_ksampler(nodes_mod, tiny_model, cc)  # same model and settings: same workers, no reload
+    assert_close(got2, want)
+    infos = worker_infos(ps)
+    assert [i["pid"] for i in infos] == pids and all(i["loads"] == 1 for i in infos)
+
+
+def test_ring_degree_and_image_to_video(nodes_mod, tiny_model, tiny_ckpt):
+    cc = tiny_ckpt[1]["caption_channels"]
+    from comfy_extras.nodes_lt import LTXVConcatAVLatent
+
+    video = make_latent(**LATENT, audio=False)
+    mask = torch.ones(1, 1, video["samples"].shape[2], 1, 1)
+    mask[:, :, 0] = 0.0
+    video["noise_mask"] = mask
+    latent = LTXVConcatAVLatent.execute(video, {"samples": torch.zeros(1, 8, 26, 16), "type": "audio"})[0]
+    want = stock_ksampler(tiny_model, cc, latent=latent)
+    got, ui = parallel_ksampler(nodes_mod, tiny_model, cc, latent=latent, ulysses=1, ring=2)
+    assert "Ulysses 1 x ring 2" in ui.value
+    assert_close(got, want)
+
+
+def test_lora_and_ffn_chunker_travel_to_the_workers(ps, pack, nodes_mod, tiny_model, tiny_ckpt, tmp_path):
+    import folder_paths
+    import nodes
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tiny_ckpt[0]))
+    g = torch.Generator().manual_seed(7)
+    lora = {}
+    for key in ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.attn1.to_q"):
+        out_dim, in_dim = sd[key + ".weight"].shape
+        lora[f"diffusion_model.{key}.lora_up.weight"] = torch.randn(out_dim, 4, generator=g) * 0.3
+        lora[f"diffusion_model.{key}.lora_down.weight"] = torch.randn(4, in_dim, generator=g) * 0.3
+    save_file(lora, str(tmp_path / "ray_lora.safetensors"))
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    chunker = importlib.import_module("ltxav_pack.nodes_ltx_ffn_chunker").LTXFFNChunker
+    model = chunker.execute(nodes.LoraLoaderModelOnly().load_lora_model_only(tiny_model, "ray_lora.safetensors",
+                                                                             1.0)[0], False, 3)[0]
+    cc = tiny_ckpt[1]["caption_channels"]
+    plain = stock_ksampler(tiny_model, cc)
+    want = stock_ksampler(model, cc)
+    assert rel(parts(want)[0], parts(plain)[0]) > 1e-2  # the LoRA matters
+    got, _ = parallel_ksampler(nodes_mod, model, cc)
+    assert_close(got, want)
+    infos = worker_infos(ps)
+    assert all(i["ffn_chunking"] == {"num_chunks": 3, "auto": False} for i in infos)
+
+
+def test_sampler_custom_advanced_equals_stock(nodes_mod, tiny_model, tiny_ckpt):
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
+    from comfy_extras.nodes_lt import LTXVScheduler
+
+    cc = tiny_ckpt[1]["caption_channels"]
+    pos, neg = conds(cc)
+    latent = make_latent(**LATENT)
+    sigmas = LTXVScheduler.execute(4, 2.05, 0.95, True, 0.1, latent)[0]
+    sampler = comfy.samplers.sampler_object("euler")
+
+    def guider():
+        gd = comfy.samplers.CFGGuider(tiny_model)
+        gd.set_conds(pos, neg)
+        gd.set_cfg(3.0)
+        return gd
+
+    want = SamplerCustomAdvanced.execute(Noise_RandomNoise(5), guider(), sampler, sigmas, latent)
+    got = nodes_mod.LTXAVParallelSamplerCustomAdvanced.execute(Noise_RandomNoise(5), guider(), sampler, sigmas,
+                                                               latent, 2, 0, 1, "local")
+    assert_close(got.args[0], want.args[0])
+    assert_close(got.args[1], want.args[1])  # denoised_output
+
+
+def _run_in_thread(fn):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    return t, box
+
+
+def _wait_for_step(ps, n):
+    import ray
+
+    for _ in range(600):
+        g = ps.POOL.group
+        if g and g.model_key and ray.get(g.actors[0].progress.remote()) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError("sampling did not start")
+
+
+def test_interrupt_stops_all_workers_and_the_next_prompt_works(ps, nodes_mod, tiny_model, tiny_ckpt):
+    import comfy.model_management
+
+    cc = tiny_ckpt[1]["caption_channels"]
+    parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)  # workers up and loaded
+    pids = [i["pid"] for i in worker_infos(ps)]
+    t, box = _run_in_thread(lambda: parallel_ksampler(nodes_mod, tiny_model, cc, steps=400))
+    _wait_for_step(ps, 2)
+    comfy.model_management.interrupt_current_processing(True)
+    t.join(120)
+    assert isinstance(box.get("error"), comfy.model_management.InterruptProcessingException)
+    assert not comfy.model_management.processing_interrupted()
+    steps = [s for s in __import__("ray").get([a.progress.remote() for a in ps.POOL.group.actors])]
+    assert steps[0] == steps[1] < 400  # both ranks stopped at the same step
+    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
+    assert_close(got, stock_ksampler(tiny_model, cc))
+    assert [i["pid"] for i in worker_infos(ps)] == pids  # interrupt keeps the workers
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_dead_or_frozen_worker_is_an_error_and_the_next_prompt_works(ps, nodes_mod, tiny_model, tiny_ckpt,
+                                                                      monkeypatch, fault):
+    cc = tiny_ckpt[1]["caption_channels"]
+    monkeypatch.setattr(ps, "HEARTBEAT_S", 3.0)
+    parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)
+    pids = [i["pid"] for i in worker_infos(ps)]
+    t, box = _run_in_thread(lambda: parallel_ksampler(nodes_mod, tiny_model, cc, steps=400))
+    _wait_for_step(ps, 2)
+    os.kill(pids[1], signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+    t.join(120)
+    err = box.get("error")
+    assert isinstance(err, RuntimeError), err
+    if fault == "kill":
+        assert "LTXAV Parallel Sampler: worker 1 (cpu) died during sampling" in str(err)
+    else:
+        assert "LTXAV Parallel Sampler: worker 1 stopped answering for 3 s during sampling" in str(err)
+    assert "The workers were stopped; the next prompt starts new ones." in str(err)
+    assert ps.POOL.group is None
+    for _ in range(100):  # killed by Ray: no stray processes
+        if not any(_pid_alive(p) for p in pids):
+            break
+        time.sleep(0.1)
+    assert not any(_pid_alive(p) for p in pids)
+    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
+    assert_close(got, stock_ksampler(tiny_model, cc))
+
+
+def test_worker_out_of_memory_is_a_clear_error(ps, nodes_mod, tiny_model, tiny_ckpt, monkeypatch):
+    cc = tiny_ckpt[1]["caption_channels"]
+    ps.POOL.stop_group()
+    monkeypatch.setenv("LTXAV_PARALLEL_FAULT", "oom:1:2")  # the worker raises torch.OutOfMemoryError at step 2
+    with pytest.raises(RuntimeError, match=r"worker 1 \(cpu\) ran out of GPU memory during sampling: injected"):
+        parallel_ksampler(nodes_mod, tiny_model, cc, steps=5)
+    assert ps.POOL.group is None
+    monkeypatch.delenv("LTXAV_PARALLEL_FAULT")
+    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
+    assert_close(got, stock_ksampler(tiny_model, cc))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(gpus=5), r"input 'gpus' asks for 5 CPU workers but the Ray cluster at 'local' has 2"),
+    (dict(gpus=0), r"ComfyUI runs on the CPU, so 'gpus' counts CPU worker processes"),
+    (dict(gpus=2, ulysses=2, ring=2), r"ulysses_degree x ring_degree = 2 x 2 = 4, but 2 GPUs"),
+    (dict(gpus=2, ulysses=0, ring=3), r"ring_degree=3 does not divide gpus=2"),
+])
+def test_bad_parallel_settings(nodes_mod, tiny_model, tiny_ckpt, kw, msg):
+    with pytest.raises(ValueError, match="LTXAV Parallel Sampler: " + msg):
+        parallel_ksampler(nodes_mod, tiny_model, tiny_ckpt[1]["caption_channels"], **kw)
+
+
+def test_heads_not_divisible(comfy, nodes_mod, tmp_path):
+    from tiny_ltxav import write_tiny_ltxav
+
+    path = tmp_path / "five_heads.safetensors"
+    cfg = write_tiny_ltxav(path, num_attention_heads=5, attention_head_dim=8, cross_attention_dim=40)
+    model = comfy.sd.load_diffusion_model(str(path))
+    with pytest.raises(ValueError, match=r"ulysses_degree=2 does not divide the model's 5 video attention heads; "
+                                         r"use a ulysses_degree from \[1\]"):
+        parallel_ksampler(nodes_mod, model, cfg["caption_channels"])
+
+
+def test_non_ltxav_model(comfy, nodes_mod, tiny_ckpt):
+    import comfy.model_patcher
+
+    class NotLTX(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = torch.nn.Linear(2, 2)
+
+    patcher = comfy.model_patcher.ModelPatcher(NotLTX(), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"LTXAV Parallel Sampler: the model is a Linear, not LTX-2 audio-video"):
+        parallel_ksampler(nodes_mod, patcher, 16)
+
+
+def test_unreachable_ray_address(nodes_mod, tiny_model, tiny_ckpt):
+    with pytest.raises(ValueError, match=r"cannot connect to the Ray cluster at ray_address='127.0.0.1:1'"):
+        parallel_ksampler(nodes_mod, tiny_model, tiny_ckpt[1]["caption_channels"], address="127.0.0.1:1")
+
+
+def test_changing_ray_address_needs_a_restart(ps, nodes_mod, tiny_model, tiny_ckpt):
+    cc = tiny_ckpt[1]["caption_channels"]
+    parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)
+    with pytest.raises(ValueError, match=r"input 'ray_address' changed from 'local' to 'auto'.*restart "
+                                         r"ComfyUI to use the new address"):
+        parallel_ksampler(nodes_mod, tiny_model, cc, address="auto")
