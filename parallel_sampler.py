@@ -193,7 +193,9 @@ class ParallelSampler:
         pack_dir = os.path.dirname(os.path.abspath(__file__))
         resources = {"num_cpus": 1, "num_gpus": 0 if cpu else 1}
         cls = self._worker_class()
-        env = {"env_vars": _passthrough_env()}
+        # actors see all GPUs of their node and pick Ray's one (ray_worker._select_gpu): NCCL needs that
+        # to use NVLink / peer-to-peer between workers
+        env = {"env_vars": {**_passthrough_env(), "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
         actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
             rank, world, comfy_path, pack_dir, __package__, _host_args()) for rank in range(world)]
         group = _Group(actors, world, degrees, self.address, cpu, infos=[])
@@ -295,7 +297,14 @@ class ParallelSampler:
                     if steps[0] != step:
                         step, moved = steps[0], time.monotonic()
                         if pbar is not None:
-                            pbar.update_absolute(step)
+                            try:
+                                pbar.update_absolute(step)
+                            except comfy.model_management.InterruptProcessingException:
+                                # the server's progress hook raises on Interrupt (and clears the flag)
+                                interrupted = True
+                                comfy.model_management.interrupt_current_processing(True)
+                                for a in group.actors:
+                                    a.interrupt.remote()
                 if time.monotonic() - moved > stall_s:
                     raise WorkerFault(f"no progress for {stall_s:.0f} s during {what} (at step {step})")
                 if not interrupted and comfy.model_management.processing_interrupted():
@@ -310,6 +319,9 @@ class ParallelSampler:
             self.stop_group()
             raise RuntimeError(f"{NODE}: {_describe(error, rank, what, group)}. The workers were stopped; the "
                                "next prompt starts new ones.") from None
+        except BaseException:
+            self.stop_group()  # never leave workers running a job nobody waits for
+            raise
         return results
 
 

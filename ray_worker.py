@@ -122,9 +122,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _select_gpu() -> None:
+    """Use the GPU Ray assigned to this actor. Actors see every GPU of their node
+    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES): with one visible GPU each, NCCL cannot use
+    peer-to-peer / NVLink between workers and the all-to-all falls back to host memory."""
+    import ray
+
+    ids = ray.get_gpu_ids()
+    if ids and torch.cuda.is_available():
+        torch.cuda.set_device(int(ids[0]))  # per thread: methods that touch the GPU call this again
+
+
 def _import_host(comfy_path: str, host_args: dict) -> None:
     if comfy_path not in sys.path:
         sys.path.insert(0, comfy_path)
+    _select_gpu()  # before ComfyUI picks its device (the current one)
     import comfy.cli_args
 
     for k, v in host_args.items():
@@ -171,6 +183,7 @@ class LTXAVWorker:
         self.ffn = importlib.import_module(f"{pack_name}.ffn_chunking")
         self.step = 0
         self.stop = threading.Event()
+        self.busy = threading.Lock()
         self.patcher = None
         self.model_key = None
         self.loads = 0
@@ -182,7 +195,8 @@ class LTXAVWorker:
     def info(self) -> dict:
         import ray
 
-        name = torch.cuda.get_device_name(0) if self.cuda else "cpu"
+        _select_gpu()
+        name = f"{torch.cuda.get_device_name()} (cuda:{torch.cuda.current_device()})" if self.cuda else "cpu"
         ffn = None
         if self.patcher is not None:
             ffn = self.patcher.model_options.get("transformer_options", {}).get(self.ffn.CHUNKING_KEY)
@@ -195,6 +209,7 @@ class LTXAVWorker:
         return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
 
     def init_groups(self, init_method: str, ulysses: int, ring: int) -> None:
+        _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
         backend = "nccl" if self.cuda else "gloo"
         self.xsp.init_process_groups(self.rank, self.world, self.xsp.Degrees(ulysses, ring), backend, init_method)
         self.sp = self.xsp.SequenceParallel(rank_label=self.rank, phase_stats=True)
@@ -205,6 +220,7 @@ class LTXAVWorker:
     # -- model ------------------------------------------------------------------
     def load(self, key: str, recipe_bytes: bytes, spec_bytes: bytes) -> dict:
         """Build the model from its recipe and spec unless the one loaded already has this ``key``."""
+        _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
         if key == self.model_key:
             return {"reloaded": False, "seconds": 0.0}
         t0 = time.perf_counter()
@@ -266,11 +282,20 @@ class LTXAVWorker:
             raise comfy.model_management.InterruptProcessingException()
 
     def sample(self, job_bytes: bytes) -> dict:
+        _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
+        if self.patcher is None:
+            raise RuntimeError("no model loaded")
+        if not self.busy.acquire(blocking=False):  # two jobs would interleave their collectives
+            raise RuntimeError("this worker is still running the previous job")
+        try:
+            return self._sample(job_bytes)
+        finally:
+            self.busy.release()
+
+    def _sample(self, job_bytes: bytes) -> dict:
         import comfy.model_management
         import comfy.sample
 
-        if self.patcher is None:
-            raise RuntimeError("no model loaded")
         self.step = 0
         self.stop.clear()
         self.last_x0 = None
@@ -292,11 +317,14 @@ class LTXAVWorker:
                 samples = samples.to(comfy.model_management.intermediate_device())
         except comfy.model_management.InterruptProcessingException:
             return {"interrupted": True, "step": self.step, "memory": self.memory()}
+        finally:
+            self.last_x0_cpu = None if self.last_x0 is None or self.rank else self.last_x0.cpu()
+            self.last_x0 = None
+            comfy.model_management.soft_empty_cache()  # give cached blocks back: steady memory across prompts
         out = {"interrupted": False, "memory": self.memory()}
         if self.rank == 0:
             out["samples"] = samples
-            out["x0"] = None if self.last_x0 is None else self.last_x0.cpu()
-        self.last_x0 = None
+            out["x0"] = self.last_x0_cpu
         return out
 
     def memory(self) -> dict:

@@ -1,7 +1,6 @@
 """A headless ComfyUI server on loopback with this pack installed, for POST /prompt tests."""
 import json
 import os
-import pickle  # noqa: F401  (torch.save below writes pickles LoadTrainingDataset reads)
 import socket
 import subprocess
 import sys

@@ -41,6 +41,22 @@ def tiny_model(comfy, tiny_ckpt):
     return comfy.sd.load_diffusion_model(str(tiny_ckpt[0]))
 
 
+@pytest.fixture(scope="session")
+def server(comfy, tiny_ckpt, tmp_path_factory):
+    """One headless ComfyUI (--cpu) on 127.0.0.1 with this pack in custom_nodes, the tiny checkpoint in
+    models/diffusion_models and the conditioning/audio-latent dataset the test workflows load."""
+    import shutil
+
+    from comfy_server import ComfyServer, write_inputs
+
+    srv = ComfyServer(tmp_path_factory.mktemp("comfy_base"))
+    shutil.copy(tiny_ckpt[0], srv.base / "models" / "diffusion_models" / "tiny_ltxav.safetensors")
+    srv.dataset = write_inputs(srv.base, tiny_ckpt[1]["caption_channels"], length=25)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture
 def caplog_info(caplog):
     caplog.set_level(logging.INFO)

@@ -4,7 +4,6 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from comfy_host import make_conditioning, make_latent
 
@@ -132,17 +131,12 @@ def test_applying_twice_keeps_one_wrapper(fc, node, tiny_model, tiny_ckpt, spy):
 def lora_name(comfy, tiny_ckpt, tmp_path):
     """A LoRA on the FFNs and attention of block 0, in the models/loras folder ComfyUI searches."""
     import folder_paths
-    from safetensors.torch import load_file
 
-    sd = load_file(str(tiny_ckpt[0]))
-    g = torch.Generator().manual_seed(7)
-    lora = {}
-    for key in ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
-                "transformer_blocks.0.audio_ff.net.0.proj", "transformer_blocks.0.attn1.to_q"):
-        out_dim, in_dim = sd[key + ".weight"].shape
-        lora[f"diffusion_model.{key}.lora_up.weight"] = torch.randn(out_dim, 4, generator=g) * 0.3
-        lora[f"diffusion_model.{key}.lora_down.weight"] = torch.randn(4, in_dim, generator=g) * 0.3
-    save_file(lora, str(tmp_path / "tiny_lora.safetensors"))
+    from tiny_ltxav import write_lora
+
+    write_lora(tiny_ckpt[0], ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
+                              "transformer_blocks.0.audio_ff.net.0.proj", "transformer_blocks.0.attn1.to_q"),
+               tmp_path / "tiny_lora.safetensors")
     folder_paths.add_model_folder_path("loras", str(tmp_path))
     return "tiny_lora.safetensors"
 
@@ -164,16 +158,10 @@ def test_lora_with_and_without_chunking(node, tiny_model, tiny_ckpt, lora_name, 
 
 
 def test_non_ltx_model_is_refused(comfy, node):
-    import comfy.model_patcher
+    from tiny_ltxav import non_ltx_patcher
 
-    class NotLTX(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.diffusion_model = torch.nn.Linear(2, 2)
-
-    patcher = comfy.model_patcher.ModelPatcher(NotLTX(), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match=r"LTX FFN Chunker: input 'model' is a Linear model, not an LTX-2 model"):
-        node.execute(patcher, False, 4)
+        node.execute(non_ltx_patcher(), False, 4)
 
 
 @pytest.mark.parametrize("n", [0, 129])

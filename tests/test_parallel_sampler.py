@@ -106,16 +106,11 @@ def test_ring_degree_and_image_to_video(nodes_mod, tiny_model, tiny_ckpt):
 def test_lora_and_ffn_chunker_travel_to_the_workers(ps, pack, nodes_mod, tiny_model, tiny_ckpt, tmp_path):
     import folder_paths
     import nodes
-    from safetensors.torch import load_file, save_file
 
-    sd = load_file(str(tiny_ckpt[0]))
-    g = torch.Generator().manual_seed(7)
-    lora = {}
-    for key in ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.attn1.to_q"):
-        out_dim, in_dim = sd[key + ".weight"].shape
-        lora[f"diffusion_model.{key}.lora_up.weight"] = torch.randn(out_dim, 4, generator=g) * 0.3
-        lora[f"diffusion_model.{key}.lora_down.weight"] = torch.randn(4, in_dim, generator=g) * 0.3
-    save_file(lora, str(tmp_path / "ray_lora.safetensors"))
+    from tiny_ltxav import write_lora
+
+    write_lora(tiny_ckpt[0], ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.attn1.to_q"),
+               tmp_path / "ray_lora.safetensors")
     folder_paths.add_model_folder_path("loras", str(tmp_path))
     chunker = importlib.import_module("ltxav_pack.nodes_ltx_ffn_chunker").LTXFFNChunker
     model = chunker.execute(nodes.LoraLoaderModelOnly().load_lora_model_only(tiny_model, "ray_lora.safetensors",
@@ -269,16 +264,10 @@ def test_heads_not_divisible(comfy, nodes_mod, tmp_path):
 
 
 def test_non_ltxav_model(comfy, nodes_mod, tiny_ckpt):
-    import comfy.model_patcher
+    from tiny_ltxav import non_ltx_patcher
 
-    class NotLTX(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.diffusion_model = torch.nn.Linear(2, 2)
-
-    patcher = comfy.model_patcher.ModelPatcher(NotLTX(), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match=r"LTXAV Parallel Sampler: the model is a Linear, not LTX-2 audio-video"):
-        parallel_ksampler(nodes_mod, patcher, 16)
+        parallel_ksampler(nodes_mod, non_ltx_patcher(), 16)
 
 
 def test_unreachable_ray_address(nodes_mod, tiny_model, tiny_ckpt):

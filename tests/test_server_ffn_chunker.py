@@ -1,20 +1,5 @@
 """The LTX FFN Chunker in a real headless ComfyUI server, driven through POST /prompt."""
-import shutil
-
-import pytest
-
-from comfy_server import ComfyServer, t2v_prompt, write_inputs
-
-
-@pytest.fixture(scope="module")
-def server(comfy, tiny_ckpt, tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    srv = ComfyServer(base)
-    shutil.copy(tiny_ckpt[0], srv.base / "models" / "diffusion_models" / "tiny_ltxav.safetensors")
-    srv.dataset = write_inputs(srv.base, tiny_ckpt[1]["caption_channels"], length=25)
-    srv.start()
-    yield srv
-    srv.stop()
+from comfy_server import t2v_prompt
 
 
 def rel_err(a, b):

@@ -1,0 +1,190 @@
+"""Seconds per step and per-worker peak memory of the parallel sampler (Ray workers) for W = 1, 2, 4,
+against ComfyUI's stock sampler on one GPU, at real LTX-2 dims (random weights, a few layers).
+
+Usage: python bench/ray_sampler.py --comfy PATH [--layers 4] [--case 897x768x512] [--worlds 2,4]
+          [--steps 8] [--prompts 10] [--out results.jsonl]
+Writes a random-weight LTXAV checkpoint (real key names, config in metadata), loads it with
+ComfyUI's loader, samples it with comfy.sample.sample on GPU 0 (W=1, stock), then with the pack's
+ParallelSampler for each W: the first run reports Ray start-up and model load, the second the steady
+seconds per step. On the largest W it runs --prompts prompts in a row and reads each GPU's used
+memory (nvidia-smi) after the first and the last, then kills one worker mid-run and reads it again.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def gpu_used_mb():
+    if not torch.cuda.is_available():
+        return []
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def write_checkpoint(path, layers, tiny):
+    from safetensors.torch import save_file
+
+    model = common.build_model(layers, tiny=tiny)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    dims = common.TINY_DIMS if tiny else common.LTX2_DIMS
+    config = {**dims, "rope_type": "split", "frequencies_precision": "float64"}
+    save_file(sd, str(path), metadata={"config": json.dumps({"transformer": config})})
+    del model, sd
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return config
+
+
+def inputs(case, caption_channels):
+    import comfy.nested_tensor
+
+    frames, w, h = (int(v) for v in case.split("x"))
+    g = torch.Generator().manual_seed(0)
+    video = torch.zeros(1, 128, (frames - 1) // 8 + 1, h // 32, w // 32)
+    audio = torch.zeros(1, 8, math.ceil(frames / 25 * 25), 16)
+    latent = comfy.nested_tensor.NestedTensor((video, audio))
+
+    def cond(seed):
+        return [[torch.randn(1, 64, caption_channels, generator=torch.Generator().manual_seed(seed)),
+                 {"pooled_output": None, "unprocessed_ltxav_embeds": True, "frame_rate": 25.0}]]
+
+    noise = comfy.nested_tensor.NestedTensor(tuple(torch.randn(t.shape, generator=g) for t in (video, audio)))
+    return latent, noise, cond(1), cond(2), video.shape[2] * video.shape[3] * video.shape[4]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfy", required=True)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--case", default="897x768x512")
+    ap.add_argument("--worlds", default="2,4")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--ffn", default="auto")
+    ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU workers: a smoke run")
+    ap.add_argument("--ckpt", default="/tmp/ltxav_bench.safetensors")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    common.import_comfy(a.comfy)
+    import comfy.model_management as mm
+    import comfy.sample
+    import comfy.sd
+
+    common.import_pack()
+    from ltxav_pack import ffn_chunking, parallel_sampler
+
+    info = common.device_info()
+    command = "python bench/ray_sampler.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
+                                                        if k not in ("comfy", "out", "ckpt") and v is not False)
+    rows = []
+
+    def emit(row):
+        row.update(bench="ray_sampler", case=a.case, layers=a.layers, steps=a.steps, ffn=a.ffn, **info,
+                   command=command)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    t0 = time.perf_counter()
+    config = write_checkpoint(a.ckpt, a.layers, a.tiny)
+    print(f"checkpoint written in {time.perf_counter() - t0:.1f} s", flush=True)
+    patcher = comfy.sd.load_diffusion_model(a.ckpt)
+    if a.ffn != "1":
+        patcher.model_options.setdefault("transformer_options", {})[ffn_chunking.CHUNKING_KEY] = \
+            ffn_chunking.ChunkSettings(1 if a.ffn == "auto" else int(a.ffn), a.ffn == "auto").as_dict()
+        patcher.add_wrapper_with_key("diffusion_model", ffn_chunking.WRAPPER_KEY, ffn_chunking.diffusion_model_wrapper)
+    latent, noise, pos, neg, tokens = inputs(a.case, config["caption_channels"])
+
+    def stock():
+        return comfy.sample.sample(patcher, noise, a.steps, 1.0, "euler", "simple", pos, neg, latent,
+                                   disable_pbar=True, seed=0)
+
+    # W = 1: ComfyUI's own sampler in this process, GPU 0
+    stock()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    t0 = time.perf_counter()
+    want = stock()
+    s = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() - base) / common.GB if torch.cuda.is_available() else None
+    emit(dict(world=1, mode="stock comfy.sample.sample", s_per_step=round(s / a.steps, 4), video_tokens=tokens,
+              peak_over_start_gb=None if peak is None else round(peak, 3)))
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+    pool = parallel_sampler.POOL
+    job = dict(mode="ksampler", noise=noise, latent=latent, noise_mask=None, seed=0, steps=a.steps, cfg=1.0,
+               sampler_name="euler", scheduler="simple", positive=pos, negative=neg, denoise=1.0,
+               disable_noise=False, start_step=None, last_step=None, force_full_denoise=False)
+    worlds = [int(w) for w in a.worlds.split(",")]
+    for world in worlds:
+        settings = parallel_sampler.ParallelSettings(gpus=world)
+        first = pool.run(patcher, job, settings, a.steps)
+        second = pool.run(patcher, job, settings, a.steps)
+        got = second["samples"].unbind()
+        err = max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want.unbind()))
+        emit(dict(world=world, mode="LTXAV parallel sampler (Ray)", s_per_step=second["timings"]["s_per_step"],
+                  ray_start_s=first["timings"]["ray_start_s"], model_load_s=first["timings"]["model_load_s"],
+                  first_run_s_per_step=first["timings"]["s_per_step"], video_tokens=tokens,
+                  per_worker_memory=second["memory"], rel_l2_vs_stock=round(err, 5)))
+    world = worlds[-1]
+    settings = parallel_sampler.ParallelSettings(gpus=world)
+    after_first = gpu_used_mb()
+    for _ in range(a.prompts - 1):
+        pool.run(patcher, job, settings, a.steps)
+    after_last = gpu_used_mb()
+    emit(dict(world=world, mode=f"{a.prompts} prompts in a row", gpu_used_mb_after_first=after_first,
+              gpu_used_mb_after_last=after_last,
+              max_drift_mb=max((abs(x - y) for x, y in zip(after_first, after_last)), default=None)))
+    # a worker killed mid-run: the run errors, the workers are stopped, their GPU memory is released
+    pids = [i["pid"] for i in pool.group.infos]
+    before = gpu_used_mb()
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=_try(pool.run, patcher, {**job, "steps": a.steps * 50},
+                                                          settings, a.steps * 50)))
+    t.start()
+    import ray
+
+    while pool.group is None or ray.get(pool.group.actors[0].progress.remote()) in range(a.steps, a.steps + 2):
+        time.sleep(0.2)  # until the long run is past step a.steps + 1 (the last run left progress at a.steps)
+    os.kill(pids[1], 9)
+    t0 = time.perf_counter()
+    t.join()
+    error_s = time.perf_counter() - t0
+    time.sleep(5)
+    released = gpu_used_mb()
+    recovered = pool.run(patcher, job, settings, a.steps)
+    emit(dict(world=world, mode="worker 1 killed mid-run", error=str(box["r"])[:300],
+              seconds_from_kill_to_error=round(error_s, 2), gpu_used_mb_before=before,
+              gpu_used_mb_after_error=released, next_prompt_s_per_step=recovered["timings"]["s_per_step"]))
+    pool.stop_group()
+    if a.out:
+        Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _try(fn, *args):
+    try:
+        fn(*args)
+        return "no error"
+    except BaseException as e:  # noqa: BLE001 - reported
+        return f"{type(e).__name__}: {e}"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    main()

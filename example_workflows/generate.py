@@ -1,0 +1,164 @@
+"""Writes the example workflows in both formats (UI for the editor, API for POST /prompt) from one
+description per workflow and ComfyUI's node definitions.
+
+Usage: python example_workflows/generate.py OBJECT_INFO_JSON
+(OBJECT_INFO_JSON: what GET /object_info of a ComfyUI with this pack returns.)
+"""
+import json
+import sys
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CKPT = "ltx-2-19b-dev-fp8.safetensors"
+GEMMA = "gemma_3_12B_it_fp4_mixed.safetensors"
+FRAMES, WIDTH, HEIGHT, FPS = 897, 768, 512, 25
+NOTE = ("## LTXAV on several GPUs\n"
+        "897 frames at 768x512 (36 s at 25 fps) with audio, split over all GPUs Ray sees.\n\n"
+        "- **gpus** 0 = all; **ulysses_degree** 0 = gpus. Use **ring_degree** only when the GPU count does not "
+        "divide 32 (3, 6 GPUs).\n"
+        "- The first run starts the Ray workers and loads the model on each GPU; later runs reuse them.\n"
+        "- **LTX FFN Chunker** (auto) lowers each GPU's peak memory at no measurable cost.\n"
+        "- Models: checkpoints/" + CKPT + ", text_encoders/" + GEMMA + ".")
+
+
+def L(node, slot=0):
+    return ("link", node, slot)
+
+
+def common(sampler_nodes):
+    """Loader, text, latent and decode nodes shared by both workflows; ``sampler_nodes`` adds the rest.
+    Node 30 is the sampler whose output 0 is the AV latent."""
+    nodes = {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (0, 0)),
+        2: ("LTXAVTextEncoderLoader", {"text_encoder": GEMMA, "ckpt_name": CKPT, "device": "default"}, (0, 200)),
+        3: ("CLIPTextEncode", {"text": "A lighthouse keeper climbs a spiral staircase at dusk, wind howling outside, "
+                                       "waves crashing far below; he hums an old sea shanty.", "clip": L(2)},
+            (400, 150)),
+        4: ("CLIPTextEncode", {"text": "blurry, low quality, still frame, watermark, subtitles", "clip": L(2)},
+            (400, 400)),
+        5: ("LTXVConditioning", {"positive": L(3), "negative": L(4), "frame_rate": float(FPS)}, (800, 250)),
+        6: ("LTXFFNChunker", {"model": L(1), "auto": True, "num_chunks": 16}, (400, 0)),
+        7: ("EmptyLTXVLatentVideo", {"width": WIDTH, "height": HEIGHT, "length": FRAMES, "batch_size": 1}, (0, 600)),
+        8: ("LTXVAudioVAELoader", {"ckpt_name": CKPT}, (0, 800)),
+        9: ("LTXVEmptyLatentAudio", {"frames_number": FRAMES, "frame_rate": FPS, "batch_size": 1, "audio_vae": L(8)},
+            (400, 800)),
+        31: ("LTXVSeparateAVLatent", {"av_latent": L(30)}, (1700, 300)),
+        32: ("VAEDecodeTiled", {"samples": L(31, 0), "vae": L(1, 2), "tile_size": 512, "overlap": 64,
+                                "temporal_size": 4096, "temporal_overlap": 8}, (2000, 200)),
+        33: ("LTXVAudioVAEDecode", {"samples": L(31, 1), "audio_vae": L(8)}, (2000, 450)),
+        34: ("CreateVideo", {"images": L(32), "audio": L(33), "fps": float(FPS)}, (2300, 300)),
+        35: ("SaveVideo", {"video": L(34), "filename_prefix": "video/LTXAV-parallel", "format": "mp4",
+                           "codec": "auto"}, (2600, 300)),
+        40: ("MarkdownNote", {"text": NOTE}, (0, -350)),
+    }
+    nodes.update(sampler_nodes)
+    return nodes
+
+
+PARALLEL = {"gpus": 0, "ulysses_degree": 0, "ring_degree": 1, "ray_address": "local"}
+
+T2V = common({
+    10: ("LTXVConcatAVLatent", {"video_latent": L(7), "audio_latent": L(9)}, (800, 650)),
+    11: ("CFGGuider", {"model": L(6), "positive": L(5, 0), "negative": L(5, 1), "cfg": 4.0}, (1100, 0)),
+    12: ("LTXVScheduler", {"steps": 20, "max_shift": 2.05, "base_shift": 0.95, "stretch": True, "terminal": 0.1,
+                           "latent": L(10)}, (1100, 500)),
+    13: ("KSamplerSelect", {"sampler_name": "euler"}, (1100, 250)),
+    14: ("RandomNoise", {"noise_seed": 42}, (1100, 750)),
+    30: ("LTXAVParallelSamplerCustomAdvanced", {"noise": L(14), "guider": L(11), "sampler": L(13), "sigmas": L(12),
+                                                "latent_image": L(10), **PARALLEL}, (1400, 300)),
+})
+
+I2V = common({
+    20: ("LoadImage", {"image": "example.png"}, (0, 1000)),
+    21: ("LTXVPreprocess", {"image": L(20), "img_compression": 35}, (400, 1000)),
+    22: ("LTXVImgToVideoInplace", {"vae": L(1, 2), "image": L(21), "latent": L(7), "strength": 1.0, "bypass": False},
+         (800, 900)),
+    10: ("LTXVConcatAVLatent", {"video_latent": L(22), "audio_latent": L(9)}, (1100, 650)),
+    30: ("LTXAVParallelKSampler", {"model": L(6), "seed": 42, "steps": 20, "cfg": 4.0, "sampler_name": "euler",
+                                   "scheduler": "simple", "positive": L(5, 0), "negative": L(5, 1),
+                                   "latent_image": L(10), "denoise": 1.0, **PARALLEL}, (1400, 300)),
+})
+
+FRONTEND_ONLY = {"MarkdownNote": {"text": "STRING"}}
+
+
+def is_link(v):
+    return isinstance(v, tuple) and v[0] == "link"
+
+
+def widget_names(info, node_type):
+    """(name, extra values after it) for each widget input of ``node_type``, in order."""
+    if node_type in FRONTEND_ONLY:
+        return [("text", [])]
+    out = []
+    spec = info[node_type]["input"]
+    order = info[node_type].get("input_order", {})
+    for group in ("required", "optional"):
+        for name in order.get(group, spec.get(group, {}).keys()):
+            kind, opts = (spec[group][name] + [{}])[:2]
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                extra = []
+                if opts.get("control_after_generate"):
+                    extra.append("fixed")
+                if opts.get("image_upload"):
+                    extra.append("image")
+                out.append((name, extra))
+    return out
+
+
+def api(nodes):
+    prompt = {}
+    for nid, (ntype, inputs, _) in nodes.items():
+        if ntype in FRONTEND_ONLY:
+            continue
+        prompt[str(nid)] = {"class_type": ntype,
+                            "inputs": {k: [str(v[1]), v[2]] if is_link(v) else v for k, v in inputs.items()}}
+    return prompt
+
+
+def ui(nodes, info):
+    links, out_links = [], {}
+    ui_nodes = []
+    for order, (nid, (ntype, inputs, pos)) in enumerate(sorted(nodes.items())):
+        widgets = {name for name, _ in widget_names(info, ntype)}
+        sockets = []
+        for name, v in inputs.items():
+            if not is_link(v):
+                continue
+            src_type = info[nodes[v[1]][0]]["output"][v[2]]
+            link_id = len(links) + 1
+            links.append([link_id, v[1], v[2], nid, len(sockets), src_type])
+            out_links.setdefault((v[1], v[2]), []).append(link_id)
+            entry = {"name": name, "type": src_type, "link": link_id}
+            if name in widgets:
+                entry["widget"] = {"name": name}
+            sockets.append(entry)
+        values = []
+        for name, extra in widget_names(info, ntype):
+            if name in inputs and not is_link(inputs[name]):
+                values += [inputs[name], *extra]
+        ui_nodes.append({"id": nid, "type": ntype, "pos": list(pos),
+                         "size": [520, 260] if ntype in FRONTEND_ONLY else [320, 120],
+                         "flags": {}, "order": order, "mode": 0, "inputs": sockets, "outputs": [],
+                         "properties": {"Node name for S&R": ntype}, "widgets_values": values})
+    for n in ui_nodes:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        names = info[n["type"]].get("output_name", info[n["type"]]["output"])
+        n["outputs"] = [{"name": name, "type": t, "links": out_links.get((n["id"], i), []), "slot_index": i}
+                        for i, (name, t) in enumerate(zip(names, info[n["type"]]["output"]))]
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(sorted(nodes)))), "revision": 0,
+            "last_node_id": max(nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [100, 400]}}, "version": 0.4}
+
+
+def main(object_info_path):
+    info = json.loads(Path(object_info_path).read_text())
+    for name, nodes in (("ltxav_t2v_parallel", T2V), ("ltxav_i2v_parallel", I2V)):
+        (HERE / f"{name}.json").write_text(json.dumps(ui(nodes, info), indent=1) + "\n")
+        (HERE / f"{name}_api.json").write_text(json.dumps(api(nodes), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

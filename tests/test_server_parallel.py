@@ -1,0 +1,135 @@
+"""The parallel sampler in a real headless ComfyUI server (--cpu) with 2 CPU Ray workers, driven
+through POST /prompt: same result as the stock KSampler, Interrupt, a killed worker, an existing
+Ray head on loopback."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from comfy_server import ComfyServer, free_port, t2v_prompt, write_inputs
+
+PARALLEL = {"class_type": "LTXAVParallelKSampler", "inputs": {}}
+
+
+def parallel_prompt(server, steps=2, prefix="par", address="local", seed=42):
+    p = t2v_prompt("tiny_ltxav.safetensors", server.dataset, steps=steps, prefix=prefix, seed=seed)
+    p["6"] = {"class_type": "LTXAVParallelKSampler",
+              "inputs": {**p["6"]["inputs"], "gpus": 2, "ulysses_degree": 0, "ring_degree": 1, "ray_address": address}}
+    return p
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def status_messages(entry):
+    return {kind: data for kind, data in entry["status"]["messages"]}
+
+
+def worker_pids(server):
+    lines = [line for line in server.log().splitlines() if "LTXAV Parallel Sampler: started" in line]
+    return [int(p) for p in re.findall(r"pid (\d+)", lines[-1])] if lines else []
+
+
+def wait_for_log(server, text, count=1, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.log().count(text) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not logged {count}x:\n{server.log()[-3000:]}")
+
+
+def test_parallel_prompt_equals_stock_prompt(server):
+    stock = server.run(t2v_prompt("tiny_ltxav.safetensors", server.dataset, steps=2, prefix="stock"))
+    par = server.run(parallel_prompt(server))
+    assert par["status"]["status_str"] == "success", par["status"]
+    want, got = server.saved_latents(stock), server.saved_latents(par)
+    for k in ("8", "9"):
+        assert rel(got[k], want[k]) <= 1e-5
+    assert "LTXAV Parallel Sampler: 2 workers, Ulysses 2 x ring 1" in par["outputs"]["6"]["text"][0]
+
+
+def test_interrupt_then_next_prompt(server):
+    server.run(parallel_prompt(server, steps=1))  # workers up
+    starts = server.log().count("LTXAV Parallel Sampler: started")
+    pid = server.queue(parallel_prompt(server, steps=400, prefix="long"))
+    time.sleep(3)
+    server.post("/interrupt", {})
+    entry = server.wait(pid)
+    assert "execution_interrupted" in status_messages(entry), entry["status"]
+    ok = server.run(parallel_prompt(server, prefix="after_interrupt"))
+    assert ok["status"]["status_str"] == "success", ok["status"]
+    assert server.log().count("LTXAV Parallel Sampler: started") == starts  # same workers
+
+
+def test_killed_worker_is_an_error_and_the_next_prompt_works(server):
+    server.run(parallel_prompt(server, steps=1))
+    starts = server.log().count("LTXAV Parallel Sampler: started")
+    pids = worker_pids(server)
+    assert len(pids) == 2
+    pid = server.queue(parallel_prompt(server, steps=400, prefix="killed"))
+    time.sleep(3)
+    os.kill(pids[1], signal.SIGKILL)
+    entry = server.wait(pid)
+    err = status_messages(entry).get("execution_error")
+    assert err and "LTXAV Parallel Sampler: worker 1 (cpu) died during sampling" in err["exception_message"]
+    assert err["node_type"] == "LTXAVParallelKSampler"
+    ok = server.run(parallel_prompt(server, prefix="after_kill"))
+    assert ok["status"]["status_str"] == "success", ok["status"]
+    assert server.log().count("LTXAV Parallel Sampler: started") == starts + 1
+
+
+def test_joins_an_existing_ray_head_on_loopback(comfy, tiny_ckpt, tmp_path_factory):
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    port = free_port()
+    # a head without token auth (joining a token-auth cluster needs RAY_AUTH_MODE=token in ComfyUI's env)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    # --block keeps `ray start` as the parent of the head's processes: killing its process group stops
+    # this head only (`ray stop` would stop every Ray on the machine, the other tests' server's too)
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    srv = ComfyServer(tmp_path_factory.mktemp("comfy_join"), env={"RAY_AUTH_MODE": "disabled"})
+    try:
+        wait_for_port(port, head)
+        shutil.copy(tiny_ckpt[0], srv.base / "models" / "diffusion_models" / "tiny_ltxav.safetensors")
+        srv.dataset = write_inputs(srv.base, tiny_ckpt[1]["caption_channels"], length=25)
+        srv.start()
+        stock = srv.run(t2v_prompt("tiny_ltxav.safetensors", srv.dataset, steps=2, prefix="stock"))
+        par = srv.run(parallel_prompt(srv, address=f"127.0.0.1:{port}"))
+        assert par["status"]["status_str"] == "success", par["status"]
+        assert f"connected to Ray (127.0.0.1:{port})" in srv.log()
+        want, got = srv.saved_latents(stock), srv.saved_latents(par)
+        assert all(rel(got[k], want[k]) <= 1e-5 for k in ("8", "9"))
+    finally:
+        srv.stop()
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for_port(port, proc, timeout=120):
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "ray start --head exited"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no Ray head on port {port}")
