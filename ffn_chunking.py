@@ -68,17 +68,39 @@ def _chunk_bounds(n_tokens: int, n_chunks: int) -> list[int]:
     return [(i * n_tokens) // n_chunks for i in range(n_chunks + 1)]
 
 
-def _may_overwrite(x: torch.Tensor) -> bool:
-    """The LTX blocks pass the FFN a fresh temporary (rms_norm(x) * scale + shift) and drop it right
-    after the call; we may then write the output into it instead of allocating another buffer."""
+def may_overwrite(x: torch.Tensor) -> bool:
+    """True when ``x`` owns its storage, is contiguous and no autograd needs it: a temporary the LTX
+    code drops after the call (the FFN input, attention's q) can take the output instead of a new
+    buffer."""
     return x._base is None and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def instance_attrs(triples):
+    """Set ``(obj, name, value)`` instance attributes for the ``with`` body, then put back what the
+    instances had (nothing, usually): patches one forward of one model, never the class."""
+    saved = []
+    try:
+        for obj, name, value in triples:
+            saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, old in reversed(saved):
+            if old is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = old
 
 
 def chunked_forward(ff: torch.nn.Module, x: torch.Tensor, num_chunks: int) -> torch.Tensor:
     """``type(ff).forward`` applied to ``num_chunks`` slices of the sequence dim (1) of ``x``.
 
     Each output slice goes into ``x`` once its input slice has been consumed when that is safe
-    (see ``_may_overwrite``), else into a new tensor. Equal to the unchunked call up to matmul
+    (see ``may_overwrite``), else into a new tensor. Equal to the unchunked call up to matmul
     reduction order.
     """
     plain = type(ff).forward
@@ -92,7 +114,7 @@ def chunked_forward(ff: torch.nn.Module, x: torch.Tensor, num_chunks: int) -> to
         y = plain(ff, x[:, start:end])
         if out is None:
             same = y.shape[2:] == x.shape[2:] and y.dtype == x.dtype and y.device == x.device
-            out = x if same and _may_overwrite(x) else y.new_empty((x.shape[0], n_tokens, *y.shape[2:]))
+            out = x if same and may_overwrite(x) else y.new_empty((x.shape[0], n_tokens, *y.shape[2:]))
         out[:, start:end] = y
         del y
     return out
@@ -139,26 +161,16 @@ def _chunked_call(ff, kind, settings, free_bytes, x):
     return chunked_forward(ff, x, n)
 
 
-@contextlib.contextmanager
 def installed(diffusion_model: torch.nn.Module, settings: ChunkSettings, free_bytes: float | None = None):
-    """Route every block's ``ff`` (video) / ``audio_ff`` through chunks inside the ``with``."""
-    touched = []
-    try:
-        for block in diffusion_model.transformer_blocks:
-            for name, kind in (("ff", "Video"), ("audio_ff", "Audio")):
-                ff = getattr(block, name, None)
-                if ff is None:
-                    continue
-                touched.append((ff, ff.__dict__.get("forward")))
-                # instance attribute, removed in `finally`: the module and its weights stay as they are
-                ff.forward = functools.partial(_chunked_call, ff, kind, settings, free_bytes)
-        yield
-    finally:
-        for ff, previous in reversed(touched):
-            if previous is None:
-                ff.__dict__.pop("forward", None)
-            else:
-                ff.forward = previous
+    """Route every block's ``ff`` (video) / ``audio_ff`` through chunks inside the ``with``; the
+    modules and their weights stay as they are."""
+    triples = []
+    for block in diffusion_model.transformer_blocks:
+        for name, kind in (("ff", "Video"), ("audio_ff", "Audio")):
+            ff = getattr(block, name, None)
+            if ff is not None:
+                triples.append((ff, "forward", functools.partial(_chunked_call, ff, kind, settings, free_bytes)))
+    return instance_attrs(triples)
 
 
 def transformer_options_of(args, kwargs) -> dict:

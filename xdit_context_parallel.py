@@ -25,7 +25,6 @@ N x N bias as on one GPU, and video self-attention gathers K/V for the local que
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import instrumentation, xfuser_compat
+from .ffn_chunking import instance_attrs, may_overwrite
 
 WRAPPER_KEY = "ltxav_sequence_parallel"
 # Anything that is not a yunchang AttnType makes xfuser call our ``attn_processor`` as the kernel.
@@ -233,10 +233,6 @@ def head_group_size(heads: int, ulysses: int) -> int:
     return max(g for g in range(ulysses, cap + 1, ulysses) if heads % g == 0)
 
 
-def _may_overwrite(t: torch.Tensor) -> bool:
-    return t._base is None and t.is_contiguous() and not (t.requires_grad and torch.is_grad_enabled())
-
-
 # --------------------------------------------------------------------------- process groups
 
 def init_process_groups(rank: int, world: int, degrees: Degrees, backend: str, init_method: str) -> None:
@@ -265,26 +261,6 @@ def _tagged_forward(role, module, *args, **kwargs):
         return type(module).forward(module, *args, **kwargs)
     finally:
         _ROLE.reset(token)
-
-
-@contextlib.contextmanager
-def _instance_attrs(pairs):
-    """Set (obj, name, value) instance attributes for the ``with`` body, then put back what was there."""
-    saved = []
-    try:
-        for obj, name, value in pairs:
-            saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
-            setattr(obj, name, value)
-        yield
-    finally:
-        for obj, name, old in reversed(saved):
-            if old is _MISSING:
-                obj.__dict__.pop(name, None)
-            else:
-                obj.__dict__[name] = old
-
-
-_MISSING = object()
 
 
 class SequenceParallel:
@@ -369,7 +345,7 @@ class _Call:
             pairs.append((block.attn1, "forward", functools.partial(_tagged_forward, "video_self", block.attn1)))
             pairs.append((block.video_to_audio_attn, "forward",
                           functools.partial(_tagged_forward, "video_to_audio", block.video_to_audio_attn)))
-        return _instance_attrs(pairs)
+        return instance_attrs(pairs)
 
     def phase(self, fn, name, report):
         """``fn`` followed by its peak (phase_stats) and its log line (LTXAV_PARALLEL_MEMORY_LOG)."""
@@ -386,7 +362,7 @@ class _Call:
     # -- inputs -------------------------------------------------------------
     def process_input(self, x, keyframe_idxs, denoise_mask, **kwargs):
         m = self.model
-        with _instance_attrs([(m.patchify_proj, "forward", lambda t: t)]):  # project only local tokens
+        with instance_attrs([(m.patchify_proj, "forward", lambda t: t)]):  # project only local tokens
             (vx, ax), (v_coords, a_coords), extra = type(m)._process_input(m, x, keyframe_idxs, denoise_mask, **kwargs)
         self.layout = layout = ShardLayout(vx.shape[1], self.sp.world, self.sp.rank)
         layout.check()
@@ -444,7 +420,7 @@ class _Call:
         shape = (b, n, heads, inner // heads)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         # the output goes into q's buffer, group by group, once that group of q has been sent
-        out = q if _may_overwrite(q) else torch.empty_like(q)
+        out = q if may_overwrite(q) else torch.empty_like(q)
         group = head_group_size(heads, self.sp.ulysses)
         if self.sp.ring == 1:
             for h in range(0, heads, group):
