@@ -193,6 +193,17 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
 
 
+def set_wrappers(patcher, on: bool) -> None:
+    """Remove, and with ``on`` add again, this module's wrappers on a ComfyUI ModelPatcher (the
+    chunk settings themselves live in its transformer_options)."""
+    from comfy.patcher_extension import WrappersMP
+
+    for kind, fn in ((WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper), (WrappersMP.OUTER_SAMPLE, outer_sample_wrapper)):
+        patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        if on:
+            patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     """ComfyUI OUTER_SAMPLE wrapper: marks the start of a sampling run (for the once-per-run log)."""
     new_run()

@@ -1,7 +1,6 @@
 """The LTX FFN Chunker node: MODEL in, MODEL out, with sequence-chunked block feed-forwards."""
 from __future__ import annotations
 
-import comfy.patcher_extension
 from comfy.ldm.lightricks.model import LTXBaseModel
 from comfy_api.latest import io
 
@@ -25,16 +24,12 @@ def apply_ffn_chunking(model, settings: ffn_chunking.ChunkSettings):
     """A clone of ``model`` whose LTX block FFNs run in chunks; ``model`` itself is untouched."""
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
-    for kind in (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE):
-        m.remove_wrappers_with_key(kind, ffn_chunking.WRAPPER_KEY)
-    if not settings.auto and settings.num_chunks <= 1:
-        to.pop(ffn_chunking.CHUNKING_KEY, None)  # 1 chunk = off: plain ComfyUI behaviour
-        return m
-    to[ffn_chunking.CHUNKING_KEY] = settings.as_dict()
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, ffn_chunking.WRAPPER_KEY,
-                           ffn_chunking.diffusion_model_wrapper)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ffn_chunking.WRAPPER_KEY,
-                           ffn_chunking.outer_sample_wrapper)
+    on = settings.auto or settings.num_chunks > 1  # 1 chunk = off: plain ComfyUI behaviour
+    if on:
+        to[ffn_chunking.CHUNKING_KEY] = settings.as_dict()
+    else:
+        to.pop(ffn_chunking.CHUNKING_KEY, None)
+    ffn_chunking.set_wrappers(m, on)
     return m
 
 

@@ -177,15 +177,14 @@ class ParallelSampler:
         return world, degrees, cpu
 
     def ensure_group(self, world, degrees, cpu) -> tuple[_Group, float]:
-        import ray
         import comfy.model_management
 
         g = self.group
         if g and (g.world, g.degrees, g.address, g.cpu) == (world, degrees, self.address, cpu):
             try:
-                ray.get([a.progress.remote() for a in g.actors], timeout=HEARTBEAT_S)
+                _heartbeat_of(g, "start")
                 return g, 0.0
-            except Exception:  # noqa: BLE001 - any dead or frozen worker: start over
+            except (WorkerFault, _TaskFailed):  # a dead or frozen worker: start over
                 log.warning("%s: a worker of the previous group is gone; starting new workers", NODE)
         self.stop_group()
         t0 = time.perf_counter()
@@ -300,11 +299,9 @@ class ParallelSampler:
                             try:
                                 pbar.update_absolute(step)
                             except comfy.model_management.InterruptProcessingException:
-                                # the server's progress hook raises on Interrupt (and clears the flag)
-                                interrupted = True
+                                # the server's progress hook raises on Interrupt and clears the flag:
+                                # set it again so the check below tells the workers
                                 comfy.model_management.interrupt_current_processing(True)
-                                for a in group.actors:
-                                    a.interrupt.remote()
                 if time.monotonic() - moved > stall_s:
                     raise WorkerFault(f"no progress for {stall_s:.0f} s during {what} (at step {step})")
                 if not interrupted and comfy.model_management.processing_interrupted():

@@ -244,12 +244,9 @@ class LTXAVWorker:
             for key_, fns in by_key.items():
                 for fn_ in fns:
                     patcher.add_wrapper_with_key(kind, key_, fn_)
-        settings = self.ffn.ChunkSettings.from_options(patcher.model_options["transformer_options"])
-        if settings is not None:  # the FFN Chunker's wrappers are the pack's own: re-add them here
-            for kind, fn_ in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.ffn.diffusion_model_wrapper),
-                              (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.ffn.outer_sample_wrapper)):
-                patcher.remove_wrappers_with_key(kind, self.ffn.WRAPPER_KEY)
-                patcher.add_wrapper_with_key(kind, self.ffn.WRAPPER_KEY, fn_)
+        # the FFN Chunker's wrappers are the pack's own (not sent): add them again from its settings
+        self.ffn.set_wrappers(patcher, self.ffn.ChunkSettings.from_options(patcher.model_options["transformer_options"])
+                              is not None)
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY,
                                      self.sp.diffusion_model_wrapper)
         self.xsp.require_ltxav(patcher.model.diffusion_model, "LTXAV Parallel Sampler")
@@ -299,6 +296,7 @@ class LTXAVWorker:
         self.step = 0
         self.stop.clear()
         self.last_x0 = None
+        x0 = None
         job = loads(job_bytes, model_refs(self.patcher))
         self.sp.reset_stats()
         try:
@@ -318,13 +316,13 @@ class LTXAVWorker:
         except comfy.model_management.InterruptProcessingException:
             return {"interrupted": True, "step": self.step, "memory": self.memory()}
         finally:
-            self.last_x0_cpu = None if self.last_x0 is None or self.rank else self.last_x0.cpu()
+            x0 = None if self.last_x0 is None or self.rank else self.last_x0.cpu()
             self.last_x0 = None
             comfy.model_management.soft_empty_cache()  # give cached blocks back: steady memory across prompts
         out = {"interrupted": False, "memory": self.memory()}
         if self.rank == 0:
             out["samples"] = samples
-            out["x0"] = self.last_x0_cpu
+            out["x0"] = x0
         return out
 
     def memory(self) -> dict:

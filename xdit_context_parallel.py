@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import instrumentation, xfuser_compat
-from .ffn_chunking import instance_attrs, may_overwrite
+from .ffn_chunking import instance_attrs, may_overwrite, transformer_options_of
 
 WRAPPER_KEY = "ltxav_sequence_parallel"
 # Anything that is not a yunchang AttnType makes xfuser call our ``attn_processor`` as the kernel.
@@ -134,12 +134,6 @@ class ShardLayout:
 
 # --------------------------------------------------------------------------- timesteps
 
-def _compressed_timestep_class():
-    from comfy.ldm.lightricks.av_model import CompressedTimestep
-
-    return CompressedTimestep
-
-
 class _LocalTimestepMixin:
     """Per-token timestep embeddings for this rank's tokens, stored as ``data`` [B, K, F] for the K
     distinct timestep values and ``index`` [B, L] (value of each local token). Blocks expand one
@@ -169,7 +163,9 @@ class _LocalTimestepMixin:
 @functools.cache
 def local_timestep_class():
     """``LocalTimestep``: a subclass of ComfyUI's CompressedTimestep (blocks test for that class)."""
-    return type("LocalTimestep", (_LocalTimestepMixin, _compressed_timestep_class()), {})
+    from comfy.ldm.lightricks.av_model import CompressedTimestep
+
+    return type("LocalTimestep", (_LocalTimestepMixin, CompressedTimestep), {})
 
 
 def make_local_timestep(data, index):
@@ -318,10 +314,7 @@ class _Call:
 
     # -- installation -------------------------------------------------------
     def with_attention_override(self, args, kwargs):
-        if "transformer_options" in kwargs:
-            to = kwargs["transformer_options"]
-        else:
-            to = args[5]
+        to = transformer_options_of(args, kwargs)
         self.outer_override = to.get("optimized_attention_override")
         to = {**to, "optimized_attention_override": self.attention_override}
         if "transformer_options" in kwargs:
@@ -412,10 +405,8 @@ class _Call:
 
     def video_self_attention(self, func, q, k, v, heads, mask, kwargs):
         layout = self.layout
-        if mask is not None:  # guide attenuation: local query rows against all keys
-            k = layout.gather(k, self.sp.group)
-            v = layout.gather(v, self.sp.group)
-            return self.kernel_call(func, q, k, v, heads, mask, kwargs)
+        if mask is not None:  # guide attenuation
+            return self.gathered_attention(func, q, k, v, heads, mask, kwargs)
         b, n, inner = q.shape
         shape = (b, n, heads, inner // heads)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
@@ -448,6 +439,12 @@ class _Call:
         del qf, kf, vf
         return a2a(pg, o.reshape(b, sp_len, g, d), 1, 2)
 
+    def gathered_attention(self, func, q, k, v, heads, mask, kwargs):
+        """With a mask (its rows are this rank's queries): all ranks' keys and values, then the kernel."""
+        k = self.layout.gather(k, self.sp.group)
+        v = self.layout.gather(v, self.sp.group)
+        return self.kernel_call(func, q, k, v, heads, mask, kwargs)
+
     def kernel_call(self, func, q, k, v, heads, mask, kwargs):
         """ComfyUI's attention function (or an override another node installed)."""
         if self.outer_override is not None:
@@ -457,9 +454,7 @@ class _Call:
     def video_to_audio_attention(self, func, q, k, v, heads, mask, kwargs):
         """Audio queries (whole, every rank) over video keys (sharded): exact merge of partial softmaxes."""
         if mask is not None:
-            k = self.layout.gather(k, self.sp.group)
-            v = self.layout.gather(v, self.sp.group)
-            return self.kernel_call(func, q, k, v, heads, mask, kwargs)
+            return self.gathered_attention(func, q, k, v, heads, mask, kwargs)
         b, t, inner = q.shape
         real = self.layout.real
         d = inner // heads

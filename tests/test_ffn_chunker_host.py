@@ -1,6 +1,5 @@
 """LTX FFN Chunker through the real ComfyUI model, loader, sampler and LoRA path."""
 import importlib
-import logging
 
 import pytest
 import torch

@@ -10,12 +10,8 @@ import sys
 import tempfile
 import time
 
-import pytest
 
 from comfy_server import ComfyServer, free_port, t2v_prompt, write_inputs
-
-PARALLEL = {"class_type": "LTXAVParallelKSampler", "inputs": {}}
-
 
 def parallel_prompt(server, steps=2, prefix="par", address="local", seed=42):
     p = t2v_prompt("tiny_ltxav.safetensors", server.dataset, steps=steps, prefix=prefix, seed=seed)
