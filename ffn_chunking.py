@@ -17,19 +17,16 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 
 import torch
+
+from . import memory_plan
 
 log = logging.getLogger(__name__)
 
 CHUNKING_KEY = "ltx_ffn_chunking"
 WRAPPER_KEY = "ltx_ffn_chunking"
-MAX_CHUNKS = 128
-# auto: at most this many tokens per chunk (each chunk still saturates a GPU matmul) ...
-AUTO_MAX_TOKENS_PER_CHUNK = 4096
-# ... and a chunk's hidden activations use at most this share of the free device memory.
-AUTO_FREE_MEMORY_SHARE = 1 / 8
+MAX_CHUNKS = memory_plan.FFN_MAX_CHUNKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +49,6 @@ def hidden_bytes_per_token(ff: torch.nn.Module, dtype: torch.dtype) -> int:
     """Bytes of FFN activation per token at its peak: the 4x projection and its GELU output."""
     proj = ff.net[0].proj
     return 2 * proj.out_features * torch.empty((), dtype=dtype).element_size()
-
-
-def auto_num_chunks(tokens: int, bytes_per_token: int, free_bytes: float | None) -> int:
-    """Fewest chunks such that a chunk has at most AUTO_MAX_TOKENS_PER_CHUNK tokens and its hidden
-    activations fit in AUTO_FREE_MEMORY_SHARE of ``free_bytes`` (None: no memory limit)."""
-    n = math.ceil(tokens / AUTO_MAX_TOKENS_PER_CHUNK)
-    if free_bytes is not None and free_bytes > 0:
-        n = max(n, math.ceil(tokens * bytes_per_token / (free_bytes * AUTO_FREE_MEMORY_SHARE)))
-    return max(1, min(MAX_CHUNKS, n))
 
 
 def _chunk_bounds(n_tokens: int, n_chunks: int) -> list[int]:
@@ -133,7 +121,7 @@ def chunks_for(settings: ChunkSettings, ff: torch.nn.Module, x: torch.Tensor, fr
     parallelism or with guide/reference tokens the FFN sees other lengths than the latent has)."""
     tokens = x.shape[1] if x.dim() >= 2 else 0
     if settings.auto:
-        n = auto_num_chunks(tokens, hidden_bytes_per_token(ff, x.dtype), free_bytes)
+        n = memory_plan.auto_ffn_chunks(tokens, hidden_bytes_per_token(ff, x.dtype), free_bytes)
     else:
         n = max(1, min(MAX_CHUNKS, settings.num_chunks))
     return max(1, min(n, tokens))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy.ldm.lightricks.model import LTXBaseModel
 from comfy_api.latest import io
 
-from . import ffn_chunking
+from . import ffn_chunking, memory_plan
 
 CATEGORY = "LTXAV Multi-GPU"
 
@@ -49,7 +49,7 @@ class LTXFFNChunker(io.ComfyNode):
                                "both work. The MODEL that goes in is not changed."),
                 io.Boolean.Input("auto", default=True, label_on="auto", label_off="fixed",
                                  tooltip=("auto: choose the chunk count at run time from the sequence length and free "
-                                          f"device memory (at most {ffn_chunking.AUTO_MAX_TOKENS_PER_CHUNK} tokens per "
+                                          f"device memory (at most {memory_plan.FFN_MAX_TOKENS_PER_CHUNK} tokens per "
                                           "chunk; no chunking for short clips). fixed: use num_chunks.")),
                 io.Int.Input("num_chunks", default=16, min=1, max=ffn_chunking.MAX_CHUNKS,
                              tooltip=("Chunks when auto is off; 1 = off. More chunks = lower FFN peak memory "

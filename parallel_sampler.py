@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from . import ffn_chunking, ray_worker, xdit_context_parallel
+from . import ffn_chunking, memory_plan, ray_worker, xdit_context_parallel
 
 log = logging.getLogger(__name__)
 NODE = "LTXAV Parallel Sampler"
@@ -28,6 +28,7 @@ START_TIMEOUT_S = float(os.environ.get("LTXAV_PARALLEL_START_S", 600))
 LOAD_TIMEOUT_S = float(os.environ.get("LTXAV_PARALLEL_LOAD_S", 3600))
 HEARTBEAT_S = float(os.environ.get("LTXAV_PARALLEL_HEARTBEAT_S", 15))
 STALL_S = float(os.environ.get("LTXAV_PARALLEL_STALL_S", 900))
+SKIP_CHECK_ENV = "LTXAV_PARALLEL_SKIP_MEMORY_CHECK"  # "1": run even when the planner predicts too little memory
 
 
 class WorkerFault(RuntimeError):
@@ -194,7 +195,10 @@ class ParallelSampler:
         cls = self._worker_class()
         # actors see all GPUs of their node and pick Ray's one (ray_worker._select_gpu): NCCL needs that
         # to use NVLink / peer-to-peer between workers
-        env = {"env_vars": {**_passthrough_env(), "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+        # expandable segments: long videos allocate large, varying blocks; without them the caching
+        # allocator fragments and runs out of memory below what the planner (and the cap) allow
+        env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **_passthrough_env(),
+                            "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
         actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
             rank, world, comfy_path, pack_dir, __package__, _host_args()) for rank in range(world)]
         group = _Group(actors, world, degrees, self.address, cpu, infos=[])
@@ -244,6 +248,10 @@ class ParallelSampler:
         comfy.model_management.soft_empty_cache()
 
         group, start_s = self.ensure_group(world, degrees, cpu)
+        budgets = [b for b in self._wait([a.memory_budget.remote() for a in group.actors], "start", START_TIMEOUT_S)
+                   if b is not None]
+        if budgets and os.environ.get(SKIP_CHECK_ENV) != "1":
+            check_memory(patcher, job, group.world, group.degrees, min(budgets), group.infos)
         t0 = time.perf_counter()
         recipe_ref, spec_ref = ray.put(recipe), ray.put(spec)
         loads = self._wait([a.load.remote(key, recipe_ref, spec_ref) for a in group.actors], "model load",
@@ -266,7 +274,8 @@ class ParallelSampler:
         out = dict(results[0])
         out["memory"] = memory
         out["timings"] = {"ray_start_s": round(start_s, 2), "model_load_s": round(load_s, 2),
-                          "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4)}
+                          "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4),
+                          **step_timings(results[0].get("step_times") or [])}
         out["summary"] = summary(group, memory, out["timings"])
         log.info("%s", out["summary"])
         return out
@@ -320,6 +329,61 @@ class ParallelSampler:
             self.stop_group()  # never leave workers running a job nobody waits for
             raise
         return results
+
+
+def step_timings(marks: list[float]) -> dict:
+    """From a worker's time marks (sampling start, then the end of each step): its median step and
+    the time before the first step beyond one step (ComfyUI's set-up of the run on the worker)."""
+    steps = [b - a for a, b in zip(marks[:-1], marks[1:])]
+    if len(steps) < 2:
+        return {}
+    later = sorted(steps[1:])
+    median = later[len(later) // 2]
+    return {"worker_s_per_step": round(median, 4), "worker_setup_s": round(max(0.0, steps[0] - median), 3)}
+
+
+def latent_clip(latent) -> tuple[memory_plan.Clip, int]:
+    """The planner's view of a sampler's latent (video, or video + audio): its clip and batch size."""
+    parts = latent.unbind() if getattr(latent, "is_nested", False) else [latent]
+    video = parts[0]
+    audio = parts[1].shape[2] if len(parts) > 1 else 0
+    return memory_plan.Clip(video.shape[2], video.shape[3], video.shape[4], audio), video.shape[0]
+
+
+def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.Estimate:
+    """Refuse a run whose predicted per-worker peak exceeds ``budget`` bytes, saying what would fit."""
+    dm = patcher.get_model_object("diffusion_model")
+    dims = memory_plan.ModelDims.of(dm, compute_dtype=patcher.model.get_dtype_inference())
+    clip, batch = latent_clip(job["latent"])
+    chunking = ffn_chunking.ChunkSettings.from_options(patcher.model_options.get("transformer_options"))
+    ffn = None if chunking is None or chunking.auto else chunking.num_chunks
+    if chunking is None:
+        ffn = 1
+    kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch)
+    est = memory_plan.estimate(dims, clip, world=world, **kw)
+    if est.total <= budget:
+        return est
+    gib = memory_plan.GIB
+    size = f"{clip.latent_width * 32}x{clip.latent_height * 32}"
+    fits = memory_plan.largest_latent_frames(budget, dims, clip, world=world, **kw)
+    kw.pop("ring")
+    more = memory_plan.smallest_world(budget, dims, clip, max_world=64, video_heads=dm.num_attention_heads, **kw)
+    device = infos[0]["device"] if infos else "each worker"
+    if fits:
+        advice = [f"at {size} with {world} GPUs the longest video that fits is {(fits - 1) * 8 + 1} frames"]
+    else:
+        fixed = est.parts["weights"] + est.parts["weight casts"] + est.parts["fixed"]
+        advice = [f"the weights and fixed buffers alone take {fixed / gib:.2f} GiB: use fp8 weights, GPUs with more "
+                  "memory, or free memory on them"]
+    if more:
+        advice.append(f"{clip.frames} frames need gpus={more} (ulysses_degree={more})")
+    if ffn == 1:
+        with_chunker = memory_plan.estimate(dims, clip, world=world, **{**kw, "ring": degrees.ring, "ffn_chunks": None})
+        if with_chunker.total <= budget:
+            advice.append("or add the LTX FFN Chunker before this node")
+    raise ValueError(f"{NODE}: a {clip.frames}-frame {size} video needs about {est.total / gib:.2f} GiB per worker "
+                     f"({est.describe()}), but {device} has {budget / gib:.2f} GiB for it; "
+                     + "; ".join(advice) + ". Shorten input 'latent_image' or raise input 'gpus'.")
 
 
 def _heartbeat_of(group, what):

@@ -33,6 +33,8 @@ import torch
 
 ENV_PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
 FAULT_ENV = "LTXAV_PARALLEL_FAULT"  # test hook: "oom:RANK:STEP" raises an OutOfMemoryError there
+# cap each worker's device memory (GB = 10^9 bytes), e.g. 24 to behave like a 24 GB card on a larger one
+CAP_ENV = "LTXAV_PARALLEL_MEMORY_CAP_GB"
 MODEL_REF_NAMES = ("patcher", "model_options", "base_model", "diffusion_model")
 
 
@@ -190,6 +192,12 @@ class LTXAVWorker:
         self.sp = None
         self.cpu_group = None
         self.cuda = torch.cuda.is_available()
+        self.step_times: list[float] = []
+        cap = float(os.environ.get(CAP_ENV) or 0) * 1e9
+        self.cap = cap or None
+        if self.cap and self.cuda:
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap / total))
 
     # -- identity and groups --------------------------------------------------
     def info(self) -> dict:
@@ -201,7 +209,16 @@ class LTXAVWorker:
         if self.patcher is not None:
             ffn = self.patcher.model_options.get("transformer_options", {}).get(self.ffn.CHUNKING_KEY)
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": name,
-                "loads": self.loads, "ffn_chunking": ffn}
+                "loads": self.loads, "ffn_chunking": ffn, "memory_budget": self.memory_budget()}
+
+    def memory_budget(self) -> int | None:
+        """Bytes this worker can use: its GPU's free memory plus what it holds already, within the cap
+        (``LTXAV_PARALLEL_MEMORY_CAP_GB``); on CPU only the cap (None without one)."""
+        if not self.cuda:
+            return int(self.cap) if self.cap else None
+        free, _ = torch.cuda.mem_get_info()
+        budget = free + torch.cuda.memory_reserved()
+        return int(min(budget, self.cap) if self.cap else budget)
 
     def rendezvous(self) -> str:
         import ray
@@ -267,6 +284,7 @@ class LTXAVWorker:
         import torch.distributed as dist
 
         self.step = step + 1
+        self.step_times.append(time.perf_counter())
         if self.rank == 0:
             self.last_x0 = x0
         if _fault(self.rank, self.step) == "oom":
@@ -294,6 +312,7 @@ class LTXAVWorker:
         import comfy.sample
 
         self.step = 0
+        self.step_times = [time.perf_counter()]
         self.stop.clear()
         self.last_x0 = None
         x0 = None
@@ -319,7 +338,7 @@ class LTXAVWorker:
             x0 = None if self.last_x0 is None or self.rank else self.last_x0.cpu()
             self.last_x0 = None
             comfy.model_management.soft_empty_cache()  # give cached blocks back: steady memory across prompts
-        out = {"interrupted": False, "memory": self.memory()}
+        out = {"interrupted": False, "memory": self.memory(), "step_times": self.step_times}
         if self.rank == 0:
             out["samples"] = samples
             out["x0"] = x0

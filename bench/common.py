@@ -40,25 +40,35 @@ def import_pack(name="ltxav_pack"):
     return module
 
 
-def build_model(layers, tiny=False, dtype=None, device=None):
+def build_model(layers, tiny=False, dtype=None, device=None, weight_dtype=None):
+    """LTXAVModel with random weights. ``weight_dtype`` (e.g. torch.float8_e4m3fn) other than the
+    compute ``dtype``: weights stored in it and cast per layer, with the operations ComfyUI picks
+    for such a checkpoint (``comfy.ops.pick_operations``, as ``BaseModel`` does)."""
     import comfy.ops
     from comfy.ldm.lightricks.av_model import LTXAVModel
 
     cuda = torch.cuda.is_available()
     device = device or torch.device("cuda" if cuda else "cpu")
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
-    model = LTXAVModel(num_layers=layers, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init,
+    ops = comfy.ops.disable_weight_init
+    if weight_dtype is not None and weight_dtype != dtype:
+        ops = comfy.ops.pick_operations(weight_dtype, dtype, load_device=device)
+    model = LTXAVModel(num_layers=layers, dtype=weight_dtype or dtype, device=device, operations=ops,
                        rope_type="split", frequencies_precision="float64", **(TINY_DIMS if tiny else LTX2_DIMS))
+    if device.type == "meta":
+        return model.eval()
+    g = torch.Generator(device=device).manual_seed(0)  # the same weights in every process
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.02)
+            p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=dtype).mul_(0.02))
     return model.eval()
 
 
-def make_inputs(model, case, i2v=False, seed=0):
+def make_inputs(model, case, i2v=False, seed=0, dtype=None):
     """Latents, timesteps and context for an LTX-2 `frames x width x height` clip (25 fps, audio on)."""
     frames, w, h = (int(v) for v in case.split("x"))
     p = next(model.parameters())
+    p = torch.empty(0, device=p.device, dtype=dtype or p.dtype)
     g = torch.Generator(device=p.device).manual_seed(seed)
     fl, lh, lw = (frames - 1) // 8 + 1, h // 32, w // 32
     vx = torch.randn(1, 128, fl, lh, lw, device=p.device, dtype=p.dtype, generator=g)

@@ -1,13 +1,16 @@
 """Seconds per step and per-worker peak memory of the parallel sampler (Ray workers) for W = 1, 2, 4,
-against ComfyUI's stock sampler on one GPU, at real LTX-2 dims (random weights, a few layers).
+against ComfyUI's stock sampler on one GPU, at real LTX-2 dims (random weights, a few layers), plus
+the fault and steady-memory checks on GPU.
 
 Usage: python bench/ray_sampler.py --comfy PATH [--layers 4] [--case 897x768x512] [--worlds 2,4]
-          [--steps 8] [--prompts 10] [--out results.jsonl]
+          [--steps 8,20] [--prompts 10] [--out results.jsonl]
 Writes a random-weight LTXAV checkpoint (real key names, config in metadata), loads it with
 ComfyUI's loader, samples it with comfy.sample.sample on GPU 0 (W=1, stock), then with the pack's
-ParallelSampler for each W: the first run reports Ray start-up and model load, the second the steady
-seconds per step. On the largest W it runs --prompts prompts in a row and reads each GPU's used
-memory (nvidia-smi) after the first and the last, then kills one worker mid-run and reads it again.
+ParallelSampler for each W. Every configuration runs at two step counts: seconds per step is the
+slope between them and the per-prompt overhead the rest; the workers' own step times are reported
+beside. On the largest W: --prompts prompts in a row with each worker process's GPU memory
+(nvidia-smi, per process) after the first and the last; a real out-of-memory (workers capped just
+above the weights, the planner's check skipped); the planner's refusal; and a worker killed mid-run.
 """
 import argparse
 import json
@@ -31,6 +34,19 @@ def gpu_used_mb():
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
+
+
+def process_used_mb(pids):
+    """GPU memory nvidia-smi reports for each of ``pids`` (MB; 0 for a process it does not list)."""
+    if not torch.cuda.is_available():
+        return []
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    used = {}
+    for line in out.splitlines():
+        pid, mb = (int(x) for x in line.split(","))
+        used[pid] = used.get(pid, 0) + mb
+    return [used.get(p, 0) for p in pids]
 
 
 def write_checkpoint(path, layers, tiny):
@@ -70,7 +86,7 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--case", default="897x768x512")
     ap.add_argument("--worlds", default="2,4")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", default="8,20", help="two step counts: s/step is the slope between them")
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--ffn", default="auto")
     ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU workers: a smoke run")
@@ -88,11 +104,11 @@ def main():
     info = common.device_info()
     command = "python bench/ray_sampler.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
                                                         if k not in ("comfy", "out", "ckpt") and v is not False)
+    s1, s2 = (int(x) for x in a.steps.split(","))
     rows = []
 
     def emit(row):
-        row.update(bench="ray_sampler", case=a.case, layers=a.layers, steps=a.steps, ffn=a.ffn, **info,
-                   command=command)
+        row.update(bench="ray_sampler", case=a.case, layers=a.layers, ffn=a.ffn, **info, command=command)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -103,76 +119,130 @@ def main():
     if a.ffn != "1":
         patcher.model_options.setdefault("transformer_options", {})[ffn_chunking.CHUNKING_KEY] = \
             ffn_chunking.ChunkSettings(1 if a.ffn == "auto" else int(a.ffn), a.ffn == "auto").as_dict()
-        patcher.add_wrapper_with_key("diffusion_model", ffn_chunking.WRAPPER_KEY, ffn_chunking.diffusion_model_wrapper)
+        ffn_chunking.set_wrappers(patcher, True)
     latent, noise, pos, neg, tokens = inputs(a.case, config["caption_channels"])
 
-    def stock():
-        return comfy.sample.sample(patcher, noise, a.steps, 1.0, "euler", "simple", pos, neg, latent,
+    def stock(steps):
+        return comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", pos, neg, latent,
                                    disable_pbar=True, seed=0)
 
+    def timed(fn):
+        common.sync()
+        t = time.perf_counter()
+        out = fn()
+        common.sync()
+        return out, time.perf_counter() - t
+
+    def slope(t1, t2):
+        per_step = (t2 - t1) / (s2 - s1)
+        return dict(s_per_step=round(per_step, 4), per_prompt_overhead_s=round(t1 - s1 * per_step, 3),
+                    wall_s={s1: round(t1, 3), s2: round(t2, 3)})
+
     # W = 1: ComfyUI's own sampler in this process, GPU 0
-    stock()
+    stock(s1)
+    stock(s1)
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    t0 = time.perf_counter()
-    want = stock()
-    s = time.perf_counter() - t0
+    want, t1 = timed(lambda: stock(s1))
+    _, t2 = timed(lambda: stock(s2))
     peak = (torch.cuda.max_memory_allocated() - base) / common.GB if torch.cuda.is_available() else None
-    emit(dict(world=1, mode="stock comfy.sample.sample", s_per_step=round(s / a.steps, 4), video_tokens=tokens,
+    stock_step = slope(t1, t2)["s_per_step"]
+    emit(dict(world=1, mode="stock comfy.sample.sample", **slope(t1, t2), video_tokens=tokens,
               peak_over_start_gb=None if peak is None else round(peak, 3)))
     mm.unload_all_models()
     mm.soft_empty_cache()
 
     pool = parallel_sampler.POOL
-    job = dict(mode="ksampler", noise=noise, latent=latent, noise_mask=None, seed=0, steps=a.steps, cfg=1.0,
-               sampler_name="euler", scheduler="simple", positive=pos, negative=neg, denoise=1.0,
-               disable_noise=False, start_step=None, last_step=None, force_full_denoise=False)
+
+    def job(steps):
+        return dict(mode="ksampler", noise=noise, latent=latent, noise_mask=None, seed=0, steps=steps, cfg=1.0,
+                    sampler_name="euler", scheduler="simple", positive=pos, negative=neg, denoise=1.0,
+                    disable_noise=False, start_step=None, last_step=None, force_full_denoise=False)
+
     worlds = [int(w) for w in a.worlds.split(",")]
     for world in worlds:
         settings = parallel_sampler.ParallelSettings(gpus=world)
-        first = pool.run(patcher, job, settings, a.steps)
-        second = pool.run(patcher, job, settings, a.steps)
-        got = second["samples"].unbind()
-        err = max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want.unbind()))
-        emit(dict(world=world, mode="LTXAV parallel sampler (Ray)", s_per_step=second["timings"]["s_per_step"],
+        first = pool.run(patcher, job(s1), settings, s1)
+        r1, t1 = timed(lambda: pool.run(patcher, job(s1), settings, s1))
+        r2, t2 = timed(lambda: pool.run(patcher, job(s2), settings, s2))
+        err = max(((g - w).norm() / w.norm()).item() for g, w in zip(r1["samples"].unbind(), want.unbind()))
+        fit = slope(t1, t2)
+        emit(dict(world=world, mode="LTXAV parallel sampler (Ray)", **fit,
+                  speedup_vs_stock=round(stock_step / fit["s_per_step"], 3),
+                  worker_s_per_step=r2["timings"].get("worker_s_per_step"),
+                  worker_setup_s=r2["timings"].get("worker_setup_s"),
                   ray_start_s=first["timings"]["ray_start_s"], model_load_s=first["timings"]["model_load_s"],
-                  first_run_s_per_step=first["timings"]["s_per_step"], video_tokens=tokens,
-                  per_worker_memory=second["memory"], rel_l2_vs_stock=round(err, 5)))
+                  video_tokens=tokens, per_worker_memory=r2["memory"], rel_l2_vs_stock=round(err, 5)))
     world = worlds[-1]
     settings = parallel_sampler.ParallelSettings(gpus=world)
-    after_first = gpu_used_mb()
+    pids = [i["pid"] for i in pool.group.infos]
+    after_first = process_used_mb(pids)
     for _ in range(a.prompts - 1):
-        pool.run(patcher, job, settings, a.steps)
-    after_last = gpu_used_mb()
-    emit(dict(world=world, mode=f"{a.prompts} prompts in a row", gpu_used_mb_after_first=after_first,
-              gpu_used_mb_after_last=after_last,
+        pool.run(patcher, job(s1), settings, s1)
+    after_last = process_used_mb(pids)
+    emit(dict(world=world, mode=f"{a.prompts} prompts in a row", worker_gpu_mb_after_first=after_first,
+              worker_gpu_mb_after_last=after_last,
               max_drift_mb=max((abs(x - y) for x, y in zip(after_first, after_last)), default=None)))
+
+    # a real out-of-memory: workers capped just above the weights, the planner's check skipped
+    weights_gb = sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters()) / 1e9
+    pool.stop_group()
+    before = gpu_used_mb()
+    os.environ[parallel_sampler.ray_worker.CAP_ENV] = f"{weights_gb + 0.3:.3f}"
+    os.environ[parallel_sampler.SKIP_CHECK_ENV] = "1"
+    t0 = time.perf_counter()
+    oom = _try(pool.run, patcher, job(s1), settings, s1)
+    oom_s = time.perf_counter() - t0
+    time.sleep(3)
+    after_oom = gpu_used_mb()
+    del os.environ[parallel_sampler.SKIP_CHECK_ENV]
+    t0 = time.perf_counter()
+    refused = _try(pool.run, patcher, job(s1), settings, s1)  # the planner's check, same cap
+    refused_s = time.perf_counter() - t0
+    del os.environ[parallel_sampler.ray_worker.CAP_ENV]
+    pool.stop_group()
+    recovered = pool.run(patcher, job(s1), settings, s1)
+    emit(dict(world=world, mode="real out-of-memory (cap = weights + 0.3 GB, check skipped), then the planner",
+              cap_gb=round(weights_gb + 0.3, 3), error=oom[:400], seconds_to_error=round(oom_s, 2),
+              gpu_used_mb_before=before, gpu_used_mb_after_error=after_oom, planner_refusal=refused[:600],
+              planner_refusal_s=round(refused_s, 2),
+              next_prompt_ok=bool(recovered.get("samples") is not None)))
+
     # a worker killed mid-run: the run errors, the workers are stopped, their GPU memory is released
     pids = [i["pid"] for i in pool.group.infos]
     before = gpu_used_mb()
     box = {}
-    t = threading.Thread(target=lambda: box.update(r=_try(pool.run, patcher, {**job, "steps": a.steps * 50},
-                                                          settings, a.steps * 50)))
+    long = s1 * 50
+    t = threading.Thread(target=lambda: box.update(r=_try(pool.run, patcher, job(long), settings, long)))
     t.start()
     import ray
 
-    while pool.group is None or ray.get(pool.group.actors[0].progress.remote()) in range(a.steps, a.steps + 2):
-        time.sleep(0.2)  # until the long run is past step a.steps + 1 (the last run left progress at a.steps)
+    while pool.group is None or ray.get(pool.group.actors[0].progress.remote()) in range(s1, s1 + 2):
+        time.sleep(0.2)  # until the long run is past step s1 + 1 (the last run left progress at s1)
     os.kill(pids[1], 9)
     t0 = time.perf_counter()
     t.join()
     error_s = time.perf_counter() - t0
     time.sleep(5)
     released = gpu_used_mb()
-    recovered = pool.run(patcher, job, settings, a.steps)
+    alive = [p for p in pids if _alive(p)]
+    recovered = pool.run(patcher, job(s1), settings, s1)
     emit(dict(world=world, mode="worker 1 killed mid-run", error=str(box["r"])[:300],
               seconds_from_kill_to_error=round(error_s, 2), gpu_used_mb_before=before,
-              gpu_used_mb_after_error=released, next_prompt_s_per_step=recovered["timings"]["s_per_step"]))
+              gpu_used_mb_after_error=released, worker_pids_still_alive=alive,
+              next_prompt_s_per_step=recovered["timings"]["s_per_step"]))
     pool.stop_group()
     if a.out:
         Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
 
 
 def _try(fn, *args):

@@ -68,8 +68,9 @@ def test_chunked_equals_unchunked(node, tiny_model, tiny_ckpt, spy, audio, n):
 
 
 def test_auto_chunks_long_sequences(fc, node, tiny_model, tiny_ckpt, spy, monkeypatch, caplog_info):
+    memory_plan = importlib.import_module("ltxav_pack.memory_plan")
     plain = sample(tiny_model, tiny_ckpt, **LATENT)
-    monkeypatch.setattr(fc, "AUTO_MAX_TOKENS_PER_CHUNK", 10)  # the tiny clip counts as "long"
+    monkeypatch.setattr(memory_plan, "FFN_MAX_TOKENS_PER_CHUNK", 10)  # the tiny clip counts as "long"
     got = sample(chunk(node, tiny_model, 1, auto=True), tiny_ckpt, **LATENT)
     assert (48, 5) in spy and (26, 3) in spy
     assert "Video FFN chunking active: 5 chunks" in caplog_info.text

@@ -105,17 +105,6 @@ def test_chunk_bounds_cover_everything_evenly():
             assert b[0] == 0 and b[-1] == n and max(sizes) - min(sizes) <= 1
 
 
-def test_auto_num_chunks():
-    # short sequences are not chunked; long ones get <= AUTO_MAX_TOKENS_PER_CHUNK tokens a chunk
-    assert fc.auto_num_chunks(4096, 1000, None) == 1
-    assert fc.auto_num_chunks(43392, 1000, None) == 11
-    # 43392 tokens x 64 KiB = 2.65 GiB of hidden activations: with 4 GiB free (share 0.5 GiB) the token
-    # cap (11) still decides; with 1 GiB free (share 128 MiB) memory does (22)
-    assert fc.auto_num_chunks(43392, 65536, 4 * 2**30) == 11
-    assert fc.auto_num_chunks(43392, 65536, 1 * 2**30) == 22
-    assert fc.auto_num_chunks(10**7, 65536, 2**20) == fc.MAX_CHUNKS
-
-
 def test_installed_routes_and_restores():
     model = Model()
     ff = model.transformer_blocks[0].ff

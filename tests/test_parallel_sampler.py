@@ -241,6 +241,35 @@ def test_worker_out_of_memory_is_a_clear_error(ps, nodes_mod, tiny_model, tiny_c
     assert_close(got, stock_ksampler(tiny_model, cc))
 
 
+def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tiny_ckpt, monkeypatch):
+    """With each worker capped (LTXAV_PARALLEL_MEMORY_CAP_GB) between the planner's estimate for 2 and
+    for 4 latent frames, the 25-frame (4 latent frames) run is refused before any model load, naming
+    the longest length that fits; after the cap is lifted the same prompt runs."""
+    cc = tiny_ckpt[1]["caption_channels"]
+    mp = importlib.import_module("ltxav_pack.memory_plan")
+    xsp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    latent = make_latent(**LATENT)["samples"]
+    job = {"latent": latent}
+    est = ps.check_memory(tiny_model, job, 2, xsp.Degrees(2), budget=10**12)  # fits: returns the estimate
+    clip, batch = ps.latent_clip(latent)
+    assert clip.latent_frames == 4 and batch == 1 and est.parts["weights"] > 0
+    dims = mp.ModelDims.of(tiny_model.model.diffusion_model, compute_dtype=torch.float32)
+    kw = dict(world=2, ffn_chunks=1, sampler=True)
+    small = mp.estimate(dims, clip.with_latent_frames(2), **kw).total
+    assert small < est.total
+    ps.POOL.stop_group()
+    monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GB", f"{(small + est.total) / 2 / 1e9:.12f}")
+    with pytest.raises(ValueError, match=r"LTXAV Parallel Sampler: a 25-frame 128x96 video needs about .* GiB per "
+                                         r"worker .*the longest video that fits is 9 frames.*Shorten input "
+                                         r"'latent_image' or raise input 'gpus'"):
+        parallel_ksampler(nodes_mod, tiny_model, cc)
+    assert all(i["loads"] == 0 for i in worker_infos(ps))  # refused before loading anything
+    ps.POOL.stop_group()
+    monkeypatch.delenv("LTXAV_PARALLEL_MEMORY_CAP_GB")
+    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
+    assert_close(got, stock_ksampler(tiny_model, cc))
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(gpus=5), r"input 'gpus' asks for 5 CPU workers but the Ray cluster at 'local' has 2"),
     (dict(gpus=0), r"ComfyUI runs on the CPU, so 'gpus' counts CPU worker processes"),

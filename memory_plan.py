@@ -1,0 +1,185 @@
+"""Peak device memory of one LTXAV worker, predicted before sampling starts.
+
+A worker holds the whole model (weights are not sharded) and, through every block, its share of the
+video tokens (``xdit_context_parallel``); audio stays whole on every rank. Its peak is
+
+    weights + cast buffer + fixed + max(attention phase, FFN phase) [+ sampler state]
+
+with per-token costs counted in *hidden vectors* (one token's ``video_dim`` activations in the
+compute dtype; 8 KB for LTX-2 in bf16). The coefficients were measured with
+``bench/sequence_parallel.py`` (H200, bf16, ComfyUI 0.20.1: stock forward, Ulysses and ring degrees,
+three sizes; ``bench/results/2026-11-28-h200x*-sequence_parallel.jsonl``) and checked against the
+fp8, 48-layer, 24 GB runs of ``bench/long_video.py``:
+
+* attention phase: 8.5 vectors per local video token (x, its norm, q/k/v, RoPE tables, the
+  attention output), +1.5 with a ring degree (xfuser's float32 accumulators), and 0.06 per token of
+  the *whole* sequence (Ulysses: a head group's gathered q/k/v);
+* FFN phase: 3.5 vectors per local token kept, plus one FFN chunk's two 4x-wide tensors;
+* one GPU with per-token timesteps (image-to-video, W = 1): 0.5 more (ComfyUI's per-token adaLN);
+* audio tokens cost the same number of vectors of ``audio_dim``.
+
+The FFN Chunker's ``auto`` and the parallel sampler's refusal both use this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+GIB = 1 << 30
+# hidden vectors per local video token (see the module docstring)
+ATTENTION_VECTORS = 8.5
+RING_VECTORS = 1.5
+FULL_SEQUENCE_VECTORS = 0.06
+FFN_KEPT_VECTORS = 3.5
+PER_TOKEN_TIMESTEP_VECTORS = 0.5
+FIXED_BYTES = int(0.055 * GIB)  # context, connector, kernels' workspaces
+# auto FFN chunking: at most this many tokens per chunk (a chunk still saturates a GPU matmul) ...
+FFN_MAX_TOKENS_PER_CHUNK = 4096
+# ... and a chunk's 4x activations use at most this share of the free device memory
+FFN_FREE_MEMORY_SHARE = 1 / 8
+FFN_MAX_CHUNKS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """What the plan needs of a model."""
+
+    video_dim: int = 4096
+    audio_dim: int = 2048
+    ffn_mult: int = 4
+    weight_bytes: int = 0  # every parameter and buffer as stored (fp8, bf16 ...)
+    cast_bytes: int = 0  # weights cast to the compute dtype on the fly: two of the largest linear
+    compute_bytes: int = 2  # element size of the activations (bf16 = 2)
+
+    @classmethod
+    def of(cls, diffusion_model, compute_dtype=None) -> ModelDims:
+        """From an ``LTXAVModel`` (ComfyUI's ``diffusion_model``); ``compute_dtype``: the dtype it
+        runs in (ComfyUI's ``get_dtype_inference()``), default its weights' dtype."""
+        import torch
+
+        params = list(diffusion_model.parameters()) + list(diffusion_model.buffers())
+        weight_bytes = sum(p.numel() * p.element_size() for p in params)
+        linears = [m.weight for m in diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
+        compute_dtype = compute_dtype or (linears[0].dtype if linears else torch.float32)
+        compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
+        largest = max(linears, key=lambda w: w.numel()) if linears else None
+        cast = 0
+        if largest is not None and largest.dtype != compute_dtype:
+            cast = 2 * largest.numel() * compute_bytes
+        audio_dim = getattr(diffusion_model, "audio_inner_dim", 0) or 0
+        return cls(video_dim=diffusion_model.inner_dim, audio_dim=audio_dim, weight_bytes=weight_bytes,
+                   cast_bytes=cast, compute_bytes=compute_bytes)
+
+    @property
+    def vector(self) -> int:
+        return self.video_dim * self.compute_bytes
+
+    @property
+    def ffn_bytes_per_token(self) -> int:
+        """One token's FFN activations at their peak: the 4x projection and its GELU."""
+        return 2 * self.ffn_mult * self.vector
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """The latent being sampled: video [frames, height, width] in latent cells, audio length."""
+
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    audio_tokens: int = 0
+
+    @classmethod
+    def from_pixels(cls, frames: int, width: int, height: int, fps: float = 25.0, audio: bool = True) -> Clip:
+        """LTX-2's VAE: 8x time (plus the first frame), 32x space; audio ~25 latents a second."""
+        return cls((frames - 1) // 8 + 1, height // 32, width // 32,
+                   math.ceil(round(frames * 25 / fps, 6)) if audio else 0)
+
+    @property
+    def video_tokens(self) -> int:
+        return self.latent_frames * self.latent_height * self.latent_width
+
+    @property
+    def frames(self) -> int:
+        return (self.latent_frames - 1) * 8 + 1
+
+    def with_latent_frames(self, latent_frames: int) -> Clip:
+        """The same clip at another length (audio scaled with it)."""
+        audio = math.ceil(self.audio_tokens * latent_frames / self.latent_frames) if self.audio_tokens else 0
+        return dataclasses.replace(self, latent_frames=latent_frames, audio_tokens=audio)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """One worker's predicted peak, in bytes, with its parts."""
+
+    parts: dict
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v / GIB:.3f}" for k, v in self.parts.items() if v) + " GiB"
+
+
+def ffn_chunk_tokens(tokens: int, chunks: int | None) -> int:
+    """Tokens in the largest FFN chunk; ``chunks`` None = the FFN Chunker's auto."""
+    n = auto_ffn_chunks(tokens, 0, None) if chunks is None else max(1, chunks)
+    return math.ceil(tokens / max(1, min(n, tokens or 1)))
+
+
+def auto_ffn_chunks(tokens: int, ffn_bytes_per_token: int, free_bytes: float | None) -> int:
+    """The FFN Chunker's ``auto``: fewest chunks with at most FFN_MAX_TOKENS_PER_CHUNK tokens each and
+    a chunk's activations within FFN_FREE_MEMORY_SHARE of ``free_bytes`` (None: no memory limit)."""
+    n = math.ceil(tokens / FFN_MAX_TOKENS_PER_CHUNK)
+    if free_bytes is not None and free_bytes > 0 and ffn_bytes_per_token:
+        n = max(n, math.ceil(tokens * ffn_bytes_per_token / (free_bytes * FFN_FREE_MEMORY_SHARE)))
+    return max(1, min(FFN_MAX_CHUNKS, n))
+
+
+def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chunks: int | None = None,
+             per_token_timesteps: bool = False, sampler: bool = False, batch: int = 1) -> Estimate:
+    """Peak memory of one of ``world`` workers (Ulysses x ``ring``) running one forward of ``clip``;
+    ``ffn_chunks`` None = auto, 1 = no chunking; ``sampler`` adds the sampler's latent-sized state."""
+    n = clip.video_tokens
+    local = math.ceil(n / world)
+    vec = dims.vector
+    attn = ATTENTION_VECTORS + (RING_VECTORS if ring > 1 else 0)
+    if world == 1 and per_token_timesteps:
+        attn += PER_TOKEN_TIMESTEP_VECTORS
+    audio_vec = dims.audio_dim * dims.compute_bytes
+    attention = local * attn * vec + n * FULL_SEQUENCE_VECTORS * vec
+    ffn = local * FFN_KEPT_VECTORS * vec + ffn_chunk_tokens(local, ffn_chunks) * dims.ffn_bytes_per_token
+    parts = {
+        "weights": dims.weight_bytes,
+        "weight casts": dims.cast_bytes,
+        "fixed": FIXED_BYTES,
+        "video tokens": int(batch * max(attention, ffn)),
+        "audio tokens": int(batch * clip.audio_tokens * ATTENTION_VECTORS * audio_vec),
+    }
+    if sampler:  # noise, latent, denoised and the step's x in float32, whole on every rank
+        parts["sampler state"] = 4 * 4 * (n * 128 + clip.audio_tokens * 128)
+    return Estimate(parts)
+
+
+def largest_latent_frames(budget: int, dims: ModelDims, clip: Clip, **kwargs) -> int:
+    """The most latent frames of ``clip``'s size whose estimate fits ``budget`` (0 if none)."""
+    lo, hi = 0, 1
+    while estimate(dims, clip.with_latent_frames(hi), **kwargs).total <= budget and hi < 1 << 20:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if estimate(dims, clip.with_latent_frames(mid), **kwargs).total <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def smallest_world(budget: int, dims: ModelDims, clip: Clip, max_world: int, video_heads: int, **kwargs) -> int | None:
+    """Fewest workers (all-Ulysses, dividing the heads) whose estimate fits ``budget``, up to ``max_world``."""
+    for w in range(1, max_world + 1):
+        if video_heads % w == 0 and estimate(dims, clip, world=w, **kwargs).total <= budget:
+            return w
+    return None

@@ -1,0 +1,111 @@
+"""The memory planner against the committed GPU measurements, and its search helpers (no host needed)."""
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from comfy_host import import_pack
+
+import_pack()
+mp = importlib.import_module("ltxav_pack.memory_plan")
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+LTX2 = mp.ModelDims(video_dim=4096, audio_dim=2048)
+
+
+def test_clip_from_pixels():
+    clip = mp.Clip.from_pixels(897, 768, 512)
+    assert (clip.latent_frames, clip.latent_height, clip.latent_width) == (113, 16, 24)
+    assert clip.video_tokens == 43392 and clip.frames == 897 and clip.audio_tokens == 897
+    longer = clip.with_latent_frames(226)
+    assert longer.video_tokens == 2 * 43392 and longer.audio_tokens == 2 * 897
+
+
+def test_auto_ffn_chunks():
+    # short sequences are not chunked; long ones get <= FFN_MAX_TOKENS_PER_CHUNK tokens a chunk
+    assert mp.auto_ffn_chunks(4096, 1000, None) == 1
+    assert mp.auto_ffn_chunks(43392, 1000, None) == 11
+    # 43392 tokens x 64 KiB = 2.65 GiB of hidden activations: with 4 GiB free (share 0.5 GiB) the token
+    # cap (11) still decides; with 1 GiB free (share 128 MiB) memory does (22)
+    assert mp.auto_ffn_chunks(43392, 65536, 4 * 2**30) == 11
+    assert mp.auto_ffn_chunks(43392, 65536, 1 * 2**30) == 22
+    assert mp.auto_ffn_chunks(10**7, 65536, 2**20) == mp.FFN_MAX_CHUNKS
+
+
+def sequence_parallel_rows():
+    for path in sorted(RESULTS.glob("*-sequence_parallel.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            frames, w, h = (int(v) for v in row["case"].split("x"))
+            if frames >= 497 and row["ffn"] == "auto" and not row.get("error"):  # long clips: what the plan is for
+                yield pytest.param(row, id=f"{path.stem[11:18]}-W{row['world']}u{row['ulysses']}r{row['ring']}-"
+                                          f"{row['case']}-i2v{row['i2v']}")
+
+
+@pytest.mark.parametrize("row", list(sequence_parallel_rows()))
+def test_estimate_matches_measured_peaks(row):
+    """Within 10% of every long-clip peak measured on the H200s (activations only: these runs hold
+    4 layers of weights, which the plan counts exactly)."""
+    frames, w, h = (int(v) for v in row["case"].split("x"))
+    est = mp.estimate(LTX2, mp.Clip.from_pixels(frames, w, h), world=row["world"], ring=row["ring"],
+                      per_token_timesteps=bool(row["i2v"]))
+    measured = max(row["per_rank_peak_over_weights_gb"]) * mp.GIB
+    assert abs(est.total - measured) <= 0.10 * measured, (est.describe(), measured / mp.GIB)
+
+
+def long_video_rows():
+    for path in sorted(RESULTS.glob("*-long_video.json")):
+        for row in json.loads(path.read_text())["tries"]:
+            if row.get("ok"):
+                yield pytest.param(row, id=f"{path.stem[11:18]}-W{row['world']}-{row['frames']}")
+
+
+@pytest.mark.parametrize("row", list(long_video_rows()))
+def test_estimate_matches_long_video_runs(row):
+    """Within 10% of every completed fp8 48-layer forward of the 24 GB benchmark, weights included,
+    using the plan the benchmark recorded for that run (the model's real dims and weight bytes)."""
+    dims = mp.ModelDims(**row["plan_dims"])
+    clip = mp.Clip(**row["clip"])
+    est = mp.estimate(dims, clip, world=row["world"], ring=row["ring"])
+    measured = max(row["per_rank_peak_gb"]) * mp.GIB
+    assert abs(est.total - measured) <= 0.10 * measured
+
+
+def test_fp8_weights_count_their_cast():
+    fp8 = mp.ModelDims(weight_bytes=19 * mp.GIB, cast_bytes=2 * 16384 * 4096 * 2)
+    clip = mp.Clip.from_pixels(897, 768, 512)
+    assert mp.estimate(fp8, clip).parts["weight casts"] == 256 * 2**20
+    assert mp.estimate(fp8, clip).total - mp.estimate(LTX2, clip).total == 19 * mp.GIB + 256 * 2**20
+
+
+def test_more_workers_less_memory_and_ring_costs_more():
+    clip = mp.Clip.from_pixels(897, 1280, 704)
+    peaks = [mp.estimate(LTX2, clip, world=w).total for w in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks, reverse=True)
+    assert mp.estimate(LTX2, clip, world=4, ring=2).total > mp.estimate(LTX2, clip, world=4).total
+
+
+def test_unchunked_ffn_sets_the_peak():
+    clip = mp.Clip.from_pixels(897, 768, 512)
+    assert mp.estimate(LTX2, clip, ffn_chunks=1).total > mp.estimate(LTX2, clip).total
+
+
+def test_largest_latent_frames_is_the_edge():
+    dims = mp.ModelDims(weight_bytes=18 * mp.GIB, cast_bytes=256 << 20)
+    clip = mp.Clip.from_pixels(121, 768, 512)
+    budget = int(24e9)
+    for world in (1, 2, 4):
+        n = mp.largest_latent_frames(budget, dims, clip, world=world)
+        assert n > 0
+        assert mp.estimate(dims, clip.with_latent_frames(n), world=world).total <= budget
+        assert mp.estimate(dims, clip.with_latent_frames(n + 1), world=world).total > budget
+    assert mp.largest_latent_frames(10 * mp.GIB, dims, clip) == 0  # the weights alone do not fit
+
+
+def test_smallest_world():
+    dims = mp.ModelDims(weight_bytes=18 * mp.GIB)
+    clip = mp.Clip.from_pixels(1601, 768, 512)
+    w = mp.smallest_world(int(24e9), dims, clip, max_world=8, video_heads=32)
+    assert w is not None and w > 1
+    assert mp.estimate(dims, clip, world=w).total <= int(24e9) < mp.estimate(dims, clip, world=w // 2).total
+    assert mp.smallest_world(10 * mp.GIB, dims, clip, max_world=8, video_heads=32) is None
