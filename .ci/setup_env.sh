@@ -8,6 +8,19 @@ host=${COMFYUI_PATH:-/opt/ComfyUI}
 py=${PYTHON:-python3}
 
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+
+# Headless Chromium for tests/test_browser_ui.py: Debian's package (Playwright only drives it, no browser
+# download). Installed when absent and allowed (CI=true, or running as root); when apt-get is missing or
+# fails, those tests skip, saying why.
+if ! command -v chromium >/dev/null 2>&1 && { [ "${CI:-}" = true ] || [ "$(id -u)" = 0 ]; }; then
+  if command -v apt-get >/dev/null 2>&1 && { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install \
+       -y -q --no-install-recommends -o DPkg::Lock::Timeout=120 chromium fonts-liberation; } >"$venv/apt-chromium.log" 2>&1
+  then
+    echo "setup_env: installed Debian's chromium for the browser UI tests" >&2
+  else
+    echo "setup_env: could not install chromium with apt-get (see $venv/apt-chromium.log): browser UI tests will skip" >&2
+  fi
+fi
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
