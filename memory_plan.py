@@ -11,11 +11,13 @@ compute dtype; 8 KB for LTX-2 in bf16). The coefficients were measured with
 three sizes; ``bench/results/2026-11-28-h200x*-sequence_parallel.jsonl``) and checked against the
 fp8, 48-layer, 24 GB runs of ``bench/long_video.py``:
 
-* attention phase: 8.5 vectors per local video token (x, its norm, q/k/v, RoPE tables, the
-  attention output), +1.5 with a ring degree (xfuser's float32 accumulators), and 0.06 per token of
-  the *whole* sequence (Ulysses: a head group's gathered q/k/v);
+* attention phase: 8.5 vectors per local video token on one GPU (x, its norm, v, the normed q and k,
+  RoPE's output and temporary, the RoPE tables, the attention output); 8.0 with W > 1 (the output
+  goes into q's buffer, so the peak moves to RoPE), +1.0 with a ring degree (xfuser's float32
+  accumulators), and 0.06 per token of the *whole* sequence (Ulysses: a head group's gathered q/k/v);
 * FFN phase: 3.5 vectors per local token kept, plus one FFN chunk's two 4x-wide tensors;
-* one GPU with per-token timesteps (image-to-video, W = 1): 0.5 more (ComfyUI's per-token adaLN);
+* per-token timesteps (image-to-video, guides): 0.5 more (the per-token adaLN values);
+* fp8 (or any cast) weights: one block linear cast to the compute dtype at a time;
 * audio tokens cost the same number of vectors of ``audio_dim``.
 
 The FFN Chunker's ``auto`` and the parallel sampler's refusal both use this module.
@@ -28,7 +30,8 @@ import math
 GIB = 1 << 30
 # hidden vectors per local video token (see the module docstring)
 ATTENTION_VECTORS = 8.5
-RING_VECTORS = 1.5
+ATTENTION_OUT_IN_Q_VECTORS = 0.5  # sequence parallel: the attention output goes into q's buffer
+RING_VECTORS = 1.0
 FULL_SEQUENCE_VECTORS = 0.06
 FFN_KEPT_VECTORS = 3.5
 PER_TOKEN_TIMESTEP_VECTORS = 0.5
@@ -48,7 +51,7 @@ class ModelDims:
     audio_dim: int = 2048
     ffn_mult: int = 4
     weight_bytes: int = 0  # every parameter and buffer as stored (fp8, bf16 ...)
-    cast_bytes: int = 0  # weights cast to the compute dtype on the fly: two of the largest linear
+    cast_bytes: int = 0  # a weight cast to the compute dtype on the fly: the largest block linear
     compute_bytes: int = 2  # element size of the activations (bf16 = 2)
 
     @classmethod
@@ -59,13 +62,14 @@ class ModelDims:
 
         params = list(diffusion_model.parameters()) + list(diffusion_model.buffers())
         weight_bytes = sum(p.numel() * p.element_size() for p in params)
-        linears = [m.weight for m in diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
+        blocks = getattr(diffusion_model, "transformer_blocks", diffusion_model)
+        linears = [m.weight for m in blocks.modules() if isinstance(m, torch.nn.Linear)]
         compute_dtype = compute_dtype or (linears[0].dtype if linears else torch.float32)
         compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
         largest = max(linears, key=lambda w: w.numel()) if linears else None
         cast = 0
         if largest is not None and largest.dtype != compute_dtype:
-            cast = 2 * largest.numel() * compute_bytes
+            cast = largest.numel() * compute_bytes
         audio_dim = getattr(diffusion_model, "audio_inner_dim", 0) or 0
         return cls(video_dim=diffusion_model.inner_dim, audio_dim=audio_dim, weight_bytes=weight_bytes,
                    cast_bytes=cast, compute_bytes=compute_bytes)
@@ -145,8 +149,8 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
     n = clip.video_tokens
     local = math.ceil(n / world)
     vec = dims.vector
-    attn = ATTENTION_VECTORS + (RING_VECTORS if ring > 1 else 0)
-    if world == 1 and per_token_timesteps:
+    attn = ATTENTION_VECTORS + (RING_VECTORS if ring > 1 else 0) - (ATTENTION_OUT_IN_Q_VECTORS if world > 1 else 0)
+    if per_token_timesteps:
         attn += PER_TOKEN_TIMESTEP_VECTORS
     audio_vec = dims.audio_dim * dims.compute_bytes
     attention = local * attn * vec + n * FULL_SEQUENCE_VECTORS * vec

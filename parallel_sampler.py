@@ -359,7 +359,8 @@ def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.
     ffn = None if chunking is None or chunking.auto else chunking.num_chunks
     if chunking is None:
         ffn = 1
-    kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch)
+    # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them
+    kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch, per_token_timesteps=True)
     est = memory_plan.estimate(dims, clip, world=world, **kw)
     if est.total <= budget:
         return est

@@ -52,7 +52,7 @@ def build_model(layers, tiny=False, dtype=None, device=None, weight_dtype=None):
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     ops = comfy.ops.disable_weight_init
     if weight_dtype is not None and weight_dtype != dtype:
-        ops = comfy.ops.pick_operations(weight_dtype, dtype, load_device=device)
+        ops = comfy.ops.pick_operations(weight_dtype, dtype, load_device=None if device.type == "meta" else device)
     model = LTXAVModel(num_layers=layers, dtype=weight_dtype or dtype, device=device, operations=ops,
                        rope_type="split", frequencies_precision="float64", **(TINY_DIMS if tiny else LTX2_DIMS))
     if device.type == "meta":

@@ -138,6 +138,7 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
                     torch.cuda.memory._record_memory_history(max_entries=2_000_000)
             if sp:
                 sp.reset_stats()
+            base = torch.cuda.memory_allocated() if on_gpu else 0
             t0 = time.perf_counter()
             try:
                 with torch.no_grad():
@@ -150,8 +151,10 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
             except torch.OutOfMemoryError as e:
                 row.update(ok=False, error=str(e).splitlines()[0][:300])
             if on_gpu:
-                row["peak_gb"] = round(torch.cuda.max_memory_allocated() / common.GB, 3)
-                row["reserved_peak_gb"] = round(torch.cuda.max_memory_reserved() / common.GB, 3)
+                # the sequence-parallel phase stats reset the allocator's peak per phase: their peaks
+                # (above the forward's start) are the forward's
+                peak = max(torch.cuda.max_memory_allocated(), base + (sp.stats.get("peak", 0) if sp else 0))
+                row["peak_gb"] = round(peak / common.GB, 3)
                 if sp:
                     row["phases_gb"] = {k: round((v + 0) / common.GB, 3) for k, v in sp.stats.items()}
                 if a.profile and rank == 0:
@@ -195,11 +198,10 @@ def run_world(world, a, latent_frames, tmp, timeout):
         if not per_rank:
             continue
         first = per_rank[0]
-        row = {k: v for k, v in first.items() if k not in ("rank", "peak_gb", "reserved_peak_gb", "phases_gb",
+        row = {k: v for k, v in first.items() if k not in ("rank", "peak_gb", "phases_gb",
                                                            "profile", "ok", "error", "forward_s", "finite")}
         row.update(ok=len(per_rank) == world and all(r["ok"] for r in per_rank),
                    per_rank_peak_gb=[r.get("peak_gb") for r in per_rank],
-                   per_rank_reserved_peak_gb=[r.get("reserved_peak_gb") for r in per_rank],
                    per_rank_phases_gb=[r.get("phases_gb") for r in per_rank],
                    forward_s=max((r.get("forward_s") or 0) for r in per_rank),
                    finite=all(r.get("finite", True) for r in per_rank),

@@ -45,7 +45,8 @@ def sequence_parallel_rows():
 @pytest.mark.parametrize("row", list(sequence_parallel_rows()))
 def test_estimate_matches_measured_peaks(row):
     """Within 10% of every long-clip peak measured on the H200s (activations only: these runs hold
-    4 layers of weights, which the plan counts exactly)."""
+    4 layers of weights, which the plan counts exactly). The x4 file predates the attention output
+    going into q's buffer (W > 1 peaks then were up to half a hidden vector per token higher)."""
     frames, w, h = (int(v) for v in row["case"].split("x"))
     est = mp.estimate(LTX2, mp.Clip.from_pixels(frames, w, h), world=row["world"], ring=row["ring"],
                       per_token_timesteps=bool(row["i2v"]))
@@ -54,28 +55,42 @@ def test_estimate_matches_measured_peaks(row):
 
 
 def long_video_rows():
-    for path in sorted(RESULTS.glob("*-long_video.json")):
+    for path in sorted(RESULTS.glob("*-long_video*.json")):
         for row in json.loads(path.read_text())["tries"]:
             if row.get("ok"):
-                yield pytest.param(row, id=f"{path.stem[11:18]}-W{row['world']}-{row['frames']}")
+                yield pytest.param(row, id=f"{path.stem[11:]}-W{row['world']}-{row['frames']}")
+
+
+@pytest.fixture(scope="module")
+def ltx2_fp8_dims(comfy):
+    """The planner's view of the benchmark's model: ComfyUI's LTXAVModel at LTX-2 dims, 48 layers, fp8
+    weights with the operations ComfyUI picks for them, built on the meta device (no memory)."""
+    import comfy.ops
+    import torch
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+
+    model = LTXAVModel(num_layers=48, dtype=torch.float8_e4m3fn, device="meta", rope_type="split",
+                       operations=comfy.ops.pick_operations(torch.float8_e4m3fn, torch.bfloat16),
+                       frequencies_precision="float64", num_attention_heads=32, attention_head_dim=128,
+                       cross_attention_dim=4096, audio_num_attention_heads=32, audio_attention_head_dim=64,
+                       audio_cross_attention_dim=2048, caption_channels=3840)
+    return mp.ModelDims.of(model, compute_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("row", list(long_video_rows()))
-def test_estimate_matches_long_video_runs(row):
-    """Within 10% of every completed fp8 48-layer forward of the 24 GB benchmark, weights included,
-    using the plan the benchmark recorded for that run (the model's real dims and weight bytes)."""
-    dims = mp.ModelDims(**row["plan_dims"])
-    clip = mp.Clip(**row["clip"])
-    est = mp.estimate(dims, clip, world=row["world"], ring=row["ring"])
+def test_estimate_matches_long_video_runs(row, ltx2_fp8_dims):
+    """Within 10% of every completed fp8 48-layer forward of the 24 GB benchmark, weights included."""
+    assert ltx2_fp8_dims.weight_bytes == row["plan_dims"]["weight_bytes"]  # the model the benchmark ran
+    est = mp.estimate(ltx2_fp8_dims, mp.Clip(**row["clip"]), world=row["world"], ring=row["ring"])
     measured = max(row["per_rank_peak_gb"]) * mp.GIB
-    assert abs(est.total - measured) <= 0.10 * measured
+    assert abs(est.total - measured) <= 0.10 * measured, (est.describe(), measured / mp.GIB)
 
 
 def test_fp8_weights_count_their_cast():
-    fp8 = mp.ModelDims(weight_bytes=19 * mp.GIB, cast_bytes=2 * 16384 * 4096 * 2)
+    fp8 = mp.ModelDims(weight_bytes=19 * mp.GIB, cast_bytes=16384 * 4096 * 2)
     clip = mp.Clip.from_pixels(897, 768, 512)
-    assert mp.estimate(fp8, clip).parts["weight casts"] == 256 * 2**20
-    assert mp.estimate(fp8, clip).total - mp.estimate(LTX2, clip).total == 19 * mp.GIB + 256 * 2**20
+    assert mp.estimate(fp8, clip).parts["weight casts"] == 128 * 2**20
+    assert mp.estimate(fp8, clip).total - mp.estimate(LTX2, clip).total == 19 * mp.GIB + 128 * 2**20
 
 
 def test_more_workers_less_memory_and_ring_costs_more():
