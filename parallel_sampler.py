@@ -121,8 +121,8 @@ class ParallelSampler:
             raise ValueError(f"{NODE}: input 'ray_address' changed from {self.address!r} to {address!r}, but this "
                              "ComfyUI process is already part of a Ray cluster and Ray cannot move it to another "
                              "one: restart ComfyUI to use the new address, or set it back.")
-        kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True,
-                      runtime_env={"env_vars": _passthrough_env()})
+        # no job-wide env: each worker group gets the LTXAV_PARALLEL_* etc. variables of its own start
+        kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
         if loopback:
             kwargs["_node_ip_address"] = "127.0.0.1"
         if address == "local":
@@ -197,7 +197,10 @@ class ParallelSampler:
         # to use NVLink / peer-to-peer between workers
         # expandable segments: long videos allocate large, varying blocks; without them the caching
         # allocator fragments and runs out of memory below what the planner (and the cap) allow
-        env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **_passthrough_env(),
+        # the pack's own variables are set explicitly ("" = unset): Ray's processes may have inherited
+        # values from when Ray started
+        env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                            **{k: "" for k in ray_worker.WORKER_ENV}, **_passthrough_env(),
                             "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
         actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
             rank, world, comfy_path, pack_dir, __package__, _host_args()) for rank in range(world)]

@@ -35,6 +35,7 @@ ENV_PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_", "L
 FAULT_ENV = "LTXAV_PARALLEL_FAULT"  # test hook: "oom:RANK:STEP" raises an OutOfMemoryError there
 # cap each worker's device memory (GB = 10^9 bytes), e.g. 24 to behave like a 24 GB card on a larger one
 CAP_ENV = "LTXAV_PARALLEL_MEMORY_CAP_GB"
+WORKER_ENV = (FAULT_ENV, CAP_ENV)  # read by the workers themselves
 MODEL_REF_NAMES = ("patcher", "model_options", "base_model", "diffusion_model")
 
 
