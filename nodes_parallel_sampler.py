@@ -29,9 +29,12 @@ def parallel_inputs():
                               "than Ulysses.")),
         io.String.Input("ray_address", default="local",
                         tooltip=("'local': a private Ray cluster on this machine (127.0.0.1, no dashboard), started "
-                                 "on first use and kept for later prompts. 'auto': the cluster `ray start` runs "
-                                 "here. host:port: a Ray head elsewhere; its nodes need this ComfyUI and this pack "
-                                 "at the same paths. Changing it restarts the workers.")),
+                                 "on first use (a few seconds) and kept for later prompts. 'auto': the cluster "
+                                 "`ray start` runs here. host:port: a Ray head elsewhere; its nodes need this "
+                                 "ComfyUI, this pack and the model files at the same paths: each worker gets the "
+                                 "model's load recipe and patches (LoRAs), not its weights, and loads the "
+                                 "checkpoint from its own disk. Changing it after the first prompt needs a ComfyUI "
+                                 "restart (Ray cannot move a running process to another cluster).")),
     ]
 
 
@@ -57,23 +60,40 @@ class LTXAVParallelKSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="An LTX-2 audio-video MODEL from 'Load Diffusion Model' or 'Load "
                                "Checkpoint', after LoRA loaders and the LTX FFN Chunker if used: the workers "
-                               "rebuild it from the same file and apply the same patches."),
+                               "rebuild it from the same file and apply the same patches. Each worker holds a full "
+                               "copy of the weights (GPU memory: weights + its 1/gpus share of the video). The "
+                               "first prompt starts the workers (~15-25 s) and loads the model on each; later "
+                               "prompts reuse them until the model, its LoRAs, the FFN Chunker or gpus/degrees "
+                               "change (then it reloads)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
-                             tooltip="The noise seed, as in KSampler."),
+                             tooltip="The noise seed, as in KSampler. Costs nothing; a new seed reuses the loaded "
+                                     "workers."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps; time grows linearly."),
                 io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale; above 1 each step runs the model on "
-                                       "positive and negative (twice the work)."),
+                               tooltip="Classifier-free guidance scale; other than 1, each step runs the model "
+                                       "on positive and negative (twice the time)."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
-                               tooltip="The sampling algorithm, as in KSampler."),
+                               tooltip="The sampling algorithm, as in KSampler. Samplers that run the model more "
+                                       "than once per step (heun, dpm_2, dpmpp_sde, ...) take that many times longer "
+                                       "per step; memory is about the same."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
-                               tooltip="The noise schedule, as in KSampler."),
-                io.Conditioning.Input("positive", tooltip="Positive conditioning (LTXVConditioning, guides...)."),
-                io.Conditioning.Input("negative", tooltip="Negative conditioning."),
+                               tooltip="The noise schedule, as in KSampler. No cost: it only spaces the steps' "
+                                       "noise levels."),
+                io.Conditioning.Input("positive", tooltip="Positive conditioning (LTXVConditioning, guides...). "
+                                      "The prompt's length costs almost nothing; guide frames (LTXVAddGuide) are "
+                                      "added to the latent and cost memory and time like video frames."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning, used when cfg is not 1: then every "
+                                      "step also runs the model on it (twice the time). Its length costs almost "
+                                      "nothing."),
                 io.Latent.Input("latent_image", tooltip="The LTXAV latent (video + audio from LTXVConcatAVLatent, "
-                                "or video only)."),
+                                "or video only). Its size sets the cost: memory per worker grows linearly with "
+                                "frames x width x height, time per step a bit faster (attention is quadratic). A "
+                                "video whose predicted per-worker peak exceeds the GPU's memory is refused before "
+                                "sampling, naming the longest length that fits."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of the schedule to run, as in KSampler."),
+                               tooltip="Share of the schedule to run, as in KSampler (below 1: start from a less "
+                                       "noisy level, for img2img-style edits). No cost: it still runs 'steps' "
+                                       "steps."),
                 *parallel_inputs(),
             ],
             outputs=[io.Latent.Output()],
@@ -109,13 +129,25 @@ class LTXAVParallelSamplerCustomAdvanced(io.ComfyNode):
                          "SIGMAS (LTXV scheduler or manual) as the stock node."),
             search_aliases=["multi gpu sampler", "ltx parallel", "sequence parallel", "xdit", "ray"],
             inputs=[
-                io.Noise.Input("noise", tooltip="RandomNoise or DisableNoise, as in SamplerCustomAdvanced."),
+                io.Noise.Input("noise", tooltip="RandomNoise or DisableNoise, as in SamplerCustomAdvanced. Costs "
+                               "nothing; a new seed reuses the loaded workers."),
                 io.Guider.Input("guider", tooltip="A guider (CFGGuider, DualCFGGuider, BasicGuider...) built on an "
-                                "LTX-2 audio-video MODEL; the workers rebuild its model and use its conditioning."),
-                io.Sampler.Input("sampler", tooltip="KSamplerSelect or another SAMPLER."),
+                                "LTX-2 audio-video MODEL; the workers rebuild its model and use its conditioning. "
+                                "Each worker holds a full copy of the weights (GPU memory: weights + its 1/gpus "
+                                "share of the video). The first prompt starts the workers (~15-25 s) and loads the "
+                                "model on each; later prompts reuse them until the model, its LoRAs, the FFN "
+                                "Chunker or gpus/degrees change (then it reloads). CFG guiders with cfg other than 1 "
+                                "run the model on positive and negative: twice the time per step."),
+                io.Sampler.Input("sampler", tooltip="KSamplerSelect or another SAMPLER. Samplers that run the model "
+                                 "more than once per step (heun, dpm_2, dpmpp_sde, ...) take that many times longer "
+                                 "per step; memory is about the same."),
                 io.Sigmas.Input("sigmas", tooltip="LTXVScheduler, BasicScheduler or manual sigmas; steps = "
-                                "len(sigmas) - 1."),
-                io.Latent.Input("latent_image", tooltip="The LTXAV latent (video + audio, or video only)."),
+                                "len(sigmas) - 1, and time grows linearly with steps. No memory cost."),
+                io.Latent.Input("latent_image", tooltip="The LTXAV latent (video + audio, or video only). Its size "
+                                "sets the cost: memory per worker grows linearly with frames x width x height, time "
+                                "per step a bit faster (attention is quadratic). A video whose predicted per-worker "
+                                "peak exceeds the GPU's memory is refused before sampling, naming the longest "
+                                "length that fits."),
                 *parallel_inputs(),
             ],
             outputs=[io.Latent.Output(display_name="output"), io.Latent.Output(display_name="denoised_output")],

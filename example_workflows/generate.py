@@ -1,5 +1,6 @@
-"""Writes the example workflows in both formats (UI for the editor, API for POST /prompt) from one
-description per workflow and ComfyUI's node definitions.
+"""Writes the example workflows in both formats from one description per workflow and ComfyUI's node
+definitions: UI format for the editor (example_workflows/<name>.json, listed in the Templates browser) and
+API format for POST /prompt (example_workflows/api/<name>_api.json).
 
 Usage: python example_workflows/generate.py OBJECT_INFO_JSON
 (OBJECT_INFO_JSON: what GET /object_info of a ComfyUI with this pack returns.)
@@ -10,6 +11,9 @@ import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# API-format copies live one level down: ComfyUI's Templates browser lists every *.json directly in
+# example_workflows/ (and only there), and an API-format file opens there as an empty workflow.
+API_DIR = HERE / "api"
 CKPT = "ltx-2-19b-dev-fp8.safetensors"
 GEMMA = "gemma_3_12B_it_fp4_mixed.safetensors"
 FRAMES, WIDTH, HEIGHT, FPS = 897, 768, 512, 25
@@ -34,22 +38,22 @@ def common(sampler_nodes):
         2: ("LTXAVTextEncoderLoader", {"text_encoder": GEMMA, "ckpt_name": CKPT, "device": "default"}, (0, 200)),
         3: ("CLIPTextEncode", {"text": "A lighthouse keeper climbs a spiral staircase at dusk, wind howling outside, "
                                        "waves crashing far below; he hums an old sea shanty.", "clip": L(2)},
-            (400, 150)),
+            (400, 200)),
         4: ("CLIPTextEncode", {"text": "blurry, low quality, still frame, watermark, subtitles", "clip": L(2)},
-            (400, 400)),
+            (400, 450)),
         5: ("LTXVConditioning", {"positive": L(3), "negative": L(4), "frame_rate": float(FPS)}, (800, 250)),
         6: ("LTXFFNChunker", {"model": L(1), "auto": True, "num_chunks": 16}, (400, 0)),
         7: ("EmptyLTXVLatentVideo", {"width": WIDTH, "height": HEIGHT, "length": FRAMES, "batch_size": 1}, (0, 600)),
         8: ("LTXVAudioVAELoader", {"ckpt_name": CKPT}, (0, 800)),
         9: ("LTXVEmptyLatentAudio", {"frames_number": FRAMES, "frame_rate": FPS, "batch_size": 1, "audio_vae": L(8)},
             (400, 800)),
-        31: ("LTXVSeparateAVLatent", {"av_latent": L(30)}, (1700, 300)),
+        31: ("LTXVSeparateAVLatent", {"av_latent": L(30)}, (2000, 300)),
         32: ("VAEDecodeTiled", {"samples": L(31, 0), "vae": L(1, 2), "tile_size": 512, "overlap": 64,
-                                "temporal_size": 4096, "temporal_overlap": 8}, (2000, 200)),
-        33: ("LTXVAudioVAEDecode", {"samples": L(31, 1), "audio_vae": L(8)}, (2000, 450)),
-        34: ("CreateVideo", {"images": L(32), "audio": L(33), "fps": float(FPS)}, (2300, 300)),
+                                "temporal_size": 4096, "temporal_overlap": 8}, (2400, 200)),
+        33: ("LTXVAudioVAEDecode", {"samples": L(31, 1), "audio_vae": L(8)}, (2400, 450)),
+        34: ("CreateVideo", {"images": L(32), "audio": L(33), "fps": float(FPS)}, (2800, 300)),
         35: ("SaveVideo", {"video": L(34), "filename_prefix": "video/LTXAV-parallel", "format": "mp4",
-                           "codec": "auto"}, (2600, 300)),
+                           "codec": "auto"}, (3200, 300)),
         40: ("MarkdownNote", {"text": NOTE}, (0, -350)),
     }
     nodes.update(sampler_nodes)
@@ -60,13 +64,13 @@ PARALLEL = {"gpus": 0, "ulysses_degree": 0, "ring_degree": 1, "ray_address": "lo
 
 T2V = common({
     10: ("LTXVConcatAVLatent", {"video_latent": L(7), "audio_latent": L(9)}, (800, 650)),
-    11: ("CFGGuider", {"model": L(6), "positive": L(5, 0), "negative": L(5, 1), "cfg": 4.0}, (1100, 0)),
+    11: ("CFGGuider", {"model": L(6), "positive": L(5, 0), "negative": L(5, 1), "cfg": 4.0}, (1200, 0)),
     12: ("LTXVScheduler", {"steps": 20, "max_shift": 2.05, "base_shift": 0.95, "stretch": True, "terminal": 0.1,
-                           "latent": L(10)}, (1100, 500)),
-    13: ("KSamplerSelect", {"sampler_name": "euler"}, (1100, 250)),
-    14: ("RandomNoise", {"noise_seed": 42}, (1100, 750)),
+                           "latent": L(10)}, (1200, 500)),
+    13: ("KSamplerSelect", {"sampler_name": "euler"}, (1200, 250)),
+    14: ("RandomNoise", {"noise_seed": 42}, (1200, 750)),
     30: ("LTXAVParallelSamplerCustomAdvanced", {"noise": L(14), "guider": L(11), "sampler": L(13), "sigmas": L(12),
-                                                "latent_image": L(10), **PARALLEL}, (1400, 300)),
+                                                "latent_image": L(10), **PARALLEL}, (1600, 300)),
 })
 
 I2V = common({
@@ -74,13 +78,17 @@ I2V = common({
     21: ("LTXVPreprocess", {"image": L(20), "img_compression": 35}, (400, 1000)),
     22: ("LTXVImgToVideoInplace", {"vae": L(1, 2), "image": L(21), "latent": L(7), "strength": 1.0, "bypass": False},
          (800, 900)),
-    10: ("LTXVConcatAVLatent", {"video_latent": L(22), "audio_latent": L(9)}, (1100, 650)),
+    10: ("LTXVConcatAVLatent", {"video_latent": L(22), "audio_latent": L(9)}, (1200, 650)),
     30: ("LTXAVParallelKSampler", {"model": L(6), "seed": 42, "steps": 20, "cfg": 4.0, "sampler_name": "euler",
                                    "scheduler": "simple", "positive": L(5, 0), "negative": L(5, 1),
-                                   "latent_image": L(10), "denoise": 1.0, **PARALLEL}, (1400, 300)),
+                                   "latent_image": L(10), "denoise": 1.0, **PARALLEL}, (1600, 300)),
 })
 
 FRONTEND_ONLY = {"MarkdownNote": {"text": "STRING"}}
+# Node sizes in the editor (it grows a node to fit its widgets); columns are 400 apart.
+SIZES = {"MarkdownNote": [520, 260], "LTXAVParallelKSampler": [380, 120],
+         "LTXAVParallelSamplerCustomAdvanced": [380, 120]}  # 380: the whole title shows
+DEFAULT_SIZE = [320, 120]
 
 
 def is_link(v):
@@ -139,7 +147,7 @@ def ui(nodes, info):
             if name in inputs and not is_link(inputs[name]):
                 values += [inputs[name], *extra]
         ui_nodes.append({"id": nid, "type": ntype, "pos": list(pos),
-                         "size": [520, 260] if ntype in FRONTEND_ONLY else [320, 120],
+                         "size": list(SIZES.get(ntype, DEFAULT_SIZE)),
                          "flags": {}, "order": order, "mode": 0, "inputs": sockets, "outputs": [],
                          "properties": {"Node name for S&R": ntype}, "widgets_values": values})
     for n in ui_nodes:
@@ -150,14 +158,25 @@ def ui(nodes, info):
                         for i, (name, t) in enumerate(zip(names, info[n["type"]]["output"]))]
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(sorted(nodes)))), "revision": 0,
             "last_node_id": max(nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [100, 400]}}, "version": 0.4}
+            "groups": [], "config": {}, "extra": {"ds": view(ui_nodes)}, "version": 0.4}
+
+
+def view(ui_nodes, screen_width=1920, left=90, top=110):
+    """The editor's camera when the workflow opens: every column on a 1920-pixel-wide screen (right of the
+    side bar, below the tabs). Screen = (canvas position + offset) * scale."""
+    x0 = min(n["pos"][0] for n in ui_nodes)
+    y0 = min(n["pos"][1] for n in ui_nodes) - 30  # title bar
+    x1 = max(n["pos"][0] + n["size"][0] for n in ui_nodes)
+    scale = min(0.6, int(100 * (screen_width - left - 30) / (x1 - x0)) / 100)
+    return {"scale": scale, "offset": [round(left / scale - x0), round(top / scale - y0)]}
 
 
 def main(object_info_path):
     info = json.loads(Path(object_info_path).read_text())
+    API_DIR.mkdir(exist_ok=True)
     for name, nodes in (("ltxav_t2v_parallel", T2V), ("ltxav_i2v_parallel", I2V)):
         (HERE / f"{name}.json").write_text(json.dumps(ui(nodes, info), indent=1) + "\n")
-        (HERE / f"{name}_api.json").write_text(json.dumps(api(nodes), indent=1) + "\n")
+        (API_DIR / f"{name}_api.json").write_text(json.dumps(api(nodes), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,12 +23,14 @@ from comfy_server import PACK_FOLDER
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "example_workflows"
-UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))  # API-format copies are in api/, out of the Templates browser
 CATEGORY = "LTXAV Multi-GPU"
 DISPLAY_NAMES = {"LTXFFNChunker": "LTX FFN Chunker", "LTXAVParallelKSampler": "LTXAV Parallel KSampler",
                  "LTXAVParallelSamplerCustomAdvanced": "LTXAV Parallel SamplerCustomAdvanced"}
 WRITE_SCREENSHOTS = os.environ.get("LTXAV_WRITE_SCREENSHOTS", "") not in ("", "0")
 THUMBNAIL_MAX_BYTES = 300_000
+# Every input's tooltip says what it costs: one of these words (case-insensitive) shows it does
+COST_WORDS = ("memory", "time", "cost", "slow", "fast", "longer", "second")
 # Model files the example workflows name, by loader: (widget index, models folder)
 MODEL_WIDGETS = {"CheckpointLoaderSimple": [(0, "checkpoints")],
                  "LTXAVTextEncoderLoader": [(0, "text_encoders"), (1, "checkpoints")],
@@ -69,15 +71,19 @@ def test_pack_nodes_display_names_and_input_tooltips(server, pack, info):
     ids = pack_node_ids(pack)
     assert sorted(ids) == sorted(DISPLAY_NAMES)
     assert sorted(k for k, v in info.items() if v["category"] == CATEGORY) == sorted(ids)
-    no_tooltip = []
+    no_tooltip, no_cost = [], []
     for node_id in ids:
         assert info[node_id]["display_name"] == DISPLAY_NAMES[node_id]
         for group in ("required", "optional"):
             for name, spec in info[node_id]["input"].get(group, {}).items():
                 opts = spec[1] if len(spec) > 1 else {}
-                if not str(opts.get("tooltip", "")).strip():
+                tooltip = str(opts.get("tooltip", "")).strip()
+                if not tooltip:
                     no_tooltip.append(f"{node_id}.{name}")
+                elif not any(word in tooltip.lower() for word in COST_WORDS):
+                    no_cost.append(f"{node_id}.{name}: {tooltip}")
     assert not no_tooltip, f"inputs without a tooltip: {no_tooltip}"
+    assert not no_cost, "tooltips that do not say what the input costs (memory, time...):\n" + "\n".join(no_cost)
 
 
 @pytest.fixture(scope="module")

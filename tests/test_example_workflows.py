@@ -1,13 +1,14 @@
-"""Every node type, link and widget in example_workflows/ exists in this pack or stock ComfyUI (as
-the running server reports them in /object_info)."""
+"""Every node type, link and widget in example_workflows/ (UI format) and example_workflows/api/ (API
+format) exists in this pack or stock ComfyUI (as the running server reports them in /object_info), and the
+server's Templates list offers the UI-format ones only."""
 import json
 from pathlib import Path
 
 import pytest
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "example_workflows"
-UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
-API_FILES = sorted(WORKFLOWS.glob("*_api.json"))
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))  # the Templates browser lists every *.json here, one level deep
+API_FILES = sorted((WORKFLOWS / "api").glob("*_api.json"))
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # editor-only nodes, not in /object_info
 USER_FILES = {"ckpt_name", "text_encoder", "image", "unet_name", "lora_name"}  # combos of the user's model files
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -35,6 +36,14 @@ def widget_count(info, node_type):
 def test_examples_exist():
     assert {p.name for p in UI_FILES} == {"ltxav_t2v_parallel.json", "ltxav_i2v_parallel.json"}
     assert {p.stem.removesuffix("_api") for p in API_FILES} == {p.stem for p in UI_FILES}
+    for path in UI_FILES:  # an API-format file here would open from the Templates browser as an empty graph
+        assert "nodes" in json.loads(path.read_text()), f"{path.name} is not UI format: move it to api/"
+
+
+def test_templates_list_only_ui_workflows(server):
+    from comfy_server import PACK_FOLDER
+
+    assert sorted(server.get("/workflow_templates").get(PACK_FOLDER, [])) == sorted(p.stem for p in UI_FILES)
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
