@@ -342,7 +342,8 @@ def step_timings(marks: list[float]) -> dict:
         return {}
     later = sorted(steps[1:])
     median = later[len(later) // 2]
-    return {"worker_s_per_step": round(median, 4), "worker_setup_s": round(max(0.0, steps[0] - median), 3)}
+    return {"worker_s_per_step": round(median, 4), "worker_mean_s_per_step": round(sum(later) / len(later), 4),
+            "worker_setup_s": round(max(0.0, steps[0] - median), 3)}
 
 
 def latent_clip(latent) -> tuple[memory_plan.Clip, int]:

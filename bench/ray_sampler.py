@@ -171,6 +171,8 @@ def main():
         emit(dict(world=world, mode="LTXAV parallel sampler (Ray)", **fit,
                   speedup_vs_stock=round(stock_step / fit["s_per_step"], 3),
                   worker_s_per_step=r2["timings"].get("worker_s_per_step"),
+                  worker_mean_s_per_step=r2["timings"].get("worker_mean_s_per_step"),
+                  worker_step_s=[round(b - a, 4) for a, b in zip(r2["step_times"][:-1], r2["step_times"][1:])],
                   worker_setup_s=r2["timings"].get("worker_setup_s"),
                   ray_start_s=first["timings"]["ray_start_s"], model_load_s=first["timings"]["model_load_s"],
                   video_tokens=tokens, per_worker_memory=r2["memory"], rel_l2_vs_stock=round(err, 5)))
