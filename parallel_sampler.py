@@ -360,9 +360,7 @@ def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.
     dims = memory_plan.ModelDims.of(dm, compute_dtype=patcher.model.get_dtype_inference())
     clip, batch = latent_clip(job["latent"])
     chunking = ffn_chunking.ChunkSettings.from_options(patcher.model_options.get("transformer_options"))
-    ffn = None if chunking is None or chunking.auto else chunking.num_chunks
-    if chunking is None:
-        ffn = 1
+    ffn = 1 if chunking is None else None if chunking.auto else chunking.num_chunks  # None: auto
     # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them
     kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch, per_token_timesteps=True)
     est = memory_plan.estimate(dims, clip, world=world, **kw)
