@@ -241,6 +241,7 @@ class ParallelSampler:
         self.connect(settings.ray_address)  # first: it decides how Ray is imported
         import ray
         world, degrees, cpu = self.resolve(settings, dm.num_attention_heads)
+        t_prepare = time.perf_counter()
         recipe, spec, skipped = ray_worker.model_spec(
             patcher, own_keys=(ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY))
         if skipped:
@@ -249,6 +250,7 @@ class ParallelSampler:
         job_bytes = ray_worker.dumps(job, ray_worker.model_refs(patcher))
         comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
         comfy.model_management.soft_empty_cache()
+        prepare_s = time.perf_counter() - t_prepare
 
         group, start_s = self.ensure_group(world, degrees, cpu)
         budgets = [b for b in self._wait([a.memory_budget.remote() for a in group.actors], "start", START_TIMEOUT_S)
@@ -269,6 +271,7 @@ class ParallelSampler:
         results = self._wait([a.sample.remote(job_ref) for a in group.actors], "sampling", STALL_S,
                              pbar=comfy.utils.ProgressBar(total_steps))
         sample_s = time.perf_counter() - t0
+        marks = results[0].get("step_times") or []
         memory = [r["memory"] for r in results]
         if results[0]["interrupted"]:
             log.info("%s: interrupted at step %d; the workers stay loaded", NODE, results[0]["step"])
@@ -276,9 +279,13 @@ class ParallelSampler:
             raise comfy.model_management.InterruptProcessingException()
         out = dict(results[0])
         out["memory"] = memory
+        # prepare: the model spec and job pickled here; outside_steps: the sampling call's time beyond the
+        # workers' own first-to-last step marks (job and result transfer, set-up and tear-down on the workers)
         out["timings"] = {"ray_start_s": round(start_s, 2), "model_load_s": round(load_s, 2),
                           "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4),
-                          **step_timings(results[0].get("step_times") or [])}
+                          "prepare_s": round(prepare_s, 3), "job_mb": round(len(job_bytes) / 1e6, 1),
+                          "outside_steps_s": round(sample_s - (marks[-1] - marks[0]), 3) if len(marks) > 1 else None,
+                          **step_timings(marks)}
         out["summary"] = summary(group, memory, out["timings"])
         log.info("%s", out["summary"])
         return out
@@ -442,8 +449,8 @@ def _describe(err, rank, what, group) -> str:
 def summary(group: _Group, memory: list[dict], timings: dict) -> str:
     """The per-worker memory lines shown in the log and on the node."""
     lines = [f"{NODE}: {group.world} workers, Ulysses {group.degrees.ulysses} x ring {group.degrees.ring}; "
-             f"{timings['s_per_step']} s/step, model load {timings['model_load_s']} s, "
-             f"Ray start {timings['ray_start_s']} s"]
+             f"sampling {timings['sampling_s']} s ({timings.get('worker_s_per_step', timings['s_per_step'])} s/step on "
+             f"the workers), model load {timings['model_load_s']} s, Ray start {timings['ray_start_s']} s"]
     for m, info in zip(memory, group.infos):
         if m["peak_gb"] is None:
             lines.append(f"  worker {m['rank']} ({info['device']}): no GPU memory figures on CPU")
