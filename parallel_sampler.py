@@ -256,7 +256,9 @@ class ParallelSampler:
         budgets = [b for b in self._wait([a.memory_budget.remote() for a in group.actors], "start", START_TIMEOUT_S)
                    if b is not None]
         if budgets and os.environ.get(SKIP_CHECK_ENV) != "1":
-            check_memory(patcher, job, group.world, group.degrees, min(budgets), group.infos)
+            est = check_memory(patcher, job, group.world, group.degrees, min(budgets), group.infos)
+            log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s)", NODE, est.total / memory_plan.GIB,
+                     min(budgets) / memory_plan.GIB, est.describe())
         t0 = time.perf_counter()
         recipe_ref, spec_ref = ray.put(recipe), ray.put(spec)
         loads = self._wait([a.load.remote(key, recipe_ref, spec_ref) for a in group.actors], "model load",

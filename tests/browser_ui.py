@@ -164,7 +164,7 @@ class ComfyPage:
         self.server = server
         self.context = browser.new_context(viewport=VIEWPORT)
         self.page = self.context.new_page()
-        self.page.set_default_timeout(30_000)
+        self.page.set_default_timeout(60_000)  # 2-core CI machines, Ray workers beside
         self.js_errors = []
         self.page.on("pageerror", lambda e: self.js_errors.append(str(e)))
         self.responses = []  # (url, status) of every HTTP response the page got
@@ -244,9 +244,18 @@ class ComfyPage:
 
     def search_titles(self, query: str) -> list[str]:
         """Double-click the empty canvas, type ``query`` in the node search box: the result titles."""
-        self.page.mouse.dblclick(VIEWPORT["width"] * 0.6, VIEWPORT["height"] * 0.55)
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
         box = self.page.get_by_placeholder("Add a node...")
-        box.wait_for()
+        for attempt in range(3):  # a double-click while the page is still busy (a loaded CI machine) can be lost
+            self.page.mouse.dblclick(VIEWPORT["width"] * 0.6, VIEWPORT["height"] * 0.55)
+            try:
+                box.wait_for(timeout=15_000)
+                break
+            except PlaywrightTimeout:
+                if attempt == 2:
+                    raise
+                self.settle()
         box.fill(query)
         options = self.page.locator("[role=option]")
         options.filter(has_text=query).first.wait_for()

@@ -2,6 +2,7 @@
 on the same tiny checkpoint, seed and inputs; worker reuse, reloads, interrupt and faults."""
 import importlib
 import os
+import re
 import signal
 import threading
 import time
@@ -241,10 +242,10 @@ def test_worker_out_of_memory_is_a_clear_error(ps, nodes_mod, tiny_model, tiny_c
     assert_close(got, stock_ksampler(tiny_model, cc))
 
 
-def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tiny_ckpt, monkeypatch):
+def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tiny_ckpt, monkeypatch, caplog_info):
     """With each worker capped (LTXAV_PARALLEL_MEMORY_CAP_GB) between the planner's estimate for 2 and
     for 4 latent frames, the 25-frame (4 latent frames) run is refused before any model load, naming
-    the longest length that fits; after the cap is lifted the same prompt runs."""
+    the longest length that fits; with a cap that fits, the same prompt logs the plan and samples."""
     cc = tiny_ckpt[1]["caption_channels"]
     mp = importlib.import_module("ltxav_pack.memory_plan")
     xsp = importlib.import_module("ltxav_pack.xdit_context_parallel")
@@ -265,9 +266,13 @@ def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tin
         parallel_ksampler(nodes_mod, tiny_model, cc)
     assert all(i["loads"] == 0 for i in worker_infos(ps))  # refused before loading anything
     ps.POOL.stop_group()
-    monkeypatch.delenv("LTXAV_PARALLEL_MEMORY_CAP_GB")
+    monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GB", "1000")  # fits: the run logs the plan and samples
     got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
     assert_close(got, stock_ksampler(tiny_model, cc))
+    assert re.search(r"LTXAV Parallel Sampler: planned peak 0\.\d\d GiB per worker of 931\.32 GiB free \(weights",
+                     caplog_info.text)
+    ps.POOL.stop_group()
+    monkeypatch.delenv("LTXAV_PARALLEL_MEMORY_CAP_GB")
 
 
 @pytest.mark.parametrize("kw,msg", [
