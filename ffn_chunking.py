@@ -56,11 +56,14 @@ def _chunk_bounds(n_tokens: int, n_chunks: int) -> list[int]:
     return [(i * n_tokens) // n_chunks for i in range(n_chunks + 1)]
 
 
-def may_overwrite(x: torch.Tensor) -> bool:
+def may_overwrite(x: torch.Tensor, whole_view: bool = False) -> bool:
     """True when ``x`` owns its storage, is contiguous and no autograd needs it: a temporary the LTX
     code drops after the call (the FFN input, attention's q) can take the output instead of a new
-    buffer."""
-    return x._base is None and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())
+    buffer. ``whole_view``: a view spanning all of its storage also counts (a reshape that had to copy
+    returns a view of that private copy)."""
+    own = x._base is None or (whole_view and x.storage_offset() == 0
+                              and x.untyped_storage().nbytes() == x.numel() * x.element_size())
+    return own and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())
 
 
 _MISSING = object()

@@ -11,6 +11,18 @@ from .nodes_ltx_ffn_chunker import CATEGORY
 from .parallel_sampler import POOL, ParallelSettings
 
 
+# cost sentences that the two sampler nodes' tooltips share
+WORKERS_COST = ("Each worker holds a full copy of the weights (GPU memory: weights + its 1/gpus share of the video). "
+                "The first prompt starts the workers (~15-25 s) and loads the model on each; later prompts reuse "
+                "them until the model, its LoRAs, the FFN Chunker or gpus/degrees change (then it reloads).")
+SEED_COST = "Costs nothing; a new seed reuses the loaded workers."
+SAMPLER_COST = ("Samplers that run the model more than once per step (heun, dpm_2, dpmpp_sde, ...) take that many "
+                "times longer per step; memory is about the same.")
+LATENT_COST = ("Its size sets the cost: memory per worker grows linearly with frames x width x height, time per "
+               "step a bit faster (attention is quadratic). A video whose predicted per-worker peak exceeds the "
+               "GPU's memory is refused before sampling, naming the longest length that fits.")
+
+
 def parallel_inputs():
     """The inputs both sampler nodes share: how many GPUs and how to split attention over them."""
     return [
@@ -60,22 +72,15 @@ class LTXAVParallelKSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="An LTX-2 audio-video MODEL from 'Load Diffusion Model' or 'Load "
                                "Checkpoint', after LoRA loaders and the LTX FFN Chunker if used: the workers "
-                               "rebuild it from the same file and apply the same patches. Each worker holds a full "
-                               "copy of the weights (GPU memory: weights + its 1/gpus share of the video). The "
-                               "first prompt starts the workers (~15-25 s) and loads the model on each; later "
-                               "prompts reuse them until the model, its LoRAs, the FFN Chunker or gpus/degrees "
-                               "change (then it reloads)."),
+                               "rebuild it from the same file and apply the same patches. " + WORKERS_COST),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
-                             tooltip="The noise seed, as in KSampler. Costs nothing; a new seed reuses the loaded "
-                                     "workers."),
+                             tooltip="The noise seed, as in KSampler. " + SEED_COST),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps; time grows linearly."),
                 io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale; other than 1, each step runs the model "
                                        "on positive and negative (twice the time)."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
-                               tooltip="The sampling algorithm, as in KSampler. Samplers that run the model more "
-                                       "than once per step (heun, dpm_2, dpmpp_sde, ...) take that many times longer "
-                                       "per step; memory is about the same."),
+                               tooltip="The sampling algorithm, as in KSampler. " + SAMPLER_COST),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
                                tooltip="The noise schedule, as in KSampler. No cost: it only spaces the steps' "
                                        "noise levels."),
@@ -86,10 +91,7 @@ class LTXAVParallelKSampler(io.ComfyNode):
                                       "step also runs the model on it (twice the time). Its length costs almost "
                                       "nothing."),
                 io.Latent.Input("latent_image", tooltip="The LTXAV latent (video + audio from LTXVConcatAVLatent, "
-                                "or video only). Its size sets the cost: memory per worker grows linearly with "
-                                "frames x width x height, time per step a bit faster (attention is quadratic). A "
-                                "video whose predicted per-worker peak exceeds the GPU's memory is refused before "
-                                "sampling, naming the longest length that fits."),
+                                "or video only). " + LATENT_COST),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of the schedule to run, as in KSampler (below 1: start from a less "
                                        "noisy level, for img2img-style edits). No cost: it still runs 'steps' "
@@ -129,25 +131,17 @@ class LTXAVParallelSamplerCustomAdvanced(io.ComfyNode):
                          "SIGMAS (LTXV scheduler or manual) as the stock node."),
             search_aliases=["multi gpu sampler", "ltx parallel", "sequence parallel", "xdit", "ray"],
             inputs=[
-                io.Noise.Input("noise", tooltip="RandomNoise or DisableNoise, as in SamplerCustomAdvanced. Costs "
-                               "nothing; a new seed reuses the loaded workers."),
+                io.Noise.Input("noise",
+                               tooltip="RandomNoise or DisableNoise, as in SamplerCustomAdvanced. " + SEED_COST),
                 io.Guider.Input("guider", tooltip="A guider (CFGGuider, DualCFGGuider, BasicGuider...) built on an "
                                 "LTX-2 audio-video MODEL; the workers rebuild its model and use its conditioning. "
-                                "Each worker holds a full copy of the weights (GPU memory: weights + its 1/gpus "
-                                "share of the video). The first prompt starts the workers (~15-25 s) and loads the "
-                                "model on each; later prompts reuse them until the model, its LoRAs, the FFN "
-                                "Chunker or gpus/degrees change (then it reloads). CFG guiders with cfg other than 1 "
-                                "run the model on positive and negative: twice the time per step."),
-                io.Sampler.Input("sampler", tooltip="KSamplerSelect or another SAMPLER. Samplers that run the model "
-                                 "more than once per step (heun, dpm_2, dpmpp_sde, ...) take that many times longer "
-                                 "per step; memory is about the same."),
+                                + WORKERS_COST + " CFG guiders with cfg other than 1 run the model on positive and "
+                                "negative: twice the time per step."),
+                io.Sampler.Input("sampler", tooltip="KSamplerSelect or another SAMPLER. " + SAMPLER_COST),
                 io.Sigmas.Input("sigmas", tooltip="LTXVScheduler, BasicScheduler or manual sigmas; steps = "
                                 "len(sigmas) - 1, and time grows linearly with steps. No memory cost."),
-                io.Latent.Input("latent_image", tooltip="The LTXAV latent (video + audio, or video only). Its size "
-                                "sets the cost: memory per worker grows linearly with frames x width x height, time "
-                                "per step a bit faster (attention is quadratic). A video whose predicted per-worker "
-                                "peak exceeds the GPU's memory is refused before sampling, naming the longest "
-                                "length that fits."),
+                io.Latent.Input("latent_image", tooltip="The LTXAV latent (video + audio, or video only). "
+                                + LATENT_COST),
                 *parallel_inputs(),
             ],
             outputs=[io.Latent.Output(display_name="output"), io.Latent.Output(display_name="denoised_output")],

@@ -378,8 +378,9 @@ def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.
     gib = memory_plan.GIB
     size = f"{clip.latent_width * 32}x{clip.latent_height * 32}"
     fits = memory_plan.largest_latent_frames(budget, dims, clip, world=world, **kw)
-    kw.pop("ring")
-    more = memory_plan.smallest_world(budget, dims, clip, max_world=64, video_heads=dm.num_attention_heads, **kw)
+    ulysses_only = {k: v for k, v in kw.items() if k != "ring"}
+    more = memory_plan.smallest_world(budget, dims, clip, max_world=64, video_heads=dm.num_attention_heads,
+                                      **ulysses_only)
     device = infos[0]["device"] if infos else "each worker"
     if fits:
         advice = [f"at {size} with {world} GPUs the longest video that fits is {(fits - 1) * 8 + 1} frames"]
@@ -390,7 +391,7 @@ def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.
     if more:
         advice.append(f"{clip.frames} frames need gpus={more} (ulysses_degree={more})")
     if ffn == 1:
-        with_chunker = memory_plan.estimate(dims, clip, world=world, **{**kw, "ring": degrees.ring, "ffn_chunks": None})
+        with_chunker = memory_plan.estimate(dims, clip, world=world, **{**kw, "ffn_chunks": None})
         if with_chunker.total <= budget:
             advice.append("or add the LTX FFN Chunker before this node")
     raise ValueError(f"{NODE}: a {clip.frames}-frame {size} video needs about {est.total / gib:.2f} GiB per worker "

@@ -210,7 +210,7 @@ class LTXAVWorker:
         if self.patcher is not None:
             ffn = self.patcher.model_options.get("transformer_options", {}).get(self.ffn.CHUNKING_KEY)
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": name,
-                "loads": self.loads, "ffn_chunking": ffn, "memory_budget": self.memory_budget()}
+                "loads": self.loads, "ffn_chunking": ffn}
 
     def memory_budget(self) -> int | None:
         """Bytes this worker can use: its GPU's free memory plus what it holds already, within the cap

@@ -203,16 +203,6 @@ def attention_with_lse(q, k, v, softmax_scale=None):
     return out.transpose(1, 2), lse.float()
 
 
-def _scratch(q: torch.Tensor) -> bool:
-    """True when ``q`` may take the attention output: ComfyUI's CrossAttention makes q (to_q, q_norm,
-    RoPE) for this one call and drops it after. RoPE's reshape leaves q a view of a private copy, so
-    a view that spans its whole storage counts as q's own buffer."""
-    if q._base is None:
-        return may_overwrite(q)
-    whole = q.storage_offset() == 0 and q.untyped_storage().nbytes() == q.numel() * q.element_size()
-    return whole and q.is_contiguous() and not (q.requires_grad and torch.is_grad_enabled())
-
-
 class PaddingDroppingKernel:
     """The attention kernel handed to xfuser: drops NaN-marked padding keys, which are always a
     suffix of whatever key block it gets (padding sits at the end of the sequence)."""
@@ -419,7 +409,9 @@ class _Call:
             return self.gathered_attention(func, q, k, v, heads, mask, kwargs)
         b, n, inner = q.shape
         shape = (b, n, heads, inner // heads)
-        own = _scratch(q)
+        # ComfyUI's CrossAttention makes q (to_q, q_norm, RoPE) for this call and drops it after; RoPE's
+        # reshape leaves it a view of a private copy
+        own = may_overwrite(q, whole_view=True)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         # the output goes into q's buffer, group by group, once that group of q has been sent
         out = q if own else torch.empty_like(q)

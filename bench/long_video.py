@@ -33,7 +33,7 @@ import common  # noqa: E402
 DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def planner(comfy_path):
+def planner():
     common.import_pack()
     from ltxav_pack import memory_plan
 
@@ -42,7 +42,7 @@ def planner(comfy_path):
 
 def plan_dims(a, device="meta"):
     """The planner's view of the benchmark model (built on the meta device: no memory)."""
-    mp = planner(a.comfy)
+    mp = planner()
     compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = common.build_model(a.layers, tiny=a.tiny, dtype=compute, device=torch.device(device),
                                weight_dtype=DTYPES[a.weights])
@@ -99,7 +99,7 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
         common.import_comfy(a.comfy)
         import comfy.patcher_extension
 
-        mp = planner(a.comfy)
+        mp = planner()
         from ltxav_pack import ffn_chunking
         from ltxav_pack import xdit_context_parallel as xsp
 
@@ -156,7 +156,7 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
                 peak = max(torch.cuda.max_memory_allocated(), base + (sp.stats.get("peak", 0) if sp else 0))
                 row["peak_gb"] = round(peak / common.GB, 3)
                 if sp:
-                    row["phases_gb"] = {k: round((v + 0) / common.GB, 3) for k, v in sp.stats.items()}
+                    row["phases_gb"] = {k: round(v / common.GB, 3) for k, v in sp.stats.items()}
                 if a.profile and rank == 0:
                     row["profile"] = profile_at_peak(torch.cuda.memory._snapshot(), rank)
                     torch.cuda.memory._record_memory_history(enabled=None)
@@ -230,7 +230,7 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     common.import_comfy(a.comfy)
-    mp = planner(a.comfy)
+    mp = planner()
     dims = plan_dims(a)
     w, h = (int(v) for v in a.res.split("x"))
     info = common.device_info()
