@@ -229,6 +229,31 @@ def head_group_size(heads: int, ulysses: int) -> int:
     return max(g for g in range(ulysses, cap + 1, ulysses) if heads % g == 0)
 
 
+def heads_from_sequence_shards(t: torch.Tensor, pg) -> torch.Tensor:
+    """Ulysses all-to-all: [B, L, G, D] (this rank's tokens, G heads) -> [B, W*L, G/W, D] (all tokens,
+    this rank's G/W heads), in the layout of yunchang's ``all_to_all_4D`` that xfuser uses."""
+    world = dist.get_world_size(pg)
+    b, n, g, d = t.shape
+    send = t.reshape(b, n, world, g // world, d).permute(2, 1, 0, 3, 4).contiguous()  # [W, L, B, G/W, D]
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=pg)
+    return recv.reshape(world * n, b, g // world, d).transpose(0, 1)
+
+
+def sequence_from_head_shards(o: torch.Tensor, pg, into: torch.Tensor) -> None:
+    """The way back, [B, W*L, G/W, D] -> [B, L, G, D], written straight into ``into`` (a head slice of
+    the attention output). For one sample the attention output is sent as it is (rank r's tokens are
+    a contiguous block), so this costs one copy where ``all_to_all_4D`` and an assignment cost three."""
+    world = dist.get_world_size(pg)
+    b, total, g, d = o.shape
+    n = total // world
+    send = o.reshape(b, world, n, g, d).transpose(0, 1).contiguous()  # [W, B, L, G/W, D]: no copy for B = 1
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=pg)
+    del send
+    into.view(b, n, world, g, d).copy_(recv.permute(1, 2, 0, 3, 4))
+
+
 # --------------------------------------------------------------------------- process groups
 
 def init_process_groups(rank: int, world: int, degrees: Degrees, backend: str, init_method: str) -> None:
@@ -236,8 +261,9 @@ def init_process_groups(rank: int, world: int, degrees: Degrees, backend: str, i
     xf = xfuser_compat.load()
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+    local = torch.cuda.current_device() if torch.cuda.is_available() else rank  # the device xfuser's groups name
     xf.parallel_state.init_distributed_environment(world_size=world, rank=rank, backend=backend,
-                                                   distributed_init_method=init_method, local_rank=rank)
+                                                   distributed_init_method=init_method, local_rank=local)
     xf.parallel_state.initialize_model_parallel(sequence_parallel_degree=world, ulysses_degree=degrees.ulysses,
                                                 ring_degree=degrees.ring, backend=backend)
 
@@ -272,7 +298,6 @@ class SequenceParallel:
         self.ring = ps.get_ring_parallel_world_size()
         self.rank_label = self.rank if rank_label is None else rank_label
         self.kernel = PaddingDroppingKernel()
-        self.all_to_all = xf.SeqAllToAll4D.apply
         self.attention = xf.xFuserLongContextAttention(attn_type=_PROCESSOR_ATTN_TYPE, attn_processor=self.kernel)
         self.merge = xf.update_out_and_lse
         # phase_stats: keep per-phase allocation peaks (host-side allocator counters, no device sync)
@@ -417,9 +442,7 @@ class _Call:
         out = q if own else torch.empty_like(q)
         group = head_group_size(heads, self.sp.ulysses)
         if self.sp.ring == 1:
-            for h in range(0, heads, group):
-                s = slice(h, h + group)
-                out[:, :, s] = self.ulysses_attention(func, q[:, :, s], k[:, :, s], v[:, :, s], kwargs)
+            self.ulysses_attention(func, q, k, v, out, group, kwargs)
         else:
             if layout.real < n:
                 k[:, layout.real:] = float("nan")  # padding keys: dropped by PaddingDroppingKernel
@@ -428,19 +451,21 @@ class _Call:
                 out[:, :, s] = self.sp.attention(None, q[:, :, s], k[:, :, s], v[:, :, s])
         return out.reshape(b, n, inner)
 
-    def ulysses_attention(self, func, q, k, v, kwargs):
-        """All-to-all (xfuser/yunchang's SeqAllToAll4D) from [B, L, G, D] sequence shards to
+    def ulysses_attention(self, func, q, k, v, out, group, kwargs):
+        """Ulysses, ``group`` heads at a time: all-to-all from [B, L, G, D] sequence shards to
         [B, W*L, G/W, D] head shards, ComfyUI's own attention over the whole sequence (padding keys
-        cut off the end), and back."""
+        cut off the end), and back into ``out``."""
         pg = self.sp.attention.ulysses_pg
-        a2a = self.sp.all_to_all
-        qf, kf, vf = (a2a(pg, t, 2, 1) for t in (q, k, v))
         total = self.layout.total
-        b, sp_len, g, d = qf.shape
-        o = self.kernel_call(func, qf.reshape(b, sp_len, g * d), kf[:, :total].reshape(b, total, g * d),
-                             vf[:, :total].reshape(b, total, g * d), g, None, kwargs)
-        del qf, kf, vf
-        return a2a(pg, o.reshape(b, sp_len, g, d), 1, 2)
+        for h in range(0, q.shape[2], group):
+            s = slice(h, h + group)
+            qf, kf, vf = (heads_from_sequence_shards(t[:, :, s], pg) for t in (q, k, v))
+            b, sp_len, g, d = qf.shape
+            o = self.kernel_call(func, qf.reshape(b, sp_len, g * d), kf[:, :total].reshape(b, total, g * d),
+                                 vf[:, :total].reshape(b, total, g * d), g, None, kwargs)
+            del qf, kf, vf
+            sequence_from_head_shards(o.reshape(b, sp_len, g, d), pg, out[:, :, s])
+            del o
 
     def gathered_attention(self, func, q, k, v, heads, mask, kwargs):
         """With a mask (its rows are this rank's queries): all ranks' keys and values, then the kernel."""

@@ -53,8 +53,7 @@ def _cuda_reported_available():
 
 def load():
     """Import what the pack uses from xfuser; returns a namespace with ``parallel_state``,
-    ``xFuserLongContextAttention`` and the yunchang pieces xfuser is built on (``SeqAllToAll4D``,
-    ``update_out_and_lse``)."""
+    ``xFuserLongContextAttention`` and yunchang's ``update_out_and_lse`` (which xfuser is built on)."""
     global _loaded
     if _loaded is not None:
         return _loaded
@@ -73,10 +72,9 @@ def load():
     with guard:
         attn = importlib.import_module("xfuser.core.long_ctx_attention")
         importlib.import_module("xfuser.core.long_ctx_attention.ring")
-    from yunchang.comm.all_to_all import SeqAllToAll4D
     from yunchang.ring.utils import update_out_and_lse
 
     _loaded = types.SimpleNamespace(parallel_state=parallel_state,
                                     xFuserLongContextAttention=attn.xFuserLongContextAttention,
-                                    SeqAllToAll4D=SeqAllToAll4D, update_out_and_lse=update_out_and_lse)
+                                    update_out_and_lse=update_out_and_lse)
     return _loaded
