@@ -4,7 +4,7 @@ prediction for every run.
 
 Usage: python bench/long_video.py --comfy PATH [--worlds 1,2,4] [--res 768x512] [--cap-gb 24]
           [--layers 48] [--weights fp8_e4m3fn] [--steps 0.92,0.96,1,1.04,1.08,1.12,1.16,1.2]
-          [--profile] [--out result.json]
+          [--gpus N] [--run-blocks N] [--profile] [--out result.json]
 Each GPU's PyTorch allocator is capped at --cap-gb (10^9 bytes, ``set_per_process_memory_fraction``;
 24 GB leaves a 24 GiB card ~1.6 GiB for the CUDA context and NCCL). Per W, one process per GPU
 builds the model (ComfyUI's LTXAVModel with the operations ComfyUI picks for fp8 weights, bf16
@@ -13,7 +13,11 @@ each --steps factor, until a length runs out of memory (that process group is th
 run records per-rank peak memory (allocator, weights included), its PE and blocks phases, the
 forward time and the planner's estimate. --profile: rank 0 records allocation history and lists
 what was live at its peak (or at the out-of-memory), grouped by the ComfyUI / pack line that
-allocated it.
+allocated it. --gpus N (default: all visible) with W > N puts W/N ranks on each GPU, each capped at
+--cap-gb, and runs the collectives over gloo (NCCL refuses two ranks on one GPU): the per-rank
+memory is what W GPUs would each hold; the forward time is not W GPUs' time. --run-blocks N: all
+--layers blocks are built and stay resident, the forward runs the first N (every block has the same
+shapes, so its peak is the same; the forward is N/layers as long).
 """
 import argparse
 import json
@@ -86,13 +90,20 @@ def profile_at_peak(snapshot, device, top=14):
                 sites=[dict(site=s, gb=round(b / common.GB, 3), tensors=n) for s, (b, n) in rows])
 
 
+def backend(world, a):
+    if not torch.cuda.is_available():
+        return "gloo"
+    return "nccl" if world <= a.gpus else "gloo"
+
+
 def rank_main(rank, world, a, latent_frames, init_file, out_dir):
     out = Path(out_dir)
     on_gpu = torch.cuda.is_available()
     try:
+        gpu = rank % a.gpus
         if on_gpu:
-            torch.cuda.set_device(rank)
-            total = torch.cuda.get_device_properties(rank).total_memory
+            torch.cuda.set_device(gpu)
+            total = torch.cuda.get_device_properties(gpu).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gb * 1e9 / total))
         else:
             torch.set_num_threads(1)
@@ -108,14 +119,16 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
               ffn_chunking.CHUNKING_KEY: ffn_chunking.ChunkSettings(1, True).as_dict()}
         sp = None
         if world > 1:
-            xsp.init_process_groups(rank, world, xsp.Degrees(world, 1), "nccl" if on_gpu else "gloo",
-                                    f"file://{init_file}")
+            xsp.init_process_groups(rank, world, xsp.Degrees(world, 1), backend(world, a), f"file://{init_file}")
             sp = xsp.SequenceParallel(phase_stats=True)
             to["wrappers"][dmw]["sp"] = [sp.diffusion_model_wrapper]
         compute = torch.bfloat16 if on_gpu else torch.float32
-        dev = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
+        dev = torch.device("cuda", gpu) if on_gpu else torch.device("cpu")
         model = common.build_model(a.layers, tiny=a.tiny, dtype=compute, device=dev, weight_dtype=DTYPES[a.weights])
         dims = mp.ModelDims.of(model, compute_dtype=compute)
+        resident = list(model.transformer_blocks)  # noqa: F841 - the blocks not run stay in memory
+        if a.run_blocks:
+            model.transformer_blocks = torch.nn.ModuleList(resident[:a.run_blocks])
         weights = torch.cuda.memory_allocated() if on_gpu else 0
         w, h = (int(v) for v in a.res.split("x"))
         for lf in latent_frames:
@@ -123,7 +136,8 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
             inputs, tokens = common.make_inputs(model, f"{frames}x{w}x{h}", dtype=compute)
             clip = mp.Clip(lf, h // 32, w // 32, inputs["x"][1].shape[2])
             est = mp.estimate(dims, clip, world=world)
-            row = dict(rank=rank, world=world, ring=1, frames=frames, latent_frames=lf, video_tokens=tokens,
+            row = dict(rank=rank, world=world, ring=1, gpus=min(world, a.gpus), backend=backend(world, a),
+                       run_blocks=a.run_blocks or a.layers, frames=frames, latent_frames=lf, video_tokens=tokens,
                        clip=dict(latent_frames=lf, latent_height=h // 32, latent_width=w // 32,
                                  audio_tokens=clip.audio_tokens),
                        plan_dims={k: getattr(dims, k) for k in ("video_dim", "audio_dim", "ffn_mult", "weight_bytes",
@@ -158,7 +172,7 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
                 if sp:
                     row["phases_gb"] = {k: round(v / common.GB, 3) for k, v in sp.stats.items()}
                 if a.profile and rank == 0:
-                    row["profile"] = profile_at_peak(torch.cuda.memory._snapshot(), rank)
+                    row["profile"] = profile_at_peak(torch.cuda.memory._snapshot(), gpu)
                     torch.cuda.memory._record_memory_history(enabled=None)
             (out / f"r{rank}-{lf}.json").write_text(json.dumps(row))
             del inputs
@@ -225,6 +239,8 @@ def main():
     ap.add_argument("--weights", default="fp8_e4m3fn", choices=sorted(DTYPES))
     ap.add_argument("--steps", default="0.92,0.96,1,1.04,1.08,1.12,1.16,1.2")
     ap.add_argument("--timeout", type=float, default=480)
+    ap.add_argument("--gpus", type=int, default=max(1, torch.cuda.device_count()))
+    ap.add_argument("--run-blocks", type=int, default=0, help="run only the first N blocks (0: all)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU (gloo): a smoke run")
     ap.add_argument("--out", default=None)
@@ -236,7 +252,7 @@ def main():
     info = common.device_info()
     command = "python bench/long_video.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k not in ("comfy", "out") and v is not False)
-    result = dict(bench="long_video", res=a.res, layers=a.layers, weights=a.weights, cap_gb=a.cap_gb, **info,
+    result = dict(bench="long_video", res=a.res, layers=a.layers, weights=a.weights, cap_gb=a.cap_gb, gpus=a.gpus, **info,
                   command=command, plan_weights_gb=round(dims.weight_bytes / common.GB, 3), worlds={}, tries=[])
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(x) for x in a.worlds.split(",")):

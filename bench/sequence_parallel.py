@@ -3,13 +3,17 @@ real LTX-2 dims (random weights, a few layers), against ComfyUI's stock forward 
 
 Usage: python bench/sequence_parallel.py --comfy PATH [--layers 4] [--worlds 1,2,4,2r,4h]
           [--cases 897x768x512,897x1280x704,897x1920x1088] [--i2v 0,1] [--ffn auto] [--repeats 3]
-          [--out results.jsonl]
+          [--head-groups 4] [--profile] [--out results.jsonl]
 One process per GPU (NCCL); W=1 is the plain ComfyUI forward (no sequence parallelism). A world is
 W (all Ulysses), Wr (all ring) or Wh (Ulysses 2 x ring W/2). Both use the
 pack's FFN chunking (``--ffn``: auto, a chunk count, or 1 for off). Memory is PyTorch's allocator:
 peak allocated above the weights, per rank, for the forward and for its PE and block phases (a
 separate synchronised pass); time is the median of ``--repeats`` forwards. A correctness check
 compares each W>1 output of the first case with the W=1 output (relative L2, bf16).
+--head-groups sets the Ulysses head grouping (``xdit_context_parallel.HEAD_GROUPS``). --profile: one
+more forward under torch.profiler; each row gets the GPU time per kernel kind (matmul, attention,
+communication, copies, other), the time the GPU was busy, the communication no compute overlapped,
+the top kernels, and the GPU time per ComfyUI / pack line that launched it.
 """
 import argparse
 import json
@@ -27,6 +31,92 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 KB = 1024
+KINDS = (("communication", ("nccl",)), ("attention", ("flash", "fmha", "attention", "attn")),
+         ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
+         ("copies", ("copy", "memcpy", "memset", "cat", "gather", "index", "transpose")))
+
+
+def kind_of(name):
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(key in low for key in keys)), "other")
+
+
+def union_s(intervals):
+    """Total length of the union of (start, end) intervals (microseconds in, seconds out)."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total / 1e6
+
+
+SOURCES = ("/comfy/", "/comfy_extras/", "ltxav_pack", "xdit_context_parallel.py", "ffn_chunking.py")
+
+
+def by_source(events, leaves, top=25):
+    """Sum ``leaves`` [(cpu ts, tid, seconds, kernel name)] per innermost ComfyUI / pack Python line
+    running on that thread at that time (the trace's python_function events)."""
+    import bisect
+
+    frames = {}
+    for e in events:
+        if e.get("cat") == "python_function" and any(k in e["name"] for k in SOURCES):
+            frames.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    starts = {}
+    for tid, fs in frames.items():
+        fs.sort()
+        starts[tid] = [f[0] for f in fs]
+    sums = {}
+    for ts, tid, sec, kernel in leaves:
+        fs, where = frames.get(tid, []), "?"
+        i = bisect.bisect_right(starts.get(tid, []), ts) - 1
+        while i >= 0:
+            if fs[i][1] >= ts:
+                where = fs[i][2].split("/")[-1]
+                break
+            i -= 1
+        key = f"{where} | {kind_of(kernel)}"
+        sums[key] = sums.get(key, 0.0) + sec
+    return [[k, round(v, 4)] for k, v in sorted(sums.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def gpu_profile(run):
+    """GPU time of one call of ``run`` by kernel kind and by the ComfyUI / pack line that launched
+    it, from a torch.profiler trace (with Python stacks)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        run()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not kernels:
+        return None
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    by_kind, by_name, spans, leaves = {}, {}, {}, []
+    for e in kernels:
+        k = kind_of(e["name"])
+        by_kind[k] = by_kind.get(k, 0.0) + e["dur"] / 1e6
+        by_name[e["name"][:90]] = by_name.get(e["name"][:90], 0.0) + e["dur"] / 1e6
+        spans.setdefault(k, []).append((e["ts"], e["ts"] + e["dur"]))
+        launch = launches.get(e.get("args", {}).get("correlation"))
+        if launch:
+            leaves.append((launch["ts"], launch["tid"], e["dur"] / 1e6, e["name"]))
+    everything = [iv for ivs in spans.values() for iv in ivs]
+    compute = [iv for k, ivs in spans.items() if k != "communication" for iv in ivs]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return dict(kernel_s={k: round(v, 4) for k, v in sorted(by_kind.items())},
+                busy_s=round(union_s(everything), 4),
+                span_s=round((max(b for _, b in everything) - min(a for a, _ in everything)) / 1e6, 4),
+                exposed_communication_s=round(union_s(everything) - union_s(compute), 4),
+                kernels=len(kernels), top=[[n, round(t, 4)] for n, t in top], by_source=by_source(events, leaves))
 
 
 class _Mem:
@@ -65,6 +155,7 @@ def rank_main(rank, token, a, init_file, out_dir):
     from ltxav_pack import ffn_chunking
     from ltxav_pack import xdit_context_parallel as xsp
 
+    xsp.HEAD_GROUPS = a.head_groups
     dmw = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     wrappers = {}
     if world > 1:
@@ -132,10 +223,13 @@ def rank_main(rank, token, a, init_file, out_dir):
                     model._process_transformer_blocks = phase("_process_transformer_blocks")
                     model(**inputs, transformer_options=to)
                     del model._prepare_positional_embeddings, model._process_transformer_blocks
+                    profiled = (gpu_profile(lambda: model(**inputs, transformer_options=to))
+                                if a.profile and on_gpu else None)
                 row = dict(peak_over_weights_gb=round(peak / common.GB, 3),
                            pe_peak_gb=round(phases["_prepare_positional_embeddings"] / common.GB, 3),
                            blocks_peak_gb=round(phases["_process_transformer_blocks"] / common.GB, 3),
-                           forward_s=round(statistics.median(times), 4), times=[round(t, 4) for t in times])
+                           forward_s=round(statistics.median(times), 4), times=[round(t, 4) for t in times],
+                           profile=profiled)
             except torch.OutOfMemoryError as e:
                 row = dict(error=str(e).splitlines()[0][:160])
             row.update(case=case, i2v=i2v, rank=rank, world=world, video_tokens=tokens,
@@ -157,12 +251,15 @@ def main():
     ap.add_argument("--i2v", default="0,1")
     ap.add_argument("--ffn", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--head-groups", type=int, default=4)
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU (gloo): a smoke run")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     info = common.device_info()
     command = "python bench/sequence_parallel.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(a).items() if k not in ("comfy", "out"))
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(a).items() if k not in ("comfy", "out") and v is not False)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for token in a.worlds.split(","):
@@ -187,7 +284,10 @@ def main():
                            target_gb=round(target, 3) if world > 1 else None,
                            within_target=(all(p is not None and p <= target for p in peaks) if world > 1 else None),
                            rel_l2_vs_w1=first["rel_l2_vs_w1"], error=first.get("error"),
-                           ffn=a.ffn, ulysses=ulysses, ring=ring, **info, command=command,
+                           ffn=a.ffn, ulysses=ulysses, ring=ring, head_groups=a.head_groups,
+                           times=first.get("times"),
+                           profile=[r.get("profile") for r in rows] if a.profile else None,
+                           **info, command=command,
                            run_s=round(time.perf_counter() - t0, 1))
                 results.append(res)
                 print(json.dumps(res), flush=True)
