@@ -9,10 +9,12 @@ the duration of one call a DIFFUSION_MODEL wrapper sets a few instance attribute
 * ``_prepare_timestep`` sends ComfyUI's adaLN code the distinct timestep values (2 for
   image-to-video) instead of one per token, and blocks index them per local token
   (``LocalTimestep``): no rank holds a full-sequence timestep tensor;
-* video self-attention goes through xfuser's ``xFuserLongContextAttention`` (Ulysses all-to-all,
-  ring, or both), with a kernel that drops the padding keys; audio-to-video cross-attention is
-  local (video queries, all audio keys); video-to-audio cross-attention merges each rank's partial
-  softmax (output + log-sum-exp) over its own video keys, which is exact;
+* video self-attention: Ulysses alone is an all-to-all in xfuser's layout around ComfyUI's own
+  attention function, head group by head group; with a ring degree it goes through xfuser's
+  ``xFuserLongContextAttention``, with a kernel that drops the padding keys;
+* audio-to-video cross-attention is local (video queries, all audio keys); video-to-audio
+  cross-attention merges each rank's partial softmax (output + log-sum-exp) over its own video
+  keys, which is exact;
 * ``proj_out`` gathers the 128-channel output of every rank, so ComfyUI's keyframe scatter and
   unpatchify run on the whole latent, which is small.
 
