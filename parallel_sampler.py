@@ -282,7 +282,8 @@ class ParallelSampler:
         out = dict(results[0])
         out["memory"] = memory
         # prepare: the model spec and job pickled here; outside_steps: the sampling call's time beyond the
-        # workers' own first-to-last step marks (job and result transfer, set-up and tear-down on the workers)
+        # workers' own marks (their sampling's start to its last step): job and result transfer, Ray's
+        # scheduling and the workers' tear-down
         out["timings"] = {"ray_start_s": round(start_s, 2), "model_load_s": round(load_s, 2),
                           "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4),
                           "prepare_s": round(prepare_s, 3), "job_mb": round(len(job_bytes) / 1e6, 1),

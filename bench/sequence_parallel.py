@@ -16,6 +16,7 @@ communication, copies, other), the time the GPU was busy, the communication no c
 the top kernels, and the GPU time per ComfyUI / pack line that launched it.
 """
 import argparse
+import bisect
 import json
 import os
 import statistics
@@ -60,8 +61,6 @@ SOURCES = ("/comfy/", "/comfy_extras/", "ltxav_pack", "xdit_context_parallel.py"
 def by_source(events, leaves, top=25):
     """Sum ``leaves`` [(cpu ts, tid, seconds, kernel name)] per innermost ComfyUI / pack Python line
     running on that thread at that time (the trace's python_function events)."""
-    import bisect
-
     frames = {}
     for e in events:
         if e.get("cat") == "python_function" and any(k in e["name"] for k in SOURCES):
