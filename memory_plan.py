@@ -13,8 +13,9 @@ fp8, 48-layer, 24 GB runs of ``bench/long_video.py``:
 
 * attention phase: 8.5 vectors per local video token on one GPU (x, its norm, v, the normed q and k,
   RoPE's output and temporary, the RoPE tables, the attention output); 8.0 with W > 1 (the output
-  goes into q's buffer, so the peak moves to RoPE), +1.0 with a ring degree (xfuser's float32
-  accumulators), and 0.06 per token of the *whole* sequence (Ulysses: a head group's gathered q/k/v);
+  goes into a q/k/v buffer, so the peak moves to RoPE), +1.0 with a ring degree (xfuser's float32
+  accumulators), and 0.06 per token of the *whole* sequence (fitted; it was a head group's gathered
+  q/k/v, which q/k/v's own buffers now receive, and the measured peaks did not change);
 * FFN phase: 3.5 vectors per local token kept, plus one FFN chunk's two 4x-wide tensors;
 * per-token timesteps (image-to-video, guides): 0.5 more (the per-token adaLN values);
 * fp8 (or any cast) weights: one block linear cast to the compute dtype at a time;

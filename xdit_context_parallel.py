@@ -10,8 +10,8 @@ the duration of one call a DIFFUSION_MODEL wrapper sets a few instance attribute
   image-to-video) instead of one per token, and blocks index them per local token
   (``LocalTimestep``): no rank holds a full-sequence timestep tensor;
 * video self-attention: Ulysses alone is an all-to-all in xfuser's layout around ComfyUI's own
-  attention function, head group by head group; with a ring degree it goes through xfuser's
-  ``xFuserLongContextAttention``, with a kernel that drops the padding keys;
+  attention function (all heads in one call; q/k/v's own buffers receive); with a ring degree it
+  goes through xfuser's ``xFuserLongContextAttention``, with a kernel that drops the padding keys;
 * audio-to-video cross-attention is local (video queries, all audio keys); video-to-audio
   cross-attention merges each rank's partial softmax (output + log-sum-exp) over its own video
   keys, which is exact;
@@ -219,41 +219,44 @@ class PaddingDroppingKernel:
         return attention_with_lse(q, k, v, softmax_scale)
 
 
-# at most this share of the heads goes through one all-to-all + attention: a group's gathered
-# q/k/v are what the sequence-parallel attention holds on top of ComfyUI's own tensors
-HEAD_GROUPS = 4
+# Ulysses: heads per all-to-all + attention call. Beyond ComfyUI's own q/k/v (which receive) a rank
+# holds one send buffer the size of q, or one group's attention output and ComfyUI's reshaped copy of
+# it (2/G the size of q). One group runs the fewest, largest kernels; its peak stays under RoPE's.
+HEAD_GROUPS = 1
+# ring: xfuser's attention allocates per call, so it gets a quarter of the heads at a time
+RING_HEAD_GROUPS = 4
 
 
-def head_group_size(heads: int, ulysses: int) -> int:
+def head_group_size(heads: int, ulysses: int, groups: int) -> int:
     """Largest head count that divides ``heads``, is a multiple of ``ulysses`` and is at most
-    ``max(ulysses, heads // HEAD_GROUPS)``."""
-    cap = max(ulysses, heads // HEAD_GROUPS)
+    ``max(ulysses, heads // groups)``."""
+    cap = max(ulysses, heads // groups)
     return max(g for g in range(ulysses, cap + 1, ulysses) if heads % g == 0)
 
 
-def heads_from_sequence_shards(t: torch.Tensor, pg) -> torch.Tensor:
-    """Ulysses all-to-all: [B, L, G, D] (this rank's tokens, G heads) -> [B, W*L, G/W, D] (all tokens,
-    this rank's G/W heads), in the layout of yunchang's ``all_to_all_4D`` that xfuser uses."""
+def heads_from_sequence_shards(t: torch.Tensor, groups: int, pg, reuse: bool = True) -> torch.Tensor:
+    """Ulysses all-to-all of every head group of ``t`` [B, L, H, D] (this rank's tokens, all heads):
+    returns [G, W*L, B, H/G/W, D], group ``g`` holding all tokens of this rank's share of its heads, in
+    the layout of yunchang's ``all_to_all_4D`` that xfuser uses. One copy (the send buffer); when
+    ``reuse`` and ``t`` is a temporary of the caller (``may_overwrite``) its own buffer receives."""
     world = dist.get_world_size(pg)
-    b, n, g, d = t.shape
-    send = t.reshape(b, n, world, g // world, d).permute(2, 1, 0, 3, 4).contiguous()  # [W, L, B, G/W, D]
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=pg)
-    return recv.reshape(world * n, b, g // world, d).transpose(0, 1)
+    b, n, h, d = t.shape
+    share = h // groups // world
+    send = t.view(b, n, groups, world, share, d).permute(2, 3, 1, 0, 4, 5).contiguous()  # [G, W, L, B, h, D]
+    recv = t.view(send.shape) if reuse and may_overwrite(t, whole_view=True) else torch.empty_like(send)
+    for g in range(groups):
+        dist.all_to_all_single(recv[g], send[g], group=pg)
+    return recv.view(groups, world * n, b, share, d)
 
 
 def sequence_from_head_shards(o: torch.Tensor, pg, into: torch.Tensor) -> None:
-    """The way back, [B, W*L, G/W, D] -> [B, L, G, D], written straight into ``into`` (a head slice of
-    the attention output). For one sample the attention output is sent as it is (rank r's tokens are
-    a contiguous block), so this costs one copy where ``all_to_all_4D`` and an assignment cost three."""
+    """The way back for one head group: ``o`` [B, W*L, h, D] (all tokens, this rank's h heads) ->
+    ``into`` [W, B, L, h, D] (this rank's tokens, every rank's heads). For one sample the attention
+    output is sent as it is (rank r's tokens are a contiguous block)."""
     world = dist.get_world_size(pg)
-    b, total, g, d = o.shape
-    n = total // world
-    send = o.reshape(b, world, n, g, d).transpose(0, 1).contiguous()  # [W, B, L, G/W, D]: no copy for B = 1
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=pg)
-    del send
-    into.view(b, n, world, g, d).copy_(recv.permute(1, 2, 0, 3, 4))
+    b, total, h, d = o.shape
+    send = o.reshape(b, world, total // world, h, d).transpose(0, 1).contiguous()  # no copy for B = 1
+    dist.all_to_all_single(into, send, group=pg)
 
 
 # --------------------------------------------------------------------------- process groups
@@ -436,38 +439,44 @@ class _Call:
             return self.gathered_attention(func, q, k, v, heads, mask, kwargs)
         b, n, inner = q.shape
         shape = (b, n, heads, inner // heads)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        if self.sp.ring == 1:
+            group = head_group_size(heads, self.sp.ulysses, HEAD_GROUPS)
+            return self.ulysses_attention(func, q, k, v, group, kwargs).view(b, n, inner)
+        group = head_group_size(heads, self.sp.ulysses, RING_HEAD_GROUPS)
         # ComfyUI's CrossAttention makes q (to_q, q_norm, RoPE) for this call and drops it after; RoPE's
         # reshape leaves it a view of a private copy
-        own = may_overwrite(q, whole_view=True)
-        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        # the output goes into q's buffer, group by group, once that group of q has been sent
-        out = q if own else torch.empty_like(q)
-        group = head_group_size(heads, self.sp.ulysses)
-        if self.sp.ring == 1:
-            self.ulysses_attention(func, q, k, v, out, group, kwargs)
-        else:
-            if layout.real < n:
-                k[:, layout.real:] = float("nan")  # padding keys: dropped by PaddingDroppingKernel
-            for h in range(0, heads, group):
-                s = slice(h, h + group)
-                out[:, :, s] = self.sp.attention(None, q[:, :, s], k[:, :, s], v[:, :, s])
+        out = q if may_overwrite(q, whole_view=True) else torch.empty_like(q)
+        if layout.real < n:
+            k[:, layout.real:] = float("nan")  # padding keys: dropped by PaddingDroppingKernel
+        for h in range(0, heads, group):
+            s = slice(h, h + group)
+            out[:, :, s] = self.sp.attention(None, q[:, :, s], k[:, :, s], v[:, :, s])
         return out.reshape(b, n, inner)
 
-    def ulysses_attention(self, func, q, k, v, out, group, kwargs):
-        """Ulysses, ``group`` heads at a time: all-to-all from [B, L, G, D] sequence shards to
-        [B, W*L, G/W, D] head shards, ComfyUI's own attention over the whole sequence (padding keys
-        cut off the end), and back into ``out``."""
+    def ulysses_attention(self, func, q, k, v, group, kwargs):
+        """Ulysses, ``group`` heads at a time: all-to-all from [B, L, H, D] sequence shards to head
+        shards over the whole sequence, ComfyUI's own attention (padding keys cut off the end), and
+        back. ComfyUI's CrossAttention drops q, k and v after this call, so when they are its own
+        temporaries they hold the gathered heads, the way back lands in q's and the output in k's."""
         pg = self.sp.attention.ulysses_pg
-        total = self.layout.total
-        for h in range(0, q.shape[2], group):
-            s = slice(h, h + group)
-            qf, kf, vf = (heads_from_sequence_shards(t[:, :, s], pg) for t in (q, k, v))
-            b, sp_len, g, d = qf.shape
-            o = self.kernel_call(func, qf.reshape(b, sp_len, g * d), kf[:, :total].reshape(b, total, g * d),
-                                 vf[:, :total].reshape(b, total, g * d), g, None, kwargs)
-            del qf, kf, vf
-            sequence_from_head_shards(o.reshape(b, sp_len, g, d), pg, out[:, :, s])
+        world, total = self.sp.ulysses, self.layout.total
+        b, n, heads, d = q.shape
+        groups = heads // group
+        share = group // world
+        reuse = len({t.untyped_storage().data_ptr() for t in (q, k, v)}) == 3  # never overwrite a shared buffer
+        qf, kf, vf = (heads_from_sequence_shards(t, groups, pg, reuse) for t in (q, k, v))  # [G, W*L, B, h, D]
+        back = qf.view(groups, world, b, n, share, d)  # group g's way back lands where its q was
+        for g in range(groups):
+            qg, kg, vg = (t[g].transpose(0, 1) for t in (qf, kf, vf))  # [B, W*L, h, D]
+            o = self.kernel_call(func, qg.reshape(b, world * n, share * d), kg[:, :total].reshape(b, total, share * d),
+                                 vg[:, :total].reshape(b, total, share * d), share, None, kwargs)
+            del qg, kg, vg
+            sequence_from_head_shards(o.reshape(b, world * n, share, d), pg, back[g])
             del o
+        out = kf.view(q.shape)  # k's buffer, or the one that received k
+        out.view(b, n, groups, world, share, d).copy_(back.permute(2, 3, 0, 1, 4, 5))
+        return out
 
     def gathered_attention(self, func, q, k, v, heads, mask, kwargs):
         """With a mask (its rows are this rank's queries): all ranks' keys and values, then the kernel."""

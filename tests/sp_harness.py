@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _rank_main(rank, world, ulysses, ring, ckpt, init_file, out_dir, jobs, env):
+def _rank_main(rank, world, ulysses, ring, ckpt, init_file, out_dir, jobs, env, sp_attrs):
     os.environ.update(env)
     torch.set_num_threads(1)
     from comfy_host import import_host, import_pack
@@ -26,6 +26,8 @@ def _rank_main(rank, world, ulysses, ring, ckpt, init_file, out_dir, jobs, env):
     from sp_cases import recording_shapes, run_case
 
     sp_mod = __import__(f"{pack.__name__}.xdit_context_parallel", fromlist=["x"])
+    for name, value in sp_attrs.items():
+        setattr(sp_mod, name, value)
     degrees = sp_mod.Degrees(ulysses, ring)
     sp_mod.init_process_groups(rank, world, degrees, "gloo", f"file://{init_file}")
     try:
@@ -45,10 +47,11 @@ def _rank_main(rank, world, ulysses, ring, ckpt, init_file, out_dir, jobs, env):
         sp_mod.destroy_process_groups()
 
 
-def run_parallel(world, ulysses, ring, ckpt, jobs, env=None):
-    """Run ``jobs`` [(case, shape)] on ``world`` processes; returns each rank's {job: result}."""
+def run_parallel(world, ulysses, ring, ckpt, jobs, env=None, sp_attrs=None):
+    """Run ``jobs`` [(case, shape)] on ``world`` processes; returns each rank's {job: result}.
+    ``sp_attrs``: module settings of ``xdit_context_parallel`` for the ranks (e.g. HEAD_GROUPS)."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = Path(tmp) / "init"
-        mp.start_processes(_rank_main, args=(world, ulysses, ring, str(ckpt), str(init_file), tmp, jobs, env or {}),
+        mp.start_processes(_rank_main, args=(world, ulysses, ring, str(ckpt), str(init_file), tmp, jobs, env or {}, sp_attrs or {}),
                            nprocs=world, join=True, start_method="spawn")
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]

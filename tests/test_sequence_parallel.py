@@ -10,8 +10,9 @@ from sp_cases import FORWARD_CASES, SAMPLER_CASES, SHAPES, recording_shapes, run
 from sp_harness import run_parallel
 
 REL_L2 = 1e-5
-# (world, ulysses, ring): Ulysses-only, ring-only and hybrid degrees
-CONFIGS = [(2, 2, 1), (2, 1, 2), (3, 3, 1), (3, 1, 3), (4, 2, 2), (4, 4, 1)]
+# (world, ulysses, ring, Ulysses head groups): Ulysses-only, ring-only and hybrid degrees; the tiny
+# model's 12 heads make one Ulysses group by default, so one config runs 3 (4 heads a call)
+CONFIGS = [(2, 2, 1, 1), (2, 2, 1, 3), (2, 1, 2, 1), (3, 3, 1, 1), (3, 1, 3, 1), (4, 2, 2, 1), (4, 4, 1, 1)]
 ODD_SHAPE = {2: "odd45", 3: "odd70", 4: "odd45"}  # token counts that do not divide W
 
 
@@ -39,10 +40,11 @@ def jobs_for(world):
     return even + odd
 
 
-@pytest.mark.parametrize("world,ulysses,ring", CONFIGS, ids=[f"w{w}-u{u}-r{r}" for w, u, r in CONFIGS])
-def test_parallel_equals_stock(stock, tiny_ckpt, world, ulysses, ring):
+@pytest.mark.parametrize("world,ulysses,ring,groups", CONFIGS,
+                         ids=[f"w{w}-u{u}-r{r}" + (f"-g{g}" if g > 1 else "") for w, u, r, g in CONFIGS])
+def test_parallel_equals_stock(stock, tiny_ckpt, world, ulysses, ring, groups):
     jobs = jobs_for(world)
-    ranks = run_parallel(world, ulysses, ring, tiny_ckpt[0], jobs)
+    ranks = run_parallel(world, ulysses, ring, tiny_ckpt[0], jobs, sp_attrs={"HEAD_GROUPS": groups})
     for job in jobs:
         want, want_seen = stock(*job)
         for rank, res in enumerate(ranks):
