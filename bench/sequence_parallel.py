@@ -3,14 +3,14 @@ real LTX-2 dims (random weights, a few layers), against ComfyUI's stock forward 
 
 Usage: python bench/sequence_parallel.py --comfy PATH [--layers 4] [--worlds 1,2,4,2r,4h]
           [--cases 897x768x512,897x1280x704,897x1920x1088] [--i2v 0,1] [--ffn auto] [--repeats 3]
-          [--head-groups 4] [--profile] [--out results.jsonl]
+          [--head-groups 1] [--profile] [--out results.jsonl]
 One process per GPU (NCCL); W=1 is the plain ComfyUI forward (no sequence parallelism). A world is
 W (all Ulysses), Wr (all ring) or Wh (Ulysses 2 x ring W/2). Both use the
 pack's FFN chunking (``--ffn``: auto, a chunk count, or 1 for off). Memory is PyTorch's allocator:
 peak allocated above the weights, per rank, for the forward and for its PE and block phases (a
 separate synchronised pass); time is the median of ``--repeats`` forwards. A correctness check
 compares each W>1 output of the first case with the W=1 output (relative L2, bf16).
---head-groups sets the Ulysses head grouping (``xdit_context_parallel.HEAD_GROUPS``). --profile: one
+--head-groups sets the Ulysses head grouping (``xdit_context_parallel.HEAD_GROUPS``; ring keeps its own). --profile: one
 more forward under torch.profiler; each row gets the GPU time per kernel kind (matmul, attention,
 communication, copies, other), the time the GPU was busy, the communication no compute overlapped,
 the top kernels, and the GPU time per ComfyUI / pack line that launched it.
@@ -250,7 +250,7 @@ def main():
     ap.add_argument("--i2v", default="0,1")
     ap.add_argument("--ffn", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--head-groups", type=int, default=4)
+    ap.add_argument("--head-groups", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU (gloo): a smoke run")
     ap.add_argument("--out", default=None)
