@@ -235,28 +235,27 @@ def head_group_size(heads: int, ulysses: int, groups: int) -> int:
 
 
 def heads_from_sequence_shards(t: torch.Tensor, groups: int, pg, reuse: bool = True) -> torch.Tensor:
-    """Ulysses all-to-all of every head group of ``t`` [B, L, H, D] (this rank's tokens, all heads):
-    returns [G, W*L, B, H/G/W, D], group ``g`` holding all tokens of this rank's share of its heads, in
-    the layout of yunchang's ``all_to_all_4D`` that xfuser uses. One copy (the send buffer); when
-    ``reuse`` and ``t`` is a temporary of the caller (``may_overwrite``) its own buffer receives."""
+    """Ulysses all-to-all of ``t`` [B, L, H, D] (this rank's tokens, all heads) -> [B, G, W*L, h, D]:
+    for each sample and head group, all tokens of this rank's ``h = H/G/W`` heads of that group (per
+    sample, the layout of yunchang's ``all_to_all_4D`` that xfuser uses), each slice contiguous. One
+    copy (the send buffer); when ``reuse`` and ``t`` is a temporary of the caller (``may_overwrite``)
+    its own buffer receives."""
     world = dist.get_world_size(pg)
     b, n, h, d = t.shape
     share = h // groups // world
-    send = t.view(b, n, groups, world, share, d).permute(2, 3, 1, 0, 4, 5).contiguous()  # [G, W, L, B, h, D]
+    send = t.view(b, n, groups, world, share, d).permute(0, 2, 3, 1, 4, 5).contiguous()  # [B, G, W, L, h, D]
     recv = t.view(send.shape) if reuse and may_overwrite(t, whole_view=True) else torch.empty_like(send)
-    for g in range(groups):
-        dist.all_to_all_single(recv[g], send[g], group=pg)
-    return recv.view(groups, world * n, b, share, d)
+    for i in range(b):
+        for g in range(groups):
+            dist.all_to_all_single(recv[i, g], send[i, g], group=pg)
+    return recv.view(b, groups, world * n, share, d)
 
 
 def sequence_from_head_shards(o: torch.Tensor, pg, into: torch.Tensor) -> None:
-    """The way back for one head group: ``o`` [B, W*L, h, D] (all tokens, this rank's h heads) ->
-    ``into`` [W, B, L, h, D] (this rank's tokens, every rank's heads). For one sample the attention
-    output is sent as it is (rank r's tokens are a contiguous block)."""
-    world = dist.get_world_size(pg)
-    b, total, h, d = o.shape
-    send = o.reshape(b, world, total // world, h, d).transpose(0, 1).contiguous()  # no copy for B = 1
-    dist.all_to_all_single(into, send, group=pg)
+    """The way back for one sample and head group: ``o`` (all W*L tokens, this rank's heads) ->
+    ``into`` [W, L, h*D] (this rank's tokens, rank w's heads at ``w``). Rank w's tokens are a
+    contiguous block of ``o``, so it is sent as it is."""
+    dist.all_to_all_single(into, o.reshape(into.shape), group=pg)
 
 
 # --------------------------------------------------------------------------- process groups
@@ -465,17 +464,17 @@ class _Call:
         groups = heads // group
         share = group // world
         reuse = len({t.untyped_storage().data_ptr() for t in (q, k, v)}) == 3  # never overwrite a shared buffer
-        qf, kf, vf = (heads_from_sequence_shards(t, groups, pg, reuse) for t in (q, k, v))  # [G, W*L, B, h, D]
-        back = qf.view(groups, world, b, n, share, d)  # group g's way back lands where its q was
-        for g in range(groups):
-            qg, kg, vg = (t[g].transpose(0, 1) for t in (qf, kf, vf))  # [B, W*L, h, D]
-            o = self.kernel_call(func, qg.reshape(b, world * n, share * d), kg[:, :total].reshape(b, total, share * d),
-                                 vg[:, :total].reshape(b, total, share * d), share, None, kwargs)
-            del qg, kg, vg
-            sequence_from_head_shards(o.reshape(b, world * n, share, d), pg, back[g])
-            del o
+        qf, kf, vf = (heads_from_sequence_shards(t, groups, pg, reuse) for t in (q, k, v))  # [B, G, W*L, h, D]
+        back = qf.view(b, groups, world, n, share * d)  # a sample's group's way back lands where its q was
+        for i in range(b):  # one sample at a time: each slice is contiguous, no copy for the kernel
+            for g in range(groups):
+                o = self.kernel_call(func, qf[i, g].view(1, world * n, share * d),
+                                     kf[i, g, :total].view(1, total, share * d),
+                                     vf[i, g, :total].view(1, total, share * d), share, None, kwargs)
+                sequence_from_head_shards(o, pg, back[i, g])
+                del o
         out = kf.view(q.shape)  # k's buffer, or the one that received k
-        out.view(b, n, groups, world, share, d).copy_(back.permute(2, 3, 0, 1, 4, 5))
+        out.view(b, n, groups, world, share, d).copy_(back.view(b, groups, world, n, share, d).permute(0, 3, 1, 2, 4, 5))
         return out
 
     def gathered_attention(self, func, q, k, v, heads, mask, kwargs):
