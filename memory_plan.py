@@ -31,7 +31,7 @@ import math
 GIB = 1 << 30
 # hidden vectors per local video token (see the module docstring)
 ATTENTION_VECTORS = 8.5
-ATTENTION_OUT_IN_Q_VECTORS = 0.5  # sequence parallel: the attention output goes into q's buffer
+ATTENTION_OUT_IN_PLACE_VECTORS = 0.5  # sequence parallel: the attention output goes into a q/k/v buffer
 RING_VECTORS = 1.0
 FULL_SEQUENCE_VECTORS = 0.06
 FFN_KEPT_VECTORS = 3.5
@@ -150,7 +150,7 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
     n = clip.video_tokens
     local = math.ceil(n / world)
     vec = dims.vector
-    attn = ATTENTION_VECTORS + (RING_VECTORS if ring > 1 else 0) - (ATTENTION_OUT_IN_Q_VECTORS if world > 1 else 0)
+    attn = ATTENTION_VECTORS + (RING_VECTORS if ring > 1 else 0) - (ATTENTION_OUT_IN_PLACE_VECTORS if world > 1 else 0)
     if per_token_timesteps:
         attn += PER_TOKEN_TIMESTEP_VECTORS
     audio_vec = dims.audio_dim * dims.compute_bytes

@@ -220,8 +220,9 @@ class PaddingDroppingKernel:
 
 
 # Ulysses: heads per all-to-all + attention call. Beyond ComfyUI's own q/k/v (which receive) a rank
-# holds one send buffer the size of q, or one group's attention output and ComfyUI's reshaped copy of
-# it (2/G the size of q). One group runs the fewest, largest kernels; its peak stays under RoPE's.
+# holds one send buffer the size of q, or one sample's group's attention output and ComfyUI's reshaped
+# copy of it (2/(G*B) the size of q). One group runs the fewest, largest kernels; its peak stays under
+# RoPE's.
 HEAD_GROUPS = 1
 # ring: xfuser's attention allocates per call, so it gets a quarter of the heads at a time
 RING_HEAD_GROUPS = 4

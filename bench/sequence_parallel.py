@@ -10,8 +10,8 @@ pack's FFN chunking (``--ffn``: auto, a chunk count, or 1 for off). Memory is Py
 peak allocated above the weights, per rank, for the forward and for its PE and block phases (a
 separate synchronised pass); time is the median of ``--repeats`` forwards. A correctness check
 compares each W>1 output of the first case with the W=1 output (relative L2, bf16).
---head-groups sets the Ulysses head grouping (``xdit_context_parallel.HEAD_GROUPS``; ring keeps its own). --profile: one
-more forward under torch.profiler; each row gets the GPU time per kernel kind (matmul, attention,
+--head-groups sets the Ulysses head grouping (``xdit_context_parallel.HEAD_GROUPS``; ring keeps its
+own). --profile: one more forward under torch.profiler; each row gets the GPU time per kernel kind (matmul, attention,
 communication, copies, other), the time the GPU was busy, the communication no compute overlapped,
 the top kernels, and the GPU time per ComfyUI / pack line that launched it.
 """
