@@ -184,6 +184,7 @@ class LTXAVWorker:
         _import_pack(pack_dir, pack_name)
         self.xsp = importlib.import_module(f"{pack_name}.xdit_context_parallel")
         self.ffn = importlib.import_module(f"{pack_name}.ffn_chunking")
+        self.inst = importlib.import_module(f"{pack_name}.instrumentation")
         self.step = 0
         self.stop = threading.Event()
         self.busy = threading.Lock()
@@ -320,19 +321,20 @@ class LTXAVWorker:
         job = loads(job_bytes, model_refs(self.patcher))
         self.sp.reset_stats()
         try:
-            if job["mode"] == "ksampler":
-                samples = comfy.sample.sample(
-                    self.patcher, job["noise"], job["steps"], job["cfg"], job["sampler_name"], job["scheduler"],
-                    job["positive"], job["negative"], job["latent"], denoise=job["denoise"],
-                    disable_noise=job["disable_noise"], start_step=job["start_step"], last_step=job["last_step"],
-                    force_full_denoise=job["force_full_denoise"], noise_mask=job["noise_mask"],
-                    callback=self._callback, disable_pbar=True, seed=job["seed"])
-            else:
-                guider = job["guider"]
-                samples = guider.sample(job["noise"], job["latent"], job["sampler"], job["sigmas"],
-                                        denoise_mask=job["noise_mask"], callback=self._callback, disable_pbar=True,
-                                        seed=job["seed"])
-                samples = samples.to(comfy.model_management.intermediate_device())
+            with self.inst.traced(self.rank):  # LTXAV_PARALLEL_TRACE_DIR: a profiler trace of this run
+                if job["mode"] == "ksampler":
+                    samples = comfy.sample.sample(
+                        self.patcher, job["noise"], job["steps"], job["cfg"], job["sampler_name"], job["scheduler"],
+                        job["positive"], job["negative"], job["latent"], denoise=job["denoise"],
+                        disable_noise=job["disable_noise"], start_step=job["start_step"], last_step=job["last_step"],
+                        force_full_denoise=job["force_full_denoise"], noise_mask=job["noise_mask"],
+                        callback=self._callback, disable_pbar=True, seed=job["seed"])
+                else:
+                    guider = job["guider"]
+                    samples = guider.sample(job["noise"], job["latent"], job["sampler"], job["sigmas"],
+                                            denoise_mask=job["noise_mask"], callback=self._callback,
+                                            disable_pbar=True, seed=job["seed"])
+                    samples = samples.to(comfy.model_management.intermediate_device())
         except comfy.model_management.InterruptProcessingException:
             return {"interrupted": True, "step": self.step, "memory": self.memory()}
         finally:

@@ -10,8 +10,9 @@ the duration of one call a DIFFUSION_MODEL wrapper sets a few instance attribute
   image-to-video) instead of one per token, and blocks index them per local token
   (``LocalTimestep``): no rank holds a full-sequence timestep tensor;
 * video self-attention: Ulysses alone is an all-to-all in xfuser's layout around ComfyUI's own
-  attention function (all heads in one call; q/k/v's own buffers receive); with a ring degree it
-  goes through xfuser's ``xFuserLongContextAttention``, with a kernel that drops the padding keys;
+  attention function (all heads in one call; q/k/v's own buffers receive; this rank's own query
+  block runs while the other ranks' queries are in flight); with a ring degree it goes through
+  xfuser's ``xFuserLongContextAttention``, with a kernel that drops the padding keys;
 * audio-to-video cross-attention is local (video queries, all audio keys); video-to-audio
   cross-attention merges each rank's partial softmax (output + log-sum-exp) over its own video
   keys, which is exact;
@@ -187,6 +188,23 @@ def distinct_values(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --------------------------------------------------------------------------- attention kernel
 
+_CUDNN_LSE = [True]  # cleared for the process when cuDNN's attention refuses (old build, unsupported GPU)
+
+
+def _cudnn_with_lse(qt, kt, vt, softmax_scale):
+    """cuDNN's attention ([B, H, S, D]) and its log-sum-exp [B, H, S], or (None, None): the kernel
+    PyTorch's own SDPA picks for ComfyUI on Hopper, faster there than the flash kernel."""
+    if not _CUDNN_LSE[0]:
+        return None, None
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, False, False,
+                                                                     scale=softmax_scale)[:2]
+    except (RuntimeError, AttributeError):
+        _CUDNN_LSE[0] = False
+        return None, None
+    return out, lse.reshape(qt.shape[:3])
+
+
 def attention_with_lse(q, k, v, softmax_scale=None):
     """softmax(q k^T) v and its log-sum-exp (float32, for exact merging of partial results).
     q, k, v: [B, S, H, D]; returns [B, S, H, D] and [B, H, S]."""
@@ -197,7 +215,9 @@ def attention_with_lse(q, k, v, softmax_scale=None):
     if q.device.type == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False, scale=softmax_scale)[:2]
     elif q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        out, lse = aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False, scale=softmax_scale)[:2]
+        out, lse = _cudnn_with_lse(qt, kt, vt, softmax_scale)
+        if out is None:
+            out, lse = aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False, scale=softmax_scale)[:2]
     else:
         out, lse = aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, False,
                                                                 scale=softmax_scale)[:2]
@@ -220,9 +240,9 @@ class PaddingDroppingKernel:
 
 
 # Ulysses: heads per all-to-all + attention call. Beyond ComfyUI's own q/k/v (which receive) a rank
-# holds one send buffer the size of q, or one sample's group's attention output and ComfyUI's reshaped
-# copy of it (2/(G*B) the size of q). One group runs the fewest, largest kernels; its peak stays under
-# RoPE's.
+# holds one sample's send buffer while its own query block runs (with that call's output and ComfyUI's
+# reshaped copy of it), then its own blocks' outputs while the other ranks' blocks run (for one sample,
+# at most twice q). One group runs the fewest, largest kernels; its peak stays under RoPE's.
 HEAD_GROUPS = 1
 # ring: xfuser's attention allocates per call, so it gets a quarter of the heads at a time
 RING_HEAD_GROUPS = 4
@@ -235,28 +255,55 @@ def head_group_size(heads: int, ulysses: int, groups: int) -> int:
     return max(g for g in range(ulysses, cap + 1, ulysses) if heads % g == 0)
 
 
-def heads_from_sequence_shards(t: torch.Tensor, groups: int, pg, reuse: bool = True) -> torch.Tensor:
-    """Ulysses all-to-all of ``t`` [B, L, H, D] (this rank's tokens, all heads) -> [B, G, W*L, h, D]:
-    for each sample and head group, all tokens of this rank's ``h = H/G/W`` heads of that group (per
-    sample, the layout of yunchang's ``all_to_all_4D`` that xfuser uses), each slice contiguous. One
-    copy (the send buffer); when ``reuse`` and ``t`` is a temporary of the caller (``may_overwrite``)
-    its own buffer receives."""
-    world = dist.get_world_size(pg)
+def others(world: int, me: int) -> list[tuple[int, int]]:
+    """The ranks other than ``me`` as at most two contiguous ranges [lo, hi)."""
+    return [(lo, hi) for lo, hi in ((0, me), (me + 1, world)) if hi > lo]
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its last dim read as 8-byte elements when its strides allow (else ``t``): a strided
+    copy of bf16 moves one element per step, so the same permuted copy takes 4x fewer steps."""
+    if t.dim() and t.element_size() < 8 and t.stride(-1) == 1:
+        try:
+            return t.view(torch.int64)
+        except RuntimeError:  # odd sizes, strides or offset
+            pass
+    return t
+
+
+def head_blocks(t: torch.Tensor, groups: int, world: int, last: int | None = None) -> torch.Tensor:
+    """``t`` [B, L, H, D] (this rank's tokens, all heads) -> a new [B, G, W, L, h, D]: per sample and
+    head group, one contiguous block per rank holding that rank's ``h = H/G/W`` heads, in rank order
+    (yunchang's ``all_to_all_4D`` layout, which xfuser uses), or with rank ``last``'s block moved to
+    the end."""
     b, n, h, d = t.shape
     share = h // groups // world
-    send = t.view(b, n, groups, world, share, d).permute(0, 2, 3, 1, 4, 5).contiguous()  # [B, G, W, L, h, D]
+    out = t.new_empty((b, groups, world, n, share, d))
+    blocks = t.view(b, n, groups, world, share, d).permute(0, 2, 3, 1, 4, 5)
+    if last is None:
+        wide(out).copy_(wide(blocks))
+        return out
+    at = 0
+    for lo, hi in others(world, last):
+        wide(out[:, :, at:at + hi - lo]).copy_(wide(blocks[:, :, lo:hi]))
+        at += hi - lo
+    wide(out[:, :, world - 1]).copy_(wide(blocks[:, :, last]))
+    return out
+
+
+def heads_from_sequence_shards(t: torch.Tensor, groups: int, pg, reuse: bool = True) -> torch.Tensor:
+    """Ulysses all-to-all of ``t`` [B, L, H, D] (this rank's tokens, all heads) -> [B, G, W*L, h, D]:
+    for each sample and head group, all tokens of this rank's heads of that group, each slice
+    contiguous. One copy (the send buffer); when ``reuse`` and ``t`` is a temporary of the caller
+    (``may_overwrite``) its own buffer receives."""
+    world = dist.get_world_size(pg)
+    b, n = t.shape[:2]
+    send = head_blocks(t, groups, world)
     recv = t.view(send.shape) if reuse and may_overwrite(t, whole_view=True) else torch.empty_like(send)
     for i in range(b):
         for g in range(groups):
             dist.all_to_all_single(recv[i, g], send[i, g], group=pg)
-    return recv.view(b, groups, world * n, share, d)
-
-
-def sequence_from_head_shards(o: torch.Tensor, pg, into: torch.Tensor) -> None:
-    """The way back for one sample and head group: ``o`` (all W*L tokens, this rank's heads) ->
-    ``into`` [W, L, h*D] (this rank's tokens, rank w's heads at ``w``). Rank w's tokens are a
-    contiguous block of ``o``, so it is sent as it is."""
-    dist.all_to_all_single(into, o.reshape(into.shape), group=pg)
+    return recv.view(b, groups, world * n, *send.shape[4:])
 
 
 # --------------------------------------------------------------------------- process groups
@@ -457,25 +504,48 @@ class _Call:
     def ulysses_attention(self, func, q, k, v, group, kwargs):
         """Ulysses, ``group`` heads at a time: all-to-all from [B, L, H, D] sequence shards to head
         shards over the whole sequence, ComfyUI's own attention (padding keys cut off the end), and
-        back. ComfyUI's CrossAttention drops q, k and v after this call, so when they are its own
-        temporaries they hold the gathered heads, the way back lands in q's and the output in k's."""
+        back. Keys and values go first; while the other ranks' queries travel, this rank's own query
+        block (its tokens, its heads) runs, and only the other blocks make the round trip. ComfyUI's
+        CrossAttention drops q, k and v after this call, so when they are its own temporaries they
+        hold the gathered heads, the other blocks and their way back land in q's, the output in k's."""
         pg = self.sp.attention.ulysses_pg
-        world, total = self.sp.ulysses, self.layout.total
+        world, total, me = self.sp.ulysses, self.layout.total, dist.get_rank(pg)
         b, n, heads, d = q.shape
         groups = heads // group
         share = group // world
+        hd = share * d
         reuse = len({t.untyped_storage().data_ptr() for t in (q, k, v)}) == 3  # never overwrite a shared buffer
-        qf, kf, vf = (heads_from_sequence_shards(t, groups, pg, reuse) for t in (q, k, v))  # [B, G, W*L, h, D]
-        back = qf.view(b, groups, world, n, share * d)  # a sample's group's way back lands where its q was
+        kf, vf = (heads_from_sequence_shards(t, groups, pg, reuse) for t in (k, v))  # [B, G, W*L, h, D]
+        land = q.view(b, groups, world, n, share, d) if reuse and may_overwrite(q, whole_view=True) else \
+            q.new_empty((b, groups, world, n, share, d))
+        splits = [0 if w == me else n for w in range(world)]  # nothing goes to or comes from this rank
+        own, back = [], []
         for i in range(b):  # one sample at a time: each slice is contiguous, no copy for the kernel
+            send = head_blocks(q[i:i + 1], groups, world, last=me)[0]  # [G, W, L, h, D], the other ranks' first
             for g in range(groups):
-                o = self.kernel_call(func, qf[i, g].view(1, world * n, share * d),
-                                     kf[i, g, :total].view(1, total, share * d),
-                                     vf[i, g, :total].view(1, total, share * d), share, None, kwargs)
-                sequence_from_head_shards(o, pg, back[i, g])
+                keys = kf[i, g, :total].view(1, total, hd), vf[i, g, :total].view(1, total, hd)
+                rest = land[i, g, :world - 1].view((world - 1) * n, hd)  # the other ranks' blocks, in rank order
+                arriving = dist.all_to_all_single(rest, send[g, :world - 1].view(rest.shape), splits, splits,
+                                                  group=pg, async_op=True)
+                own.append(self.kernel_call(func, send[g, world - 1].view(1, n, hd), *keys, share, None, kwargs))
+                arriving.wait()
+                del arriving
+                if g == groups - 1:
+                    del send  # before the other blocks' attention: the peak stays that of one call
+                o = self.kernel_call(func, rest.view(1, -1, hd), *keys, share, None, kwargs)
+                back.append(dist.all_to_all_single(rest, o.view(rest.shape), splits, splits, group=pg,
+                                                   async_op=True))
                 del o
         out = kf.view(q.shape)  # k's buffer, or the one that received k
-        out.view(b, n, groups, world, share, d).copy_(back.view(b, groups, world, n, share, d).permute(0, 3, 1, 2, 4, 5))
+        view = out.view(b, n, groups, world, share, d)
+        for j, o in enumerate(own):  # while the last blocks travel back
+            wide(view[j // groups, :, j % groups, me]).copy_(wide(o.view(n, share, d)))
+        del own
+        for work in back:
+            work.wait()
+        for lo, hi in others(world, me):
+            at = lo - (lo > me)  # where rank lo's block sits among the others
+            wide(view[:, :, :, lo:hi]).copy_(wide(land[:, :, at:at + hi - lo].permute(0, 3, 1, 2, 4, 5)))
         return out
 
     def gathered_attention(self, func, q, k, v, heads, mask, kwargs):
@@ -499,11 +569,13 @@ class _Call:
         d = inner // heads
         out, lse = attention_with_lse(q.reshape(b, t, heads, d), k[:, :real].reshape(b, real, heads, d),
                                       v[:, :real].reshape(b, real, heads, d))
-        outs = [torch.empty_like(out) for _ in range(self.sp.world)]
-        lses = [torch.empty_like(lse) for _ in range(self.sp.world)]
-        dist.all_gather(outs, out.contiguous(), group=self.sp.group)
-        dist.all_gather(lses, lse.contiguous(), group=self.sp.group)
+        # one all-gather for both: output and log-sum-exp as bytes, side by side
+        packed = torch.cat([out.contiguous().view(torch.uint8).flatten(), lse.contiguous().view(torch.uint8).flatten()])
+        gathered = [torch.empty_like(packed) for _ in range(self.sp.world)]
+        dist.all_gather(gathered, packed, group=self.sp.group)
         merged, merged_lse = None, None
-        for o, s in zip(outs, lses):
+        cut = out.numel() * out.element_size()
+        for g in gathered:
+            o, s = g[:cut].view(out.dtype).view(out.shape), g[cut:].view(lse.dtype).view(lse.shape)
             merged, merged_lse = self.sp.merge(merged, merged_lse, o, s)
         return merged.to(q.dtype).reshape(b, t, inner)

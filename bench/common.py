@@ -31,10 +31,12 @@ def import_comfy(path):
     import comfy.ops  # noqa: F401
 
 
-def import_pack(name="ltxav_pack"):
+def import_pack(name="ltxav_pack", root=None):
     """The pack as a package, without running its __init__ (node registration needs the whole
-    ComfyUI front-end stack; the benchmarks use only the pure modules)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    ComfyUI front-end stack; the benchmarks use only the pure modules). ``root``: another checkout
+    of it (an older commit, to compare), else this one."""
+    root = Path(root or ROOT)
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     return module

@@ -3,16 +3,19 @@ against ComfyUI's stock sampler on one GPU, at real LTX-2 dims (random weights, 
 the fault and steady-memory checks on GPU.
 
 Usage: python bench/ray_sampler.py --comfy PATH [--layers 4] [--case 897x768x512] [--worlds 2,4]
-          [--steps 8,20] [--prompts 10] [--out results.jsonl]
+          [--steps 8,20] [--prompts 10] [--speed-only] [--trace DIR] [--out results.jsonl]
 Writes a random-weight LTXAV checkpoint (real key names, config in metadata), loads it with
 ComfyUI's loader, samples it with comfy.sample.sample on GPU 0 (W=1, stock), then with the pack's
 ParallelSampler for each W. Every configuration runs at two step counts: seconds per step is the
-slope between them and the per-prompt overhead the rest; the workers' own step times are reported
-beside. On the largest W: --prompts prompts in a row with each worker process's GPU memory
+slope between them and the per-prompt overhead the rest; the median step (time between ComfyUI's
+step callbacks, the first step left out) is reported for the stock sampler and the workers alike.
+--trace: two more runs per W by fresh workers tracing them; the second's traces, summarised (GPU busy / idle
+per step, host-blocking CUDA calls, longest idle gaps). On the largest W: --prompts prompts in a row with each worker process's GPU memory
 (nvidia-smi, per process) after the first and the last; a real out-of-memory (workers capped just
 above the weights, the planner's check skipped); the planner's refusal; and a worker killed mid-run.
 """
 import argparse
+import bisect
 import json
 import math
 import os
@@ -80,6 +83,65 @@ def inputs(case, caption_channels):
     return latent, noise, cond(1), cond(2), video.shape[2] * video.shape[3] * video.shape[4]
 
 
+SYNCS = ("Synchronize", "Memcpy", "cudaFree", "cudaMalloc", "cudaHostAlloc")
+
+
+def trace_summary(path, steps):
+    """A worker's Chrome trace, per step: GPU time by kernel kind, busy and idle time between the
+    first and the last kernel, the CUDA calls that can block the host (count, seconds), and the
+    longest idle gaps with the kernel that ended each, whether its launch came after the gap began
+    (the host was late) or before (the GPU waited on something else), and the longest host-blocking
+    call during the gap."""
+    from sequence_parallel import kind_of, union_s
+
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                     key=lambda e: e["ts"])
+    if not kernels:
+        return {"file": Path(path).name, "kernels": 0}
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e]
+    launch_ts = {e["args"]["correlation"]: e["ts"] for e in runtime if "correlation" in e.get("args", {})}
+    by_kind = {}
+    for e in kernels:
+        by_kind[kind_of(e["name"])] = by_kind.get(kind_of(e["name"]), 0.0) + e["dur"] / 1e6
+    busy = union_s([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
+    span = (max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]) / 1e6
+    syncs = {}
+    for e in runtime:
+        if any(k in e["name"] for k in SYNCS):
+            n, t = syncs.get(e["name"], (0, 0.0))
+            syncs[e["name"]] = (n + 1, t + e["dur"] / 1e6)
+    blocking = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in runtime if any(k in e["name"] for k in SYNCS))
+    starts = [b[0] for b in blocking]
+
+    def host_during(a, b):
+        """The longest host-blocking CUDA call overlapping [a, b]."""
+        i = max(0, bisect.bisect_left(starts, a) - 1)
+        best = None
+        while i < len(blocking) and blocking[i][0] <= b:
+            lo, hi, name = blocking[i]
+            if hi >= a and (best is None or hi - lo > best[0]):
+                best = (hi - lo, name)
+            i += 1
+        return f"{best[1]} {best[0] / 1e3:.2f} ms" if best else "-"
+
+    gaps, end = [], None
+    for e in kernels:
+        if end is not None and e["ts"] > end:
+            launched = launch_ts.get(e.get("args", {}).get("correlation"))
+            gaps.append([round((e["ts"] - end) / 1e6, 5), e["name"][:60],
+                         "host late" if launched is not None and launched > end else "launched before",
+                         host_during(end, e["ts"])])
+        end = max(end or 0, e["ts"] + e["dur"])
+    late = sum(g[0] for g in gaps if g[2] == "host late")
+    return {"file": Path(path).name, "steps": steps, "kernels": len(kernels),
+            "per_step_s": {"span": round(span / steps, 4), "busy": round(busy / steps, 4),
+                           "idle": round((span - busy) / steps, 4), "idle_host_late": round(late / steps, 4),
+                           **{k: round(v / steps, 4) for k, v in sorted(by_kind.items())}},
+            "host_blocking_calls": sorted(([k, n, round(t, 4)] for k, (n, t) in syncs.items()), key=lambda r: -r[2])[:8],
+            "longest_gaps": sorted(gaps, reverse=True)[:12]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True)
@@ -91,6 +153,8 @@ def main():
     ap.add_argument("--ffn", default="auto")
     ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU workers: a smoke run")
     ap.add_argument("--speed-only", action="store_true", help="skip the memory-drift and fault checks")
+    ap.add_argument("--trace", default=None, help="folder: after each W's timing, one more run traced by its "
+                    "workers (LTXAV_PARALLEL_TRACE_DIR), summarised per worker")
     ap.add_argument("--ckpt", default="/tmp/ltxav_bench.safetensors")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -100,7 +164,7 @@ def main():
     import comfy.sd
 
     common.import_pack()
-    from ltxav_pack import ffn_chunking, parallel_sampler
+    from ltxav_pack import ffn_chunking, instrumentation, parallel_sampler
 
     info = common.device_info()
     command = "python bench/ray_sampler.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
@@ -123,9 +187,12 @@ def main():
         ffn_chunking.set_wrappers(patcher, True)
     latent, noise, pos, neg, tokens = inputs(a.case, config["caption_channels"])
 
+    marks = []
+
     def stock(steps):
+        marks[:] = [time.perf_counter()]
         return comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", pos, neg, latent,
-                                   disable_pbar=True, seed=0)
+                                   disable_pbar=True, seed=0, callback=lambda *_: marks.append(time.perf_counter()))
 
     def timed(fn):
         common.sync()
@@ -149,7 +216,9 @@ def main():
     _, t2 = timed(lambda: stock(s2))
     peak = (torch.cuda.max_memory_allocated() - base) / common.GB if torch.cuda.is_available() else None
     stock_step = slope(t1, t2)["s_per_step"]
-    emit(dict(world=1, mode="stock comfy.sample.sample", **slope(t1, t2), video_tokens=tokens,
+    stock_median = parallel_sampler.step_timings(marks)["worker_s_per_step"]  # the workers' statistic
+    emit(dict(world=1, mode="stock comfy.sample.sample", **slope(t1, t2), step_median_s=stock_median,
+              step_s=[round(b - a, 4) for a, b in zip(marks[:-1], marks[1:])], video_tokens=tokens,
               peak_over_start_gb=None if peak is None else round(peak, 3)))
     mm.unload_all_models()
     mm.soft_empty_cache()
@@ -172,12 +241,28 @@ def main():
         emit(dict(world=world, mode="LTXAV parallel sampler (Ray)", **fit,
                   speedup_vs_stock=round(stock_step / fit["s_per_step"], 3),
                   worker_s_per_step=r2["timings"].get("worker_s_per_step"),
+                  speedup_by_median_step=round(stock_median / r2["timings"]["worker_s_per_step"], 3),
                   worker_mean_s_per_step=r2["timings"].get("worker_mean_s_per_step"),
                   worker_step_s=[round(b - a, 4) for a, b in zip(r2["step_times"][:-1], r2["step_times"][1:])],
                   worker_setup_s=r2["timings"].get("worker_setup_s"),
                   timings=r2["timings"],
                   ray_start_s=first["timings"]["ray_start_s"], model_load_s=first["timings"]["model_load_s"],
                   video_tokens=tokens, per_worker_memory=r2["memory"], rel_l2_vs_stock=round(err, 5)))
+        if a.trace:  # one more run, traced by fresh workers (the variable is read when they start)
+            pool.stop_group()
+            folder = Path(a.trace) / f"w{world}"
+            os.environ[instrumentation.TRACE_ENV] = str(folder)
+            try:
+                pool.run(patcher, job(s1), settings, s1)  # the workers' first run also loads the model
+                pool.run(patcher, job(s1), settings, s1)
+            finally:
+                del os.environ[instrumentation.TRACE_ENV]
+                pool.stop_group()
+            newest = {}
+            for f in sorted(folder.glob("rank*.json"), key=lambda f: int(f.stem.split("-")[-1])):
+                newest[f.name.split("-")[0]] = f
+            emit(dict(world=world, mode=f"profiler trace of a second {s1}-step run (model loaded), per worker",
+                      traces=[trace_summary(f, s1) for _, f in sorted(newest.items())]))
     if a.speed_only:
         pool.stop_group()
         if a.out:

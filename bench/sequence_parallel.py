@@ -3,7 +3,7 @@ real LTX-2 dims (random weights, a few layers), against ComfyUI's stock forward 
 
 Usage: python bench/sequence_parallel.py --comfy PATH [--layers 4] [--worlds 1,2,4,2r,4h]
           [--cases 897x768x512,897x1280x704,897x1920x1088] [--i2v 0,1] [--ffn auto] [--repeats 3]
-          [--head-groups 1] [--profile] [--out results.jsonl]
+          [--head-groups 1] [--profile] [--pack DIR] [--out results.jsonl]
 One process per GPU (NCCL); W=1 is the plain ComfyUI forward (no sequence parallelism). A world is
 W (all Ulysses), Wr (all ring) or Wh (Ulysses 2 x ring W/2). Both use the
 pack's FFN chunking (``--ffn``: auto, a chunk count, or 1 for off). Memory is PyTorch's allocator:
@@ -13,7 +13,9 @@ compares each W>1 output of the first case with the W=1 output (relative L2, bf1
 --head-groups sets the Ulysses head grouping (``xdit_context_parallel.HEAD_GROUPS``; ring keeps its
 own). --profile: one more forward under torch.profiler; each row gets the GPU time per kernel kind (matmul, attention,
 communication, copies, other), the time the GPU was busy, the communication no compute overlapped,
-the top kernels, and the GPU time per ComfyUI / pack line that launched it.
+the top kernels, the GPU time per ComfyUI / pack line that launched it, and the longest idle gaps
+(with the kernel and line after each). --pack measures another checkout of the pack (an older
+commit exported to a folder) with this script.
 """
 import argparse
 import bisect
@@ -58,9 +60,9 @@ def union_s(intervals):
 SOURCES = ("/comfy/", "/comfy_extras/", "ltxav_pack", "xdit_context_parallel.py", "ffn_chunking.py")
 
 
-def by_source(events, leaves, top=25):
-    """Sum ``leaves`` [(cpu ts, tid, seconds, kernel name)] per innermost ComfyUI / pack Python line
-    running on that thread at that time (the trace's python_function events)."""
+def python_lines(events):
+    """A function (cpu ts, tid) -> the innermost ComfyUI / pack Python line running on that thread
+    then (the trace's python_function events)."""
     frames = {}
     for e in events:
         if e.get("cat") == "python_function" and any(k in e["name"] for k in SOURCES):
@@ -69,18 +71,38 @@ def by_source(events, leaves, top=25):
     for tid, fs in frames.items():
         fs.sort()
         starts[tid] = [f[0] for f in fs]
-    sums = {}
-    for ts, tid, sec, kernel in leaves:
-        fs, where = frames.get(tid, []), "?"
+
+    def where(ts, tid):
+        fs = frames.get(tid, [])
         i = bisect.bisect_right(starts.get(tid, []), ts) - 1
         while i >= 0:
             if fs[i][1] >= ts:
-                where = fs[i][2].split("/")[-1]
-                break
+                return fs[i][2].split("/")[-1]
             i -= 1
-        key = f"{where} | {kind_of(kernel)}"
+        return "?"
+    return where
+
+
+def by_source(leaves, where, top=25):
+    """Sum ``leaves`` [(cpu ts, tid, seconds, kernel name)] per line that launched them."""
+    sums = {}
+    for ts, tid, sec, kernel in leaves:
+        key = f"{where(ts, tid)} | {kind_of(kernel)}"
         sums[key] = sums.get(key, 0.0) + sec
     return [[k, round(v, 4)] for k, v in sorted(sums.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def idle_gaps(kernels, launches, where, top=10):
+    """The longest stretches with no kernel on the GPU, each with the kernel that ended it and the
+    line that launched that kernel: [seconds, kernel, line]."""
+    gaps, end = [], None
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        if end is not None and e["ts"] > end:
+            launch = launches.get(e.get("args", {}).get("correlation"))
+            line = where(launch["ts"], launch["tid"]) if launch else "?"
+            gaps.append([round((e["ts"] - end) / 1e6, 5), e["name"][:60], line])
+        end = max(end or 0, e["ts"] + e["dur"])
+    return sorted(gaps, reverse=True)[:top]
 
 
 def gpu_profile(run):
@@ -109,13 +131,15 @@ def gpu_profile(run):
         if launch:
             leaves.append((launch["ts"], launch["tid"], e["dur"] / 1e6, e["name"]))
     everything = [iv for ivs in spans.values() for iv in ivs]
+    where = python_lines(events)
     compute = [iv for k, ivs in spans.items() if k != "communication" for iv in ivs]
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
     return dict(kernel_s={k: round(v, 4) for k, v in sorted(by_kind.items())},
                 busy_s=round(union_s(everything), 4),
                 span_s=round((max(b for _, b in everything) - min(a for a, _ in everything)) / 1e6, 4),
                 exposed_communication_s=round(union_s(everything) - union_s(compute), 4),
-                kernels=len(kernels), top=[[n, round(t, 4)] for n, t in top], by_source=by_source(events, leaves))
+                kernels=len(kernels), top=[[n, round(t, 4)] for n, t in top], by_source=by_source(leaves, where),
+                idle_gaps=idle_gaps(kernels, launches, where))
 
 
 class _Mem:
@@ -150,7 +174,7 @@ def rank_main(rank, token, a, init_file, out_dir):
     common.import_comfy(a.comfy)
     import comfy.patcher_extension
 
-    common.import_pack()
+    common.import_pack(root=a.pack)
     from ltxav_pack import ffn_chunking
     from ltxav_pack import xdit_context_parallel as xsp
 
@@ -252,6 +276,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--head-groups", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--pack", default=None, help="another checkout of the pack to measure (default: this one)")
     ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU (gloo): a smoke run")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

@@ -126,6 +126,24 @@ def test_lora_and_ffn_chunker_travel_to_the_workers(ps, pack, nodes_mod, tiny_mo
     assert all(i["ffn_chunking"] == {"num_chunks": 3, "auto": False} for i in infos)
 
 
+def test_trace_dir_gives_each_worker_a_trace(ps, nodes_mod, tiny_model, tiny_ckpt, tmp_path, monkeypatch):
+    import json
+
+    cc = tiny_ckpt[1]["caption_channels"]
+    ps.POOL.stop_group()  # workers read the variable when they start
+    monkeypatch.setenv("LTXAV_PARALLEL_TRACE_DIR", str(tmp_path / "traces"))
+    try:
+        got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
+    finally:
+        ps.POOL.stop_group()
+    assert_close(got, stock_ksampler(tiny_model, cc))
+    traces = sorted((tmp_path / "traces").glob("rank*.json"))
+    assert [t.name.split("-")[0] for t in traces] == ["rank0", "rank1"]
+    for t in traces:
+        names = {e.get("name", "") for e in json.loads(t.read_text())["traceEvents"]}
+        assert any(n.startswith("aten::") for n in names), t.name
+
+
 def test_sampler_custom_advanced_equals_stock(nodes_mod, tiny_model, tiny_ckpt):
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
