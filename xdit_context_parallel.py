@@ -280,15 +280,17 @@ def head_blocks(t: torch.Tensor, groups: int, world: int, last: int | None = Non
     share = h // groups // world
     out = t.new_empty((b, groups, world, n, share, d))
     blocks = t.view(b, n, groups, world, share, d).permute(0, 2, 3, 1, 4, 5)
-    if last is None:
-        wide(out).copy_(wide(blocks))
-        return out
     at = 0
-    for lo, hi in others(world, last):
+    for lo, hi in [(0, world)] if last is None else [*others(world, last), (last, last + 1)]:
         wide(out[:, :, at:at + hi - lo]).copy_(wide(blocks[:, :, lo:hi]))
         at += hi - lo
-    wide(out[:, :, world - 1]).copy_(wide(blocks[:, :, last]))
     return out
+
+
+def receiving(t: torch.Tensor, shape, reuse: bool = True) -> torch.Tensor:
+    """``t``'s own buffer viewed as ``shape`` when ``reuse`` and ``t`` is a temporary of the caller
+    that it drops after this call (``may_overwrite``), else a new buffer of that shape."""
+    return t.view(shape) if reuse and may_overwrite(t, whole_view=True) else t.new_empty(shape)
 
 
 def heads_from_sequence_shards(t: torch.Tensor, groups: int, pg, reuse: bool = True) -> torch.Tensor:
@@ -299,7 +301,7 @@ def heads_from_sequence_shards(t: torch.Tensor, groups: int, pg, reuse: bool = T
     world = dist.get_world_size(pg)
     b, n = t.shape[:2]
     send = head_blocks(t, groups, world)
-    recv = t.view(send.shape) if reuse and may_overwrite(t, whole_view=True) else torch.empty_like(send)
+    recv = receiving(t, send.shape, reuse)
     for i in range(b):
         for g in range(groups):
             dist.all_to_all_single(recv[i, g], send[i, g], group=pg)
@@ -493,7 +495,7 @@ class _Call:
         group = head_group_size(heads, self.sp.ulysses, RING_HEAD_GROUPS)
         # ComfyUI's CrossAttention makes q (to_q, q_norm, RoPE) for this call and drops it after; RoPE's
         # reshape leaves it a view of a private copy
-        out = q if may_overwrite(q, whole_view=True) else torch.empty_like(q)
+        out = receiving(q, q.shape)
         if layout.real < n:
             k[:, layout.real:] = float("nan")  # padding keys: dropped by PaddingDroppingKernel
         for h in range(0, heads, group):
@@ -516,8 +518,7 @@ class _Call:
         hd = share * d
         reuse = len({t.untyped_storage().data_ptr() for t in (q, k, v)}) == 3  # never overwrite a shared buffer
         kf, vf = (heads_from_sequence_shards(t, groups, pg, reuse) for t in (k, v))  # [B, G, W*L, h, D]
-        land = q.view(b, groups, world, n, share, d) if reuse and may_overwrite(q, whole_view=True) else \
-            q.new_empty((b, groups, world, n, share, d))
+        land = receiving(q, (b, groups, world, n, share, d), reuse)
         splits = [0 if w == me else n for w in range(world)]  # nothing goes to or comes from this rank
         own, back = [], []
         for i in range(b):  # one sample at a time: each slice is contiguous, no copy for the kernel
