@@ -92,7 +92,7 @@ def trace_summary(path, steps):
     longest idle gaps with the kernel that ended each, whether its launch came after the gap began
     (the host was late) or before (the GPU waited on something else), and the longest host-blocking
     call during the gap."""
-    from sequence_parallel import kind_of, union_s
+    from sequence_parallel import gaps_between, kind_of, union_s
 
     events = json.loads(Path(path).read_text())["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
@@ -103,15 +103,15 @@ def trace_summary(path, steps):
     launch_ts = {e["args"]["correlation"]: e["ts"] for e in runtime if "correlation" in e.get("args", {})}
     by_kind = {}
     for e in kernels:
-        by_kind[kind_of(e["name"])] = by_kind.get(kind_of(e["name"]), 0.0) + e["dur"] / 1e6
+        kind = kind_of(e["name"])
+        by_kind[kind] = by_kind.get(kind, 0.0) + e["dur"] / 1e6
     busy = union_s([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     span = (max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]) / 1e6
-    syncs = {}
-    for e in runtime:
-        if any(k in e["name"] for k in SYNCS):
-            n, t = syncs.get(e["name"], (0, 0.0))
-            syncs[e["name"]] = (n + 1, t + e["dur"] / 1e6)
     blocking = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in runtime if any(k in e["name"] for k in SYNCS))
+    syncs = {}
+    for lo, hi, name in blocking:
+        n, t = syncs.get(name, (0, 0.0))
+        syncs[name] = (n + 1, t + (hi - lo) / 1e6)
     starts = [b[0] for b in blocking]
 
     def host_during(a, b):
@@ -125,14 +125,12 @@ def trace_summary(path, steps):
             i += 1
         return f"{best[1]} {best[0] / 1e3:.2f} ms" if best else "-"
 
-    gaps, end = [], None
-    for e in kernels:
-        if end is not None and e["ts"] > end:
-            launched = launch_ts.get(e.get("args", {}).get("correlation"))
-            gaps.append([round((e["ts"] - end) / 1e6, 5), e["name"][:60],
-                         "host late" if launched is not None and launched > end else "launched before",
-                         host_during(end, e["ts"])])
-        end = max(end or 0, e["ts"] + e["dur"])
+    gaps = []
+    for start, e in gaps_between(kernels):
+        launched = launch_ts.get(e.get("args", {}).get("correlation"))
+        gaps.append([round((e["ts"] - start) / 1e6, 5), e["name"][:60],
+                     "host late" if launched is not None and launched > start else "launched before",
+                     host_during(start, e["ts"])])
     late = sum(g[0] for g in gaps if g[2] == "host late")
     return {"file": Path(path).name, "steps": steps, "kernels": len(kernels),
             "per_step_s": {"span": round(span / steps, 4), "busy": round(busy / steps, 4),

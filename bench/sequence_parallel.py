@@ -92,16 +92,23 @@ def by_source(leaves, where, top=25):
     return [[k, round(v, 4)] for k, v in sorted(sums.items(), key=lambda kv: -kv[1])[:top]]
 
 
+def gaps_between(kernels):
+    """Each stretch with no kernel on the GPU: (start, kernel that ended it), in time order."""
+    end = None
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        if end is not None and e["ts"] > end:
+            yield end, e
+        end = max(end or 0, e["ts"] + e["dur"])
+
+
 def idle_gaps(kernels, launches, where, top=10):
     """The longest stretches with no kernel on the GPU, each with the kernel that ended it and the
     line that launched that kernel: [seconds, kernel, line]."""
-    gaps, end = [], None
-    for e in sorted(kernels, key=lambda e: e["ts"]):
-        if end is not None and e["ts"] > end:
-            launch = launches.get(e.get("args", {}).get("correlation"))
-            line = where(launch["ts"], launch["tid"]) if launch else "?"
-            gaps.append([round((e["ts"] - end) / 1e6, 5), e["name"][:60], line])
-        end = max(end or 0, e["ts"] + e["dur"])
+    gaps = []
+    for start, e in gaps_between(kernels):
+        launch = launches.get(e.get("args", {}).get("correlation"))
+        line = where(launch["ts"], launch["tid"]) if launch else "?"
+        gaps.append([round((e["ts"] - start) / 1e6, 5), e["name"][:60], line])
     return sorted(gaps, reverse=True)[:top]
 
 
