@@ -17,7 +17,11 @@ the duration of one call a DIFFUSION_MODEL wrapper sets a few instance attribute
   cross-attention merges each rank's partial softmax (output + log-sum-exp) over its own video
   keys, which is exact;
 * ``proj_out`` gathers the 128-channel output of every rank, so ComfyUI's keyframe scatter and
-  unpatchify run on the whole latent, which is small.
+  unpatchify run on the whole latent, which is small;
+* the host does not wait for the GPU inside a text-to-video forward: video positions (without
+  guides) are computed on the host, as are the double-precision RoPE grids, and both cross to the
+  GPU once per sampling run (``DeviceConstants``), not once per step; each such copy makes the host
+  wait for the GPU queue to drain. Image-to-video reads the mask once, not once per latent frame.
 
 Padding: the token count is padded to a multiple of W at the end of the sequence; padding keys are
 marked NaN inside self-attention and dropped by the attention kernel, and padding queries' outputs
@@ -184,6 +188,44 @@ def distinct_values(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k = max(v.numel() for v, _ in rows)
     values = torch.stack([torch.cat([v, v[-1:].expand(k - v.numel())]) for v, _ in rows])
     return values, torch.stack([i for _, i in rows])
+
+
+def has_spatial_variation(denoise_mask: torch.Tensor) -> bool:
+    """ComfyUI's LTXAV test "does any latent frame of the first sample's mask vary across the
+    frame", in one device-to-host read instead of one per frame."""
+    frames = denoise_mask[0, 0].flatten(1)
+    return frames.numel() > 0 and bool((frames.amax(1) != frames.amin(1)).any())
+
+
+# --------------------------------------------------------------------------- per-run constants
+
+class DeviceConstants:
+    """Host tensors that ComfyUI's forward copies to the GPU on every step (token positions, RoPE
+    frequency grids), kept on the device for a sampling run. A copy from pageable host memory makes
+    the host wait until the GPU has run everything queued, and the GPU then idles while the host
+    queues the next kernels; here each tensor crosses once, and its device copy is reused while the
+    host value is equal and nothing has written to the device copy."""
+
+    def __init__(self):
+        self._kept: dict = {}
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+    def on(self, device: torch.device, key, host: torch.Tensor) -> torch.Tensor:
+        """``host`` on ``device``: the kept copy when it still holds the same values, else a new one."""
+        if host.device == device:
+            return host
+        key = (str(device), key)
+        kept = self._kept.get(key)
+        if kept is not None:
+            src, dev, version = kept
+            if dev._version == version and src.shape == host.shape and src.dtype == host.dtype \
+                    and torch.equal(src, host):
+                return dev
+        dev = host.to(device)
+        self._kept[key] = (host.clone(), dev, dev._version)
+        return dev
 
 
 # --------------------------------------------------------------------------- attention kernel
@@ -357,9 +399,12 @@ class SequenceParallel:
         # phase_stats: keep per-phase allocation peaks (host-side allocator counters, no device sync)
         self.phase_stats = phase_stats and torch.cuda.is_available()
         self.stats: dict[str, int] = {}
+        self.constants = DeviceConstants()
 
     def reset_stats(self) -> None:
+        """Start of a sampling run: forget the last run's peaks and device constants."""
         self.stats = {}
+        self.constants.clear()
 
     def _record(self, name: str, base: int) -> None:
         peak = torch.cuda.max_memory_allocated() - base
@@ -386,6 +431,7 @@ class _Call:
         self.model = model
         self.layout: ShardLayout | None = None
         self.outer_override = None
+        self.model_rope_grid = model.freq_grid_generator
         self.base = 0
         if sp.phase_stats:
             self.base = torch.cuda.memory_allocated()
@@ -407,6 +453,7 @@ class _Call:
             (m, "_prepare_timestep", self.prepare_timestep),
             (m, "_build_guide_self_attention_mask", self.build_guide_mask),
             (m.proj_out, "forward", self.proj_out_gathered),
+            (m, "freq_grid_generator", self.rope_grid),
         ]
         if instrumentation.enabled() or self.sp.phase_stats:
             pairs += [(m, "_prepare_positional_embeddings", self.phase(m._prepare_positional_embeddings, "pe",
@@ -434,13 +481,35 @@ class _Call:
     # -- inputs -------------------------------------------------------------
     def process_input(self, x, keyframe_idxs, denoise_mask, **kwargs):
         m = self.model
-        with instance_attrs([(m.patchify_proj, "forward", lambda t: t)]):  # project only local tokens
+        pairs = [(m.patchify_proj, "forward", lambda t: t)]  # project only local tokens
+        # Without guides, positions depend only on the latent's shape: ComfyUI computes them on the host
+        # (its patchifier and scale factors would each copy a host tensor to the GPU), and the device copy
+        # is kept for the run. With guides ComfyUI indexes positions with device masks: left as is.
+        on_host = keyframe_idxs is None
+        spatial = None
+        if on_host:
+            patchifier = m.patchifier
+            pairs.append((patchifier, "get_latent_coords", lambda f, h, w, b, device: type(patchifier)
+                          .get_latent_coords(patchifier, f, h, w, b, "cpu")))
+            if denoise_mask is not None:  # ComfyUI's own test reads the mask back once per latent frame
+                spatial, denoise_mask = has_spatial_variation(denoise_mask), None
+        with instance_attrs(pairs):
             (vx, ax), (v_coords, a_coords), extra = type(m)._process_input(m, x, keyframe_idxs, denoise_mask, **kwargs)
+        if spatial is not None:
+            extra["has_spatial_mask"] = spatial
         self.layout = layout = ShardLayout(vx.shape[1], self.sp.world, self.sp.rank)
         layout.check()
         self.sp.kernel.padding = layout.pad > 0
         vx = m.patchify_proj(layout.take(vx))
-        return [vx, ax], [layout.take(v_coords, dim=2), a_coords], extra
+        v_coords = layout.take(v_coords, dim=2)
+        if on_host:
+            v_coords = self.sp.constants.on(vx.device, ("video positions", tuple(v_coords.shape)), v_coords)
+        return [vx, ax], [v_coords, a_coords], extra
+
+    def rope_grid(self, theta, n_dims, dim, device):
+        """The model's RoPE frequency grid; the double-precision one is made on the host: kept on the device."""
+        grid = self.model_rope_grid(theta, n_dims, dim, device)
+        return self.sp.constants.on(torch.device(device), ("rope grid", theta, n_dims, dim), grid)
 
     def prepare_timestep(self, timestep, batch_size, hidden_dtype, **kwargs):
         m = self.model

@@ -87,3 +87,52 @@ def test_distinct_values():
     values, index = sp.distinct_values(t)
     assert values.shape == (2, 2)
     assert torch.equal(values.gather(1, index), t)
+
+
+def test_device_constants_reuse_a_copy_only_while_it_is_unchanged():
+    """The meta device stands in for the GPU: what matters is which device tensor comes back."""
+    import_pack()
+    sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    kept = sp.DeviceConstants()
+    meta = torch.device("meta")
+    host = torch.arange(6).view(1, 2, 3)
+    first = kept.on(meta, "positions", host)
+    assert first.device == meta
+    assert kept.on(meta, "positions", host.clone()) is first  # equal values: the same device copy
+    assert kept.on(meta, "grid", host) is not first  # another key: its own copy
+    changed = host.clone()
+    changed[0, 0, 0] = 7
+    second = kept.on(meta, "positions", changed)
+    assert second is not first
+    assert kept.on(meta, "positions", host.view(2, 3)) is not second  # same values, other shape
+    third = kept.on(meta, "positions", host)
+    third.add_(1)  # written in place on the device: never handed out again
+    assert kept.on(meta, "positions", host) is not third
+    fourth = kept.on(meta, "positions", host)
+    kept.clear()
+    assert kept.on(meta, "positions", host) is not fourth
+    assert kept.on(torch.device("cpu"), "positions", host) is host  # already there: no copy
+
+
+def test_has_spatial_variation_reads_like_comfyuis_per_frame_loop():
+    import_pack()
+    sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+
+    def comfy_loop(mask):  # av_model.LTXAVModel._process_input, as ComfyUI writes it
+        for f in range(mask.shape[2]):
+            m = mask[0, 0, f]
+            if m.numel() > 0 and m.min() != m.max():
+                return True
+        return False
+
+    per_frame = torch.ones(1, 1, 4, 3, 5)
+    per_frame[:, :, 0] = 0
+    inpaint = per_frame.clone()
+    inpaint[0, 0, 2, 1, 3] = 0.5
+    other_sample = per_frame.repeat(2, 1, 1, 1, 1)
+    other_sample[1, 0, 1, 0, 0] = 0.0  # only the first sample is looked at
+    nan = per_frame.clone()
+    nan[0, 0, 3, 0, 0] = float("nan")
+    for mask in (per_frame, inpaint, other_sample, nan, torch.ones(1, 1, 4, 1, 1), torch.ones(1, 1, 2, 0, 3)):
+        assert sp.has_spatial_variation(mask) == comfy_loop(mask)
+    assert sp.has_spatial_variation(inpaint) and not sp.has_spatial_variation(per_frame)
