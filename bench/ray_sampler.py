@@ -83,6 +83,16 @@ def inputs(case, caption_channels):
     return latent, noise, cond(1), cond(2), video.shape[2] * video.shape[3] * video.shape[4]
 
 
+def chunk_ffn(patcher, ffn):
+    """The pack's FFN chunking on ``patcher`` as the FFN Chunker node sets it: "auto", a chunk count, or "1" (off)."""
+    from ltxav_pack import ffn_chunking
+
+    if ffn != "1":
+        patcher.model_options.setdefault("transformer_options", {})[ffn_chunking.CHUNKING_KEY] = \
+            ffn_chunking.ChunkSettings(1 if ffn == "auto" else int(ffn), ffn == "auto").as_dict()
+        ffn_chunking.set_wrappers(patcher, True)
+
+
 SYNCS = ("Synchronize", "Memcpy", "cudaFree", "cudaMalloc", "cudaHostAlloc")
 
 
@@ -162,7 +172,7 @@ def main():
     import comfy.sd
 
     common.import_pack()
-    from ltxav_pack import ffn_chunking, instrumentation, parallel_sampler
+    from ltxav_pack import instrumentation, parallel_sampler
 
     info = common.device_info()
     command = "python bench/ray_sampler.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
@@ -179,10 +189,7 @@ def main():
     config = write_checkpoint(a.ckpt, a.layers, a.tiny)
     print(f"checkpoint written in {time.perf_counter() - t0:.1f} s", flush=True)
     patcher = comfy.sd.load_diffusion_model(a.ckpt)
-    if a.ffn != "1":
-        patcher.model_options.setdefault("transformer_options", {})[ffn_chunking.CHUNKING_KEY] = \
-            ffn_chunking.ChunkSettings(1 if a.ffn == "auto" else int(a.ffn), a.ffn == "auto").as_dict()
-        ffn_chunking.set_wrappers(patcher, True)
+    chunk_ffn(patcher, a.ffn)
     latent, noise, pos, neg, tokens = inputs(a.case, config["caption_channels"])
 
     marks = []
