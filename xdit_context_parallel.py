@@ -20,7 +20,7 @@ the duration of one call a DIFFUSION_MODEL wrapper sets a few instance attribute
   unpatchify run on the whole latent, which is small;
 * the host does not wait for the GPU inside a text-to-video forward: video positions (without
   guides) are computed on the host, as are the double-precision RoPE grids, and both cross to the
-  GPU once per sampling run (``DeviceConstants``), not once per step; each such copy makes the host
+  GPU once per sampling run (``RunConstants``), not once per step; each such copy makes the host
   wait for the GPU queue to drain. Image-to-video reads the mask once, not once per latent frame.
 
 Padding: the token count is padded to a multiple of W at the end of the sequence; padding keys are
@@ -199,18 +199,28 @@ def has_spatial_variation(denoise_mask: torch.Tensor) -> bool:
 
 # --------------------------------------------------------------------------- per-run constants
 
-class DeviceConstants:
-    """Host tensors that ComfyUI's forward copies to the GPU on every step (token positions, RoPE
-    frequency grids), kept on the device for a sampling run. A copy from pageable host memory makes
-    the host wait until the GPU has run everything queued, and the GPU then idles while the host
-    queues the next kernels; here each tensor crosses once, and its device copy is reused while the
-    host value is equal and nothing has written to the device copy."""
+class RunConstants:
+    """Tensors that stay the same through a sampling run but that ComfyUI's forward makes again on
+    every step: token positions (computed on the host here) and the double-precision RoPE grids.
+    A copy from pageable host memory to the GPU makes the host wait until the GPU has run everything
+    queued, and the GPU then idles while the host queues the next kernels; here each crosses once a
+    run, and is reused while its host value is equal and nothing has written to the device copy."""
 
     def __init__(self):
         self._kept: dict = {}
 
     def clear(self) -> None:
         self._kept.clear()
+
+    def host(self, key, make):
+        """``make()``'s tensor, made once and reused while nothing has written to it."""
+        key = ("host", key)
+        kept = self._kept.get(key)
+        if kept is not None and kept[0]._version == kept[1]:
+            return kept[0]
+        t = make()
+        self._kept[key] = (t, t._version)
+        return t
 
     def on(self, device: torch.device, key, host: torch.Tensor) -> torch.Tensor:
         """``host`` on ``device``: the kept copy when it still holds the same values, else a new one."""
@@ -399,10 +409,10 @@ class SequenceParallel:
         # phase_stats: keep per-phase allocation peaks (host-side allocator counters, no device sync)
         self.phase_stats = phase_stats and torch.cuda.is_available()
         self.stats: dict[str, int] = {}
-        self.constants = DeviceConstants()
+        self.constants = RunConstants()
 
     def reset_stats(self) -> None:
-        """Start of a sampling run: forget the last run's peaks and device constants."""
+        """Start of a sampling run: forget the last run's peaks and constants."""
         self.stats = {}
         self.constants.clear()
 
@@ -486,17 +496,14 @@ class _Call:
         # (its patchifier and scale factors would each copy a host tensor to the GPU), and the device copy
         # is kept for the run. With guides ComfyUI indexes positions with device masks: left as is.
         on_host = keyframe_idxs is None
-        spatial = None
+        mask = denoise_mask
         if on_host:
-            patchifier = m.patchifier
-            pairs.append((patchifier, "get_latent_coords", lambda f, h, w, b, device: type(patchifier)
-                          .get_latent_coords(patchifier, f, h, w, b, "cpu")))
-            if denoise_mask is not None:  # ComfyUI's own test reads the mask back once per latent frame
-                spatial, denoise_mask = has_spatial_variation(denoise_mask), None
+            pairs.append((m.patchifier, "get_latent_coords", self.latent_positions_on_host))
+            mask = None  # ComfyUI's test of it reads the mask back once per latent frame: done below, once
         with instance_attrs(pairs):
-            (vx, ax), (v_coords, a_coords), extra = type(m)._process_input(m, x, keyframe_idxs, denoise_mask, **kwargs)
-        if spatial is not None:
-            extra["has_spatial_mask"] = spatial
+            (vx, ax), (v_coords, a_coords), extra = type(m)._process_input(m, x, keyframe_idxs, mask, **kwargs)
+        if on_host and denoise_mask is not None:
+            extra["has_spatial_mask"] = has_spatial_variation(denoise_mask)
         self.layout = layout = ShardLayout(vx.shape[1], self.sp.world, self.sp.rank)
         layout.check()
         self.sp.kernel.padding = layout.pad > 0
@@ -505,6 +512,12 @@ class _Call:
         if on_host:
             v_coords = self.sp.constants.on(vx.device, ("video positions", tuple(v_coords.shape)), v_coords)
         return [vx, ax], [v_coords, a_coords], extra
+
+    def latent_positions_on_host(self, f, h, w, b, device):
+        """ComfyUI's patchifier positions, made on the host once a run (``device`` is not used)."""
+        p = self.model.patchifier
+        return self.sp.constants.host(("latent positions", f, h, w, b),
+                                      lambda: type(p).get_latent_coords(p, f, h, w, b, "cpu"))
 
     def rope_grid(self, theta, n_dims, dim, device):
         """The model's RoPE frequency grid; the double-precision one is made on the host: kept on the device."""

@@ -89,11 +89,11 @@ def test_distinct_values():
     assert torch.equal(values.gather(1, index), t)
 
 
-def test_device_constants_reuse_a_copy_only_while_it_is_unchanged():
+def test_run_constants_reuse_a_tensor_only_while_it_is_unchanged():
     """The meta device stands in for the GPU: what matters is which device tensor comes back."""
     import_pack()
     sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
-    kept = sp.DeviceConstants()
+    kept = sp.RunConstants()
     meta = torch.device("meta")
     host = torch.arange(6).view(1, 2, 3)
     first = kept.on(meta, "positions", host)
@@ -112,6 +112,17 @@ def test_device_constants_reuse_a_copy_only_while_it_is_unchanged():
     kept.clear()
     assert kept.on(meta, "positions", host) is not fourth
     assert kept.on(torch.device("cpu"), "positions", host) is host  # already there: no copy
+    made = []
+
+    def make():
+        made.append(torch.zeros(3))
+        return made[-1]
+
+    a = kept.host("grid", make)
+    assert kept.host("grid", make) is a and len(made) == 1
+    a[0] = 1.0  # written by whoever got it: made again
+    assert kept.host("grid", make) is not a and len(made) == 2
+    assert kept.host("other", make) is made[-1] and len(made) == 3
 
 
 def test_has_spatial_variation_reads_like_comfyuis_per_frame_loop():
