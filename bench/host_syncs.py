@@ -13,7 +13,6 @@ pack (an older commit exported to a folder).
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -47,17 +46,14 @@ def census(run):
     if not torch.cuda.is_available():
         run()
         return sites
-    saved = warnings.showwarning
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # restores showwarning and the filters on the way out
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             run()
-            torch.cuda.set_sync_debug_mode(0)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-            warnings.showwarning = saved
     return sites
 
 
@@ -82,7 +78,7 @@ def main():
     import comfy.sd
 
     common.import_pack(root=a.pack)
-    from ltxav_pack import parallel_sampler
+    from ltxav_pack import parallel_sampler, ray_worker
     from ltxav_pack import xdit_context_parallel as xsp
 
     info = common.device_info()
@@ -101,9 +97,7 @@ def main():
         vmask[:, :, 0] = 0.0
         mask = comfy.nested_tensor.NestedTensor((vmask, torch.ones_like(audio)))  # as LTXVConcatAVLatent
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = ray_worker._free_port()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     xsp.init_process_groups(0, 1, xsp.Degrees(1, 1), backend, f"tcp://127.0.0.1:{port}")
     sp = xsp.SequenceParallel(rank_label=0, phase_stats=True)
