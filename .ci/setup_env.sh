@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Create (or reuse) the test virtualenv: CPU torch, ray, pytest; plus the ComfyUI host's requirements
-# when a host is present at $COMFYUI_PATH (default /opt/ComfyUI). Idempotent; safe on a fresh clone.
+# when a host is present at $COMFYUI_PATH (tests/run.sh sets it from .ci/host.sh). Idempotent; safe on a
+# fresh clone.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${PACK_VENV:-$here/.venv}
-host=${COMFYUI_PATH:-/opt/ComfyUI}
+host=${COMFYUI_PATH:-$(bash "$here/.ci/host.sh" || true)}
 py=${PYTHON:-python3}
 
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"

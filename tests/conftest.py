@@ -1,8 +1,23 @@
 import logging
+import os
 
 import pytest
 
 from comfy_host import HOST_MISSING, host_available, import_host, import_pack
+
+
+# In CI (CI=true) nothing may skip: a missing host, browser or package is a broken set-up, not a pass.
+SKIP_IS_FAILURE = os.environ.get("CI") == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if SKIP_IS_FAILURE and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI (CI=true), which counts as a failure: {reason}"
 
 
 def pytest_report_header(config):

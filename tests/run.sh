@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# The one test command: prepare the test venv (idempotent; see .ci/setup_env.sh), then run every test.
-# Host tests use the ComfyUI checkout at $COMFYUI_PATH (default /opt/ComfyUI) and skip, saying so, without it.
+# The one test command: find (or unpack) the ComfyUI host, prepare the test venv (idempotent; see
+# .ci/setup_env.sh), then run every test. Extra arguments go to pytest (e.g. `-m quick`).
+# The host: $COMFYUI_PATH, else /opt/ComfyUI, else ../shared/host's archive unpacked into a cache
+# (.ci/host.sh). With CI=true a missing host or browser fails the run instead of skipping tests.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+if host=$(bash "$here/.ci/host.sh"); then
+  export COMFYUI_PATH=$host
+elif [ "${CI:-}" = true ]; then
+  exit 1
+else
+  echo "run.sh: no ComfyUI host: host tests will skip" >&2
+  export COMFYUI_PATH=${COMFYUI_PATH:-/opt/ComfyUI}
+fi
 bash "$here/.ci/setup_env.sh"
 cd "$here"
 exec "${PACK_VENV:-$here/.venv}/bin/python" -m pytest tests "$@"
