@@ -153,3 +153,19 @@ def t2v_prompt(unet_name, dataset, width=128, height=96, length=25, seed=42, ste
         p["6"]["inputs"]["model"] = ["2", 0]
     p.update(extra or {})
     return p
+
+
+def t2v_reference(model, base: Path, dataset: str, width=128, height=96, length=25, seed=42, steps=2):
+    """What ``t2v_prompt`` computes, in this process with the stock nodes' own functions, on ``model``
+    (e.g. the float64 reference model): {"8": video, "9": audio} like ``saved_latents``."""
+    import nodes
+    from comfy_extras.nodes_lt import EmptyLTXVLatentVideo, LTXVConcatAVLatent
+
+    data = torch.load(Path(base) / "output" / dataset / "shard_000.pkl", weights_only=False)
+    positive = data["conditioning"][0]
+    negative = nodes.ConditioningZeroOut().zero_out(positive)[0]
+    video = EmptyLTXVLatentVideo.execute(width, height, length, 1)[0]
+    latent = LTXVConcatAVLatent.execute(video, data["latents"][0])[0]
+    out = nodes.common_ksampler(model, seed, steps, 3.0, "euler", "simple", positive, negative, latent)[0]
+    v, a = out["samples"].unbind()
+    return {"8": v, "9": a}

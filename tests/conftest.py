@@ -42,18 +42,45 @@ def pack(comfy):
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(comfy, tmp_path_factory):
-    from tiny_ltxav import write_tiny_ltxav
+def tiny_ckpts(comfy, tmp_path_factory):
+    """{version: (path, config)}: a tiny LTX-2 and a tiny LTX-2.3 checkpoint (tests/tiny_ltxav.py)."""
+    from tiny_ltxav import VERSIONS, write_tiny_ltxav
 
-    path = tmp_path_factory.mktemp("ckpt") / "tiny_ltxav.safetensors"
-    config = write_tiny_ltxav(path)
-    return path, config
+    folder = tmp_path_factory.mktemp("ckpt")
+    return {v: (folder / f"tiny_ltxav_{v}.safetensors", write_tiny_ltxav(folder / f"tiny_ltxav_{v}.safetensors",
+                                                                          version=v)) for v in VERSIONS}
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_ckpts):
+    return tiny_ckpts["2"]
 
 
 @pytest.fixture
 def tiny_model(comfy, tiny_ckpt):
     """A fresh ModelPatcher from ComfyUI's own loader (the UNETLoader path)."""
     return comfy.sd.load_diffusion_model(str(tiny_ckpt[0]))
+
+
+@pytest.fixture
+def tiny_model_f64(comfy, tiny_ckpt):
+    """The same checkpoint loaded in float64: the reference every float32 equality test is measured
+    against (tests/numerics.py)."""
+    import torch
+
+    return comfy.sd.load_diffusion_model(str(tiny_ckpt[0]), model_options={"dtype": torch.float64})
+
+
+@pytest.fixture(params=["2", "2.3"], ids=["ltx2", "ltx23"])
+def ltx(request, comfy, tiny_ckpts):
+    """Each tiny checkpoint in turn: (float32 model, float64 model, raw conditioning width, config)."""
+    import torch
+
+    from tiny_ltxav import context_width
+
+    path, config = tiny_ckpts[request.param]
+    load = comfy.sd.load_diffusion_model
+    return load(str(path)), load(str(path), model_options={"dtype": torch.float64}), context_width(config), config
 
 
 @pytest.fixture(scope="session")

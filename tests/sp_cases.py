@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 from comfy_host import make_conditioning, make_latent
+from tiny_ltxav import context_width
 
 # latent sizes (width, height, frames): 96 tokens (4 frames x 4 x 6), divisible by 2, 3 and 4;
 # 45 tokens (3 x 3 x 5) and 70 tokens (2 x 5 x 7) for counts that do not divide.
@@ -36,7 +37,7 @@ def forward_inputs(dm, shape, case, seed=0):
     fl, lh, lw = (frames - 1) // 8 + 1, h // 32, w // 32
     vx = torch.randn(1, 128, fl, lh, lw, generator=g)
     ax = torch.randn(1, 8, frames + 1, 16, generator=g)
-    ctx = torch.randn(1, 16, 2 * dm.caption_channels, generator=g)
+    ctx = torch.randn(1, 16, processed_context_width(dm), generator=g)
     sigma = torch.full((1,), 0.7)
     kw = {"x": [vx] if case == "fwd_noaudio" else [vx, ax], "timestep": (sigma, sigma), "context": ctx,
           "frame_rate": 25}
@@ -47,14 +48,34 @@ def forward_inputs(dm, shape, case, seed=0):
         kw["timestep"] = (dm.patchifier.patchify((mask * sigma.view(1, 1, 1, 1, 1))[:, :1])[0], sigma)
     if case == "fwd_ref_audio":
         kw["ref_audio"] = {"tokens": torch.randn(1, 5, 128, generator=g)}
-    return kw
+    return to_dtype(kw, dm.dtype)
 
 
-def sampler_inputs(shape, case, caption_channels):
+def processed_context_width(dm):
+    """Width of the context the diffusion model's forward takes (after the text connectors): LTX-2's
+    is twice caption_channels, LTX-2.3's the video and audio streams' widths side by side."""
+    if dm.caption_proj_before_connector:
+        return dm.cross_attention_dim + dm.audio_cross_attention_dim
+    return 2 * dm.caption_channels
+
+
+def to_dtype(obj, dtype):
+    """Floating tensors in ``obj`` (nested lists, tuples, dicts) cast to ``dtype`` (the float64 reference
+    model's forward takes float64 inputs, as ComfyUI's BaseModel casts them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_dtype(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_dtype(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def sampler_inputs(shape, case, width):
     from comfy_extras.nodes_lt import LTXVAddGuide, LTXVConcatAVLatent
 
     w, h, frames = SHAPES[shape]
-    pos, neg = make_conditioning(caption_channels, seed=1), make_conditioning(caption_channels, seed=2)
+    pos, neg = make_conditioning(width, seed=1), make_conditioning(width, seed=2)
     video = make_latent(w, h, frames, audio=False)
     if case == "ks_i2v":  # what LTXVImgToVideoInplace leaves: first latent frame kept (mask 0)
         mask = torch.ones(1, 1, video["samples"].shape[2], 1, 1)
@@ -79,8 +100,7 @@ def run_case(patcher, case, shape, transformer_options):
         with torch.no_grad():
             out = dm(**forward_inputs(dm, shape, case), transformer_options=transformer_options)
         return list(out) if isinstance(out, (list, tuple)) else [out]
-    cc = dm.caption_channels
-    pos, neg, latent = sampler_inputs(shape, case, cc)
+    pos, neg, latent = sampler_inputs(shape, case, context_width(vars(dm)))
     out = nodes.common_ksampler(patcher, 42, 2, 3.0, "euler", "simple", pos, neg, latent)[0]["samples"]
     return list(out.unbind()) if getattr(out, "is_nested", False) else [out]
 
@@ -105,3 +125,26 @@ def recording_shapes(dm):
         del dm._precompute_freqs_cis
         for hk in hooks:
             hk.remove()
+
+
+# Broken forwards for the twins of the equality tests (run in the ranks through run_parallel's sp_attrs)
+
+def shifted_tiles(sp_mod, rank):
+    """Every rank's output tile rolled by one token before the gather: a layout off by one."""
+    real = sp_mod.ShardLayout.gather
+
+    def gather(self, t, group, dim=1):
+        return real(self, t.roll(1, dims=dim), group, dim)
+
+    sp_mod.ShardLayout.gather = gather
+
+
+def scaled_attention(sp_mod, rank):
+    """Rank 1's attention outputs off by 2^-10 in scale: a wrong softmax scale or merge weight."""
+    real = sp_mod._Call.kernel_call
+
+    def kernel_call(self, *args):
+        out = real(self, *args)
+        return out * (1 + 2 ** -10) if rank == 1 else out
+
+    sp_mod._Call.kernel_call = kernel_call

@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _rank_main(rank, world, ulysses, ring, ckpt, init_file, out_dir, jobs, env, sp_attrs):
+def _rank_main(rank, world, ulysses, ring, ckpts, init_file, out_dir, jobs, env, sp_attrs):
     os.environ.update(env)
     torch.set_num_threads(1)
     from comfy_host import import_host, import_pack
@@ -27,31 +27,41 @@ def _rank_main(rank, world, ulysses, ring, ckpt, init_file, out_dir, jobs, env, 
 
     sp_mod = __import__(f"{pack.__name__}.xdit_context_parallel", fromlist=["x"])
     for name, value in sp_attrs.items():
-        setattr(sp_mod, name, value)
+        if callable(value):
+            value(sp_mod, rank)
+        else:
+            setattr(sp_mod, name, value)
     degrees = sp_mod.Degrees(ulysses, ring)
     sp_mod.init_process_groups(rank, world, degrees, "gloo", f"file://{init_file}")
     try:
         sp = sp_mod.SequenceParallel()
-        patcher = comfy.sd.load_diffusion_model(ckpt)
-        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, sp_mod.WRAPPER_KEY,
-                                     sp.diffusion_model_wrapper)
         to = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {sp_mod.WRAPPER_KEY: [sp.diffusion_model_wrapper]}}}
+        patchers = {}
+        for version, path in ckpts.items():
+            patchers[version] = comfy.sd.load_diffusion_model(path)
+            patchers[version].add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                   sp_mod.WRAPPER_KEY, sp.diffusion_model_wrapper)
         results = {}
-        for case, shape in jobs:
+        for job in jobs:
+            version, case, shape = job
+            patcher = patchers[version]
             with recording_shapes(patcher.model.diffusion_model) as seen:
                 outs = run_case(patcher, case, shape, to)
-            results[(case, shape)] = {"outs": outs, "seen": seen}
+            results[job] = {"outs": outs, "seen": seen}
         results["log"] = lines
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         sp_mod.destroy_process_groups()
 
 
-def run_parallel(world, ulysses, ring, ckpt, jobs, env=None, sp_attrs=None):
-    """Run ``jobs`` [(case, shape)] on ``world`` processes; returns each rank's {job: result}.
-    ``sp_attrs``: module settings of ``xdit_context_parallel`` for the ranks (e.g. HEAD_GROUPS)."""
+def run_parallel(world, ulysses, ring, ckpts, jobs, env=None, sp_attrs=None):
+    """Run ``jobs`` [(version, case, shape)] on ``world`` processes with the checkpoints ``ckpts``
+    {version: path}; returns each rank's {job: result}. ``sp_attrs``: module settings of
+    ``xdit_context_parallel`` for the ranks (e.g. HEAD_GROUPS), or callables of (module, rank) that
+    change it (the tests that show a broken forward is caught)."""
+    ckpts = {v: str(p) for v, p in ckpts.items()}
     with tempfile.TemporaryDirectory() as tmp:
         init_file = Path(tmp) / "init"
-        mp.start_processes(_rank_main, args=(world, ulysses, ring, str(ckpt), str(init_file), tmp, jobs, env or {}, sp_attrs or {}),
+        mp.start_processes(_rank_main, args=(world, ulysses, ring, ckpts, str(init_file), tmp, jobs, env or {}, sp_attrs or {}),
                            nprocs=world, join=True, start_method="spawn")
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from comfy_host import make_conditioning, make_latent
+from numerics import assert_matches, mismatches
+from tiny_ltxav import context_width
 
-REL_TOL_FP32 = 1e-6
+
+pytestmark = pytest.mark.quick  # the whole module is in the fast subset
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +36,15 @@ def spy(fc, monkeypatch):
     return calls
 
 
-def sample(model, tiny_ckpt, audio=True, seed=42, steps=2, **latent):
+def sample(model, ckpt, audio=True, seed=42, steps=2, **latent):
+    """Stock KSampler on ``model``; ``ckpt``: its (path, config), for the conditioning's width."""
     import nodes
 
-    cc = tiny_ckpt[1]["caption_channels"]
+    cc = context_width(ckpt[1])
     lat = make_latent(audio=audio, **latent)
     out = nodes.common_ksampler(model, seed, steps, 3.0, "euler", "simple",
                                 make_conditioning(cc, seed=1), make_conditioning(cc, seed=2), lat)[0]["samples"]
     return out.unbind() if getattr(out, "is_nested", False) else [out]
-
-
-def rel_err(a, b):
-    return max((x - y).abs().max().item() / y.abs().max().item() for x, y in zip(a, b))
 
 
 def chunk(node, model, n=5, auto=False):
@@ -56,25 +56,51 @@ LATENT = dict(width=128, height=96, length=25)  # 4 x 3 x 4 = 48 video tokens, 2
 
 @pytest.mark.parametrize("audio", [True, False], ids=["audio", "no-audio"])
 @pytest.mark.parametrize("n", [4, 5], ids=["divides", "does-not-divide"])
-def test_chunked_equals_unchunked(node, tiny_model, tiny_ckpt, spy, audio, n):
-    plain = sample(tiny_model, tiny_ckpt, audio=audio, **LATENT)
+def test_chunked_equals_unchunked(node, ltx, spy, audio, n):
+    model, model_f64, _, config = ltx  # LTX-2 and LTX-2.3
+    ckpt = (None, config)
+    plain = sample(model, ckpt, audio=audio, **LATENT)
+    reference = sample(model_f64, ckpt, audio=audio, **LATENT)
     assert not spy
-    chunked = sample(chunk(node, tiny_model, n), tiny_ckpt, audio=audio, **LATENT)
+    chunked = sample(chunk(node, model, n), ckpt, audio=audio, **LATENT)
     layers = 2
     assert (48, n) in spy and len([c for c in spy if c[0] == 48]) == layers * 2  # 2 steps, cond+uncond batched
     if audio:
         assert (26, n) in spy
-    assert rel_err(chunked, plain) <= REL_TOL_FP32
+    assert_matches(chunked, plain, reference)
 
 
-def test_auto_chunks_long_sequences(fc, node, tiny_model, tiny_ckpt, spy, monkeypatch, caplog_info):
+def _break_one_chunk(fc, monkeypatch, how):
+    """``chunked_forward`` with its second chunk's rows shifted by one token, or scaled by 1 + 2^-10."""
+    real = fc.chunked_forward
+
+    def broken(ff, x, num_chunks):
+        out = real(ff, x, num_chunks)
+        b = fc._chunk_bounds(x.shape[1], num_chunks)
+        rows = out[:, b[1]:b[2]]
+        rows.copy_(rows.roll(1, dims=1) if how == "shifted" else rows * (1 + 2 ** -10))
+        return out
+
+    monkeypatch.setattr(fc, "chunked_forward", broken)
+
+
+@pytest.mark.parametrize("how", ["shifted", "scaled"])
+def test_broken_chunk_is_caught(fc, node, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch, how):
+    """The twin of the test above: one chunk's rows shifted by a token, or off by 2^-10 in scale, fail it."""
+    plain = sample(tiny_model, tiny_ckpt, **LATENT)
+    reference = sample(tiny_model_f64, tiny_ckpt, **LATENT)
+    _break_one_chunk(fc, monkeypatch, how)
+    assert mismatches(sample(chunk(node, tiny_model, 5), tiny_ckpt, **LATENT), plain, reference)
+
+
+def test_auto_chunks_long_sequences(fc, node, tiny_model, tiny_model_f64, tiny_ckpt, spy, monkeypatch, caplog_info):
     memory_plan = importlib.import_module("ltxav_pack.memory_plan")
     plain = sample(tiny_model, tiny_ckpt, **LATENT)
     monkeypatch.setattr(memory_plan, "FFN_MAX_TOKENS_PER_CHUNK", 10)  # the tiny clip counts as "long"
     got = sample(chunk(node, tiny_model, 1, auto=True), tiny_ckpt, **LATENT)
     assert (48, 5) in spy and (26, 3) in spy
     assert "Video FFN chunking active: 5 chunks" in caplog_info.text
-    assert rel_err(got, plain) <= REL_TOL_FP32
+    assert_matches(got, plain, sample(tiny_model_f64, tiny_ckpt, **LATENT))
 
 
 def test_auto_leaves_short_sequences_alone(node, tiny_model, tiny_ckpt, spy):
@@ -82,11 +108,11 @@ def test_auto_leaves_short_sequences_alone(node, tiny_model, tiny_ckpt, spy):
     assert not spy
 
 
-def test_bf16_model(comfy, node, tiny_ckpt):
+def test_bf16_model(comfy, node, tiny_ckpt, tiny_model_f64):
     model = comfy.sd.load_diffusion_model(str(tiny_ckpt[0]), model_options={"dtype": torch.bfloat16})
     plain = sample(model, tiny_ckpt, steps=1, **LATENT)
     chunked = sample(chunk(node, model, 5), tiny_ckpt, steps=1, **LATENT)
-    assert rel_err(chunked, plain) <= 2e-2  # bf16: same math, different matmul reduction order
+    assert_matches(chunked, plain, sample(tiny_model_f64, tiny_ckpt, steps=1, **LATENT), dtype=torch.bfloat16)
 
 
 def test_log_once_per_run(node, tiny_model, tiny_ckpt, caplog_info):
@@ -141,7 +167,7 @@ def lora_name(comfy, tiny_ckpt, tmp_path):
     return "tiny_lora.safetensors"
 
 
-def test_lora_with_and_without_chunking(node, tiny_model, tiny_ckpt, lora_name, spy):
+def test_lora_with_and_without_chunking(node, tiny_model, tiny_model_f64, tiny_ckpt, lora_name, spy):
     import nodes
 
     def lora(m):
@@ -149,12 +175,13 @@ def test_lora_with_and_without_chunking(node, tiny_model, tiny_ckpt, lora_name, 
 
     plain = sample(tiny_model, tiny_ckpt, **LATENT)
     with_lora = sample(lora(tiny_model), tiny_ckpt, **LATENT)
-    assert rel_err(with_lora, plain) > 1e-2  # the LoRA really changes the output
+    reference = sample(lora(tiny_model_f64), tiny_ckpt, **LATENT)
+    assert mismatches(plain, with_lora, reference)  # the LoRA really changes the output: the check sees it
     lora_then_chunk = sample(chunk(node, lora(tiny_model), 5), tiny_ckpt, **LATENT)
     chunk_then_lora = sample(lora(chunk(node, tiny_model, 5)), tiny_ckpt, **LATENT)
     assert spy
-    assert rel_err(lora_then_chunk, with_lora) <= REL_TOL_FP32
-    assert rel_err(chunk_then_lora, with_lora) <= REL_TOL_FP32
+    assert_matches(lora_then_chunk, with_lora, reference)
+    assert_matches(chunk_then_lora, with_lora, reference)
 
 
 def test_non_ltx_model_is_refused(comfy, node):

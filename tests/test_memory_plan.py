@@ -13,6 +13,9 @@ RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 LTX2 = mp.ModelDims(video_dim=4096, audio_dim=2048)
 
 
+pytestmark = pytest.mark.quick  # the whole module is in the fast subset
+
+
 def test_clip_from_pixels():
     clip = mp.Clip.from_pixels(897, 768, 512)
     assert (clip.latent_frames, clip.latent_height, clip.latent_width) == (113, 16, 24)

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from comfy_host import make_conditioning, make_latent
-
-REL = 1e-5
+from numerics import assert_matches, mismatches
 LATENT = dict(width=128, height=96, length=25)
 
 
@@ -40,15 +39,6 @@ def conds(cc):
     return make_conditioning(cc, seed=1), make_conditioning(cc, seed=2)
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def parts(latent):
-    s = latent["samples"]
-    return s.unbind() if getattr(s, "is_nested", False) else [s]
-
-
 def stock_ksampler(model, cc, steps=3, latent=None, **kw):
     import nodes
 
@@ -70,26 +60,35 @@ def worker_infos(ps):
     return ray.get([a.info.remote() for a in ps.POOL.group.actors])
 
 
-def assert_close(got, want):
-    for g, w in zip(parts(got), parts(want)):
-        assert g.shape == w.shape
-        assert rel(g, w) <= REL
+def assert_equals_stock(got, model, model_f64, cc, **kw):
+    """``got`` against the stock KSampler on ``model`` (float32) and on its float64 twin (tests/numerics.py)."""
+    assert_matches(got, stock_ksampler(model, cc, **kw), stock_ksampler(model_f64, cc, **kw))
 
 
-def test_ksampler_equals_stock_and_reuses_workers(ps, nodes_mod, tiny_model, tiny_ckpt):
+def test_ksampler_equals_stock_and_reuses_workers(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
     cc = tiny_ckpt[1]["caption_channels"]
-    want = stock_ksampler(tiny_model, cc)
+    want, reference = stock_ksampler(tiny_model, cc), stock_ksampler(tiny_model_f64, cc)
     got, ui = parallel_ksampler(nodes_mod, tiny_model, cc)
-    assert_close(got, want)
+    assert_matches(got, want, reference)
     assert "LTXAV Parallel Sampler: 2 workers, Ulysses 2 x ring 1" in ui.value
     pids = [i["pid"] for i in worker_infos(ps)]
     got2, _ = parallel_ksampler(nodes_mod, tiny_model, cc)  # same model and settings: same workers, no reload
-    assert_close(got2, want)
+    assert_matches(got2, want, reference)
     infos = worker_infos(ps)
     assert [i["pid"] for i in infos] == pids and all(i["loads"] == 1 for i in infos)
 
 
-def test_ring_degree_and_image_to_video(nodes_mod, tiny_model, tiny_ckpt):
+@pytest.mark.quick
+@pytest.mark.parametrize("ltx", ["2.3"], indirect=True)
+def test_ltx23_ksampler_equals_stock(nodes_mod, ltx):
+    """LTX-2.3 (gated attention, cross-attention adaLN, caption projection before the connectors)."""
+    model, model_f64, width, _ = ltx
+    got, ui = parallel_ksampler(nodes_mod, model, width)
+    assert "LTXAV Parallel Sampler: 2 workers, Ulysses 2 x ring 1" in ui.value
+    assert_equals_stock(got, model, model_f64, width)
+
+
+def test_ring_degree_and_image_to_video(nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
     cc = tiny_ckpt[1]["caption_channels"]
     from comfy_extras.nodes_lt import LTXVConcatAVLatent
 
@@ -98,13 +97,13 @@ def test_ring_degree_and_image_to_video(nodes_mod, tiny_model, tiny_ckpt):
     mask[:, :, 0] = 0.0
     video["noise_mask"] = mask
     latent = LTXVConcatAVLatent.execute(video, {"samples": torch.zeros(1, 8, 26, 16), "type": "audio"})[0]
-    want = stock_ksampler(tiny_model, cc, latent=latent)
     got, ui = parallel_ksampler(nodes_mod, tiny_model, cc, latent=latent, ulysses=1, ring=2)
     assert "Ulysses 1 x ring 2" in ui.value
-    assert_close(got, want)
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc, latent=latent)
 
 
-def test_lora_and_ffn_chunker_travel_to_the_workers(ps, pack, nodes_mod, tiny_model, tiny_ckpt, tmp_path):
+def test_lora_and_ffn_chunker_travel_to_the_workers(ps, pack, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt,
+                                                    tmp_path):
     import folder_paths
     import nodes
 
@@ -114,19 +113,24 @@ def test_lora_and_ffn_chunker_travel_to_the_workers(ps, pack, nodes_mod, tiny_mo
                tmp_path / "ray_lora.safetensors")
     folder_paths.add_model_folder_path("loras", str(tmp_path))
     chunker = importlib.import_module("ltxav_pack.nodes_ltx_ffn_chunker").LTXFFNChunker
-    model = chunker.execute(nodes.LoraLoaderModelOnly().load_lora_model_only(tiny_model, "ray_lora.safetensors",
-                                                                             1.0)[0], False, 3)[0]
+
+    def patched(m):
+        return chunker.execute(nodes.LoraLoaderModelOnly().load_lora_model_only(m, "ray_lora.safetensors", 1.0)[0],
+                               False, 3)[0]
+
+    model = patched(tiny_model)
     cc = tiny_ckpt[1]["caption_channels"]
-    plain = stock_ksampler(tiny_model, cc)
-    want = stock_ksampler(model, cc)
-    assert rel(parts(want)[0], parts(plain)[0]) > 1e-2  # the LoRA matters
+    want, reference = stock_ksampler(model, cc), stock_ksampler(patched(tiny_model_f64), cc)
+    # the twin: workers that dropped the LoRA would return the plain model's result, and fail the check
+    assert mismatches(stock_ksampler(tiny_model, cc), want, reference)
     got, _ = parallel_ksampler(nodes_mod, model, cc)
-    assert_close(got, want)
+    assert_matches(got, want, reference)
     infos = worker_infos(ps)
     assert all(i["ffn_chunking"] == {"num_chunks": 3, "auto": False} for i in infos)
 
 
-def test_trace_dir_gives_each_worker_a_trace(ps, nodes_mod, tiny_model, tiny_ckpt, tmp_path, monkeypatch):
+def test_trace_dir_gives_each_worker_a_trace(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, tmp_path,
+                                             monkeypatch):
     import json
 
     cc = tiny_ckpt[1]["caption_channels"]
@@ -136,7 +140,7 @@ def test_trace_dir_gives_each_worker_a_trace(ps, nodes_mod, tiny_model, tiny_ckp
         got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
     finally:
         ps.POOL.stop_group()
-    assert_close(got, stock_ksampler(tiny_model, cc))
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
     traces = sorted((tmp_path / "traces").glob("rank*.json"))
     assert [t.name.split("-")[0] for t in traces] == ["rank0", "rank1"]
     for t in traces:
@@ -144,7 +148,7 @@ def test_trace_dir_gives_each_worker_a_trace(ps, nodes_mod, tiny_model, tiny_ckp
         assert any(n.startswith("aten::") for n in names), t.name
 
 
-def test_sampler_custom_advanced_equals_stock(nodes_mod, tiny_model, tiny_ckpt):
+def test_sampler_custom_advanced_equals_stock(nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
     from comfy_extras.nodes_lt import LTXVScheduler
@@ -155,17 +159,18 @@ def test_sampler_custom_advanced_equals_stock(nodes_mod, tiny_model, tiny_ckpt):
     sigmas = LTXVScheduler.execute(4, 2.05, 0.95, True, 0.1, latent)[0]
     sampler = comfy.samplers.sampler_object("euler")
 
-    def guider():
-        gd = comfy.samplers.CFGGuider(tiny_model)
+    def guider(model=tiny_model):
+        gd = comfy.samplers.CFGGuider(model)
         gd.set_conds(pos, neg)
         gd.set_cfg(3.0)
         return gd
 
     want = SamplerCustomAdvanced.execute(Noise_RandomNoise(5), guider(), sampler, sigmas, latent)
+    reference = SamplerCustomAdvanced.execute(Noise_RandomNoise(5), guider(tiny_model_f64), sampler, sigmas, latent)
     got = nodes_mod.LTXAVParallelSamplerCustomAdvanced.execute(Noise_RandomNoise(5), guider(), sampler, sigmas,
                                                                latent, 2, 0, 1, "local")
-    assert_close(got.args[0], want.args[0])
-    assert_close(got.args[1], want.args[1])  # denoised_output
+    assert_matches(got.args[0], want.args[0], reference.args[0])
+    assert_matches(got.args[1], want.args[1], reference.args[1])  # denoised_output
 
 
 def _run_in_thread(fn):
@@ -193,7 +198,7 @@ def _wait_for_step(ps, n):
     raise AssertionError("sampling did not start")
 
 
-def test_interrupt_stops_all_workers_and_the_next_prompt_works(ps, nodes_mod, tiny_model, tiny_ckpt):
+def test_interrupt_stops_all_workers_and_the_next_prompt_works(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
     import comfy.model_management
 
     cc = tiny_ckpt[1]["caption_channels"]
@@ -208,7 +213,7 @@ def test_interrupt_stops_all_workers_and_the_next_prompt_works(ps, nodes_mod, ti
     steps = [s for s in __import__("ray").get([a.progress.remote() for a in ps.POOL.group.actors])]
     assert steps[0] == steps[1] < 400  # both ranks stopped at the same step
     got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
-    assert_close(got, stock_ksampler(tiny_model, cc))
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
     assert [i["pid"] for i in worker_infos(ps)] == pids  # interrupt keeps the workers
 
 
@@ -221,8 +226,8 @@ def _pid_alive(pid):
 
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
-def test_dead_or_frozen_worker_is_an_error_and_the_next_prompt_works(ps, nodes_mod, tiny_model, tiny_ckpt,
-                                                                      monkeypatch, fault):
+def test_dead_or_frozen_worker_is_an_error_and_the_next_prompt_works(ps, nodes_mod, tiny_model, tiny_model_f64,
+                                                                      tiny_ckpt, monkeypatch, fault):
     cc = tiny_ckpt[1]["caption_channels"]
     monkeypatch.setattr(ps, "HEARTBEAT_S", 3.0)
     parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)
@@ -245,10 +250,10 @@ def test_dead_or_frozen_worker_is_an_error_and_the_next_prompt_works(ps, nodes_m
         time.sleep(0.1)
     assert not any(_pid_alive(p) for p in pids)
     got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
-    assert_close(got, stock_ksampler(tiny_model, cc))
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
 
 
-def test_worker_out_of_memory_is_a_clear_error(ps, nodes_mod, tiny_model, tiny_ckpt, monkeypatch):
+def test_worker_out_of_memory_is_a_clear_error(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch):
     cc = tiny_ckpt[1]["caption_channels"]
     ps.POOL.stop_group()
     monkeypatch.setenv("LTXAV_PARALLEL_FAULT", "oom:1:2")  # the worker raises torch.OutOfMemoryError at step 2
@@ -257,10 +262,10 @@ def test_worker_out_of_memory_is_a_clear_error(ps, nodes_mod, tiny_model, tiny_c
     assert ps.POOL.group is None
     monkeypatch.delenv("LTXAV_PARALLEL_FAULT")
     got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
-    assert_close(got, stock_ksampler(tiny_model, cc))
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
 
 
-def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tiny_ckpt, monkeypatch, caplog_info):
+def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch, caplog_info):
     """With each worker capped (LTXAV_PARALLEL_MEMORY_CAP_GB) between the planner's estimate for 2 and
     for 4 latent frames, the 25-frame (4 latent frames) run is refused before any model load, naming
     the longest length that fits; with a cap that fits, the same prompt logs the plan and samples."""
@@ -286,7 +291,7 @@ def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tin
     ps.POOL.stop_group()
     monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GB", "1000")  # fits: the run logs the plan and samples
     got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
-    assert_close(got, stock_ksampler(tiny_model, cc))
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
     assert re.search(r"LTXAV Parallel Sampler: planned peak 0\.\d\d GiB per worker of 931\.32 GiB free \(weights",
                      caplog_info.text)
     ps.POOL.stop_group()

@@ -1,9 +1,6 @@
 """The LTX FFN Chunker in a real headless ComfyUI server, driven through POST /prompt."""
-from comfy_server import t2v_prompt
-
-
-def rel_err(a, b):
-    return (a - b).abs().max().item() / b.abs().max().item()
+from comfy_server import t2v_prompt, t2v_reference
+from numerics import assert_matches
 
 
 def test_node_is_registered(server):
@@ -12,7 +9,7 @@ def test_node_is_registered(server):
     assert set(info["input"]["required"]) == {"model", "auto", "num_chunks"}
 
 
-def test_chunked_prompt_equals_plain_prompt(server):
+def test_chunked_prompt_equals_plain_prompt(server, tiny_model_f64):
     plain = server.run(t2v_prompt("tiny_ltxav.safetensors", server.dataset, prefix="plain"))
     assert plain["status"]["status_str"] == "success", plain["status"]
     chunker = {"class_type": "LTXFFNChunker", "inputs": {"auto": False, "num_chunks": 5}}
@@ -22,8 +19,9 @@ def test_chunked_prompt_equals_plain_prompt(server):
     want, got = server.saved_latents(plain), server.saved_latents(chunked)
     assert set(got) == {"8", "9"}  # video and audio
     assert got["8"].shape == (1, 128, 4, 3, 4) and got["9"].shape == (1, 8, 26, 16)
+    reference = t2v_reference(tiny_model_f64, server.base, server.dataset)
     for k in ("8", "9"):
-        assert rel_err(got[k], want[k]) <= 1e-6
+        assert_matches(got[k], want[k], reference[k], f"SaveLatent {k}")
 
 
 def test_bad_chunk_count_is_refused_by_validation(server):
