@@ -1,0 +1,483 @@
+"""Stock ComfyUI on an emulated small card: the longest LTX-2 audio-video clip its own load and
+sampling path runs, with and without the pack's LTX FFN Chunker. Every number goes through ComfyUI:
+the checkpoint is loaded with ``comfy.sd.load_diffusion_model`` (the UNETLoader path) and sampled with
+``comfy.sample.sample`` (what KSampler calls), with DynamicVRAM started as ComfyUI's main.py starts it.
+
+Usage: python bench/comfy_long_video.py --comfy PATH [--ckpt /tmp/ltx2.safetensors] [--layers 48]
+          [--weights fp8|bf16] [--card-gb 24] [--frames 897,1329,2577] [--variants stock,ffn-chunker]
+          [--ffn-chunker] [--steps 1] [--res 768x512] [--ctx-len 1024] [--legacy] [--no-cuda-malloc]
+          [--timeout 300] [--commit SHA] [--out results.jsonl]
+
+1. Writes --ckpt once (kept if it is there with the same layers and weights): the LTX-2 diffusion
+   model's real key names (``model.diffusion_model.*``, from ComfyUI's LTXAVModel built on the meta
+   device), random weights (std 0.02, drawn on the GPU when there is one, one tensor at a time, so
+   host memory stays low), block linear weights as fp8 e4m3 (--weights fp8, ~19 GB at 48 layers)
+   or bf16 (everything else bf16), and safetensors metadata config = {"transformer": {...}} so
+   ComfyUI detects LTXAV.
+2. For each variant, each length (ascending) runs in a fresh subprocess, until the first that fails
+   (out of memory, crash or timeout). A subprocess: sets ComfyUI up as main.py does (cuda_malloc,
+   comfy_aimdo.control.init() before torch touches CUDA, then a dummy tensor holding (total - card)
+   bytes so ComfyUI sees a --card-gb GiB card, then ``comfy_aimdo.control.init_device(index)``,
+   ``CoreModelPatcher = ModelPatcherDynamic``, ``aimdo_enabled = True``; --legacy: none of it, the
+   legacy ModelPatcher), loads, optionally applies the LTX FFN Chunker (auto=True), samples --steps
+   steps at cfg 1, euler/simple, on an empty video latent [1,128,F,H/32,W/32] joined with an empty
+   audio latent [1,8,T,16] (T = ceil(frames/25*25), as LTXVEmptyLatentAudio) in a NestedTensor (as
+   LTXVConcatAVLatent), with Gemma-free conditioning [[randn(1, L, 3840), {unprocessed_ltxav_embeds,
+   frame_rate 25}]].
+3. Records per run: each diffusion-model forward's seconds (one forward per step at cfg 1; median
+   and all), sampling wall time, torch.cuda.max_memory_allocated / max_memory_reserved (the PyTorch
+   allocator only: DynamicVRAM's weights live outside it), the device memory in use at its peak
+   (cudaMemGetInfo polled every 20 ms, dummy excluded: what the 24 GB card would have held),
+   ``patcher.loaded_size()`` after each forward (weights resident on the GPU, as ComfyUI counts them),
+   host RSS (now and peak), OOM or not, ComfyUI's free-memory view at start.
+JSON lines go to --out: one "run" record a subprocess, then a "summary" record (command, card, date,
+commit).
+"""
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("comfy_long_video")
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 1 << 30
+
+LTX2_TRANSFORMER = dict(num_attention_heads=32, attention_head_dim=128, cross_attention_dim=4096,
+                        audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048,
+                        caption_channels=3840, in_channels=128, audio_in_channels=128,
+                        rope_type="split", frequencies_precision="float64")
+SAFETENSORS_DTYPE = {"float8_e4m3fn": "F8_E4M3", "bfloat16": "BF16", "float32": "F32"}
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+def transformer_config(layers):
+    return dict(LTX2_TRANSFORMER, num_layers=layers)
+
+
+def write_checkpoint(path, layers, weights, seed=0):
+    """Stream a safetensors file tensor by tensor (header first: shapes come from the meta model)."""
+    import torch
+    import comfy.cli_args
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import comfy.ops
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+
+    cfg = transformer_config(layers)
+    kw = {k: v for k, v in cfg.items()}
+    model = LTXAVModel(dtype=torch.bfloat16, device=torch.device("meta"),
+                       operations=comfy.ops.disable_weight_init, **kw)
+    sd = model.state_dict()
+    fp8 = weights == "fp8"
+
+    def stored_dtype(key, t):
+        if fp8 and key.startswith("transformer_blocks.") and key.endswith(".weight") and t.dim() == 2:
+            return torch.float8_e4m3fn
+        return torch.bfloat16
+
+    header, offset, plan = {}, 0, []
+    for key, t in sd.items():
+        dt = stored_dtype(key, t)
+        n = t.numel() * torch.empty((), dtype=dt).element_size()
+        name = "model.diffusion_model." + key
+        header[name] = {"dtype": SAFETENSORS_DTYPE[str(dt).split(".")[1]], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        plan.append((name, tuple(t.shape), dt))
+        offset += n
+    header["__metadata__"] = {"config": json.dumps({"transformer": cfg}),
+                              "bench": json.dumps({"layers": layers, "weights": weights, "seed": seed})}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator(device=dev).manual_seed(seed)
+    tmp = Path(str(path) + ".part")
+    t0 = time.perf_counter()
+    with open(tmp, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for name, shape, dt in plan:
+            x = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).mul_(0.02).to(dt)
+            f.write(x.reshape(-1).view(torch.uint8).cpu().numpy().tobytes() if x.numel() else b"")
+            del x
+    os.replace(tmp, path)
+    log.info("wrote %s: %d tensors, %.2f GB, %.1f s", path, len(plan), offset / 1e9, time.perf_counter() - t0)
+    return dict(tensors=len(plan), data_bytes=offset, write_s=round(time.perf_counter() - t0, 1))
+
+
+def checkpoint_matches(path, layers, weights):
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n)).get("__metadata__", {})
+    try:
+        b = json.loads(meta.get("bench", "{}"))
+    except ValueError:
+        return False
+    return b.get("layers") == layers and b.get("weights") == weights
+
+
+# ----------------------------------------------------------------------------- one run (child)
+
+class DevicePeak(threading.Thread):
+    """Device memory in use (cudaMemGetInfo), polled: counts what the PyTorch allocator does not
+    (DynamicVRAM's weights, its cast buffers, the CUDA context)."""
+
+    def __init__(self, torch, baseline_used, period=0.02):
+        super().__init__(daemon=True)
+        self.torch, self.baseline, self.period = torch, baseline_used, period
+        self.peak, self.stop_flag = 0, threading.Event()
+
+    def sample(self):
+        free, total = self.torch.cuda.mem_get_info()
+        self.peak = max(self.peak, total - free - self.baseline)
+
+    def run(self):
+        while not self.stop_flag.is_set():
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001
+                pass
+            time.sleep(self.period)
+
+    def stop(self):
+        self.stop_flag.set()
+        self.join(1)
+        self.sample()
+        return self.peak
+
+
+def rss_gb():
+    try:
+        import psutil
+        return round(psutil.Process().memory_info().rss / GIB, 3)
+    except ImportError:
+        return None
+
+
+def child(a):
+    """One length, one variant, in this process. Returns the run record."""
+    rec = dict(kind="run", frames=a.frames_one, variant=a.variant, layers=a.layers, weights=a.weights,
+               steps=a.steps, res=a.res, card_gb=a.card_gb, dynamic_vram=not a.legacy)
+    sys.path.insert(0, str(Path(a.comfy).resolve()))
+    # --- as ComfyUI's main.py: comfy.options / cli_args, cuda_malloc, then aimdo before torch ---
+    import comfy.options  # noqa: F401  (arg parsing stays off: args are ComfyUI's defaults)
+    from comfy.cli_args import args, enables_dynamic_vram
+    if a.legacy:
+        args.disable_dynamic_vram = True
+    if a.no_cuda_malloc:
+        args.disable_cuda_malloc = True
+    import cuda_malloc  # noqa: F401  (sets PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync as main.py does)
+    rec["pytorch_cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    import comfy_aimdo.control
+    if enables_dynamic_vram():
+        comfy_aimdo.control.init()
+    import torch
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        args.cpu = True
+    dummy = None
+    baseline_used = 0
+    if cuda:
+        torch.cuda.init()
+        free, total = torch.cuda.mem_get_info()
+        card = int(a.card_gb * GIB)
+        if card < total:
+            dummy = torch.empty(total - card, dtype=torch.uint8, device="cuda")
+        free2, _ = torch.cuda.mem_get_info()
+        baseline_used = total - free2  # CUDA context + dummy: the device peak is counted above this
+        rec.update(card_total_bytes=total, dummy_bytes=(total - card) if dummy is not None else 0,
+                   free_after_dummy_bytes=free2, context_bytes_before_dummy=total - free)
+        torch.cuda.reset_peak_memory_stats()
+        torch_alloc_base = torch.cuda.memory_allocated()
+    import comfy.utils
+    import comfy.model_management as mm
+    import comfy.memory_management
+    import comfy.model_patcher
+    if cuda and (args.enable_dynamic_vram or (enables_dynamic_vram() and mm.is_nvidia() and not mm.is_wsl())):
+        if (not args.enable_dynamic_vram) and mm.torch_version_numeric < (2, 8):
+            log.warning("torch < 2.8: DynamicVRAM off")
+        elif comfy_aimdo.control.init_device(mm.get_torch_device().index):
+            comfy_aimdo.control.set_log_info()
+            comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+            comfy.memory_management.aimdo_enabled = True
+            log.info("DynamicVRAM support detected and enabled")
+        else:
+            log.warning("No working comfy-aimdo install detected. DynamicVRAM support disabled.")
+    rec["aimdo_enabled"] = bool(comfy.memory_management.aimdo_enabled)
+    dev = mm.get_torch_device()
+    rec["comfy_total_vram_gb"] = round(mm.total_vram / 1024, 3)
+    rec["comfy_free_at_start_gb"] = round(mm.get_free_memory(dev) / GIB, 3)
+    rec["vram_state"] = str(mm.vram_state)
+    import comfy.sd
+    import comfy.sample
+    import comfy.nested_tensor
+
+    t0 = time.perf_counter()
+    model = comfy.sd.load_diffusion_model(a.ckpt)
+    rec["load_s"] = round(time.perf_counter() - t0, 2)
+    rec["patcher"] = type(model).__name__
+    rec["weight_dtype"] = str(model.model.get_dtype())
+    rec["manual_cast_dtype"] = str(model.model.manual_cast_dtype)
+    rec["model_size_gb"] = round(model.model_size() / GIB, 3)
+
+    if a.variant == "ffn-chunker":
+        rec["chunker_path"] = apply_chunker(model, rec)
+        model = rec.pop("_model")
+
+    w, h = (int(v) for v in a.res.split("x"))
+    frames = a.frames_one
+    fl = (frames - 1) // 8 + 1
+    t_audio = math.ceil(frames / 25.0 * 25.0)  # LTXVEmptyLatentAudio: ceil(frames / fps * latents_per_second)
+    video = torch.zeros(1, 128, fl, h // 32, w // 32)
+    audio = torch.zeros(1, 8, t_audio, 16)
+    latent = comfy.nested_tensor.NestedTensor((video, audio))
+    rec.update(latent_frames=fl, video_tokens=fl * (h // 32) * (w // 32), audio_tokens=t_audio)
+    g = torch.Generator().manual_seed(1)
+    pos = [[torch.randn(1, a.ctx_len, 3840, generator=g),
+            {"pooled_output": None, "unprocessed_ltxav_embeds": True, "frame_rate": 25.0}]]
+    neg = [[torch.randn(1, a.ctx_len, 3840, generator=g),
+            {"pooled_output": None, "unprocessed_ltxav_embeds": True, "frame_rate": 25.0}]]
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    forwards, loaded = [], []
+
+    def timed(executor, *args_, **kw):
+        if cuda:
+            torch.cuda.synchronize()
+        s = time.perf_counter()
+        out = executor(*args_, **kw)
+        if cuda:
+            torch.cuda.synchronize()
+        forwards.append(time.perf_counter() - s)
+        try:
+            loaded.append(int(model.loaded_size()))
+        except Exception as e:  # noqa: BLE001
+            loaded.append(repr(e))
+        return out
+
+    from comfy.patcher_extension import WrappersMP
+    model = model.clone()
+    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "bench_timer", timed)
+
+    peak = DevicePeak(torch, baseline_used) if cuda else None
+    if peak:
+        peak.start()
+    oom = False
+    t0 = time.perf_counter()
+    try:
+        out = comfy.sample.sample(model, noise, a.steps, 1.0, "euler", "simple", pos, neg, latent,
+                                  denoise=1.0, seed=0, disable_pbar=True)
+        finite = all(bool(torch.isfinite(t).all()) for t in (out.unbind() if out.is_nested else [out]))
+        rec["finite"] = finite
+    except Exception as e:  # noqa: BLE001
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or isinstance(e, mm.OOM_EXCEPTION)
+        rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        import traceback
+        rec["traceback"] = traceback.format_exc()[-2000:]  # for an OOM: where it ran out
+    rec["sample_s"] = round(time.perf_counter() - t0, 2)
+    rec["oom"] = oom
+    rec["ok"] = "error" not in rec
+    rec["forward_s"] = [round(x, 3) for x in forwards]
+    rec["s_per_step_median"] = round(statistics.median(forwards), 3) if forwards else None
+    # the first forward also pulls the weights in (DynamicVRAM faults them onto the GPU on first use)
+    rec["s_per_step_after_first"] = round(statistics.median(forwards[1:]), 3) if len(forwards) > 1 else None
+    rec["weights_on_gpu_gb_per_forward"] = [round(x / GIB, 3) if isinstance(x, int) else x for x in loaded]
+    if cuda:
+        rec["device_peak_used_gb"] = round(peak.stop() / GIB, 3)
+        rec["torch_max_allocated_gb"] = round((torch.cuda.max_memory_allocated() - torch_alloc_base) / GIB, 3)
+        rec["torch_max_reserved_gb"] = round((torch.cuda.max_memory_reserved() - torch_alloc_base) / GIB, 3)
+        rec["torch_max_allocated_note"] = "dummy subtracted"
+        try:
+            rec["weights_on_gpu_gb_after"] = round(model.loaded_size() / GIB, 3)
+        except Exception as e:  # noqa: BLE001
+            rec["weights_on_gpu_gb_after"] = repr(e)
+        try:
+            rec["aimdo_total_vram_usage_gb"] = round(comfy_aimdo.control.get_total_vram_usage() / GIB, 3)
+        except Exception:  # noqa: BLE001
+            pass
+    rec["host_rss_gb"] = rss_gb()
+    rec["host_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 3)
+    del dummy
+    return rec
+
+
+def apply_chunker(model, rec):
+    """The pack's LTX FFN Chunker node (auto=True), imported as a package; when its node module
+    cannot be imported (comfy_api needs PyAV), the same three steps the node's execute takes."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ltxav_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["ltxav_pack"] = mod
+    try:
+        from ltxav_pack import nodes_ltx_ffn_chunker
+        out = nodes_ltx_ffn_chunker.LTXFFNChunker.execute(model, True, 1)
+        rec["_model"] = out.result[0] if hasattr(out, "result") else out[0]
+        return "node"
+    except ImportError as e:
+        log.warning("node module not importable (%s): applying ffn_chunking as the node does", e)
+        rec["chunker_import_error"] = str(e)[:200]
+    from ltxav_pack import ffn_chunking
+    settings = ffn_chunking.ChunkSettings(1, True)
+    m = model.clone()
+    m.model_options.setdefault("transformer_options", {})[ffn_chunking.CHUNKING_KEY] = settings.as_dict()
+    ffn_chunking.set_wrappers(m, True)
+    rec["_model"] = m
+    return "ffn_chunking.set_wrappers"
+
+
+# ----------------------------------------------------------------------------- driver (parent)
+
+def run_child(a, variant, frames, argv_base):
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as tf:
+        res_path = tf.name
+    cmd = [sys.executable, __file__, *argv_base, "--child", "--variant", variant, "--frames-one", str(frames),
+           "--child-out", res_path]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, timeout=a.timeout)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    wall = round(time.perf_counter() - t0, 1)
+    try:
+        rec = json.loads(Path(res_path).read_text())
+    except (OSError, ValueError):
+        rec = dict(kind="run", frames=frames, variant=variant, ok=False, oom=False, error=f"child rc={rc}, no record")
+    Path(res_path).unlink(missing_ok=True)
+    rec.update(child_rc=rc, child_wall_s=wall)
+    return rec
+
+
+def device_name():
+    try:
+        import torch
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"), help="ComfyUI host folder")
+    p.add_argument("--ckpt", default="/tmp/ltx2_bench.safetensors")
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--weights", choices=["fp8", "bf16"], default="fp8")
+    p.add_argument("--card-gb", type=float, default=24.0, help="emulated card size, GiB (0: the whole card)")
+    p.add_argument("--frames", default="897,1329,2577")
+    p.add_argument("--variants", default="stock", help="comma list of stock, ffn-chunker")
+    p.add_argument("--ffn-chunker", action="store_true", help="same as --variants ffn-chunker")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--res", default="768x512")
+    p.add_argument("--ctx-len", type=int, default=1024)
+    p.add_argument("--legacy", action="store_true", help="no DynamicVRAM: ComfyUI's legacy ModelPatcher")
+    p.add_argument("--no-cuda-malloc", action="store_true", help="ComfyUI's --disable-cuda-malloc")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per length (subprocess)")
+    p.add_argument("--commit", default=None)
+    p.add_argument("--out", default=None, help="JSON lines file")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="stock", help=argparse.SUPPRESS)
+    p.add_argument("--frames-one", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {'child' if a.child else 'main'} %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+    if a.child:
+        try:
+            rec = child(a)
+        except Exception as e:  # noqa: BLE001 (a failure before sampling: still a record)
+            import traceback
+            rec = dict(kind="run", frames=a.frames_one, variant=a.variant, ok=False, oom="out of memory" in str(e).lower(),
+                       error=f"{type(e).__name__}: {str(e)[:400]}", traceback=traceback.format_exc()[-2000:])
+        Path(a.child_out).write_text(json.dumps(rec))
+        log.info("run %s", json.dumps({k: v for k, v in rec.items() if k != "traceback"}))
+        return 0
+
+    variants = ["ffn-chunker"] if a.ffn_chunker else [v.strip() for v in a.variants.split(",") if v.strip()]
+    frames = sorted(int(f) for f in a.frames.split(",") if f.strip())
+    command = " ".join(["python", "bench/comfy_long_video.py", *(argv if argv is not None else sys.argv[1:])])
+    commit = a.commit
+    if commit is None and (ROOT / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pass
+    out = open(a.out, "a") if a.out else None
+
+    def emit(rec):
+        line = json.dumps(rec)
+        log.info("%s", line)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    sys.path.insert(0, str(Path(a.comfy).resolve()))
+    ck = None
+    if checkpoint_matches(a.ckpt, a.layers, a.weights):
+        log.info("checkpoint %s already written (%d layers, %s)", a.ckpt, a.layers, a.weights)
+    else:
+        # in a subprocess, so its CUDA context (random weights drawn on the GPU) is gone before the runs
+        r = subprocess.run([sys.executable, "-c",
+                            "import sys, json, logging; logging.basicConfig(level=logging.INFO); "
+                            f"sys.path.insert(0, {str(Path(a.comfy).resolve())!r}); sys.path.insert(0, {str(ROOT / 'bench')!r}); "
+                            "import comfy_long_video as b; "
+                            f"print(json.dumps(b.write_checkpoint({a.ckpt!r}, {a.layers}, {a.weights!r})))"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            log.error("checkpoint write failed:\n%s", r.stderr[-3000:])
+            emit(dict(kind="checkpoint", ok=False, error=r.stderr[-1000:]))
+            return 1
+        ck = json.loads(r.stdout.strip().splitlines()[-1])
+        emit(dict(kind="checkpoint", ok=True, path=a.ckpt, layers=a.layers, weights=a.weights,
+                  bytes=os.path.getsize(a.ckpt), **ck))
+
+    argv_base = ["--comfy", a.comfy, "--ckpt", a.ckpt, "--layers", str(a.layers), "--weights", a.weights,
+                 "--card-gb", str(a.card_gb), "--steps", str(a.steps), "--res", a.res, "--ctx-len", str(a.ctx_len)]
+    if a.legacy:
+        argv_base.append("--legacy")
+    if a.no_cuda_malloc:
+        argv_base.append("--no-cuda-malloc")
+    longest = {}
+    for variant in variants:
+        longest[variant] = None
+        for f in frames:
+            rec = run_child(a, variant, f, argv_base)
+            rec.update(commit=commit)
+            emit(rec)
+            if not rec.get("ok"):
+                log.info("%s: stops at %d frames (%s)", variant, f, "OOM" if rec.get("oom") else rec.get("error"))
+                break
+            longest[variant] = f
+    summary = dict(kind="summary", command=command, card=device_name(), emulated_card_gib=a.card_gb,
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   commit=commit, comfyui=str(a.comfy), python=platform.python_version(),
+                   longest_ok_frames=longest, frames_tried=frames)
+    try:
+        import torch
+        summary["torch"] = torch.__version__
+    except ImportError:
+        pass
+    emit(summary)
+    log.info("command: %s | card: %s | date: %s | commit: %s", command, summary["card"], summary["date"], commit)
+    if out:
+        out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
