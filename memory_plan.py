@@ -19,7 +19,10 @@ fp8, 48-layer, 24 GB runs of ``bench/long_video.py``:
 * FFN phase: 3.5 vectors per local token kept, plus one FFN chunk's two 4x-wide tensors;
 * per-token timesteps (image-to-video, guides): 0.5 more (the per-token adaLN values);
 * fp8 (or any cast) weights: one block linear cast to the compute dtype at a time;
-* audio tokens cost the same number of vectors of ``audio_dim``.
+* audio tokens cost the same number of vectors of ``audio_dim``;
+* weights: all of them, unless ComfyUI streams them (DynamicVRAM, its default on NVIDIA): then only
+  what must be on the GPU at once, the block running and the next one arriving plus the parts outside
+  the blocks (patchify, adaLN, connectors, output), and the rest waits in host memory.
 
 The FFN Chunker's ``auto`` and the parallel sampler's refusal both use this module.
 """
@@ -54,6 +57,16 @@ class ModelDims:
     weight_bytes: int = 0  # every parameter and buffer as stored (fp8, bf16 ...)
     cast_bytes: int = 0  # a weight cast to the compute dtype on the fly: the largest block linear
     compute_bytes: int = 2  # element size of the activations (bf16 = 2)
+    block_bytes: int = 0  # the largest transformer block's parameters as stored
+    blocks_bytes: int = 0  # all transformer blocks' parameters as stored
+
+    @property
+    def streamed_weight_bytes(self) -> int:
+        """Weights on the GPU while ComfyUI streams the others from host memory (DynamicVRAM): two
+        blocks (the one running, the next arriving) and everything outside the blocks."""
+        if not self.block_bytes:
+            return self.weight_bytes
+        return min(self.weight_bytes, 2 * self.block_bytes + self.weight_bytes - self.blocks_bytes)
 
     @classmethod
     def of(cls, diffusion_model, compute_dtype=None) -> ModelDims:
@@ -72,8 +85,11 @@ class ModelDims:
         if largest is not None and largest.dtype != compute_dtype:
             cast = largest.numel() * compute_bytes
         audio_dim = getattr(diffusion_model, "audio_inner_dim", 0) or 0
+        block_sizes = [sum(p.numel() * p.element_size() for p in b.parameters())
+                       for b in getattr(diffusion_model, "transformer_blocks", [])]
         return cls(video_dim=diffusion_model.inner_dim, audio_dim=audio_dim, weight_bytes=weight_bytes,
-                   cast_bytes=cast, compute_bytes=compute_bytes)
+                   cast_bytes=cast, compute_bytes=compute_bytes, block_bytes=max(block_sizes, default=0),
+                   blocks_bytes=sum(block_sizes))
 
     @property
     def vector(self) -> int:
@@ -144,9 +160,11 @@ def auto_ffn_chunks(tokens: int, ffn_bytes_per_token: int, free_bytes: float | N
 
 
 def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chunks: int | None = None,
-             per_token_timesteps: bool = False, sampler: bool = False, batch: int = 1) -> Estimate:
+             per_token_timesteps: bool = False, sampler: bool = False, batch: int = 1,
+             streaming: bool = False) -> Estimate:
     """Peak memory of one of ``world`` workers (Ulysses x ``ring``) running one forward of ``clip``;
-    ``ffn_chunks`` None = auto, 1 = no chunking; ``sampler`` adds the sampler's latent-sized state."""
+    ``ffn_chunks`` None = auto, 1 = no chunking; ``sampler`` adds the sampler's latent-sized state;
+    ``streaming``: ComfyUI streams the weights (DynamicVRAM), only two blocks of them stay."""
     n = clip.video_tokens
     local = math.ceil(n / world)
     vec = dims.vector
@@ -157,7 +175,7 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
     attention = local * attn * vec + n * FULL_SEQUENCE_VECTORS * vec
     ffn = local * FFN_KEPT_VECTORS * vec + ffn_chunk_tokens(local, ffn_chunks) * dims.ffn_bytes_per_token
     parts = {
-        "weights": dims.weight_bytes,
+        "weights": dims.streamed_weight_bytes if streaming else dims.weight_bytes,
         "weight casts": dims.cast_bytes,
         "fixed": FIXED_BYTES,
         "video tokens": int(batch * max(attention, ffn)),

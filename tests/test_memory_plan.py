@@ -128,3 +128,36 @@ def test_smallest_world():
     assert w is not None and w > 1
     assert mp.estimate(dims, clip, world=w).total <= int(24e9) < mp.estimate(dims, clip, world=w // 2).total
     assert mp.smallest_world(10 * mp.GIB, dims, clip, max_world=8, video_heads=32) is None
+
+
+def test_streamed_weights_are_two_blocks_and_the_rest(comfy):
+    """ModelDims.of an LTX-2 model at real dims (48 layers, fp8; built on the meta device): under
+    streaming only two blocks and the parts outside the blocks count."""
+    import comfy.ops
+    import torch
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+
+    dm = LTXAVModel(num_layers=48, dtype=torch.float8_e4m3fn, device="meta", operations=comfy.ops.disable_weight_init,
+                    num_attention_heads=32, attention_head_dim=128, cross_attention_dim=4096,
+                    audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048,
+                    caption_channels=3840)
+    dims = mp.ModelDims.of(dm, compute_dtype=torch.bfloat16)
+    assert dims.blocks_bytes == 48 * dims.block_bytes  # every block the same size
+    outside = dims.weight_bytes - dims.blocks_bytes
+    assert dims.streamed_weight_bytes == 2 * dims.block_bytes + outside < dims.weight_bytes / 8
+
+
+def test_streaming_accepts_weights_larger_than_the_card_and_refuses_what_activations_cannot():
+    """fp8 LTX-2 (19 GiB of weights) on a 16 GB card: refused whole, accepted streamed; and a clip whose
+    activations alone exceed the card is refused either way."""
+    dims = mp.ModelDims(weight_bytes=19 * mp.GIB, cast_bytes=128 << 20, block_bytes=380 << 20,
+                        blocks_bytes=48 * (380 << 20))
+    budget = int(16e9)
+    short = mp.Clip.from_pixels(121, 768, 512)
+    assert mp.estimate(dims, short).total > budget
+    assert mp.estimate(dims, short, streaming=True).total <= budget
+    assert mp.largest_latent_frames(budget, dims, short) == 0
+    longest = mp.largest_latent_frames(budget, dims, short, streaming=True)
+    assert longest > 0
+    too_long = short.with_latent_frames(longest + 1)
+    assert mp.estimate(dims, too_long, streaming=True).total > budget
