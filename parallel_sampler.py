@@ -203,7 +203,8 @@ class ParallelSampler:
                             **{k: "" for k in ray_worker.WORKER_ENV}, **_passthrough_env(),
                             "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
         actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
-            rank, world, comfy_path, pack_dir, __package__, _host_args()) for rank in range(world)]
+            rank, world, comfy_path, pack_dir, __package__, _host_args(), ray_worker.dynamic_vram_enabled())
+            for rank in range(world)]
         group = _Group(actors, world, degrees, self.address, cpu, infos=[])
         self.group = group
         init = self._wait([actors[0].rendezvous.remote()], "start", START_TIMEOUT_S, heartbeat=False)[0]
@@ -257,8 +258,10 @@ class ParallelSampler:
                    if b is not None]
         if budgets and os.environ.get(SKIP_CHECK_ENV) != "1":
             est = check_memory(patcher, job, group.world, group.degrees, min(budgets), group.infos)
-            log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s)", NODE, est.total / memory_plan.GIB,
-                     min(budgets) / memory_plan.GIB, est.describe())
+            streamed = "; weights streamed from host memory (DynamicVRAM)" if any(
+                i.get("dynamic_vram") for i in group.infos) else ""
+            log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s%s)", NODE, est.total / memory_plan.GIB,
+                     min(budgets) / memory_plan.GIB, est.describe(), streamed)
         t0 = time.perf_counter()
         recipe_ref, spec_ref = ray.put(recipe), ray.put(spec)
         loads = self._wait([a.load.remote(key, recipe_ref, spec_ref) for a in group.actors], "model load",
@@ -371,8 +374,11 @@ def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.
     clip, batch = latent_clip(job["latent"])
     chunking = ffn_chunking.ChunkSettings.from_options(patcher.model_options.get("transformer_options"))
     ffn = 1 if chunking is None else None if chunking.auto else chunking.num_chunks  # None: auto
-    # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them
-    kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch, per_token_timesteps=True)
+    # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them;
+    # workers that run DynamicVRAM keep only the blocks in use on the GPU
+    streaming = any(i.get("dynamic_vram") for i in infos)
+    kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch, per_token_timesteps=True,
+              streaming=streaming)
     est = memory_plan.estimate(dims, clip, world=world, **kw)
     if est.total <= budget:
         return est
@@ -387,7 +393,8 @@ def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.
         advice = [f"at {size} with {world} GPUs the longest video that fits is {(fits - 1) * 8 + 1} frames"]
     else:
         fixed = est.parts["weights"] + est.parts["weight casts"] + est.parts["fixed"]
-        advice = [f"the weights and fixed buffers alone take {fixed / gib:.2f} GiB: use fp8 weights, GPUs with more "
+        what = "the weights ComfyUI keeps on the GPU while streaming the rest" if streaming else "the weights"
+        advice = [f"{what} and fixed buffers alone take {fixed / gib:.2f} GiB: use fp8 weights, GPUs with more "
                   "memory, or free memory on them"]
     if more:
         advice.append(f"{clip.frames} frames need gpus={more} (ulysses_degree={more})")
@@ -460,7 +467,9 @@ def summary(group: _Group, memory: list[dict], timings: dict) -> str:
             lines.append(f"  worker {m['rank']} ({info['device']}): no GPU memory figures on CPU")
         else:
             lines.append(f"  worker {m['rank']} ({info['device']}): peak {m['peak_gb']} GB above the forward's start "
-                         f"(PE {m['pe_gb']} GB, blocks {m['blocks_gb']} GB); {m['allocated_gb']} GB allocated")
+                         f"(PE {m['pe_gb']} GB, blocks {m['blocks_gb']} GB); {m['allocated_gb']} GB allocated; "
+                         f"weights on the GPU {m.get('weights_gb')} GB"
+                         + (" (streamed: DynamicVRAM)" if info.get("dynamic_vram") else ""))
     return "\n".join(lines)
 
 

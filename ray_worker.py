@@ -21,6 +21,7 @@ import gc
 import importlib
 import importlib.util
 import io
+import logging
 import os
 import pickle
 import socket
@@ -36,6 +37,9 @@ FAULT_ENV = "LTXAV_PARALLEL_FAULT"  # test hook: "oom:RANK:STEP" raises an OutOf
 # cap each worker's device memory (GB = 10^9 bytes), e.g. 24 to behave like a 24 GB card on a larger one
 CAP_ENV = "LTXAV_PARALLEL_MEMORY_CAP_GB"
 WORKER_ENV = (FAULT_ENV, CAP_ENV)  # read by the workers themselves
+# ComfyUI's memory flags, as each worker reports them (every flag of the ComfyUI process reaches it)
+MEMORY_FLAGS = ("disable_dynamic_vram", "enable_dynamic_vram", "reserve_vram", "lowvram", "novram", "highvram",
+                "gpu_only", "normalvram", "cpu", "disable_smart_memory", "async_offload")
 MODEL_REF_NAMES = ("patcher", "model_options", "base_model", "diffusion_model")
 
 
@@ -136,10 +140,27 @@ def _select_gpu() -> None:
         torch.cuda.set_device(int(ids[0]))  # per thread: methods that touch the GPU call this again
 
 
-def _import_host(comfy_path: str, host_args: dict) -> None:
+def _import_host(comfy_path: str, host_args: dict, dynamic_vram: bool = False, cap_bytes: float | None = None):
+    """ComfyUI in this worker, set up as the ComfyUI process is: its command-line flags (memory flags
+    included), and, when the ComfyUI process runs DynamicVRAM (``dynamic_vram``), DynamicVRAM here
+    too, started the way ComfyUI's main.py starts it: comfy-aimdo before this process's first CUDA
+    call, then on this worker's device, with ComfyUI's streaming ModelPatcher. Weights then stay in
+    host memory and page onto the GPU as the activations leave room. ``cap_bytes``: hold the rest of
+    the device in a tensor first, so ComfyUI and its allocators see a card of that size. Returns that
+    tensor (None without a cap on a GPU)."""
     if comfy_path not in sys.path:
         sys.path.insert(0, comfy_path)
+    dynamic_vram = dynamic_vram and torch.cuda.is_available()
+    if dynamic_vram:
+        import comfy_aimdo.control
+
+        comfy_aimdo.control.init()
     _select_gpu()  # before ComfyUI picks its device (the current one)
+    held = None
+    if cap_bytes and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        if total > cap_bytes:
+            held = torch.empty(int(total - cap_bytes), dtype=torch.uint8, device=torch.cuda.current_device())
     import comfy.cli_args
 
     for k, v in host_args.items():
@@ -149,7 +170,26 @@ def _import_host(comfy_path: str, host_args: dict) -> None:
     comfy.cli_args.args.default_device = None
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
+    import comfy.memory_management
+    import comfy.model_management
+    import comfy.model_patcher
+
+    if dynamic_vram:
+        import comfy_aimdo.control
+
+        if comfy_aimdo.control.init_device(comfy.model_management.get_torch_device().index):
+            comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+            comfy.memory_management.aimdo_enabled = True
+        else:
+            logging.getLogger(__name__).warning("comfy-aimdo could not start on this worker's GPU: DynamicVRAM "
+                                                "off here, every weight stays on the GPU")
+    return held
+
+
+def dynamic_vram_enabled() -> bool:
+    """Whether this process runs ComfyUI's DynamicVRAM (weights streamed from host memory)."""
+    mm = sys.modules.get("comfy.memory_management")
+    return bool(getattr(mm, "aimdo_enabled", False))
 
 
 def _import_pack(pack_dir: str, pack_name: str) -> types.ModuleType:
@@ -177,9 +217,13 @@ class LTXAVWorker:
     """One rank. Methods run in a Ray actor with two threads: ``sample`` in one; ``progress`` and
     ``interrupt`` answer in the other while it runs."""
 
-    def __init__(self, rank: int, world: int, comfy_path: str, pack_dir: str, pack_name: str, host_args: dict):
+    def __init__(self, rank: int, world: int, comfy_path: str, pack_dir: str, pack_name: str, host_args: dict,
+                 dynamic_vram: bool = False):
         self.rank, self.world = rank, world
-        _import_host(comfy_path, host_args)
+        cap = float(os.environ.get(CAP_ENV) or 0) * 1e9
+        self.cap = cap or None
+        # with DynamicVRAM the cap is a held tensor: comfy-aimdo allocates outside PyTorch's allocator
+        self.held = _import_host(comfy_path, host_args, dynamic_vram, self.cap if dynamic_vram else None)
         self.pack_name = pack_name
         _import_pack(pack_dir, pack_name)
         self.xsp = importlib.import_module(f"{pack_name}.xdit_context_parallel")
@@ -195,9 +239,7 @@ class LTXAVWorker:
         self.cpu_group = None
         self.cuda = torch.cuda.is_available()
         self.step_times: list[float] = []
-        cap = float(os.environ.get(CAP_ENV) or 0) * 1e9
-        self.cap = cap or None
-        if self.cap and self.cuda:
+        if self.cap and self.cuda and self.held is None:
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap / total))
 
@@ -210,17 +252,24 @@ class LTXAVWorker:
         ffn = None
         if self.patcher is not None:
             ffn = self.patcher.model_options.get("transformer_options", {}).get(self.ffn.CHUNKING_KEY)
+        import comfy.cli_args
+
+        flags = {k: getattr(comfy.cli_args.args, k, None) for k in MEMORY_FLAGS}
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": name,
-                "loads": self.loads, "ffn_chunking": ffn}
+                "loads": self.loads, "ffn_chunking": ffn, "dynamic_vram": dynamic_vram_enabled(),
+                "memory_flags": flags}
 
     def memory_budget(self) -> int | None:
-        """Bytes this worker can use: its GPU's free memory plus what it holds already, within the cap
-        (``LTXAV_PARALLEL_MEMORY_CAP_GB``); on CPU only the cap (None without one)."""
+        """Bytes this worker can use: its GPU's free memory plus what it holds already (PyTorch's cache,
+        and with DynamicVRAM the weights it can page out), within the cap (``LTXAV_PARALLEL_MEMORY_CAP_GB``);
+        on CPU only the cap (None without one)."""
         if not self.cuda:
             return int(self.cap) if self.cap else None
         free, _ = torch.cuda.mem_get_info()
         budget = free + torch.cuda.memory_reserved()
-        return int(min(budget, self.cap) if self.cap else budget)
+        if dynamic_vram_enabled() and self.patcher is not None:
+            budget += self.patcher.loaded_size()
+        return int(min(budget, self.cap) if self.cap and self.held is None else budget)
 
     def rendezvous(self) -> str:
         import ray
@@ -355,4 +404,6 @@ class LTXAVWorker:
         for name in ("peak", "pe", "blocks"):
             out[f"{name}_gb"] = _gb(stats[name]) if self.cuda and name in stats else None
         out["allocated_gb"] = _gb(torch.cuda.memory_allocated()) if self.cuda else None
+        # weights on the GPU after the run (with DynamicVRAM the rest waits in host memory)
+        out["weights_gb"] = _gb(self.patcher.loaded_size()) if self.cuda and self.patcher is not None else None
         return out

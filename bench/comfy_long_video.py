@@ -191,14 +191,19 @@ def child(a):
         args.cpu = True
     dummy = None
     baseline_used = 0
+    parallel = a.variant.startswith("parallel")
     if cuda:
         torch.cuda.init()
         free, total = torch.cuda.mem_get_info()
         card = int(a.card_gb * GIB)
-        if card < total:
+        if parallel and card < total:  # the worker holds the rest of the card (LTXAV_PARALLEL_MEMORY_CAP_GB)
+            os.environ["LTXAV_PARALLEL_MEMORY_CAP_GB"] = f"{card / 1e9:.6f}"
+        elif card < total:
             dummy = torch.empty(total - card, dtype=torch.uint8, device="cuda")
         free2, _ = torch.cuda.mem_get_info()
         baseline_used = total - free2  # CUDA context + dummy: the device peak is counted above this
+        if parallel and card < total:
+            baseline_used += total - card  # the worker's held tensor
         rec.update(card_total_bytes=total, dummy_bytes=(total - card) if dummy is not None else 0,
                    free_after_dummy_bytes=free2, context_bytes_before_dummy=total - free)
         torch.cuda.reset_peak_memory_stats()
@@ -234,7 +239,7 @@ def child(a):
     rec["manual_cast_dtype"] = str(model.model.manual_cast_dtype)
     rec["model_size_gb"] = round(model.model_size() / GIB, 3)
 
-    if a.variant == "ffn-chunker":
+    if a.variant in ("ffn-chunker", "parallel-chunker"):
         rec["chunker_path"] = apply_chunker(model, rec)
         model = rec.pop("_model")
 
@@ -270,8 +275,9 @@ def child(a):
         return out
 
     from comfy.patcher_extension import WrappersMP
-    model = model.clone()
-    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "bench_timer", timed)
+    if not parallel:  # the parallel path times the worker's steps itself
+        model = model.clone()
+        model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "bench_timer", timed)
 
     peak = DevicePeak(torch, baseline_used) if cuda else None
     if peak:
@@ -279,8 +285,11 @@ def child(a):
     oom = False
     t0 = time.perf_counter()
     try:
-        out = comfy.sample.sample(model, noise, a.steps, 1.0, "euler", "simple", pos, neg, latent,
-                                  denoise=1.0, seed=0, disable_pbar=True)
+        if parallel:
+            out = parallel_sample(a, model, noise, latent, pos, neg, rec)
+        else:
+            out = comfy.sample.sample(model, noise, a.steps, 1.0, "euler", "simple", pos, neg, latent,
+                                      denoise=1.0, seed=0, disable_pbar=True)
         finite = all(bool(torch.isfinite(t).all()) for t in (out.unbind() if out.is_nested else [out]))
         rec["finite"] = finite
     except Exception as e:  # noqa: BLE001
@@ -313,6 +322,34 @@ def child(a):
     rec["host_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 3)
     del dummy
     return rec
+
+
+def parallel_sample(a, model, noise, latent, pos, neg, rec):
+    """The parallel KSampler node's path at gpus=1 (``parallel_sampler.POOL.run`` with the job its
+    execute builds): one Ray worker on this GPU, which loads the checkpoint itself, with DynamicVRAM
+    when this process runs it; the worker holds the rest of the card (LTXAV_PARALLEL_MEMORY_CAP_GB)."""
+    import_pack_modules()
+    from ltxav_pack import parallel_sampler
+
+    job = dict(mode="ksampler", noise=noise, latent=latent, noise_mask=None, seed=0, steps=a.steps, cfg=1.0,
+               sampler_name="euler", scheduler="simple", positive=pos, negative=neg, denoise=1.0,
+               disable_noise=False, start_step=None, last_step=None, force_full_denoise=False)
+    res = parallel_sampler.POOL.run(model, job, parallel_sampler.ParallelSettings(gpus=1), a.steps)
+    rec["timings"] = res["timings"]
+    rec["worker_memory"] = res["memory"]
+    rec["summary_text"] = res["summary"]
+    rec["s_per_step_worker"] = res["timings"].get("worker_s_per_step")
+    parallel_sampler.POOL.stop_group()
+    return res["samples"]
+
+
+def import_pack_modules():
+    """The pack as the package ``ltxav_pack`` (its __init__ not run: node registration needs PyAV)."""
+    import importlib.util
+    if "ltxav_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("ltxav_pack", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        sys.modules["ltxav_pack"] = importlib.util.module_from_spec(spec)
 
 
 def apply_chunker(model, rec):
@@ -379,7 +416,8 @@ def main(argv=None):
     p.add_argument("--weights", choices=["fp8", "bf16"], default="fp8")
     p.add_argument("--card-gb", type=float, default=24.0, help="emulated card size, GiB (0: the whole card)")
     p.add_argument("--frames", default="897,1329,2577")
-    p.add_argument("--variants", default="stock", help="comma list of stock, ffn-chunker")
+    p.add_argument("--variants", default="stock",
+                   help="comma list of stock, ffn-chunker, parallel, parallel-chunker (the parallel sampler at gpus=1)")
     p.add_argument("--ffn-chunker", action="store_true", help="same as --variants ffn-chunker")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--res", default="768x512")

@@ -338,3 +338,50 @@ def test_changing_ray_address_needs_a_restart(ps, nodes_mod, tiny_model, tiny_ck
     with pytest.raises(ValueError, match=r"input 'ray_address' changed from 'local' to 'auto'.*restart "
                                          r"ComfyUI to use the new address"):
         parallel_ksampler(nodes_mod, tiny_model, cc, address="auto")
+
+
+def test_memory_flags_reach_the_workers(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch):
+    """ComfyUI's memory flags (--reserve-vram, --lowvram, --disable-dynamic-vram, ...) are the workers' too;
+    DynamicVRAM runs there only when it runs in the ComfyUI process (never on CPU)."""
+    import comfy.cli_args
+
+    cc = tiny_ckpt[1]["caption_channels"]
+    ps.POOL.stop_group()  # workers take the flags when they start
+    for flag, value in (("reserve_vram", 1.5), ("lowvram", True), ("disable_dynamic_vram", True)):
+        monkeypatch.setattr(comfy.cli_args.args, flag, value)
+    try:
+        got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
+        infos = worker_infos(ps)
+    finally:
+        ps.POOL.stop_group()
+    for info in infos:
+        assert info["memory_flags"]["reserve_vram"] == 1.5 and info["memory_flags"]["lowvram"] is True
+        assert info["memory_flags"]["disable_dynamic_vram"] is True and info["dynamic_vram"] is False
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
+
+
+def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp_path):
+    """A 6-layer model: with DynamicVRAM on the workers only two blocks of weights count, so a budget
+    between the streamed and the whole-weights estimate is refused without streaming and accepted with
+    it; a budget below the streamed estimate is refused either way, naming what does not fit."""
+    from tiny_ltxav import write_tiny_ltxav
+
+    xsp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    path = tmp_path / "six_layers.safetensors"
+    write_tiny_ltxav(path, num_layers=6)
+    model = comfy.sd.load_diffusion_model(str(path))
+    job = {"latent": make_latent(**LATENT)["samples"]}
+    streaming, whole = [{"device": "cpu", "dynamic_vram": True}], [{"device": "cpu", "dynamic_vram": False}]
+    big = 10**12
+    streamed = ps.check_memory(model, job, 2, xsp.Degrees(2), big, streaming)
+    full = ps.check_memory(model, job, 2, xsp.Degrees(2), big, whole)
+    assert streamed.parts["weights"] < full.parts["weights"] and streamed.total < full.total
+    budget = (streamed.total + full.total) // 2
+    assert ps.check_memory(model, job, 2, xsp.Degrees(2), budget, streaming).total == streamed.total
+    with pytest.raises(ValueError, match=r"LTXAV Parallel Sampler: a 25-frame 128x96 video needs about .* GiB per "
+                                         r"worker \(weights"):
+        ps.check_memory(model, job, 2, xsp.Degrees(2), budget, whole)
+    tiny_budget = streamed.parts["weights"] // 2
+    with pytest.raises(ValueError, match=r"the weights ComfyUI keeps on the GPU while streaming the rest and fixed "
+                                         r"buffers alone take"):
+        ps.check_memory(model, job, 2, xsp.Degrees(2), tiny_budget, streaming)
