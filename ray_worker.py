@@ -267,6 +267,8 @@ class LTXAVWorker:
             return int(self.cap) if self.cap else None
         free, _ = torch.cuda.mem_get_info()
         budget = free + torch.cuda.memory_reserved()
+        if self.held is not None:  # the held rest of the card sits in PyTorch's cache: not this worker's
+            budget -= self.held.numel()
         if dynamic_vram_enabled() and self.patcher is not None:
             budget += self.patcher.loaded_size()
         return int(min(budget, self.cap) if self.cap and self.held is None else budget)
