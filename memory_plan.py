@@ -1,7 +1,8 @@
 """Peak device memory of one LTXAV worker, predicted before sampling starts.
 
-A worker holds the whole model (weights are not sharded) and, through every block, its share of the
-video tokens (``xdit_context_parallel``); audio stays whole on every rank. Its peak is
+A worker holds the model (weights are not sharded; with ComfyUI's DynamicVRAM only the blocks in use
+stay on the GPU) and, through every block, its share of the video tokens (``xdit_context_parallel``);
+audio stays whole on every rank. Its peak is
 
     weights + cast buffer + fixed + max(attention phase, FFN phase) [+ sampler state]
 
