@@ -40,13 +40,16 @@ def parallel_inputs():
                               "when the GPU count does not divide 32 (e.g. 3 or 6 GPUs): slower and more memory "
                               "than Ulysses.")),
         io.String.Input("ray_address", default="local",
-                        tooltip=("'local': a private Ray cluster on this machine (127.0.0.1, no dashboard), started "
-                                 "on first use (a few seconds) and kept for later prompts. 'auto': the cluster "
+                        tooltip=("'local': a private Ray cluster on this machine (127.0.0.1, no dashboard, nothing "
+                                 "listens beyond loopback), started on first use (a few seconds) and kept for later "
+                                 "prompts. 'auto': the cluster "
                                  "`ray start` runs here. host:port: a Ray head elsewhere; its nodes need this "
                                  "ComfyUI, this pack and the model files at the same paths: each worker gets the "
                                  "model's load recipe and patches (LoRAs), not its weights, and loads the "
-                                 "checkpoint from its own disk. Changing it after the first prompt needs a ComfyUI "
-                                 "restart (Ray cannot move a running process to another cluster).")),
+                                 "checkpoint from its own disk; Ray's ports and the workers' process-group store then "
+                                 "listen on the nodes' network addresses (protect them: Ray token auth, a firewall; "
+                                 "see the README). Changing it after the first prompt needs a ComfyUI restart (Ray "
+                                 "cannot move a running process to another cluster).")),
     ]
 
 

@@ -7,9 +7,13 @@ recipe + patches; reloaded only when those change), send the sampling job, then 
 bar follows rank 0's step, Interrupt stops every rank at the same step, and a worker that dies, fails
 or stops answering ends the run with an error within seconds; the whole group is then killed (its
 peers would wait in collectives forever) and the next prompt starts a new one.
+
+A local cluster (``local``, or a head on 127.0.0.1) keeps every socket on loopback: Ray's own
+processes, the workers' process-group store, gloo's and NCCL's sockets.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -29,6 +33,7 @@ LOAD_TIMEOUT_S = float(os.environ.get("LTXAV_PARALLEL_LOAD_S", 3600))
 HEARTBEAT_S = float(os.environ.get("LTXAV_PARALLEL_HEARTBEAT_S", 15))
 STALL_S = float(os.environ.get("LTXAV_PARALLEL_STALL_S", 900))
 SKIP_CHECK_ENV = "LTXAV_PARALLEL_SKIP_MEMORY_CHECK"  # "1": run even when the planner predicts too little memory
+STOP_S = 5.0  # the time Ray's processes get to end (a failed start) before those left are killed
 
 
 class WorkerFault(RuntimeError):
@@ -73,6 +78,65 @@ def _probe(address: str, timeout: float = 10.0) -> None:
         pass
 
 
+def _is_loopback(address: str) -> bool:
+    """``local`` or a head on this machine's loopback: the cluster stays on 127.0.0.1."""
+    return address == "local" or address.removeprefix("ray://").rpartition(":")[0] in ("127.0.0.1", "localhost")
+
+
+@contextlib.contextmanager
+def _ray_node_address(loopback: bool):
+    """Ray's choice of this node's address during one ``ray.init``. Ray swaps a loopback node address
+    for the machine's network address, and its processes then listen on every interface, unless its
+    cluster mode is off; it reads that mode from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is
+    first imported, so whatever imported Ray first (a failed attempt at another address, another custom
+    node) would decide. The mode is set here for this attempt only and put back after it."""
+    import ray._private.ray_constants as ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    if loopback:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def _loopback_interface() -> str:
+    """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addrs):
+            return name
+    return "lo"
+
+
+def _descendants(procs) -> list:
+    """``procs`` and all their children, those still running."""
+    import psutil
+
+    out = {}
+    for p in procs:
+        try:
+            if p.is_running():
+                out[p.pid] = p
+                out.update((c.pid, c) for c in p.children(recursive=True))
+        except psutil.Error:
+            pass
+    return list(out.values())
+
+
+def _reap(procs, timeout: float) -> None:
+    """Wait up to ``timeout`` s for ``procs`` to end, then kill those left."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=2.0)
+
+
 def _cpu_mode() -> bool:
     import comfy.model_management as mm
 
@@ -99,40 +163,63 @@ class ParallelSampler:
     def __init__(self):
         self.group: _Group | None = None
         self.address: str | None = None
+        self.loopback = True
         self._remote_cls = None
 
     # -- Ray --------------------------------------------------------------------
     def connect(self, address: str) -> None:
         address = (address or "local").strip()
-        loopback = address == "local" or address.removeprefix("ray://").split(":")[0] in ("127.0.0.1", "localhost")
-        if loopback and "ray" not in sys.modules:
-            # a cluster on loopback only: Ray otherwise swaps 127.0.0.1 for the machine's network address
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        import ray
-
-        if ray.is_initialized() and self.address == address:
+        ray = sys.modules.get("ray")  # not imported before it is needed: a bad address never imports it
+        connected = ray is not None and ray.is_initialized()
+        if connected and self.address == address:
             return
         if address not in ("local", "auto"):
             try:
                 _probe(address)  # ray.init itself retries an unreachable head for minutes
             except (OSError, ValueError) as e:
                 raise self._unreachable(address, e) from None
-        if ray.is_initialized():
+        if connected:
             raise ValueError(f"{NODE}: input 'ray_address' changed from {self.address!r} to {address!r}, but this "
                              "ComfyUI process is already part of a Ray cluster and Ray cannot move it to another "
                              "one: restart ComfyUI to use the new address, or set it back.")
+        import psutil
+        import ray
+
+        loopback = _is_loopback(address)
         # no job-wide env: each worker group gets the LTXAV_PARALLEL_* etc. variables of its own start
         kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
         if loopback:
             kwargs["_node_ip_address"] = "127.0.0.1"
         if address == "local":
             kwargs["num_gpus"] = 0 if _cpu_mode() else torch.cuda.device_count()
+        me = psutil.Process()
+        children = {p.pid for p in me.children()}
+        environ = dict(os.environ)
         try:
-            ray.init(address=address, **kwargs)
+            with _ray_node_address(loopback):
+                ray.init(address=address, **kwargs)
         except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, ValueError, RuntimeError...
+            self._undo_init([p for p in me.children() if p.pid not in children], environ)
             raise self._unreachable(address, e) from None
-        self.address = address
+        self.address, self.loopback = address, loopback
         log.info("%s: connected to Ray (%s): %s", NODE, address, ray.cluster_resources())
+
+    @staticmethod
+    def _undo_init(started: list, environ: dict) -> None:
+        """After a failed ray.init: leave nothing that would change the next attempt (Ray's globals,
+        the variables it set in this process's environment, processes it started)."""
+        import ray
+
+        procs = _descendants(started)
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        for k in set(os.environ) - set(environ):
+            del os.environ[k]
+        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+        for p in procs:
+            with contextlib.suppress(Exception):
+                p.terminate()
+        _reap(procs, STOP_S)
 
     @staticmethod
     def _unreachable(address, e):
@@ -202,12 +289,17 @@ class ParallelSampler:
         env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
                             **{k: "" for k in ray_worker.WORKER_ENV}, **_passthrough_env(),
                             "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+        if self.loopback:
+            # a cluster on loopback: gloo's and NCCL's own sockets there too (by default they take the
+            # address the host name resolves to, or the first network interface)
+            lo = _loopback_interface()
+            env["env_vars"].update(GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)
         actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
             rank, world, comfy_path, pack_dir, __package__, _host_args()) for rank in range(world)]
         group = _Group(actors, world, degrees, self.address, cpu, infos=[])
         self.group = group
-        init = self._wait([actors[0].rendezvous.remote()], "start", START_TIMEOUT_S, heartbeat=False)[0]
-        self._wait([a.init_groups.remote(init, degrees.ulysses, degrees.ring) for a in actors], "start",
+        host, port = self._wait([actors[0].rendezvous.remote()], "start", START_TIMEOUT_S, heartbeat=False)[0]
+        self._wait([a.init_groups.remote(host, port, degrees.ulysses, degrees.ring) for a in actors], "start",
                    START_TIMEOUT_S, heartbeat=False)
         group.infos = self._wait([a.info.remote() for a in actors], "start", START_TIMEOUT_S, heartbeat=False)
         seconds = time.perf_counter() - t0

@@ -31,7 +31,7 @@ import types
 
 import torch
 
-ENV_PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
+ENV_PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "GLOO_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
 FAULT_ENV = "LTXAV_PARALLEL_FAULT"  # test hook: "oom:RANK:STEP" raises an OutOfMemoryError there
 # cap each worker's device memory (GB = 10^9 bytes), e.g. 24 to behave like a 24 GB card on a larger one
 CAP_ENV = "LTXAV_PARALLEL_MEMORY_CAP_GB"
@@ -120,9 +120,16 @@ def model_spec(patcher, own_keys=()) -> tuple[bytes, bytes, list[str]]:
 # --------------------------------------------------------------------------- worker process set-up
 
 def _free_port() -> int:
+    """A free port on loopback (for single-process runs; workers use ``LTXAVWorker.rendezvous``)."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _listen(host: str) -> socket.socket:
+    """A listening TCP socket on ``host`` only (port chosen by the system)."""
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, 0), family=family, backlog=128)
 
 
 def _select_gpu() -> None:
@@ -191,6 +198,7 @@ class LTXAVWorker:
         self.patcher = None
         self.model_key = None
         self.loads = 0
+        self.listener = None
         self.sp = None
         self.cpu_group = None
         self.cuda = torch.cuda.is_available()
@@ -222,15 +230,29 @@ class LTXAVWorker:
         budget = free + torch.cuda.memory_reserved()
         return int(min(budget, self.cap) if self.cap else budget)
 
-    def rendezvous(self) -> str:
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: open the process-group store's socket on this node's Ray address only (127.0.0.1 in a
+        local cluster) and keep it for ``init_groups``; PyTorch's own store would listen on every
+        interface whatever host it is given."""
         import ray
 
-        return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+        host = ray.util.get_node_ip_address()
+        self.listener = _listen(host)
+        return host, self.listener.getsockname()[1]
 
-    def init_groups(self, init_method: str, ulysses: int, ring: int) -> None:
+    def init_groups(self, host: str, port: int, ulysses: int, ring: int) -> None:
+        import torch.distributed as dist
+        from torch.distributed.constants import default_pg_timeout
+
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
         backend = "nccl" if self.cuda else "gloo"
-        self.xsp.init_process_groups(self.rank, self.world, self.xsp.Degrees(ulysses, ring), backend, init_method)
+        listen_fd = None
+        if self.rank == 0:
+            listen_fd, self.listener = self.listener.detach(), None  # the store owns the socket from here
+        store = dist.TCPStore(host, port, self.world, is_master=self.rank == 0, timeout=default_pg_timeout,
+                              master_listen_fd=listen_fd)
+        self.xsp.init_process_groups(self.rank, self.world, self.xsp.Degrees(ulysses, ring), backend,
+                                     f"tcp://{host}:{port}", store=store)
         self.sp = self.xsp.SequenceParallel(rank_label=self.rank, phase_stats=True)
         from xfuser.core.distributed.parallel_state import get_sp_group
 

@@ -1,4 +1,6 @@
-"""A headless ComfyUI server on loopback with this pack installed, for POST /prompt tests."""
+"""A headless ComfyUI server on loopback with this pack installed, for POST /prompt tests, and the
+sockets its processes listen on."""
+import ipaddress
 import json
 import os
 import socket
@@ -22,6 +24,49 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def process_tree(pid: int) -> list:
+    """The process ``pid`` and every process below it (psutil.Process objects)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def listening_sockets(procs) -> list[tuple]:
+    """(pid, process name, address, port, kind) for every TCP socket listening and every UDP socket
+    bound, in ``procs``."""
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            name = p.name()
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr):
+                    out.append((p.pid, name, c.laddr.ip, c.laddr.port, c.type.name))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1 and IPv4-mapped loopback (::ffff:127.0.0.1); not the wildcards 0.0.0.0 / ::."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this machine that is not loopback (None when it has none)."""
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not is_loopback(a.address):
+                return a.address
+    return None
 
 
 class ComfyServer:

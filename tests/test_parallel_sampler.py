@@ -1,5 +1,6 @@
 """The parallel sampler nodes with real Ray actors (2 CPU workers, gloo) against the stock samplers
-on the same tiny checkpoint, seed and inputs; worker reuse, reloads, interrupt and faults."""
+on the same tiny checkpoint, seed and inputs; worker reuse, reloads, sockets, interrupt and
+faults."""
 import importlib
 import os
 import re
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from comfy_host import make_conditioning, make_latent
+from comfy_server import is_loopback, listening_sockets, process_tree
 
 REL = 1e-5
 LATENT = dict(width=128, height=96, length=25)
@@ -87,6 +89,15 @@ def test_ksampler_equals_stock_and_reuses_workers(ps, nodes_mod, tiny_model, tin
     assert_close(got2, want)
     infos = worker_infos(ps)
     assert [i["pid"] for i in infos] == pids and all(i["loads"] == 1 for i in infos)
+
+
+def test_every_socket_of_ray_and_the_workers_is_on_loopback(ps, nodes_mod, tiny_model, tiny_ckpt):
+    parallel_ksampler(nodes_mod, tiny_model, tiny_ckpt[1]["caption_channels"], steps=1)
+    socks = listening_sockets(process_tree(os.getpid()))
+    pids = {i["pid"] for i in worker_infos(ps)}
+    assert pids <= {pid for pid, *_ in socks}  # the workers are in the list
+    exposed = [s for s in socks if not is_loopback(s[2])]
+    assert not exposed, f"listening beyond loopback (pid, name, address, port, kind): {exposed}"
 
 
 def test_ring_degree_and_image_to_video(nodes_mod, tiny_model, tiny_ckpt):

@@ -1,6 +1,6 @@
 """The parallel sampler in a real headless ComfyUI server (--cpu) with 2 CPU Ray workers, driven
 through POST /prompt: same result as the stock KSampler, Interrupt, a killed worker, an existing
-Ray head on loopback."""
+Ray head on loopback; every socket on loopback, also after a bad address."""
 import os
 import re
 import shutil
@@ -10,8 +10,10 @@ import sys
 import tempfile
 import time
 
+import pytest
 
-from comfy_server import ComfyServer, free_port, t2v_prompt, write_inputs
+from comfy_server import (ComfyServer, free_port, is_loopback, listening_sockets, non_loopback_ipv4, process_tree,
+                          t2v_prompt, write_inputs)
 
 def parallel_prompt(server, steps=2, prefix="par", address="local", seed=42):
     p = t2v_prompt("tiny_ltxav.safetensors", server.dataset, steps=steps, prefix=prefix, seed=seed)
@@ -129,3 +131,43 @@ def wait_for_port(port, proc, timeout=120):
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"no Ray head on port {port}")
+
+
+def assert_all_on_loopback(srv):
+    socks = listening_sockets(process_tree(srv.proc.pid))
+    assert any(name.startswith("ray::") for _, name, *_ in socks), socks  # the workers are in the tree
+    exposed = [s for s in socks if not is_loopback(s[2])]
+    assert not exposed, f"listening beyond loopback (pid, name, address, port, kind): {exposed}"
+
+
+def test_every_socket_is_on_loopback_after_a_parallel_prompt(server):
+    ok = server.run(parallel_prompt(server, steps=1, prefix="sockets"))
+    assert ok["status"]["status_str"] == "success", ok["status"]
+    assert_all_on_loopback(server)
+
+
+def fresh_server(tmp_path_factory, tiny_ckpt, name):
+    srv = ComfyServer(tmp_path_factory.mktemp(name))
+    shutil.copy(tiny_ckpt[0], srv.base / "models" / "diffusion_models" / "tiny_ltxav.safetensors")
+    srv.dataset = write_inputs(srv.base, tiny_ckpt[1]["caption_channels"], length=25)
+    return srv.start()
+
+
+@pytest.fixture(scope="module")
+def new_user(comfy, tiny_ckpt, tmp_path_factory):
+    """A server of its own, that no parallel prompt has run in yet (the session's `server` has Ray up)."""
+    srv = fresh_server(tmp_path_factory, tiny_ckpt, "comfy_new_user")
+    yield srv
+    srv.stop()
+
+
+def test_bad_address_then_local_stays_on_loopback(new_user):
+    lan = non_loopback_ipv4()
+    if lan is None:
+        pytest.skip("this machine has no address beyond loopback: nothing could listen there")
+    bad = new_user.run(parallel_prompt(new_user, address=f"{lan}:1", prefix="bad_address"))
+    err = status_messages(bad).get("execution_error")
+    assert err and f"cannot connect to the Ray cluster at ray_address='{lan}:1'" in err["exception_message"]
+    ok = new_user.run(parallel_prompt(new_user, prefix="after_bad_address"))
+    assert ok["status"]["status_str"] == "success", ok["status"]
+    assert_all_on_loopback(new_user)
