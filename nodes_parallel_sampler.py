@@ -14,7 +14,8 @@ from .parallel_sampler import POOL, ParallelSettings
 # cost sentences that the two sampler nodes' tooltips share
 WORKERS_COST = ("Each worker holds a full copy of the weights (GPU memory: weights + its 1/gpus share of the video). "
                 "The first prompt starts the workers (~15-25 s) and loads the model on each; later prompts reuse "
-                "them until the model, its LoRAs, the FFN Chunker or gpus/degrees change (then it reloads).")
+                "them. Another file or dtype reads the file again; a LoRA or strength change is applied to the "
+                "loaded weights without reading it; gpus/degrees changes restart the workers.")
 SEED_COST = "Costs nothing; a new seed reuses the loaded workers."
 SAMPLER_COST = ("Samplers that run the model more than once per step (heun, dpm_2, dpmpp_sde, ...) take that many "
                 "times longer per step; memory is about the same.")

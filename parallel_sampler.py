@@ -3,10 +3,11 @@ alive across prompts), and one run with progress, interrupt and fault handling.
 
 A run: connect to Ray (a private local cluster on 127.0.0.1 by default), make sure W workers exist
 with process groups for the requested degrees, make sure each holds this MODEL (rebuilt from its load
-recipe + patches; reloaded only when those change), send the sampling job, then watch: the progress
-bar follows rank 0's step, Interrupt stops every rank at the same step, and a worker that dies, fails
-or stops answering ends the run with an error within seconds; the whole group is then killed (its
-peers would wait in collectives forever) and the next prompt starts a new one.
+recipe + patches: the file is read again only when the recipe or the file changes, changed patches
+are applied to the loaded weights), send the sampling job, then watch: the progress bar follows rank
+0's step, Interrupt stops every rank at the same step, and a worker that dies, fails or stops
+answering ends the run with an error within seconds; the whole group is then killed (its peers would
+wait in collectives forever) and the next prompt starts a new one.
 
 A local cluster (``local``, or a head on 127.0.0.1) keeps every socket on loopback: Ray's own
 processes, the workers' process-group store, gloo's and NCCL's sockets.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import sys
@@ -64,6 +64,7 @@ class _Group:
     address: str
     cpu: bool
     infos: list
+    file_key: str | None = None
     model_key: str | None = None
 
 
@@ -334,11 +335,9 @@ class ParallelSampler:
         import ray
         world, degrees, cpu = self.resolve(settings, dm.num_attention_heads)
         t_prepare = time.perf_counter()
-        recipe, spec, skipped = ray_worker.model_spec(
-            patcher, own_keys=(ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY))
-        if skipped:
-            log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, ", ".join(skipped))
-        key = hashlib.blake2b(recipe + spec, digest_size=16).hexdigest()
+        model = ray_worker.model_spec(patcher, own_keys=(ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY))
+        if model.skipped:
+            log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, ", ".join(model.skipped))
         job_bytes = ray_worker.dumps(job, ray_worker.model_refs(patcher))
         comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
         comfy.model_management.soft_empty_cache()
@@ -352,13 +351,15 @@ class ParallelSampler:
             log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s)", NODE, est.total / memory_plan.GIB,
                      min(budgets) / memory_plan.GIB, est.describe())
         t0 = time.perf_counter()
-        recipe_ref, spec_ref = ray.put(recipe), ray.put(spec)
-        loads = self._wait([a.load.remote(key, recipe_ref, spec_ref) for a in group.actors], "model load",
-                           LOAD_TIMEOUT_S)
+        recipe_ref, spec_ref = ray.put(model.recipe), ray.put(model.spec)
+        loads = self._wait([a.load.remote(model.file_key, model.key, recipe_ref, spec_ref) for a in group.actors],
+                           "model load", LOAD_TIMEOUT_S)
         load_s = time.perf_counter() - t0
-        if any(r["reloaded"] for r in loads):
-            log.info("%s: model loaded on %d workers in %.1f s", NODE, world, load_s)
-        group.model_key = key
+        action = loads[0]["action"]
+        if action != "kept":
+            log.info("%s: model %s on %d workers in %.1f s", NODE,
+                     "loaded" if action == "read" else "patches re-applied", world, load_s)
+        group.file_key, group.model_key = model.file_key, model.key
 
         t0 = time.perf_counter()
         job_ref = ray.put(job_bytes)
@@ -376,12 +377,13 @@ class ParallelSampler:
         # prepare: the model spec and job pickled here; outside_steps: the sampling call's time beyond the
         # workers' own marks (their sampling's start to its last step): job and result transfer, Ray's
         # scheduling and the workers' tear-down
+        out["model_load"] = {"action": action, "file_reads": loads[0]["loads"], "patch_changes": loads[0]["repatches"]}
         out["timings"] = {"ray_start_s": round(start_s, 2), "model_load_s": round(load_s, 2),
                           "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4),
                           "prepare_s": round(prepare_s, 3), "job_mb": round(len(job_bytes) / 1e6, 1),
                           "outside_steps_s": round(sample_s - (marks[-1] - marks[0]), 3) if len(marks) > 1 else None,
                           **step_timings(marks)}
-        out["summary"] = summary(group, memory, out["timings"])
+        out["summary"] = summary(group, memory, out["timings"], out["model_load"])
         log.info("%s", out["summary"])
         return out
 
@@ -542,11 +544,18 @@ def _describe(err, rank, what, group) -> str:
     return f"{who} failed during {what}: {type(cause).__name__}: {str(cause).splitlines()[0][:400]}"
 
 
-def summary(group: _Group, memory: list[dict], timings: dict) -> str:
-    """The per-worker memory lines shown in the log and on the node."""
+MODEL_ACTIONS = {"read": "read from file", "repatched": "patches re-applied, file not read", "kept": "kept"}
+
+
+def summary(group: _Group, memory: list[dict], timings: dict, model_load: dict | None = None) -> str:
+    """The time and per-worker memory lines shown in the log and on the node."""
+    load = f"model load {timings['model_load_s']} s"
+    if model_load:
+        load += (f" ({MODEL_ACTIONS[model_load['action']]}; file reads {model_load['file_reads']}, patch changes "
+                 f"{model_load['patch_changes']} on these workers)")
     lines = [f"{NODE}: {group.world} workers, Ulysses {group.degrees.ulysses} x ring {group.degrees.ring}; "
              f"sampling {timings['sampling_s']} s ({timings.get('worker_s_per_step', timings['s_per_step'])} s/step on "
-             f"the workers), model load {timings['model_load_s']} s, Ray start {timings['ray_start_s']} s"]
+             f"the workers), {load}, Ray start {timings['ray_start_s']} s"]
     for m, info in zip(memory, group.infos):
         if m["peak_gb"] is None:
             lines.append(f"  worker {m['rank']} ({info['device']}): no GPU memory figures on CPU")

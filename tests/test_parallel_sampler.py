@@ -1,6 +1,6 @@
 """The parallel sampler nodes with real Ray actors (2 CPU workers, gloo) against the stock samplers
-on the same tiny checkpoint, seed and inputs; worker reuse, reloads, sockets, interrupt and
-faults."""
+on the same tiny checkpoint, seed and inputs; worker reuse, reloads and LoRA changes, sockets,
+interrupt and faults."""
 import importlib
 import os
 import re
@@ -89,6 +89,78 @@ def test_ksampler_equals_stock_and_reuses_workers(ps, nodes_mod, tiny_model, tin
     assert_close(got2, want)
     infos = worker_infos(ps)
     assert [i["pid"] for i in infos] == pids and all(i["loads"] == 1 for i in infos)
+
+
+def test_same_file_loaded_twice_is_not_reloaded(ps, nodes_mod, comfy, tiny_ckpt):
+    cc = tiny_ckpt[1]["caption_channels"]
+    first = comfy.sd.load_diffusion_model(str(tiny_ckpt[0]))
+    parallel_ksampler(nodes_mod, first, cc, steps=1)
+    before = worker_infos(ps)
+    second = comfy.sd.load_diffusion_model(str(tiny_ckpt[0]))  # ComfyUI ran the loader again: a new MODEL
+    assert second is not first and second.patches_uuid != first.patches_uuid
+    got, ui = parallel_ksampler(nodes_mod, second, cc)
+    assert_close(got, stock_ksampler(second, cc))
+    after = worker_infos(ps)
+    assert [i["loads"] for i in after] == [i["loads"] for i in before]  # no file read
+    assert [(i["pid"], i["repatches"]) for i in after] == [(i["pid"], i["repatches"]) for i in before]
+    assert re.search(r"model load [\d.]+ s \(kept; file reads \d+, patch changes \d+ on these workers\)", ui.value)
+
+
+def test_lora_strength_change_reapplies_patches_without_reading_the_file(ps, nodes_mod, tiny_model, tiny_ckpt,
+                                                                          tmp_path):
+    import folder_paths
+    import nodes
+
+    from tiny_ltxav import write_lora
+
+    write_lora(tiny_ckpt[0], ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.attn1.to_q"),
+               tmp_path / "strength_lora.safetensors")
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    cc = tiny_ckpt[1]["caption_channels"]
+
+    def lora(strength):  # a new loader each time: the LoRA file is read again, new tensors, same content
+        return nodes.LoraLoaderModelOnly().load_lora_model_only(tiny_model, "strength_lora.safetensors", strength)[0]
+
+    full = stock_ksampler(lora(1.0), cc)
+    got, _ = parallel_ksampler(nodes_mod, lora(1.0), cc)
+    assert_close(got, full)
+    start = worker_infos(ps)
+    got, ui = parallel_ksampler(nodes_mod, lora(1.0), cc)  # the same LoRA loaded again: nothing to redo
+    assert_close(got, full)
+    assert "(kept;" in ui.value and worker_infos(ps) == start
+    half = stock_ksampler(lora(0.5), cc)
+    assert rel(parts(half)[0], parts(full)[0]) > 1e-3  # the strength matters
+    got, ui = parallel_ksampler(nodes_mod, lora(0.5), cc)
+    assert_close(got, half)
+    infos = worker_infos(ps)
+    assert [i["loads"] for i in infos] == [i["loads"] for i in start]  # the file was not read again
+    assert [i["repatches"] for i in infos] == [i["repatches"] + 1 for i in start]
+    assert re.search(r"model load \d+\.\d+ s \(patches re-applied, file not read; file reads \d+, patch changes "
+                     r"\d+ on these workers\)", ui.value), ui.value
+    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)  # the LoRA removed: the original weights are back
+    assert_close(got, stock_ksampler(tiny_model, cc))
+    assert [i["loads"] for i in worker_infos(ps)] == [i["loads"] for i in start]
+
+
+def test_content_digest_follows_content_not_identity(pack):
+    rw = importlib.import_module("ltxav_pack.ray_worker")
+    import threading as th
+
+    def patches(strength=1.0, t=None):
+        t = torch.ones(2, 3) if t is None else t
+        return {"k": [(strength, ("lora", (t, None, {"alpha": 2.0})), 1.0, None, None)], "n": {"a", "b"}}
+
+    assert rw.content_digest(patches()) == rw.content_digest(patches())  # equal content, other objects
+    base = rw.content_digest(patches())
+    for other in (patches(0.5), patches(t=torch.ones(2, 3) * 2), patches(t=torch.ones(3, 2)),
+                  patches(t=torch.ones(2, 3, dtype=torch.bfloat16))):
+        assert rw.content_digest(other) != base
+    lock = th.Lock()  # no attributes, cannot be pickled: never taken for unchanged
+    assert rw.content_digest(lock) != rw.content_digest(lock)
+    twice, thrice = (lambda x: x * 2), (lambda x: x * 3)  # same code, other constants
+    assert rw.content_digest(twice) != rw.content_digest(thrice)
+    a, b = torch.ones(2), torch.zeros(2)
+    assert rw.content_digest(a.add) != rw.content_digest(b.add)  # bound to other objects
 
 
 def test_every_socket_of_ray_and_the_workers_is_on_loopback(ps, nodes_mod, tiny_model, tiny_ckpt):
