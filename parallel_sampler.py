@@ -10,15 +10,19 @@ answering ends the run with an error within seconds; the whole group is then kil
 wait in collectives forever) and the next prompt starts a new one.
 
 A local cluster (``local``, or a head on 127.0.0.1) keeps every socket on loopback: Ray's own
-processes, the workers' process-group store, gloo's and NCCL's sockets.
+processes, the workers' process-group store, gloo's and NCCL's sockets. SIGTERM and SIGINT to ComfyUI
+stop the workers and every Ray process the pack started before ComfyUI's own handling goes on.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -33,7 +37,7 @@ LOAD_TIMEOUT_S = float(os.environ.get("LTXAV_PARALLEL_LOAD_S", 3600))
 HEARTBEAT_S = float(os.environ.get("LTXAV_PARALLEL_HEARTBEAT_S", 15))
 STALL_S = float(os.environ.get("LTXAV_PARALLEL_STALL_S", 900))
 SKIP_CHECK_ENV = "LTXAV_PARALLEL_SKIP_MEMORY_CHECK"  # "1": run even when the planner predicts too little memory
-STOP_S = 5.0  # the time Ray's processes get to end (a failed start) before those left are killed
+STOP_S = 5.0  # the time Ray's processes get to end (a failed start, SIGTERM/SIGINT) before those left are killed
 
 
 class WorkerFault(RuntimeError):
@@ -102,6 +106,21 @@ def _ray_node_address(loopback: bool):
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+@contextlib.contextmanager
+def _without_crash_handler():
+    """No Ray crash handler in ComfyUI's process: Ray's driver installs one that takes SIGTERM for a
+    crash and logs a stack trace for it. Ray reads the setting when ray.init makes this process's
+    core worker; Ray's own processes and the workers keep theirs."""
+    import ray._private.ray_constants as ray_constants
+
+    before = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        yield
+    finally:
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = before
+
+
 def _loopback_interface() -> str:
     """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux)."""
     import psutil
@@ -166,6 +185,9 @@ class ParallelSampler:
         self.address: str | None = None
         self.loopback = True
         self._remote_cls = None
+        self._ray_processes: list = []  # the processes ray.init started here (a local cluster's roots)
+        self._lock = threading.Lock()  # one shutdown at a time (a signal may arrive during another)
+        self._stopping: str | None = None  # why Ray is being stopped (a run then fails saying so)
 
     # -- Ray --------------------------------------------------------------------
     def connect(self, address: str) -> None:
@@ -197,12 +219,13 @@ class ParallelSampler:
         children = {p.pid for p in me.children()}
         environ = dict(os.environ)
         try:
-            with _ray_node_address(loopback):
+            with _ray_node_address(loopback), _without_crash_handler():
                 ray.init(address=address, **kwargs)
         except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, ValueError, RuntimeError...
             self._undo_init([p for p in me.children() if p.pid not in children], environ)
             raise self._unreachable(address, e) from None
-        self.address, self.loopback = address, loopback
+        self.address, self.loopback, self._stopping = address, loopback, None
+        self._ray_processes = [p for p in me.children() if p.pid not in children] if address == "local" else []
         log.info("%s: connected to Ray (%s): %s", NODE, address, ray.cluster_resources())
 
     @staticmethod
@@ -221,6 +244,32 @@ class ParallelSampler:
             with contextlib.suppress(Exception):
                 p.terminate()
         _reap(procs, STOP_S)
+
+    def shutdown(self, why: str) -> None:
+        """Stop the workers and Ray in this process; when the pack started a local cluster, every process
+        of it (within about STOP_S seconds: Ray's own stop first, then what is left is killed)."""
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized() or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._stopping = why
+            procs = _descendants(self._ray_processes)
+            log.info("%s: %s: stopping the workers and Ray (%d processes started here)", NODE, why, len(procs))
+
+            def stop():
+                with contextlib.suppress(Exception):
+                    self.stop_group()
+                ray.shutdown()
+
+            # a thread: the signal may have interrupted this thread inside a Ray call; Ray's stop is bounded
+            deadline = time.monotonic() + STOP_S
+            t = threading.Thread(target=stop, name="ltxav-ray-stop", daemon=True)
+            t.start()
+            t.join(STOP_S)
+            _reap(procs, max(0.5, deadline - time.monotonic()))
+            self._ray_processes = []
+        finally:
+            self._lock.release()
 
     @staticmethod
     def _unreachable(address, e):
@@ -424,14 +473,20 @@ class ParallelSampler:
                     interrupted = True
                     for a in group.actors:
                         a.interrupt.remote()
-        except WorkerFault as e:
+        except Exception as e:
+            if self._stopping:  # the workers are gone because ComfyUI is stopping, not by a fault
+                raise RuntimeError(f"{NODE}: stopped during {what}: {self._stopping}, ComfyUI is shutting "
+                                   "down.") from None
+            if isinstance(e, _TaskFailed):
+                rank, error = _root_cause(group, e.rank, e.error)
+                self.stop_group()
+                raise RuntimeError(f"{NODE}: {_describe(error, rank, what, group)}. The workers were stopped; the "
+                                   "next prompt starts new ones.") from None
             self.stop_group()
-            raise RuntimeError(f"{NODE}: {e}. The workers were stopped; the next prompt starts new ones.") from None
-        except _TaskFailed as e:
-            rank, error = _root_cause(group, e.rank, e.error)
-            self.stop_group()
-            raise RuntimeError(f"{NODE}: {_describe(error, rank, what, group)}. The workers were stopped; the "
-                               "next prompt starts new ones.") from None
+            if isinstance(e, WorkerFault):
+                raise RuntimeError(f"{NODE}: {e}. The workers were stopped; the next prompt starts new "
+                                   "ones.") from None
+            raise
         except BaseException:
             self.stop_group()  # never leave workers running a job nobody waits for
             raise
@@ -566,3 +621,30 @@ def summary(group: _Group, memory: list[dict], timings: dict, model_load: dict |
 
 
 POOL = ParallelSampler()
+
+
+def install_signal_handlers() -> None:
+    """On SIGTERM and SIGINT, stop the workers and the Ray processes the pack started, then go on as
+    before (ComfyUI's Ctrl-C handling, or the default: the process ends). Ray sets its own SIGTERM
+    handler only when ray.init runs in the main thread, and ComfyUI runs nodes in another one, so
+    without this a SIGTERM leaves Ray's processes behind. Call from the main thread (ComfyUI loads
+    custom nodes there)."""
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("%s: not in the main thread: SIGTERM/SIGINT will not stop Ray's processes", NODE)
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if previous == signal.SIG_IGN or getattr(previous, "func", None) is _on_signal:
+            continue  # ignored on purpose (ComfyUI goes on), or installed already (the pack loaded twice)
+        signal.signal(sig, functools.partial(_on_signal, previous))
+
+
+def _on_signal(previous, signum, frame):
+    POOL.shutdown(f"{signal.Signals(signum).name} received")
+    if callable(previous):
+        return previous(signum, frame)
+    # SIG_DFL, or a handler set outside Python (None): the default action ends the process, as
+    # without the pack
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return None

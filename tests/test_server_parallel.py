@@ -1,6 +1,7 @@
 """The parallel sampler in a real headless ComfyUI server (--cpu) with 2 CPU Ray workers, driven
 through POST /prompt: same result as the stock KSampler, Interrupt, a killed worker, an existing
-Ray head on loopback; every socket on loopback, also after a bad address."""
+Ray head on loopback; every socket on loopback (also after a bad address), and SIGTERM / SIGINT
+ending every process the pack started."""
 import os
 import re
 import shutil
@@ -171,3 +172,55 @@ def test_bad_address_then_local_stays_on_loopback(new_user):
     ok = new_user.run(parallel_prompt(new_user, prefix="after_bad_address"))
     assert ok["status"]["status_str"] == "success", ok["status"]
     assert_all_on_loopback(new_user)
+
+
+def running(proc) -> bool:
+    """Alive and not a zombie (a psutil.Process; the name is kept for the messages)."""
+    import psutil
+
+    try:
+        proc.name()
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_signal_ends_every_process(srv, sig):
+    ok = srv.run(parallel_prompt(srv, steps=1, prefix=f"before_{sig.name}"))
+    assert ok["status"]["status_str"] == "success", ok["status"]
+    procs = [p for p in process_tree(srv.proc.pid)[1:] if running(p)]
+    names = [p.name() for p in procs]
+    assert "raylet" in names and any(n.startswith("ray::") for n in names), names
+    os.kill(srv.proc.pid, sig)  # ComfyUI's process only, as `kill` or a service manager sends it
+    deadline = time.monotonic() + 10
+    alive = procs
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if running(p)]
+    try:
+        assert not alive, f"alive 10 s after {sig.name}: {[(p.pid, p.name()) for p in alive]}"
+        # then ComfyUI's own handling: Ctrl-C's "Stopped server", or the default end by the signal
+        code = srv.proc.wait(10)
+        assert code == (0 if sig == signal.SIGINT else -sig), code
+        assert f"LTXAV Parallel Sampler: {sig.name} received: stopping the workers and Ray" in srv.log()
+        assert f"*** {sig.name} received" not in srv.log()  # Ray's crash handler's stack trace
+        if sig == signal.SIGINT:
+            assert "Stopped server" in srv.log()
+    finally:
+        for p in alive:  # leave no strays for the other tests
+            try:
+                p.kill()
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                pass
+
+
+def test_sigterm_ends_every_process_the_pack_started(new_user):
+    assert_signal_ends_every_process(new_user, signal.SIGTERM)
+
+
+def test_sigint_ends_every_process_the_pack_started(comfy, tiny_ckpt, tmp_path_factory):
+    srv = fresh_server(tmp_path_factory, tiny_ckpt, "comfy_sigint")
+    try:
+        assert_signal_ends_every_process(srv, signal.SIGINT)
+    finally:
+        srv.stop()
