@@ -157,6 +157,13 @@ def _reap(procs, timeout: float) -> None:
     psutil.wait_procs(alive, timeout=2.0)
 
 
+def _executing_node_id() -> str | None:
+    from comfy_execution.utils import get_executing_context
+
+    ctx = get_executing_context()
+    return ctx.node_id if ctx is not None else None
+
+
 def _cpu_mode() -> bool:
     import comfy.model_management as mm
 
@@ -189,6 +196,18 @@ class ParallelSampler:
         self._lock = threading.Lock()  # one shutdown at a time (a signal may arrive during another)
         self._stopping: str | None = None  # why Ray is being stopped (a run then fails saying so)
 
+    def status(self, text: str) -> None:
+        """Tell the user what the node is doing: on the node (ComfyUI's progress text) and in the log."""
+        log.info("%s: %s", NODE, text)
+        server = sys.modules.get("server")  # ComfyUI's server module, when a server runs this process
+        instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+        node_id = _executing_node_id()
+        if instance is not None and node_id is not None:
+            try:
+                instance.send_progress_text(text, node_id)
+            except Exception:  # noqa: BLE001 - a message never stops a run (e.g. the server's loop has ended)
+                log.debug("%s: progress text not sent", NODE, exc_info=True)
+
     # -- Ray --------------------------------------------------------------------
     def connect(self, address: str) -> None:
         address = (address or "local").strip()
@@ -209,6 +228,9 @@ class ParallelSampler:
         import ray
 
         loopback = _is_loopback(address)
+        self.status({"local": "starting Ray (a private cluster on 127.0.0.1)",
+                     "auto": "connecting to the Ray cluster `ray start` runs here"}.get(address,
+                                                                                      f"connecting to Ray at {address}"))
         # no job-wide env: each worker group gets the LTXAV_PARALLEL_* etc. variables of its own start
         kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
         if loopback:
@@ -325,6 +347,7 @@ class ParallelSampler:
             except (WorkerFault, _TaskFailed):  # a dead or frozen worker: start over
                 log.warning("%s: a worker of the previous group is gone; starting new workers", NODE)
         self.stop_group()
+        self.status(f"starting {world} workers")
         t0 = time.perf_counter()
         comfy_path = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
         pack_dir = os.path.dirname(os.path.abspath(__file__))
@@ -399,6 +422,10 @@ class ParallelSampler:
             est = check_memory(patcher, job, group.world, group.degrees, min(budgets), group.infos)
             log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s)", NODE, est.total / memory_plan.GIB,
                      min(budgets) / memory_plan.GIB, est.describe())
+        if group.file_key != model.file_key:
+            self.status(f"loading the model on {world} workers")
+        elif group.model_key != model.key:
+            self.status(f"applying changed patches (LoRA) on {world} workers, without reading the file again")
         t0 = time.perf_counter()
         recipe_ref, spec_ref = ray.put(model.recipe), ray.put(model.spec)
         loads = self._wait([a.load.remote(model.file_key, model.key, recipe_ref, spec_ref) for a in group.actors],
@@ -409,6 +436,7 @@ class ParallelSampler:
             log.info("%s: model %s on %d workers in %.1f s", NODE,
                      "loaded" if action == "read" else "patches re-applied", world, load_s)
         group.file_key, group.model_key = model.file_key, model.key
+        self.status(f"sampling on {world} workers")
 
         t0 = time.perf_counter()
         job_ref = ray.put(job_bytes)

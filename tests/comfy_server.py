@@ -1,11 +1,14 @@
-"""A headless ComfyUI server on loopback with this pack installed, for POST /prompt tests, and the
-sockets its processes listen on."""
+"""A headless ComfyUI server on loopback with this pack installed, for POST /prompt tests; the
+sockets its processes listen on, and the progress texts it sends."""
+import asyncio
 import ipaddress
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -67,6 +70,44 @@ def non_loopback_ipv4() -> str | None:
             if a.family == socket.AF_INET and not is_loopback(a.address):
                 return a.address
     return None
+
+
+class ProgressTexts:
+    """Listens on a server's websocket (in a thread) and keeps the progress texts it sends, as
+    (node id, text) in order of arrival."""
+
+    def __init__(self, url: str):
+        self.url = url.replace("http://", "ws://") + "/ws?clientId=progress-texts"
+        self.texts: list[tuple[str, str]] = []
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._listen()), daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise TimeoutError(f"no websocket at {self.url}")
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    async def _listen(self):
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    msg = await ws.receive(timeout=0.5)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    return
+                if msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 3:  # TEXT
+                    n = struct.unpack(">I", msg.data[4:8])[0]
+                    self.texts.append((msg.data[8:8 + n].decode(), msg.data[8 + n:].decode()))
 
 
 class ComfyServer:

@@ -1,7 +1,7 @@
 """The parallel sampler in a real headless ComfyUI server (--cpu) with 2 CPU Ray workers, driven
 through POST /prompt: same result as the stock KSampler, Interrupt, a killed worker, an existing
-Ray head on loopback; every socket on loopback (also after a bad address), and SIGTERM / SIGINT
-ending every process the pack started."""
+Ray head on loopback; every socket on loopback (also after a bad address), progress texts while
+workers start, and SIGTERM / SIGINT ending every process the pack started."""
 import os
 import re
 import shutil
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from comfy_server import (ComfyServer, free_port, is_loopback, listening_sockets, non_loopback_ipv4, process_tree,
-                          t2v_prompt, write_inputs)
+from comfy_server import (ComfyServer, ProgressTexts, free_port, is_loopback, listening_sockets, non_loopback_ipv4,
+                          process_tree, t2v_prompt, write_inputs)
 
 def parallel_prompt(server, steps=2, prefix="par", address="local", seed=42):
     p = t2v_prompt("tiny_ltxav.safetensors", server.dataset, steps=steps, prefix=prefix, seed=seed)
@@ -162,16 +162,25 @@ def new_user(comfy, tiny_ckpt, tmp_path_factory):
     srv.stop()
 
 
-def test_bad_address_then_local_stays_on_loopback(new_user):
+def test_bad_address_then_local_stays_on_loopback_and_says_what_it_does(new_user):
     lan = non_loopback_ipv4()
     if lan is None:
         pytest.skip("this machine has no address beyond loopback: nothing could listen there")
-    bad = new_user.run(parallel_prompt(new_user, address=f"{lan}:1", prefix="bad_address"))
-    err = status_messages(bad).get("execution_error")
-    assert err and f"cannot connect to the Ray cluster at ray_address='{lan}:1'" in err["exception_message"]
-    ok = new_user.run(parallel_prompt(new_user, prefix="after_bad_address"))
-    assert ok["status"]["status_str"] == "success", ok["status"]
+    with ProgressTexts(new_user.url) as progress:
+        bad = new_user.run(parallel_prompt(new_user, address=f"{lan}:1", prefix="bad_address"))
+        err = status_messages(bad).get("execution_error")
+        assert err and f"cannot connect to the Ray cluster at ray_address='{lan}:1'" in err["exception_message"]
+        ok = new_user.run(parallel_prompt(new_user, prefix="after_bad_address"))
+        assert ok["status"]["status_str"] == "success", ok["status"]
+        wanted = ["starting Ray (a private cluster on 127.0.0.1)", "starting 2 workers",
+                  "loading the model on 2 workers", "sampling on 2 workers"]
+        for _ in range(50):  # the texts went out before the prompt finished; the websocket may lag
+            if ("6", wanted[-1]) in progress.texts:
+                break
+            time.sleep(0.2)
     assert_all_on_loopback(new_user)
+    texts = [t for node, t in progress.texts if node == "6"]
+    assert [t for t in texts if t in wanted] == wanted, progress.texts
 
 
 def running(proc) -> bool:
