@@ -12,9 +12,12 @@ from .parallel_sampler import POOL, ParallelSettings
 
 
 # cost sentences that the two sampler nodes' tooltips share
-WORKERS_COST = ("Each worker holds a full copy of the weights (GPU memory: weights + its 1/gpus share of the video). "
+WORKERS_COST = ("Each worker manages the weights as ComfyUI does: with DynamicVRAM (ComfyUI's default on NVIDIA) "
+                "they stay in host memory and only what fits beside the video's activations sits on the GPU; "
+                "otherwise each worker holds a full copy (GPU memory: weights + its 1/gpus share of the video). "
                 "The first prompt starts the workers (~15-25 s) and loads the model on each; later prompts reuse "
-                "them until the model, its LoRAs, the FFN Chunker or gpus/degrees change (then it reloads).")
+                "them. Another file or dtype reads the file again; a LoRA or strength change is applied to the "
+                "loaded weights without reading it; gpus/degrees changes restart the workers.")
 SEED_COST = "Costs nothing; a new seed reuses the loaded workers."
 SAMPLER_COST = ("Samplers that run the model more than once per step (heun, dpm_2, dpmpp_sde, ...) take that many "
                 "times longer per step; memory is about the same.")
@@ -28,9 +31,9 @@ def parallel_inputs():
     return [
         io.Int.Input("gpus", default=0, min=0, max=64,
                      tooltip=("GPUs to split the video over, one Ray worker each (0 = all the Ray cluster has). "
-                              "Per-GPU memory for the video falls about as 1/gpus; each worker holds a full copy "
-                              "of the weights (offloaded as ComfyUI does when they do not fit). With ComfyUI on "
-                              "--cpu: the number of CPU worker processes.")),
+                              "Per-GPU memory for the video falls about as 1/gpus; each worker streams the "
+                              "weights from host memory as ComfyUI does (DynamicVRAM) or holds a full copy. With "
+                              "ComfyUI on --cpu: the number of CPU worker processes.")),
         io.Int.Input("ulysses_degree", default=0, min=0, max=64,
                      tooltip=("GPUs that split attention heads with all-to-all (Ulysses); 0 = gpus / ring_degree. "
                               "Must divide the model's 32 heads. The fastest and leanest choice: keep ring at 1 "
@@ -40,13 +43,16 @@ def parallel_inputs():
                               "when the GPU count does not divide 32 (e.g. 3 or 6 GPUs): slower and more memory "
                               "than Ulysses.")),
         io.String.Input("ray_address", default="local",
-                        tooltip=("'local': a private Ray cluster on this machine (127.0.0.1, no dashboard), started "
-                                 "on first use (a few seconds) and kept for later prompts. 'auto': the cluster "
+                        tooltip=("'local': a private Ray cluster on this machine (127.0.0.1, no dashboard, nothing "
+                                 "listens beyond loopback), started on first use (a few seconds) and kept for later "
+                                 "prompts. 'auto': the cluster "
                                  "`ray start` runs here. host:port: a Ray head elsewhere; its nodes need this "
                                  "ComfyUI, this pack and the model files at the same paths: each worker gets the "
                                  "model's load recipe and patches (LoRAs), not its weights, and loads the "
-                                 "checkpoint from its own disk. Changing it after the first prompt needs a ComfyUI "
-                                 "restart (Ray cannot move a running process to another cluster).")),
+                                 "checkpoint from its own disk; Ray's ports and the workers' process-group store then "
+                                 "listen on the nodes' network addresses (protect them: Ray token auth, a firewall; "
+                                 "see the README). Changing it after the first prompt needs a ComfyUI restart (Ray "
+                                 "cannot move a running process to another cluster).")),
     ]
 
 

@@ -3,18 +3,26 @@ alive across prompts), and one run with progress, interrupt and fault handling.
 
 A run: connect to Ray (a private local cluster on 127.0.0.1 by default), make sure W workers exist
 with process groups for the requested degrees, make sure each holds this MODEL (rebuilt from its load
-recipe + patches; reloaded only when those change), send the sampling job, then watch: the progress
-bar follows rank 0's step, Interrupt stops every rank at the same step, and a worker that dies, fails
-or stops answering ends the run with an error within seconds; the whole group is then killed (its
-peers would wait in collectives forever) and the next prompt starts a new one.
+recipe + patches: the file is read again only when the recipe or the file changes, changed patches
+are applied to the loaded weights), send the sampling job, then watch: the progress bar follows rank
+0's step, Interrupt stops every rank at the same step, and a worker that dies, fails or stops
+answering ends the run with an error within seconds; the whole group is then killed (its peers would
+wait in collectives forever) and the next prompt starts a new one.
+
+A local cluster (``local``, or a head on 127.0.0.1) keeps every socket on loopback: Ray's own
+processes, the workers' process-group store, gloo's and NCCL's sockets. SIGTERM and SIGINT to ComfyUI
+stop the workers and every Ray process the pack started before ComfyUI's own handling goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
+import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -29,6 +37,7 @@ LOAD_TIMEOUT_S = float(os.environ.get("LTXAV_PARALLEL_LOAD_S", 3600))
 HEARTBEAT_S = float(os.environ.get("LTXAV_PARALLEL_HEARTBEAT_S", 15))
 STALL_S = float(os.environ.get("LTXAV_PARALLEL_STALL_S", 900))
 SKIP_CHECK_ENV = "LTXAV_PARALLEL_SKIP_MEMORY_CHECK"  # "1": run even when the planner predicts too little memory
+STOP_S = 5.0  # the time Ray's processes get to end (a failed start, SIGTERM/SIGINT) before those left are killed
 
 
 class WorkerFault(RuntimeError):
@@ -59,6 +68,7 @@ class _Group:
     address: str
     cpu: bool
     infos: list
+    file_key: str | None = None
     model_key: str | None = None
 
 
@@ -71,6 +81,87 @@ def _probe(address: str, timeout: float = 10.0) -> None:
         raise ValueError("expected 'local', 'auto' or host:port")
     with socket.create_connection((host, int(port)), timeout=timeout):
         pass
+
+
+def _is_loopback(address: str) -> bool:
+    """``local`` or a head on this machine's loopback: the cluster stays on 127.0.0.1."""
+    return address == "local" or address.removeprefix("ray://").rpartition(":")[0] in ("127.0.0.1", "localhost")
+
+
+@contextlib.contextmanager
+def _ray_node_address(loopback: bool):
+    """Ray's choice of this node's address during one ``ray.init``. Ray swaps a loopback node address
+    for the machine's network address, and its processes then listen on every interface, unless its
+    cluster mode is off; it reads that mode from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is
+    first imported, so whatever imported Ray first (a failed attempt at another address, another custom
+    node) would decide. The mode is set here for this attempt only and put back after it."""
+    import ray._private.ray_constants as ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    if loopback:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+@contextlib.contextmanager
+def _without_crash_handler():
+    """No Ray crash handler in ComfyUI's process: Ray's driver installs one that takes SIGTERM for a
+    crash and logs a stack trace for it. Ray reads the setting when ray.init makes this process's
+    core worker; Ray's own processes and the workers keep theirs."""
+    import ray._private.ray_constants as ray_constants
+
+    before = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        yield
+    finally:
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = before
+
+
+def _loopback_interface() -> str:
+    """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addrs):
+            return name
+    return "lo"
+
+
+def _descendants(procs) -> list:
+    """``procs`` and all their children, those still running."""
+    import psutil
+
+    out = {}
+    for p in procs:
+        try:
+            if p.is_running():
+                out[p.pid] = p
+                out.update((c.pid, c) for c in p.children(recursive=True))
+        except psutil.Error:
+            pass
+    return list(out.values())
+
+
+def _reap(procs, timeout: float) -> None:
+    """Wait up to ``timeout`` s for ``procs`` to end, then kill those left."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=2.0)
+
+
+def _executing_node_id() -> str | None:
+    from comfy_execution.utils import get_executing_context
+
+    ctx = get_executing_context()
+    return ctx.node_id if ctx is not None else None
 
 
 def _cpu_mode() -> bool:
@@ -99,40 +190,108 @@ class ParallelSampler:
     def __init__(self):
         self.group: _Group | None = None
         self.address: str | None = None
+        self.loopback = True
         self._remote_cls = None
+        self._ray_processes: list = []  # the processes ray.init started here (a local cluster's roots)
+        self._lock = threading.Lock()  # one shutdown at a time (a signal may arrive during another)
+        self._stopping: str | None = None  # why Ray is being stopped (a run then fails saying so)
+
+    def status(self, text: str) -> None:
+        """Tell the user what the node is doing: on the node (ComfyUI's progress text) and in the log."""
+        log.info("%s: %s", NODE, text)
+        server = sys.modules.get("server")  # ComfyUI's server module, when a server runs this process
+        instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+        node_id = _executing_node_id()
+        if instance is not None and node_id is not None:
+            try:
+                instance.send_progress_text(text, node_id)
+            except Exception:  # noqa: BLE001 - a message never stops a run (e.g. the server's loop has ended)
+                log.debug("%s: progress text not sent", NODE, exc_info=True)
 
     # -- Ray --------------------------------------------------------------------
     def connect(self, address: str) -> None:
         address = (address or "local").strip()
-        loopback = address == "local" or address.removeprefix("ray://").split(":")[0] in ("127.0.0.1", "localhost")
-        if loopback and "ray" not in sys.modules:
-            # a cluster on loopback only: Ray otherwise swaps 127.0.0.1 for the machine's network address
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        import ray
-
-        if ray.is_initialized() and self.address == address:
+        ray = sys.modules.get("ray")  # not imported before it is needed: a bad address never imports it
+        connected = ray is not None and ray.is_initialized()
+        if connected and self.address == address:
             return
         if address not in ("local", "auto"):
             try:
                 _probe(address)  # ray.init itself retries an unreachable head for minutes
             except (OSError, ValueError) as e:
                 raise self._unreachable(address, e) from None
-        if ray.is_initialized():
+        if connected:
             raise ValueError(f"{NODE}: input 'ray_address' changed from {self.address!r} to {address!r}, but this "
                              "ComfyUI process is already part of a Ray cluster and Ray cannot move it to another "
                              "one: restart ComfyUI to use the new address, or set it back.")
+        import psutil
+        import ray
+
+        loopback = _is_loopback(address)
+        self.status({"local": "starting Ray (a private cluster on 127.0.0.1)",
+                     "auto": "connecting to the Ray cluster `ray start` runs here"}.get(address,
+                                                                                      f"connecting to Ray at {address}"))
         # no job-wide env: each worker group gets the LTXAV_PARALLEL_* etc. variables of its own start
         kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
         if loopback:
             kwargs["_node_ip_address"] = "127.0.0.1"
         if address == "local":
             kwargs["num_gpus"] = 0 if _cpu_mode() else torch.cuda.device_count()
+        me = psutil.Process()
+        children = {p.pid for p in me.children()}
+        environ = dict(os.environ)
         try:
-            ray.init(address=address, **kwargs)
+            with _ray_node_address(loopback), _without_crash_handler():
+                ray.init(address=address, **kwargs)
         except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, ValueError, RuntimeError...
+            self._undo_init([p for p in me.children() if p.pid not in children], environ)
             raise self._unreachable(address, e) from None
-        self.address = address
+        self.address, self.loopback, self._stopping = address, loopback, None
+        self._ray_processes = [p for p in me.children() if p.pid not in children] if address == "local" else []
         log.info("%s: connected to Ray (%s): %s", NODE, address, ray.cluster_resources())
+
+    @staticmethod
+    def _undo_init(started: list, environ: dict) -> None:
+        """After a failed ray.init: leave nothing that would change the next attempt (Ray's globals,
+        the variables it set in this process's environment, processes it started)."""
+        import ray
+
+        procs = _descendants(started)
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        for k in set(os.environ) - set(environ):
+            del os.environ[k]
+        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+        for p in procs:
+            with contextlib.suppress(Exception):
+                p.terminate()
+        _reap(procs, STOP_S)
+
+    def shutdown(self, why: str) -> None:
+        """Stop the workers and Ray in this process; when the pack started a local cluster, every process
+        of it (within about STOP_S seconds: Ray's own stop first, then what is left is killed)."""
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized() or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._stopping = why
+            procs = _descendants(self._ray_processes)
+            log.info("%s: %s: stopping the workers and Ray (%d processes started here)", NODE, why, len(procs))
+
+            def stop():
+                with contextlib.suppress(Exception):
+                    self.stop_group()
+                ray.shutdown()
+
+            # a thread: the signal may have interrupted this thread inside a Ray call; Ray's stop is bounded
+            deadline = time.monotonic() + STOP_S
+            t = threading.Thread(target=stop, name="ltxav-ray-stop", daemon=True)
+            t.start()
+            t.join(STOP_S)
+            _reap(procs, max(0.5, deadline - time.monotonic()))
+            self._ray_processes = []
+        finally:
+            self._lock.release()
 
     @staticmethod
     def _unreachable(address, e):
@@ -188,6 +347,7 @@ class ParallelSampler:
             except (WorkerFault, _TaskFailed):  # a dead or frozen worker: start over
                 log.warning("%s: a worker of the previous group is gone; starting new workers", NODE)
         self.stop_group()
+        self.status(f"starting {world} workers")
         t0 = time.perf_counter()
         comfy_path = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
         pack_dir = os.path.dirname(os.path.abspath(__file__))
@@ -202,13 +362,18 @@ class ParallelSampler:
         env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
                             **{k: "" for k in ray_worker.WORKER_ENV}, **_passthrough_env(),
                             "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+        if self.loopback:
+            # a cluster on loopback: gloo's and NCCL's own sockets there too (by default they take the
+            # address the host name resolves to, or the first network interface)
+            lo = _loopback_interface()
+            env["env_vars"].update(GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)
         actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
             rank, world, comfy_path, pack_dir, __package__, _host_args(), ray_worker.dynamic_vram_enabled())
             for rank in range(world)]
         group = _Group(actors, world, degrees, self.address, cpu, infos=[])
         self.group = group
-        init = self._wait([actors[0].rendezvous.remote()], "start", START_TIMEOUT_S, heartbeat=False)[0]
-        self._wait([a.init_groups.remote(init, degrees.ulysses, degrees.ring) for a in actors], "start",
+        host, port = self._wait([actors[0].rendezvous.remote()], "start", START_TIMEOUT_S, heartbeat=False)[0]
+        self._wait([a.init_groups.remote(host, port, degrees.ulysses, degrees.ring) for a in actors], "start",
                    START_TIMEOUT_S, heartbeat=False)
         group.infos = self._wait([a.info.remote() for a in actors], "start", START_TIMEOUT_S, heartbeat=False)
         seconds = time.perf_counter() - t0
@@ -243,11 +408,9 @@ class ParallelSampler:
         import ray
         world, degrees, cpu = self.resolve(settings, dm.num_attention_heads)
         t_prepare = time.perf_counter()
-        recipe, spec, skipped = ray_worker.model_spec(
-            patcher, own_keys=(ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY))
-        if skipped:
-            log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, ", ".join(skipped))
-        key = hashlib.blake2b(recipe + spec, digest_size=16).hexdigest()
+        model = ray_worker.model_spec(patcher, own_keys=(ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY))
+        if model.skipped:
+            log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, ", ".join(model.skipped))
         job_bytes = ray_worker.dumps(job, ray_worker.model_refs(patcher))
         comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
         comfy.model_management.soft_empty_cache()
@@ -262,14 +425,21 @@ class ParallelSampler:
                 i.get("dynamic_vram") for i in group.infos) else ""
             log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s%s)", NODE, est.total / memory_plan.GIB,
                      min(budgets) / memory_plan.GIB, est.describe(), streamed)
+        if group.file_key != model.file_key:
+            self.status(f"loading the model on {world} workers")
+        elif group.model_key != model.key:
+            self.status(f"applying changed patches (LoRA) on {world} workers, without reading the file again")
         t0 = time.perf_counter()
-        recipe_ref, spec_ref = ray.put(recipe), ray.put(spec)
-        loads = self._wait([a.load.remote(key, recipe_ref, spec_ref) for a in group.actors], "model load",
-                           LOAD_TIMEOUT_S)
+        recipe_ref, spec_ref = ray.put(model.recipe), ray.put(model.spec)
+        loads = self._wait([a.load.remote(model.file_key, model.key, recipe_ref, spec_ref) for a in group.actors],
+                           "model load", LOAD_TIMEOUT_S)
         load_s = time.perf_counter() - t0
-        if any(r["reloaded"] for r in loads):
-            log.info("%s: model loaded on %d workers in %.1f s", NODE, world, load_s)
-        group.model_key = key
+        action = loads[0]["action"]
+        if action != "kept":
+            log.info("%s: model %s on %d workers in %.1f s", NODE,
+                     "loaded" if action == "read" else "patches re-applied", world, load_s)
+        group.file_key, group.model_key = model.file_key, model.key
+        self.status(f"sampling on {world} workers")
 
         t0 = time.perf_counter()
         job_ref = ray.put(job_bytes)
@@ -287,12 +457,13 @@ class ParallelSampler:
         # prepare: the model spec and job pickled here; outside_steps: the sampling call's time beyond the
         # workers' own marks (their sampling's start to its last step): job and result transfer, Ray's
         # scheduling and the workers' tear-down
+        out["model_load"] = {"action": action, "file_reads": loads[0]["loads"], "patch_changes": loads[0]["repatches"]}
         out["timings"] = {"ray_start_s": round(start_s, 2), "model_load_s": round(load_s, 2),
                           "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4),
                           "prepare_s": round(prepare_s, 3), "job_mb": round(len(job_bytes) / 1e6, 1),
                           "outside_steps_s": round(sample_s - (marks[-1] - marks[0]), 3) if len(marks) > 1 else None,
                           **step_timings(marks)}
-        out["summary"] = summary(group, memory, out["timings"])
+        out["summary"] = summary(group, memory, out["timings"], out["model_load"])
         log.info("%s", out["summary"])
         return out
 
@@ -333,14 +504,20 @@ class ParallelSampler:
                     interrupted = True
                     for a in group.actors:
                         a.interrupt.remote()
-        except WorkerFault as e:
+        except Exception as e:
+            if self._stopping:  # the workers are gone because ComfyUI is stopping, not by a fault
+                raise RuntimeError(f"{NODE}: stopped during {what}: {self._stopping}, ComfyUI is shutting "
+                                   "down.") from None
+            if isinstance(e, _TaskFailed):
+                rank, error = _root_cause(group, e.rank, e.error)
+                self.stop_group()
+                raise RuntimeError(f"{NODE}: {_describe(error, rank, what, group)}. The workers were stopped; the "
+                                   "next prompt starts new ones.") from None
             self.stop_group()
-            raise RuntimeError(f"{NODE}: {e}. The workers were stopped; the next prompt starts new ones.") from None
-        except _TaskFailed as e:
-            rank, error = _root_cause(group, e.rank, e.error)
-            self.stop_group()
-            raise RuntimeError(f"{NODE}: {_describe(error, rank, what, group)}. The workers were stopped; the "
-                               "next prompt starts new ones.") from None
+            if isinstance(e, WorkerFault):
+                raise RuntimeError(f"{NODE}: {e}. The workers were stopped; the next prompt starts new "
+                                   "ones.") from None
+            raise
         except BaseException:
             self.stop_group()  # never leave workers running a job nobody waits for
             raise
@@ -457,11 +634,18 @@ def _describe(err, rank, what, group) -> str:
     return f"{who} failed during {what}: {type(cause).__name__}: {str(cause).splitlines()[0][:400]}"
 
 
-def summary(group: _Group, memory: list[dict], timings: dict) -> str:
-    """The per-worker memory lines shown in the log and on the node."""
+MODEL_ACTIONS = {"read": "read from file", "repatched": "patches re-applied, file not read", "kept": "kept"}
+
+
+def summary(group: _Group, memory: list[dict], timings: dict, model_load: dict | None = None) -> str:
+    """The time and per-worker memory lines shown in the log and on the node."""
+    load = f"model load {timings['model_load_s']} s"
+    if model_load:
+        load += (f" ({MODEL_ACTIONS[model_load['action']]}; file reads {model_load['file_reads']}, patch changes "
+                 f"{model_load['patch_changes']} on these workers)")
     lines = [f"{NODE}: {group.world} workers, Ulysses {group.degrees.ulysses} x ring {group.degrees.ring}; "
              f"sampling {timings['sampling_s']} s ({timings.get('worker_s_per_step', timings['s_per_step'])} s/step on "
-             f"the workers), model load {timings['model_load_s']} s, Ray start {timings['ray_start_s']} s"]
+             f"the workers), {load}, Ray start {timings['ray_start_s']} s"]
     for m, info in zip(memory, group.infos):
         if m["peak_gb"] is None:
             lines.append(f"  worker {m['rank']} ({info['device']}): no GPU memory figures on CPU")
@@ -474,3 +658,30 @@ def summary(group: _Group, memory: list[dict], timings: dict) -> str:
 
 
 POOL = ParallelSampler()
+
+
+def install_signal_handlers() -> None:
+    """On SIGTERM and SIGINT, stop the workers and the Ray processes the pack started, then go on as
+    before (ComfyUI's Ctrl-C handling, or the default: the process ends). Ray sets its own SIGTERM
+    handler only when ray.init runs in the main thread, and ComfyUI runs nodes in another one, so
+    without this a SIGTERM leaves Ray's processes behind. Call from the main thread (ComfyUI loads
+    custom nodes there)."""
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("%s: not in the main thread: SIGTERM/SIGINT will not stop Ray's processes", NODE)
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if previous == signal.SIG_IGN or getattr(previous, "func", None) is _on_signal:
+            continue  # ignored on purpose (ComfyUI goes on), or installed already (the pack loaded twice)
+        signal.signal(sig, functools.partial(_on_signal, previous))
+
+
+def _on_signal(previous, signum, frame):
+    POOL.shutdown(f"{signal.Signals(signum).name} received")
+    if callable(previous):
+        return previous(signum, frame)
+    # SIG_DFL, or a handler set outside Python (None): the default action ends the process, as
+    # without the pack
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return None

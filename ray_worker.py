@@ -10,6 +10,11 @@ driver's MODEL (its ModelPatcher, model_options, BaseModel or diffusion model) i
 reference and resolves to the worker's own copy, so guiders and model options travel without the
 weights. The worker rebuilds the model from the MODEL's load recipe (``cached_patcher_init``, set by
 ComfyUI's loaders), then applies the MODEL's weight patches (LoRA), object patches and options.
+Two keys, made from content (``content_digest``), decide what a worker redoes: the file key (the
+recipe: file, dtype, loader options; and the file's size and time) rebuilds the model from disk; the
+model key (file key + patches, object patches, options) only makes a new clone of the loaded model
+with the new patches, and ComfyUI's patcher restores the original weights from its backup before
+applying them, as it does in its own process when a LoRA strength changes.
 
 This module is sent to Ray workers by value (ComfyUI imports custom nodes under a path-like module
 name that other processes cannot import); it imports the rest of the pack at run time, under the
@@ -17,7 +22,10 @@ same package name as in ComfyUI.
 """
 from __future__ import annotations
 
+import enum
+import functools
 import gc
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -29,10 +37,12 @@ import sys
 import threading
 import time
 import types
+import uuid
+import weakref
 
 import torch
 
-ENV_PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
+ENV_PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "GLOO_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
 FAULT_ENV = "LTXAV_PARALLEL_FAULT"  # test hook: "oom:RANK:STEP" raises an OutOfMemoryError there
 # cap each worker's device memory (GB = 10^9 bytes), e.g. 24 to behave like a 24 GB card on a larger one
 CAP_ENV = "LTXAV_PARALLEL_MEMORY_CAP_GB"
@@ -76,9 +86,16 @@ def loads(data: bytes, refs: dict):
     return RefUnpickler(io.BytesIO(data)).load()
 
 
-def model_spec(patcher, own_keys=()) -> tuple[bytes, bytes, list[str]]:
+class ModelSpec(types.SimpleNamespace):
+    """What a worker needs to rebuild a MODEL: ``recipe`` and ``spec`` (pickled), ``skipped`` (the names
+    of the parts that cannot travel), ``file_key`` (what decides the weights read from disk) and
+    ``key`` (that plus everything applied on them)."""
+
+
+def model_spec(patcher, own_keys=()) -> ModelSpec:
     """What a worker needs to rebuild ``patcher``'s model: its load recipe, its patches and options
-    (pickled with model references), and the names of the parts that cannot travel (left out)."""
+    (pickled with model references), the names of the parts that cannot travel (left out), and the
+    content keys that decide whether a worker reloads the file or only re-applies patches."""
     from ray import cloudpickle
 
     if patcher.cached_patcher_init is None:
@@ -115,18 +132,160 @@ def model_spec(patcher, own_keys=()) -> tuple[bytes, bytes, list[str]]:
             if keep(f"wrapper {kind}/{key}", fns):
                 wrappers.setdefault(kind, {})[key] = list(fns)
     object_patches = {k: v for k, v in patcher.object_patches.items() if keep(f"object patch {k!r}", v)}
-    spec = {"patches": {k: list(v) for k, v in patcher.patches.items()}, "patches_uuid": patcher.patches_uuid,
-            "object_patches": object_patches, "model_options": options, "transformer_options": to,
-            "wrappers": wrappers}
-    return cloudpickle.dumps(patcher.cached_patcher_init), dumps(spec, refs), skipped
+    spec = {"patches": {k: list(v) for k, v in patcher.patches.items()}, "object_patches": object_patches,
+            "model_options": options, "transformer_options": to, "wrappers": wrappers}
+    recipe = patcher.cached_patcher_init
+    file_key = content_digest({"recipe": recipe, "files": _file_stats(recipe[1])})
+    key = content_digest({"file": file_key, "spec": spec}, refs)
+    return ModelSpec(recipe=cloudpickle.dumps(recipe), spec=dumps(spec, refs), skipped=skipped, file_key=file_key,
+                     key=key)
+
+
+def _file_stats(args) -> list:
+    """Size and modification time of the files a load recipe names: a file replaced under the same
+    name is read again."""
+    out = []
+    for a in args:
+        if isinstance(a, str) and os.path.isfile(a):
+            st = os.stat(a)
+            out.append((a, st.st_size, st.st_mtime_ns))
+        elif isinstance(a, (list, tuple)):
+            out.extend(_file_stats(a))
+    return out
+
+
+def content_digest(obj, refs: dict | None = None) -> str:
+    """A hash of what ``obj`` holds (tensor bytes, numbers, strings, the attributes of objects), not of
+    where it lives: the same LoRA loaded twice gives the same digest, a changed strength another.
+    The objects in ``refs`` count by name. What cannot be read this way (no attributes, no pickle)
+    counts by identity, so at worst a worker re-applies patches it could have kept."""
+    h = hashlib.blake2b(digest_size=16)
+    names = {id(v): k for k, v in (refs or {}).items()}
+    seen: dict[int, tuple[int, object]] = {}  # id -> (position, the object: kept alive so ids stay unique)
+
+    def put(tag: bytes, data: bytes = b"") -> None:
+        h.update(tag + len(data).to_bytes(8, "little") + data)
+
+    def walk(o) -> None:
+        if id(o) in names:
+            return put(b"ref", names[id(o)].encode())
+        if o is None or isinstance(o, (bool, int, float, complex, str, enum.Enum, torch.dtype, torch.device)):
+            return put(type(o).__name__.encode(), repr(o).encode())
+        if isinstance(o, (bytes, bytearray)):
+            return put(b"bytes", bytes(o))
+        if id(o) in seen:  # shared or cyclic: its position, once it was read
+            return put(b"seen", str(seen[id(o)][0]).encode())
+        seen[id(o)] = (len(seen), o)
+        if isinstance(o, torch.Tensor):
+            return tensor(o)
+        if isinstance(o, (list, tuple)):
+            put(type(o).__qualname__.encode(), str(len(o)).encode())
+            for x in o:
+                walk(x)
+            return None
+        if isinstance(o, dict):
+            put(b"dict", str(len(o)).encode())
+            for k in sorted(o, key=repr):
+                walk(k)
+                walk(o[k])
+            return None
+        if isinstance(o, (set, frozenset)):
+            return put(b"set", b"".join(sorted(bytes.fromhex(content_digest(x, refs)) for x in o)))
+        if isinstance(o, functools.partial):
+            put(b"partial")
+            return walk((o.func, o.args, o.keywords))
+        if isinstance(o, types.MethodType):
+            put(b"method", o.__func__.__qualname__.encode())
+            return walk(o.__self__)
+        if isinstance(o, types.FunctionType):
+            put(b"function", f"{o.__module__}.{o.__qualname__}".encode())
+            return walk((o.__code__, o.__defaults__, o.__kwdefaults__,
+                         [c.cell_contents for c in o.__closure__ or () if _cell_set(c)]))
+        if isinstance(o, types.CodeType):
+            put(b"code", o.co_code)
+            return walk((o.co_consts, o.co_names))
+        if isinstance(o, (type, types.BuiltinFunctionType, types.ModuleType)):
+            put(b"name", f"{getattr(o, '__module__', '')}.{getattr(o, '__qualname__', o.__name__)}".encode())
+            bound = getattr(o, "__self__", None)  # a builtin method: the object it is bound to counts
+            return None if bound is None or isinstance(bound, types.ModuleType) else walk(bound)
+        state = _attributes(o)
+        if state is not None:
+            put(b"object", f"{type(o).__module__}.{type(o).__qualname__}".encode())
+            return walk(state)
+        try:
+            return put(b"pickle", pickle.dumps(o))
+        except Exception:  # noqa: BLE001 - unreadable: identity (a change forces re-applying, never a wrong reuse)
+            return put(b"id", f"{type(o).__qualname__}:{id(o)}:{uuid.uuid4()}".encode())
+
+    def tensor(t: torch.Tensor) -> None:
+        put(b"tensor", f"{type(t).__qualname__}:{t.dtype}:{tuple(t.shape)}".encode())
+        try:
+            put(b"data", _tensor_bytes_digest(t))
+        except Exception:  # noqa: BLE001 - quantized or subclassed tensors without plain bytes
+            state = _attributes(t)
+            if state:
+                walk(state)
+            else:
+                put(b"id", f"{id(t)}:{uuid.uuid4()}".encode())
+
+    try:
+        walk(obj)
+    except RecursionError:  # too deep to read: a key of its own (patches are re-applied, never wrongly kept)
+        return uuid.uuid4().hex
+    return h.hexdigest()
+
+
+# tensor id -> (weak reference, version, data pointer, digest of its bytes): a LoRA's tensors stay the
+# same objects from prompt to prompt (ComfyUI caches the loader's output), so their bytes are hashed
+# once; an in-place change bumps the version, and a dead tensor's entry goes with it
+_TENSOR_DIGESTS: dict[int, tuple] = {}
+
+
+def _tensor_bytes_digest(t: torch.Tensor) -> bytes:
+    state = (t._version, t.data_ptr())
+    hit = _TENSOR_DIGESTS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1:3] == state:
+        return hit[3]
+    data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+    digest = hashlib.blake2b(memoryview(data.numpy()), digest_size=16).digest()
+    key = id(t)
+    _TENSOR_DIGESTS[key] = (weakref.ref(t, lambda _, key=key: _TENSOR_DIGESTS.pop(key, None)), *state, digest)
+    return digest
+
+
+def _cell_set(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+        return True
+    except ValueError:
+        return False
+
+
+def _attributes(o) -> dict | None:
+    """An object's own state: its __dict__ and __slots__ values (None when it has neither)."""
+    state = dict(vars(o)) if hasattr(o, "__dict__") else {}
+    for cls in type(o).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if name not in ("__dict__", "__weakref__") and hasattr(o, name):
+                state[name] = getattr(o, name)
+    if not state and not hasattr(o, "__dict__"):
+        return None
+    return state
 
 
 # --------------------------------------------------------------------------- worker process set-up
 
 def _free_port() -> int:
+    """A free port on loopback (for single-process runs; workers use ``LTXAVWorker.rendezvous``)."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _listen(host: str) -> socket.socket:
+    """A listening TCP socket on ``host`` only (port chosen by the system)."""
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, 0), family=family, backlog=128)
 
 
 def _select_gpu() -> None:
@@ -232,9 +391,13 @@ class LTXAVWorker:
         self.step = 0
         self.stop = threading.Event()
         self.busy = threading.Lock()
-        self.patcher = None
+        self.base = None  # the model as read from its file: the patcher every patch set is cloned from
+        self.file_key = None
+        self.patcher = None  # base's clone with the current patches, object patches and options
         self.model_key = None
-        self.loads = 0
+        self.loads = 0  # file reads
+        self.repatches = 0  # patch sets applied to the loaded weights without reading the file
+        self.listener = None
         self.sp = None
         self.cpu_group = None
         self.cuda = torch.cuda.is_available()
@@ -256,8 +419,8 @@ class LTXAVWorker:
 
         flags = {k: getattr(comfy.cli_args.args, k, None) for k in MEMORY_FLAGS}
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": name,
-                "loads": self.loads, "ffn_chunking": ffn, "dynamic_vram": dynamic_vram_enabled(),
-                "memory_flags": flags}
+                "loads": self.loads, "repatches": self.repatches, "ffn_chunking": ffn,
+                "dynamic_vram": dynamic_vram_enabled(), "memory_flags": flags}
 
     def memory_budget(self) -> int | None:
         """Bytes this worker can use: its GPU's free memory plus what it holds already (PyTorch's cache,
@@ -273,39 +436,65 @@ class LTXAVWorker:
             budget += self.patcher.loaded_size()
         return int(min(budget, self.cap) if self.cap and self.held is None else budget)
 
-    def rendezvous(self) -> str:
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: open the process-group store's socket on this node's Ray address only (127.0.0.1 in a
+        local cluster) and keep it for ``init_groups``; PyTorch's own store would listen on every
+        interface whatever host it is given."""
         import ray
 
-        return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+        host = ray.util.get_node_ip_address()
+        self.listener = _listen(host)
+        return host, self.listener.getsockname()[1]
 
-    def init_groups(self, init_method: str, ulysses: int, ring: int) -> None:
+    def init_groups(self, host: str, port: int, ulysses: int, ring: int) -> None:
+        import torch.distributed as dist
+        from torch.distributed.constants import default_pg_timeout
+
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
         backend = "nccl" if self.cuda else "gloo"
-        self.xsp.init_process_groups(self.rank, self.world, self.xsp.Degrees(ulysses, ring), backend, init_method)
+        listen_fd = None
+        if self.rank == 0:
+            listen_fd, self.listener = self.listener.detach(), None  # the store owns the socket from here
+        store = dist.TCPStore(host, port, self.world, is_master=self.rank == 0, timeout=default_pg_timeout,
+                              master_listen_fd=listen_fd)
+        self.xsp.init_process_groups(self.rank, self.world, self.xsp.Degrees(ulysses, ring), backend,
+                                     f"tcp://{host}:{port}", store=store)
         self.sp = self.xsp.SequenceParallel(rank_label=self.rank, phase_stats=True)
         from xfuser.core.distributed.parallel_state import get_sp_group
 
         self.cpu_group = get_sp_group().cpu_group
 
     # -- model ------------------------------------------------------------------
-    def load(self, key: str, recipe_bytes: bytes, spec_bytes: bytes) -> dict:
-        """Build the model from its recipe and spec unless the one loaded already has this ``key``."""
+    def load(self, file_key: str, key: str, recipe_bytes: bytes, spec_bytes: bytes) -> dict:
+        """Hold the model ``key``: read the file only when ``file_key`` differs from the loaded one;
+        otherwise clone the loaded model with the new patches (ComfyUI's patcher puts the original
+        weights back from its backup before applying them). Returns what was done, how long it took,
+        and this worker's counts of file reads and patch changes."""
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
         if key == self.model_key:
-            return {"reloaded": False, "seconds": 0.0}
+            return self._loaded("kept", 0.0)
         t0 = time.perf_counter()
         self.patcher = None
         self.model_key = None
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
+        read = file_key != self.file_key
+        if read:
+            self.base = None
+            self.file_key = None
+            gc.collect()
+            if self.cuda:
+                torch.cuda.empty_cache()
+            fn, args = pickle.loads(recipe_bytes)
+            self.base = fn(*args)
+            self.file_key = file_key
+            self.loads += 1
+        else:
+            self.repatches += 1
         import comfy.patcher_extension
 
-        fn, args = pickle.loads(recipe_bytes)
-        patcher = fn(*args)
+        patcher = self.base.clone()
         spec = loads(spec_bytes, model_refs(patcher))
         patcher.patches = {k: list(v) for k, v in spec["patches"].items()}
-        patcher.patches_uuid = spec["patches_uuid"]
+        patcher.patches_uuid = uuid.uuid4()  # a new patch set: ComfyUI's loader unpatches and patches again
         for k, v in spec["object_patches"].items():
             patcher.add_object_patch(k, v)
         patcher.model_options.update(spec["model_options"])
@@ -322,8 +511,10 @@ class LTXAVWorker:
         self.xsp.require_ltxav(patcher.model.diffusion_model, "LTXAV Parallel Sampler")
         self.patcher = patcher
         self.model_key = key
-        self.loads += 1
-        return {"reloaded": True, "seconds": round(time.perf_counter() - t0, 3)}
+        return self._loaded("read" if read else "repatched", time.perf_counter() - t0)
+
+    def _loaded(self, action: str, seconds: float) -> dict:
+        return {"action": action, "seconds": round(seconds, 3), "loads": self.loads, "repatches": self.repatches}
 
     # -- sampling ---------------------------------------------------------------
     def progress(self) -> int:

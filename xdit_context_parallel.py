@@ -361,11 +361,17 @@ def heads_from_sequence_shards(t: torch.Tensor, groups: int, pg, reuse: bool = T
 
 # --------------------------------------------------------------------------- process groups
 
-def init_process_groups(rank: int, world: int, degrees: Degrees, backend: str, init_method: str) -> None:
-    """torch.distributed + xfuser's groups (sequence parallel = Ulysses x ring) for this process."""
+def init_process_groups(rank: int, world: int, degrees: Degrees, backend: str, init_method: str,
+                        store=None) -> None:
+    """torch.distributed + xfuser's groups (sequence parallel = Ulysses x ring) for this process.
+    With ``store`` (a ``TCPStore`` the caller made) the ranks meet there and ``init_method`` only
+    names it."""
     xf = xfuser_compat.load()
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        if store is None:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     local = torch.cuda.current_device() if torch.cuda.is_available() else rank  # the device xfuser's groups name
     xf.parallel_state.init_distributed_environment(world_size=world, rank=rank, backend=backend,
                                                    distributed_init_method=init_method, local_rank=local)

@@ -1,9 +1,14 @@
-"""A headless ComfyUI server on loopback with this pack installed, for POST /prompt tests."""
+"""A headless ComfyUI server on loopback with this pack installed, for POST /prompt tests; the
+sockets its processes listen on, and the progress texts it sends."""
+import asyncio
+import ipaddress
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +27,87 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def process_tree(pid: int) -> list:
+    """The process ``pid`` and every process below it (psutil.Process objects)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def listening_sockets(procs) -> list[tuple]:
+    """(pid, process name, address, port, kind) for every TCP socket listening and every UDP socket
+    bound, in ``procs``."""
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            name = p.name()
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr):
+                    out.append((p.pid, name, c.laddr.ip, c.laddr.port, c.type.name))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1 and IPv4-mapped loopback (::ffff:127.0.0.1); not the wildcards 0.0.0.0 / ::."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this machine that is not loopback (None when it has none)."""
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not is_loopback(a.address):
+                return a.address
+    return None
+
+
+class ProgressTexts:
+    """Listens on a server's websocket (in a thread) and keeps the progress texts it sends, as
+    (node id, text) in order of arrival."""
+
+    def __init__(self, url: str):
+        self.url = url.replace("http://", "ws://") + "/ws?clientId=progress-texts"
+        self.texts: list[tuple[str, str]] = []
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._listen()), daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise TimeoutError(f"no websocket at {self.url}")
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    async def _listen(self):
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    msg = await ws.receive(timeout=0.5)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    return
+                if msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 3:  # TEXT
+                    n = struct.unpack(">I", msg.data[4:8])[0]
+                    self.texts.append((msg.data[8:8 + n].decode(), msg.data[8 + n:].decode()))
 
 
 class ComfyServer:

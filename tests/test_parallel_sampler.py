@@ -1,5 +1,6 @@
 """The parallel sampler nodes with real Ray actors (2 CPU workers, gloo) against the stock samplers
-on the same tiny checkpoint, seed and inputs; worker reuse, reloads, interrupt and faults."""
+on the same tiny checkpoint, seed and inputs; worker reuse, reloads and LoRA changes, sockets,
+interrupt and faults."""
 import importlib
 import os
 import re
@@ -12,6 +13,7 @@ import torch
 
 from comfy_host import make_conditioning, make_latent
 from numerics import assert_matches, mismatches
+from comfy_server import is_loopback, listening_sockets, process_tree
 LATENT = dict(width=128, height=96, length=25)
 
 
@@ -86,6 +88,87 @@ def test_ltx23_ksampler_equals_stock(nodes_mod, ltx):
     got, ui = parallel_ksampler(nodes_mod, model, width)
     assert "LTXAV Parallel Sampler: 2 workers, Ulysses 2 x ring 1" in ui.value
     assert_equals_stock(got, model, model_f64, width)
+
+
+def test_same_file_loaded_twice_is_not_reloaded(ps, nodes_mod, comfy, tiny_model_f64, tiny_ckpt):
+    cc = tiny_ckpt[1]["caption_channels"]
+    first = comfy.sd.load_diffusion_model(str(tiny_ckpt[0]))
+    parallel_ksampler(nodes_mod, first, cc, steps=1)
+    before = worker_infos(ps)
+    second = comfy.sd.load_diffusion_model(str(tiny_ckpt[0]))  # ComfyUI ran the loader again: a new MODEL
+    assert second is not first and second.patches_uuid != first.patches_uuid
+    got, ui = parallel_ksampler(nodes_mod, second, cc)
+    assert_equals_stock(got, second, tiny_model_f64, cc)
+    after = worker_infos(ps)
+    assert [i["loads"] for i in after] == [i["loads"] for i in before]  # no file read
+    assert [(i["pid"], i["repatches"]) for i in after] == [(i["pid"], i["repatches"]) for i in before]
+    assert re.search(r"model load [\d.]+ s \(kept; file reads \d+, patch changes \d+ on these workers\)", ui.value)
+
+
+def test_lora_strength_change_reapplies_patches_without_reading_the_file(ps, nodes_mod, tiny_model, tiny_model_f64,
+                                                                          tiny_ckpt, tmp_path):
+    import folder_paths
+    import nodes
+
+    from tiny_ltxav import write_lora
+
+    write_lora(tiny_ckpt[0], ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.attn1.to_q"),
+               tmp_path / "strength_lora.safetensors")
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    cc = tiny_ckpt[1]["caption_channels"]
+
+    def lora(strength, model=tiny_model):  # a new loader each time: the LoRA file is read again, same content
+        return nodes.LoraLoaderModelOnly().load_lora_model_only(model, "strength_lora.safetensors", strength)[0]
+
+    full, full_ref = stock_ksampler(lora(1.0), cc), stock_ksampler(lora(1.0, tiny_model_f64), cc)
+    got, _ = parallel_ksampler(nodes_mod, lora(1.0), cc)
+    assert_matches(got, full, full_ref)
+    start = worker_infos(ps)
+    got, ui = parallel_ksampler(nodes_mod, lora(1.0), cc)  # the same LoRA loaded again: nothing to redo
+    assert_matches(got, full, full_ref)
+    assert "(kept;" in ui.value and worker_infos(ps) == start
+    half, half_ref = stock_ksampler(lora(0.5), cc), stock_ksampler(lora(0.5, tiny_model_f64), cc)
+    assert mismatches(full, half, half_ref)  # the strength matters: workers that kept 1.0 would fail the check
+    got, ui = parallel_ksampler(nodes_mod, lora(0.5), cc)
+    assert_matches(got, half, half_ref)
+    infos = worker_infos(ps)
+    assert [i["loads"] for i in infos] == [i["loads"] for i in start]  # the file was not read again
+    assert [i["repatches"] for i in infos] == [i["repatches"] + 1 for i in start]
+    assert re.search(r"model load \d+\.\d+ s \(patches re-applied, file not read; file reads \d+, patch changes "
+                     r"\d+ on these workers\)", ui.value), ui.value
+    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)  # the LoRA removed: the original weights are back
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
+    assert [i["loads"] for i in worker_infos(ps)] == [i["loads"] for i in start]
+
+
+def test_content_digest_follows_content_not_identity(pack):
+    rw = importlib.import_module("ltxav_pack.ray_worker")
+    import threading as th
+
+    def patches(strength=1.0, t=None):
+        t = torch.ones(2, 3) if t is None else t
+        return {"k": [(strength, ("lora", (t, None, {"alpha": 2.0})), 1.0, None, None)], "n": {"a", "b"}}
+
+    assert rw.content_digest(patches()) == rw.content_digest(patches())  # equal content, other objects
+    base = rw.content_digest(patches())
+    for other in (patches(0.5), patches(t=torch.ones(2, 3) * 2), patches(t=torch.ones(3, 2)),
+                  patches(t=torch.ones(2, 3, dtype=torch.bfloat16))):
+        assert rw.content_digest(other) != base
+    lock = th.Lock()  # no attributes, cannot be pickled: never taken for unchanged
+    assert rw.content_digest(lock) != rw.content_digest(lock)
+    twice, thrice = (lambda x: x * 2), (lambda x: x * 3)  # same code, other constants
+    assert rw.content_digest(twice) != rw.content_digest(thrice)
+    a, b = torch.ones(2), torch.zeros(2)
+    assert rw.content_digest(a.add) != rw.content_digest(b.add)  # bound to other objects
+
+
+def test_every_socket_of_ray_and_the_workers_is_on_loopback(ps, nodes_mod, tiny_model, tiny_ckpt):
+    parallel_ksampler(nodes_mod, tiny_model, tiny_ckpt[1]["caption_channels"], steps=1)
+    socks = listening_sockets(process_tree(os.getpid()))
+    pids = {i["pid"] for i in worker_infos(ps)}
+    assert pids <= {pid for pid, *_ in socks}  # the workers are in the list
+    exposed = [s for s in socks if not is_loopback(s[2])]
+    assert not exposed, f"listening beyond loopback (pid, name, address, port, kind): {exposed}"
 
 
 def test_ring_degree_and_image_to_video(nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):

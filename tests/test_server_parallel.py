@@ -1,6 +1,7 @@
 """The parallel sampler in a real headless ComfyUI server (--cpu) with 2 CPU Ray workers, driven
 through POST /prompt: same result as the stock KSampler, Interrupt, a killed worker, an existing
-Ray head on loopback."""
+Ray head on loopback; every socket on loopback (also after a bad address), progress texts while
+workers start, and SIGTERM / SIGINT ending every process the pack started."""
 import os
 import re
 import shutil
@@ -10,8 +11,10 @@ import sys
 import tempfile
 import time
 
+import pytest
 
-from comfy_server import ComfyServer, free_port, t2v_prompt, t2v_reference, write_inputs
+from comfy_server import (ComfyServer, ProgressTexts, free_port, is_loopback, listening_sockets, non_loopback_ipv4,
+                          process_tree, t2v_prompt, t2v_reference, write_inputs)
 from numerics import assert_matches
 
 def parallel_prompt(server, steps=2, prefix="par", address="local", seed=42):
@@ -129,3 +132,104 @@ def wait_for_port(port, proc, timeout=120):
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"no Ray head on port {port}")
+
+
+def assert_all_on_loopback(srv):
+    socks = listening_sockets(process_tree(srv.proc.pid))
+    assert any(name.startswith("ray::") for _, name, *_ in socks), socks  # the workers are in the tree
+    exposed = [s for s in socks if not is_loopback(s[2])]
+    assert not exposed, f"listening beyond loopback (pid, name, address, port, kind): {exposed}"
+
+
+def test_every_socket_is_on_loopback_after_a_parallel_prompt(server):
+    ok = server.run(parallel_prompt(server, steps=1, prefix="sockets"))
+    assert ok["status"]["status_str"] == "success", ok["status"]
+    assert_all_on_loopback(server)
+
+
+def fresh_server(tmp_path_factory, tiny_ckpt, name):
+    srv = ComfyServer(tmp_path_factory.mktemp(name))
+    shutil.copy(tiny_ckpt[0], srv.base / "models" / "diffusion_models" / "tiny_ltxav.safetensors")
+    srv.dataset = write_inputs(srv.base, tiny_ckpt[1]["caption_channels"], length=25)
+    return srv.start()
+
+
+@pytest.fixture(scope="module")
+def new_user(comfy, tiny_ckpt, tmp_path_factory):
+    """A server of its own, that no parallel prompt has run in yet (the session's `server` has Ray up)."""
+    srv = fresh_server(tmp_path_factory, tiny_ckpt, "comfy_new_user")
+    yield srv
+    srv.stop()
+
+
+def test_bad_address_then_local_stays_on_loopback_and_says_what_it_does(new_user):
+    lan = non_loopback_ipv4()
+    if lan is None:
+        pytest.skip("this machine has no address beyond loopback: nothing could listen there")
+    with ProgressTexts(new_user.url) as progress:
+        bad = new_user.run(parallel_prompt(new_user, address=f"{lan}:1", prefix="bad_address"))
+        err = status_messages(bad).get("execution_error")
+        assert err and f"cannot connect to the Ray cluster at ray_address='{lan}:1'" in err["exception_message"]
+        ok = new_user.run(parallel_prompt(new_user, prefix="after_bad_address"))
+        assert ok["status"]["status_str"] == "success", ok["status"]
+        wanted = ["starting Ray (a private cluster on 127.0.0.1)", "starting 2 workers",
+                  "loading the model on 2 workers", "sampling on 2 workers"]
+        for _ in range(50):  # the texts went out before the prompt finished; the websocket may lag
+            if ("6", wanted[-1]) in progress.texts:
+                break
+            time.sleep(0.2)
+    assert_all_on_loopback(new_user)
+    texts = [t for node, t in progress.texts if node == "6"]
+    assert [t for t in texts if t in wanted] == wanted, progress.texts
+
+
+def running(proc) -> bool:
+    """Alive and not a zombie (a psutil.Process; the name is kept for the messages)."""
+    import psutil
+
+    try:
+        proc.name()
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_signal_ends_every_process(srv, sig):
+    ok = srv.run(parallel_prompt(srv, steps=1, prefix=f"before_{sig.name}"))
+    assert ok["status"]["status_str"] == "success", ok["status"]
+    procs = [p for p in process_tree(srv.proc.pid)[1:] if running(p)]
+    names = [p.name() for p in procs]
+    assert "raylet" in names and any(n.startswith("ray::") for n in names), names
+    os.kill(srv.proc.pid, sig)  # ComfyUI's process only, as `kill` or a service manager sends it
+    deadline = time.monotonic() + 10
+    alive = procs
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if running(p)]
+    try:
+        assert not alive, f"alive 10 s after {sig.name}: {[(p.pid, p.name()) for p in alive]}"
+        # then ComfyUI's own handling: Ctrl-C's "Stopped server", or the default end by the signal
+        code = srv.proc.wait(10)
+        assert code == (0 if sig == signal.SIGINT else -sig), code
+        assert f"LTXAV Parallel Sampler: {sig.name} received: stopping the workers and Ray" in srv.log()
+        assert f"*** {sig.name} received" not in srv.log()  # Ray's crash handler's stack trace
+        if sig == signal.SIGINT:
+            assert "Stopped server" in srv.log()
+    finally:
+        for p in alive:  # leave no strays for the other tests
+            try:
+                p.kill()
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                pass
+
+
+def test_sigterm_ends_every_process_the_pack_started(new_user):
+    assert_signal_ends_every_process(new_user, signal.SIGTERM)
+
+
+def test_sigint_ends_every_process_the_pack_started(comfy, tiny_ckpt, tmp_path_factory):
+    srv = fresh_server(tmp_path_factory, tiny_ckpt, "comfy_sigint")
+    try:
+        assert_signal_ends_every_process(srv, signal.SIGINT)
+    finally:
+        srv.stop()
