@@ -421,8 +421,7 @@ class ParallelSampler:
                    if b is not None]
         if budgets and os.environ.get(SKIP_CHECK_ENV) != "1":
             est = check_memory(patcher, job, group.world, group.degrees, min(budgets), group.infos)
-            streamed = "; weights streamed from host memory (DynamicVRAM)" if any(
-                i.get("dynamic_vram") for i in group.infos) else ""
+            streamed = "; weights streamed from host memory (DynamicVRAM)" if streams_weights(group.infos) else ""
             log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s%s)", NODE, est.total / memory_plan.GIB,
                      min(budgets) / memory_plan.GIB, est.describe(), streamed)
         if group.file_key != model.file_key:
@@ -544,6 +543,11 @@ def latent_clip(latent) -> tuple[memory_plan.Clip, int]:
     return memory_plan.Clip(video.shape[2], video.shape[3], video.shape[4], audio), video.shape[0]
 
 
+def streams_weights(infos) -> bool:
+    """Whether the workers (their ``info()``) run ComfyUI's DynamicVRAM: weights streamed from host memory."""
+    return any(i.get("dynamic_vram") for i in infos)
+
+
 def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.Estimate:
     """Refuse a run whose predicted per-worker peak exceeds ``budget`` bytes, saying what would fit."""
     dm = patcher.get_model_object("diffusion_model")
@@ -553,7 +557,7 @@ def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.
     ffn = 1 if chunking is None else None if chunking.auto else chunking.num_chunks  # None: auto
     # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them;
     # workers that run DynamicVRAM keep only the blocks in use on the GPU
-    streaming = any(i.get("dynamic_vram") for i in infos)
+    streaming = streams_weights(infos)
     kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch, per_token_timesteps=True,
               streaming=streaming)
     est = memory_plan.estimate(dims, clip, world=world, **kw)

@@ -334,8 +334,6 @@ def _import_host(comfy_path: str, host_args: dict, dynamic_vram: bool = False, c
     import comfy.model_patcher
 
     if dynamic_vram:
-        import comfy_aimdo.control
-
         if comfy_aimdo.control.init_device(comfy.model_management.get_torch_device().index):
             comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
             comfy.memory_management.aimdo_enabled = True

@@ -344,22 +344,18 @@ def parallel_sample(a, model, noise, latent, pos, neg, rec):
 
 
 def import_pack_modules():
-    """The pack as the package ``ltxav_pack`` (its __init__ not run: node registration needs PyAV)."""
-    import importlib.util
+    """The pack as the package ``ltxav_pack`` (its __init__ not run: node registration needs PyAV), once."""
     if "ltxav_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("ltxav_pack", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        sys.modules["ltxav_pack"] = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import common  # bench/common.py; imported here: it imports torch, which waits for comfy-aimdo
+
+        common.import_pack()
 
 
 def apply_chunker(model, rec):
     """The pack's LTX FFN Chunker node (auto=True), imported as a package; when its node module
     cannot be imported (comfy_api needs PyAV), the same three steps the node's execute takes."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ltxav_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ltxav_pack"] = mod
+    import_pack_modules()
     try:
         from ltxav_pack import nodes_ltx_ffn_chunker
         out = nodes_ltx_ffn_chunker.LTXFFNChunker.execute(model, True, 1)
