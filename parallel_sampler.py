@@ -419,6 +419,7 @@ class ParallelSampler:
         group, start_s = self.ensure_group(world, degrees, cpu)
         budgets = [b for b in self._wait([a.memory_budget.remote() for a in group.actors], "start", START_TIMEOUT_S)
                    if b is not None]
+        est = None
         if budgets and os.environ.get(SKIP_CHECK_ENV) != "1":
             est = check_memory(patcher, job, group.world, group.degrees, min(budgets), group.infos)
             streamed = "; weights streamed from host memory (DynamicVRAM)" if streams_weights(group.infos) else ""
@@ -456,6 +457,7 @@ class ParallelSampler:
         # prepare: the model spec and job pickled here; outside_steps: the sampling call's time beyond the
         # workers' own marks (their sampling's start to its last step): job and result transfer, Ray's
         # scheduling and the workers' tear-down
+        out["planned_peak_gb"] = None if est is None else round(est.total / memory_plan.GIB, 3)
         out["model_load"] = {"action": action, "file_reads": loads[0]["loads"], "patch_changes": loads[0]["repatches"]}
         out["timings"] = {"ray_start_s": round(start_s, 2), "model_load_s": round(load_s, 2),
                           "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4),

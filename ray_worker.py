@@ -597,4 +597,18 @@ class LTXAVWorker:
         out["allocated_gb"] = _gb(torch.cuda.memory_allocated()) if self.cuda else None
         # weights on the GPU after the run (with DynamicVRAM the rest waits in host memory)
         out["weights_gb"] = _gb(self.patcher.loaded_size()) if self.cuda and self.patcher is not None else None
+        out.update(host_memory())
         return out
+
+
+def host_memory() -> dict:
+    """This process's host memory in GiB: RSS (resident), PSS (resident, pages shared with other
+    processes counted by share: a memory-mapped checkpoint read by two workers counts half in each) and
+    USS (its own pages only)."""
+    try:
+        import psutil
+
+        m = psutil.Process().memory_full_info()
+    except Exception:  # noqa: BLE001 - no psutil, or no access: no host figures
+        return {}
+    return {f"host_{k}_gb": _gb(getattr(m, k)) for k in ("rss", "pss", "uss") if hasattr(m, k)}

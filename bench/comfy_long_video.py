@@ -160,6 +160,18 @@ class DevicePeak(threading.Thread):
         return self.peak
 
 
+def host_memory_record():
+    """This process's RSS/PSS/USS and the machine's used memory and page cache, GiB."""
+    try:
+        import psutil
+        m, vm = psutil.Process().memory_full_info(), psutil.virtual_memory()
+    except Exception as e:  # noqa: BLE001
+        return dict(error=repr(e))
+    return dict(driver_rss_gib=round(m.rss / GIB, 3), driver_pss_gib=round(getattr(m, "pss", 0) / GIB, 3),
+                driver_uss_gib=round(m.uss / GIB, 3), machine_used_gib=round(vm.used / GIB, 3),
+                machine_cached_gib=round(getattr(vm, "cached", 0) / GIB, 3))
+
+
 def rss_gb():
     try:
         import psutil
@@ -319,6 +331,7 @@ def child(a):
         except Exception:  # noqa: BLE001
             pass
     rec["host_rss_gb"] = rss_gb()
+    rec["host_at_end"] = host_memory_record()
     rec["host_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 3)
     del dummy
     return rec
@@ -338,6 +351,8 @@ def parallel_sample(a, model, noise, latent, pos, neg, rec):
     rec["timings"] = res["timings"]
     rec["worker_memory"] = res["memory"]
     rec["summary_text"] = res["summary"]
+    rec["planned_peak_gib"] = res.get("planned_peak_gb")
+    rec["host_after_sampling"] = host_memory_record()
     rec["s_per_step_worker"] = res["timings"].get("worker_s_per_step")
     parallel_sampler.POOL.stop_group()
     return res["samples"]
