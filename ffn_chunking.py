@@ -13,7 +13,6 @@ How it is attached (no module is replaced, nothing global is patched):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -21,6 +20,7 @@ import logging
 import torch
 
 from . import memory_plan
+from .patching import instance_attrs, may_overwrite, transformer_options_of
 
 log = logging.getLogger(__name__)
 
@@ -54,37 +54,6 @@ def hidden_bytes_per_token(ff: torch.nn.Module, dtype: torch.dtype) -> int:
 def _chunk_bounds(n_tokens: int, n_chunks: int) -> list[int]:
     """Boundaries of ``n_chunks`` near-equal slices of ``n_tokens`` (sizes differ by at most one)."""
     return [(i * n_tokens) // n_chunks for i in range(n_chunks + 1)]
-
-
-def may_overwrite(x: torch.Tensor, whole_view: bool = False) -> bool:
-    """True when ``x`` owns its storage, is contiguous and no autograd needs it: a temporary the LTX
-    code drops after the call (the FFN input, attention's q) can take the output instead of a new
-    buffer. ``whole_view``: a view spanning all of its storage also counts (a reshape that had to copy
-    returns a view of that private copy)."""
-    own = x._base is None or (whole_view and x.storage_offset() == 0
-                              and x.untyped_storage().nbytes() == x.numel() * x.element_size())
-    return own and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())
-
-
-_MISSING = object()
-
-
-@contextlib.contextmanager
-def instance_attrs(triples):
-    """Set ``(obj, name, value)`` instance attributes for the ``with`` body, then put back what the
-    instances had (nothing, usually): patches one forward of one model, never the class."""
-    saved = []
-    try:
-        for obj, name, value in triples:
-            saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
-            setattr(obj, name, value)
-        yield
-    finally:
-        for obj, name, old in reversed(saved):
-            if old is _MISSING:
-                obj.__dict__.pop(name, None)
-            else:
-                obj.__dict__[name] = old
 
 
 def chunked_forward(ff: torch.nn.Module, x: torch.Tensor, num_chunks: int) -> torch.Tensor:
@@ -162,14 +131,6 @@ def installed(diffusion_model: torch.nn.Module, settings: ChunkSettings, free_by
             if ff is not None:
                 triples.append((ff, "forward", functools.partial(_chunked_call, ff, kind, settings, free_bytes)))
     return instance_attrs(triples)
-
-
-def transformer_options_of(args, kwargs) -> dict:
-    """``transformer_options`` of an LTX ``_forward(x, timestep, context, attention_mask, frame_rate,
-    transformer_options, ...)`` call, however it was passed."""
-    if "transformer_options" in kwargs:
-        return kwargs["transformer_options"]
-    return args[5] if len(args) > 5 else {}
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):

@@ -1,9 +1,9 @@
 """Per-rank memory lines, off unless LTXAV_PARALLEL_MEMORY_LOG=1 (they synchronise the device), and
 per-rank profiler traces of each sampling run, off unless LTXAV_PARALLEL_TRACE_DIR names a folder.
 
-Lines (logger ``...instrumentation``, INFO), for grepping:
-  [RayWorker r] PE Generated. VRAM: A GB allocated, P GB peak
-  [RayWorker r] Blocks complete. Peak VRAM: P GB (A GB allocated)
+Lines (logger ``...instrumentation``, INFO), for grepping (GiB: 2**30 bytes):
+  [RayWorker r] PE Generated. VRAM: A GiB allocated, P GiB peak
+  [RayWorker r] Blocks complete. Peak VRAM: P GiB (A GiB allocated)
   [RayWorker r] trace written: PATH
 """
 from __future__ import annotations
@@ -15,39 +15,39 @@ import time
 
 import torch
 
-ENV = "LTXAV_PARALLEL_MEMORY_LOG"
-TRACE_ENV = "LTXAV_PARALLEL_TRACE_DIR"
-GB = float(1 << 30)
+from . import envs
+
+GIB = float(1 << 30)
 log = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "") not in ("", "0", "false", "False")
+    return envs.MEMORY_LOG.on()
 
 
-def memory_gb(device: torch.device) -> tuple[float, float]:
-    """(allocated, peak allocated) in GB on ``device``; zeros off CUDA."""
+def memory_gib(device: torch.device) -> tuple[float, float]:
+    """(allocated, peak allocated) in GiB on ``device``; zeros off CUDA."""
     if device.type != "cuda":
         return 0.0, 0.0
     torch.cuda.synchronize(device)
-    return torch.cuda.memory_allocated(device) / GB, torch.cuda.max_memory_allocated(device) / GB
+    return torch.cuda.memory_allocated(device) / GIB, torch.cuda.max_memory_allocated(device) / GIB
 
 
 def pe_generated(rank: int, device: torch.device) -> None:
-    alloc, peak = memory_gb(device)
-    log.info("[RayWorker %d] PE Generated. VRAM: %.3f GB allocated, %.3f GB peak", rank, alloc, peak)
+    alloc, peak = memory_gib(device)
+    log.info("[RayWorker %d] PE Generated. VRAM: %.3f GiB allocated, %.3f GiB peak", rank, alloc, peak)
 
 
 def blocks_complete(rank: int, device: torch.device) -> None:
-    alloc, peak = memory_gb(device)
-    log.info("[RayWorker %d] Blocks complete. Peak VRAM: %.3f GB (%.3f GB allocated)", rank, peak, alloc)
+    alloc, peak = memory_gib(device)
+    log.info("[RayWorker %d] Blocks complete. Peak VRAM: %.3f GiB (%.3f GiB allocated)", rank, peak, alloc)
 
 
 @contextlib.contextmanager
 def traced(rank: int):
     """The ``with`` body under torch.profiler (CPU and CUDA activity, no Python stacks), its Chrome
     trace written to ``$LTXAV_PARALLEL_TRACE_DIR/rank{rank}-{pid}-{ns}.json``; nothing without it."""
-    folder = os.environ.get(TRACE_ENV, "")
+    folder = envs.TRACE_DIR.get()
     if not folder:
         yield
         return

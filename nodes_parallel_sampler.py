@@ -7,6 +7,7 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io, ui
 
+from .jobs import GuiderJob, KSamplerJob
 from .nodes_ltx_ffn_chunker import CATEGORY
 from .parallel_sampler import POOL, ParallelSettings
 
@@ -114,15 +115,14 @@ class LTXAVParallelKSampler(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"],
                                                          latent.get("downscale_ratio_spacial", None))
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-        job = dict(mode="ksampler", noise=noise, latent=samples, noise_mask=_noise_mask(latent), seed=seed,
-                   steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, positive=positive,
-                   negative=negative, denoise=denoise, disable_noise=False, start_step=None, last_step=None,
-                   force_full_denoise=False)
-        result = POOL.run(model, job, _settings(gpus, ulysses_degree, ring_degree, ray_address), steps)
+        job = KSamplerJob(noise=noise, latent=samples, noise_mask=_noise_mask(latent), seed=seed, steps=steps, cfg=cfg,
+                          sampler_name=sampler_name, scheduler=scheduler, positive=positive, negative=negative,
+                          denoise=denoise)
+        result = POOL.run(model, job, _settings(gpus, ulysses_degree, ring_degree, ray_address))
         out = latent.copy()
         out.pop("downscale_ratio_spacial", None)
-        out["samples"] = result["samples"]
-        return io.NodeOutput(out, ui=ui.PreviewText(result["summary"]))
+        out["samples"] = result.samples
+        return io.NodeOutput(out, ui=ui.PreviewText(result.summary))
 
 
 class LTXAVParallelSamplerCustomAdvanced(io.ComfyNode):
@@ -160,21 +160,20 @@ class LTXAVParallelSamplerCustomAdvanced(io.ComfyNode):
         latent = latent_image.copy()
         latent["samples"] = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"],
                                                                    latent.get("downscale_ratio_spacial", None))
-        job = dict(mode="guider", noise=noise.generate_noise(latent), latent=latent["samples"],
-                   noise_mask=_noise_mask(latent), seed=noise.seed, guider=guider, sampler=sampler, sigmas=sigmas)
-        steps = sigmas.shape[-1] - 1
-        result = POOL.run(patcher, job, _settings(gpus, ulysses_degree, ring_degree, ray_address), steps)
-        samples = result["samples"]
+        job = GuiderJob(noise=noise.generate_noise(latent), latent=latent["samples"], noise_mask=_noise_mask(latent),
+                        seed=noise.seed, guider=guider, sampler=sampler, sigmas=sigmas)
+        result = POOL.run(patcher, job, _settings(gpus, ulysses_degree, ring_degree, ray_address))
+        samples = result.samples
         out = latent.copy()
         out.pop("downscale_ratio_spacial", None)
         out["samples"] = samples
         denoised = out
-        if result.get("x0") is not None:
-            x0 = patcher.model.process_latent_out(result["x0"])
+        if result.x0 is not None:
+            x0 = patcher.model.process_latent_out(result.x0)
             if samples.is_nested:
                 x0 = comfy.nested_tensor.NestedTensor(comfy.utils.unpack_latents(x0, [t.shape for t in samples.unbind()]))
             denoised = {**out, "samples": x0}
-        return io.NodeOutput(out, denoised, ui=ui.PreviewText(result["summary"]))
+        return io.NodeOutput(out, denoised, ui=ui.PreviewText(result.summary))
 
 
 NODES = [LTXAVParallelKSampler, LTXAVParallelSamplerCustomAdvanced]

@@ -27,16 +27,12 @@ import time
 
 import torch
 
-from . import ffn_chunking, memory_plan, ray_worker, xdit_context_parallel
+from . import envs, ffn_chunking, jobs, memory_plan, model_transfer, models, ray_worker, xdit_context_parallel
+from .sequence_parallel.groups import Degrees, check_degrees
 
 log = logging.getLogger(__name__)
 NODE = "LTXAV Parallel Sampler"
 POLL_S = 0.25
-START_TIMEOUT_S = float(os.environ.get("LTXAV_PARALLEL_START_S", 600))
-LOAD_TIMEOUT_S = float(os.environ.get("LTXAV_PARALLEL_LOAD_S", 3600))
-HEARTBEAT_S = float(os.environ.get("LTXAV_PARALLEL_HEARTBEAT_S", 15))
-STALL_S = float(os.environ.get("LTXAV_PARALLEL_STALL_S", 900))
-SKIP_CHECK_ENV = "LTXAV_PARALLEL_SKIP_MEMORY_CHECK"  # "1": run even when the planner predicts too little memory
 STOP_S = 5.0  # the time Ray's processes get to end (a failed start, SIGTERM/SIGINT) before those left are killed
 
 
@@ -64,7 +60,7 @@ class ParallelSettings:
 class _Group:
     actors: list
     world: int
-    degrees: xdit_context_parallel.Degrees
+    degrees: Degrees
     address: str
     cpu: bool
     infos: list
@@ -177,7 +173,7 @@ def _host_args() -> dict:
 
 
 def _passthrough_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k.startswith(ray_worker.ENV_PASSTHROUGH)}
+    return {k: v for k, v in os.environ.items() if k.startswith(envs.PASSTHROUGH)}
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -309,7 +305,7 @@ class ParallelSampler:
         return self._remote_cls
 
     # -- the worker group ---------------------------------------------------------
-    def resolve(self, settings: ParallelSettings, video_heads: int) -> tuple[int, xdit_context_parallel.Degrees, bool]:
+    def resolve(self, settings: ParallelSettings, video_heads: int) -> tuple[int, Degrees, bool]:
         import ray
 
         cpu = _cpu_mode()
@@ -330,10 +326,10 @@ class ParallelSampler:
             if world % ring:
                 raise ValueError(f"{NODE}: ring_degree={ring} does not divide gpus={world}; pick a ring_degree "
                                  f"that divides {world}.")
-            degrees = xdit_context_parallel.Degrees(world // ring, ring)
+            degrees = Degrees(world // ring, ring)
         else:
-            degrees = xdit_context_parallel.Degrees(settings.ulysses, settings.ring)
-        xdit_context_parallel.check_degrees(degrees, world, video_heads, NODE)
+            degrees = Degrees(settings.ulysses, settings.ring)
+        check_degrees(degrees, world, video_heads, NODE)
         return world, degrees, cpu
 
     def ensure_group(self, world, degrees, cpu) -> tuple[_Group, float]:
@@ -360,7 +356,7 @@ class ParallelSampler:
         # the pack's own variables are set explicitly ("" = unset): Ray's processes may have inherited
         # values from when Ray started
         env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
-                            **{k: "" for k in ray_worker.WORKER_ENV}, **_passthrough_env(),
+                            **{k: "" for k in envs.WORKER_VARS}, **_passthrough_env(),
                             "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
         if self.loopback:
             # a cluster on loopback: gloo's and NCCL's own sockets there too (by default they take the
@@ -372,10 +368,10 @@ class ParallelSampler:
             for rank in range(world)]
         group = _Group(actors, world, degrees, self.address, cpu, infos=[])
         self.group = group
-        host, port = self._wait([actors[0].rendezvous.remote()], "start", START_TIMEOUT_S, heartbeat=False)[0]
+        host, port = self._wait([actors[0].rendezvous.remote()], "start", envs.START_S.number(), heartbeat=False)[0]
         self._wait([a.init_groups.remote(host, port, degrees.ulysses, degrees.ring) for a in actors], "start",
-                   START_TIMEOUT_S, heartbeat=False)
-        group.infos = self._wait([a.info.remote() for a in actors], "start", START_TIMEOUT_S, heartbeat=False)
+                   envs.START_S.number(), heartbeat=False)
+        group.infos = self._wait([a.info.remote() for a in actors], "start", envs.START_S.number(), heartbeat=False)
         seconds = time.perf_counter() - t0
         log.info("%s: started %d workers (Ulysses %d x ring %d) in %.1f s: %s", NODE, world, degrees.ulysses,
                  degrees.ring, seconds, ", ".join(f"{i['rank']}: {i['device']} pid {i['pid']} on {i['node']}"
@@ -396,32 +392,32 @@ class ParallelSampler:
                 pass
 
     # -- one run ------------------------------------------------------------------
-    def run(self, patcher, job: dict, settings: ParallelSettings, total_steps: int) -> dict:
-        """Sample ``job`` on the workers; returns rank 0's result plus ``memory`` (every rank's) and
-        ``timings``."""
+    def run(self, patcher, job: jobs.KSamplerJob | jobs.GuiderJob, settings: ParallelSettings) -> jobs.RunResult:
+        """Sample ``job`` on the workers."""
         import comfy.model_management
         import comfy.utils
 
         dm = patcher.get_model_object("diffusion_model")
-        xdit_context_parallel.require_ltxav(dm, NODE)
+        family = models.family_of(dm, NODE)
         self.connect(settings.ray_address)  # first: it decides how Ray is imported
         import ray
-        world, degrees, cpu = self.resolve(settings, dm.num_attention_heads)
+        world, degrees, cpu = self.resolve(settings, family.video_heads(dm))
+        total_steps = job.total_steps
         t_prepare = time.perf_counter()
-        model = ray_worker.model_spec(patcher, own_keys=(ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY))
+        model = model_transfer.model_spec(patcher, own_keys=(ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY))
         if model.skipped:
             log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, ", ".join(model.skipped))
-        job_bytes = ray_worker.dumps(job, ray_worker.model_refs(patcher))
+        job_bytes = model_transfer.dumps(job, model_transfer.model_refs(patcher))
         comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
         comfy.model_management.soft_empty_cache()
         prepare_s = time.perf_counter() - t_prepare
 
         group, start_s = self.ensure_group(world, degrees, cpu)
-        budgets = [b for b in self._wait([a.memory_budget.remote() for a in group.actors], "start", START_TIMEOUT_S)
+        budgets = [b for b in self._wait([a.memory_budget.remote() for a in group.actors], "start", envs.START_S.number())
                    if b is not None]
         est = None
-        if budgets and os.environ.get(SKIP_CHECK_ENV) != "1":
-            est = check_memory(patcher, job, group.world, group.degrees, min(budgets), group.infos)
+        if budgets and not envs.SKIP_MEMORY_CHECK.on():
+            est = check_memory(patcher, job.latent, group.world, group.degrees, min(budgets), group.infos)
             streamed = "; weights streamed from host memory (DynamicVRAM)" if streams_weights(group.infos) else ""
             log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s%s)", NODE, est.total / memory_plan.GIB,
                      min(budgets) / memory_plan.GIB, est.describe(), streamed)
@@ -432,9 +428,10 @@ class ParallelSampler:
         t0 = time.perf_counter()
         recipe_ref, spec_ref = ray.put(model.recipe), ray.put(model.spec)
         loads = self._wait([a.load.remote(model.file_key, model.key, recipe_ref, spec_ref) for a in group.actors],
-                           "model load", LOAD_TIMEOUT_S)
+                           "model load", envs.LOAD_S.number())
         load_s = time.perf_counter() - t0
-        action = loads[0]["action"]
+        load = loads[0]
+        action = load.action
         if action != "kept":
             log.info("%s: model %s on %d workers in %.1f s", NODE,
                      "loaded" if action == "read" else "patches re-applied", world, load_s)
@@ -443,30 +440,29 @@ class ParallelSampler:
 
         t0 = time.perf_counter()
         job_ref = ray.put(job_bytes)
-        results = self._wait([a.sample.remote(job_ref) for a in group.actors], "sampling", STALL_S,
+        results = self._wait([a.sample.remote(job_ref) for a in group.actors], "sampling", envs.STALL_S.number(),
                              pbar=comfy.utils.ProgressBar(total_steps))
         sample_s = time.perf_counter() - t0
-        marks = results[0].get("step_times") or []
-        memory = [r["memory"] for r in results]
-        if results[0]["interrupted"]:
-            log.info("%s: interrupted at step %d; the workers stay loaded", NODE, results[0]["step"])
+        first = results[0]
+        marks = first.step_times
+        memory = [r.memory for r in results]
+        if first.interrupted:
+            log.info("%s: interrupted at step %d; the workers stay loaded", NODE, first.step)
             comfy.model_management.interrupt_current_processing(False)
             raise comfy.model_management.InterruptProcessingException()
-        out = dict(results[0])
-        out["memory"] = memory
         # prepare: the model spec and job pickled here; outside_steps: the sampling call's time beyond the
         # workers' own marks (their sampling's start to its last step): job and result transfer, Ray's
         # scheduling and the workers' tear-down
-        out["planned_peak_gb"] = None if est is None else round(est.total / memory_plan.GIB, 3)
-        out["model_load"] = {"action": action, "file_reads": loads[0]["loads"], "patch_changes": loads[0]["repatches"]}
-        out["timings"] = {"ray_start_s": round(start_s, 2), "model_load_s": round(load_s, 2),
-                          "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4),
-                          "prepare_s": round(prepare_s, 3), "job_mb": round(len(job_bytes) / 1e6, 1),
-                          "outside_steps_s": round(sample_s - (marks[-1] - marks[0]), 3) if len(marks) > 1 else None,
-                          **step_timings(marks)}
-        out["summary"] = summary(group, memory, out["timings"], out["model_load"])
-        log.info("%s", out["summary"])
-        return out
+        timings = {"ray_start_s": round(start_s, 2), "model_load_s": round(load_s, 2),
+                   "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4),
+                   "prepare_s": round(prepare_s, 3), "job_mb": round(len(job_bytes) / 1e6, 1),
+                   "outside_steps_s": round(sample_s - (marks[-1] - marks[0]), 3) if len(marks) > 1 else None,
+                   **step_timings(marks)}
+        text = summary(group, memory, timings, load)
+        log.info("%s", text)
+        return jobs.RunResult(samples=first.samples, x0=first.x0, memory=memory, timings=timings, model_load=load,
+                              planned_peak_gib=None if est is None else jobs.gib(est.total), summary=text,
+                              step_times=marks)
 
     def _wait(self, refs, what, stall_s, heartbeat=True, pbar=None):
         """Results of ``refs`` (one per worker, in rank order), watching the workers meanwhile."""
@@ -550,11 +546,13 @@ def streams_weights(infos) -> bool:
     return any(i.get("dynamic_vram") for i in infos)
 
 
-def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.Estimate:
-    """Refuse a run whose predicted per-worker peak exceeds ``budget`` bytes, saying what would fit."""
+def check_memory(patcher, latent, world, degrees, budget, infos=()) -> memory_plan.Estimate:
+    """Refuse a run on ``latent`` whose predicted per-worker peak exceeds ``budget`` bytes, saying what
+    would fit."""
     dm = patcher.get_model_object("diffusion_model")
-    dims = memory_plan.ModelDims.of(dm, compute_dtype=patcher.model.get_dtype_inference())
-    clip, batch = latent_clip(job["latent"])
+    family = models.family_of(dm, NODE)
+    dims = family.plan_dims(dm, compute_dtype=patcher.model.get_dtype_inference())
+    clip, batch = latent_clip(latent)
     chunking = ffn_chunking.ChunkSettings.from_options(patcher.model_options.get("transformer_options"))
     ffn = 1 if chunking is None else None if chunking.auto else chunking.num_chunks  # None: auto
     # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them;
@@ -569,7 +567,7 @@ def check_memory(patcher, job, world, degrees, budget, infos=()) -> memory_plan.
     size = f"{clip.latent_width * 32}x{clip.latent_height * 32}"
     fits = memory_plan.largest_latent_frames(budget, dims, clip, world=world, **kw)
     ulysses_only = {k: v for k, v in kw.items() if k != "ring"}
-    more = memory_plan.smallest_world(budget, dims, clip, max_world=64, video_heads=dm.num_attention_heads,
+    more = memory_plan.smallest_world(budget, dims, clip, max_world=64, video_heads=family.video_heads(dm),
                                       **ulysses_only)
     device = infos[0]["device"] if infos else "each worker"
     if fits:
@@ -595,11 +593,12 @@ def _heartbeat_of(group, what):
     import ray
 
     refs = [a.progress.remote() for a in group.actors]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=HEARTBEAT_S)
+    heartbeat_s = envs.HEARTBEAT_S.number()
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=heartbeat_s)
     steps = []
     for rank, ref in enumerate(refs):
         if ref not in ready:
-            raise WorkerFault(f"worker {rank} stopped answering for {HEARTBEAT_S:.0f} s during {what} "
+            raise WorkerFault(f"worker {rank} stopped answering for {heartbeat_s:.0f} s during {what} "
                               "(hung, frozen or overloaded)")
         try:
             steps.append(ray.get(ref))
@@ -643,23 +642,24 @@ def _describe(err, rank, what, group) -> str:
 MODEL_ACTIONS = {"read": "read from file", "repatched": "patches re-applied, file not read", "kept": "kept"}
 
 
-def summary(group: _Group, memory: list[dict], timings: dict, model_load: dict | None = None) -> str:
-    """The time and per-worker memory lines shown in the log and on the node."""
-    load = f"model load {timings['model_load_s']} s"
-    if model_load:
-        load += (f" ({MODEL_ACTIONS[model_load['action']]}; file reads {model_load['file_reads']}, patch changes "
-                 f"{model_load['patch_changes']} on these workers)")
+def summary(group: _Group, memory: list[jobs.WorkerMemory], timings: dict, load: jobs.LoadResult | None = None) -> str:
+    """The time and per-worker memory lines shown in the log and on the node (GiB)."""
+    loading = f"model load {timings['model_load_s']} s"
+    if load:
+        loading += (f" ({MODEL_ACTIONS[load.action]}; file reads {load.loads}, patch changes {load.repatches} on "
+                    "these workers)")
     lines = [f"{NODE}: {group.world} workers, Ulysses {group.degrees.ulysses} x ring {group.degrees.ring}; "
              f"sampling {timings['sampling_s']} s ({timings.get('worker_s_per_step', timings['s_per_step'])} s/step on "
-             f"the workers), {load}, Ray start {timings['ray_start_s']} s"]
+             f"the workers), {loading}, Ray start {timings['ray_start_s']} s"]
     for m, info in zip(memory, group.infos):
-        if m["peak_gb"] is None:
-            lines.append(f"  worker {m['rank']} ({info['device']}): no GPU memory figures on CPU")
+        host = f"host memory {m.host_rss_gib} GiB resident ({m.host_pss_gib} GiB by share)" if m.host_rss_gib else ""
+        if m.peak_gib is None:
+            lines.append(f"  worker {m.rank} ({info['device']}): no GPU memory figures on CPU" + (f"; {host}" if host else ""))
         else:
-            lines.append(f"  worker {m['rank']} ({info['device']}): peak {m['peak_gb']} GB above the forward's start "
-                         f"(PE {m['pe_gb']} GB, blocks {m['blocks_gb']} GB); {m['allocated_gb']} GB allocated; "
-                         f"weights on the GPU {m.get('weights_gb')} GB"
-                         + (" (streamed: DynamicVRAM)" if info.get("dynamic_vram") else ""))
+            lines.append(f"  worker {m.rank} ({info['device']}): peak {m.peak_gib} GiB above the forward's start "
+                         f"(PE {m.pe_gib} GiB, blocks {m.blocks_gib} GiB); {m.allocated_gib} GiB allocated; "
+                         f"weights on the GPU {m.weights_gib} GiB"
+                         + (" (streamed: DynamicVRAM)" if info.get("dynamic_vram") else "") + (f"; {host}" if host else ""))
     return "\n".join(lines)
 
 

@@ -3,32 +3,20 @@ sequence-parallel forward, running ComfyUI's own sampler.
 
 Every worker runs the same sampling loop on the same inputs; only the diffusion-model forward is
 split (``xdit_context_parallel``) and its output gathered, so all ranks stay in step and rank 0's
-result is the answer.
-
-What crosses from ComfyUI to the workers is pickled with ``dumps``: anything that refers to the
-driver's MODEL (its ModelPatcher, model_options, BaseModel or diffusion model) is sent as a
-reference and resolves to the worker's own copy, so guiders and model options travel without the
-weights. The worker rebuilds the model from the MODEL's load recipe (``cached_patcher_init``, set by
-ComfyUI's loaders), then applies the MODEL's weight patches (LoRA), object patches and options.
-Two keys, made from content (``content_digest``), decide what a worker redoes: the file key (the
-recipe: file, dtype, loader options; and the file's size and time) rebuilds the model from disk; the
-model key (file key + patches, object patches, options) only makes a new clone of the loaded model
-with the new patches, and ComfyUI's patcher restores the original weights from its backup before
-applying them, as it does in its own process when a LoRA strength changes.
+result is the answer. The worker rebuilds the model from what ``model_transfer.model_spec`` sent:
+the file is read only when the file key changes; for a changed model key (patches, options) it
+clones the loaded model with the new patches, and ComfyUI's patcher restores the original weights
+from its backup before applying them, as it does in its own process when a LoRA strength changes.
 
 This module is sent to Ray workers by value (ComfyUI imports custom nodes under a path-like module
 name that other processes cannot import); it imports the rest of the pack at run time, under the
-same package name as in ComfyUI.
+same package name as in ComfyUI, so it refers to no pack module at import time.
 """
 from __future__ import annotations
 
-import enum
-import functools
 import gc
-import hashlib
 import importlib
 import importlib.util
-import io
 import logging
 import os
 import pickle
@@ -38,239 +26,12 @@ import threading
 import time
 import types
 import uuid
-import weakref
 
 import torch
 
-ENV_PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "GLOO_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
-FAULT_ENV = "LTXAV_PARALLEL_FAULT"  # test hook: "oom:RANK:STEP" raises an OutOfMemoryError there
-# cap each worker's device memory (GB = 10^9 bytes), e.g. 24 to behave like a 24 GB card on a larger one
-CAP_ENV = "LTXAV_PARALLEL_MEMORY_CAP_GB"
-WORKER_ENV = (FAULT_ENV, CAP_ENV)  # read by the workers themselves
 # ComfyUI's memory flags, as each worker reports them (every flag of the ComfyUI process reaches it)
 MEMORY_FLAGS = ("disable_dynamic_vram", "enable_dynamic_vram", "reserve_vram", "lowvram", "novram", "highvram",
                 "gpu_only", "normalvram", "cpu", "disable_smart_memory", "async_offload")
-MODEL_REF_NAMES = ("patcher", "model_options", "base_model", "diffusion_model")
-
-
-# --------------------------------------------------------------------------- transfer
-
-def model_refs(patcher) -> dict:
-    """The objects that stand for the model in anything sent to workers."""
-    return {"patcher": patcher, "model_options": patcher.model_options, "base_model": patcher.model,
-            "diffusion_model": patcher.model.diffusion_model}
-
-
-def dumps(obj, refs: dict) -> bytes:
-    """cloudpickle ``obj``, sending the objects in ``refs`` by name."""
-    from ray import cloudpickle
-
-    by_id = {id(v): k for k, v in refs.items()}
-
-    class RefPickler(cloudpickle.Pickler):
-        def persistent_id(self, o):
-            return by_id.get(id(o))
-
-    buf = io.BytesIO()
-    RefPickler(buf, protocol=5).dump(obj)
-    return buf.getvalue()
-
-
-def loads(data: bytes, refs: dict):
-    """Inverse of ``dumps``: names resolve to the objects in ``refs``."""
-
-    class RefUnpickler(pickle.Unpickler):
-        def persistent_load(self, pid):
-            return refs[pid]
-
-    return RefUnpickler(io.BytesIO(data)).load()
-
-
-class ModelSpec(types.SimpleNamespace):
-    """What a worker needs to rebuild a MODEL: ``recipe`` and ``spec`` (pickled), ``skipped`` (the names
-    of the parts that cannot travel), ``file_key`` (what decides the weights read from disk) and
-    ``key`` (that plus everything applied on them)."""
-
-
-def model_spec(patcher, own_keys=()) -> ModelSpec:
-    """What a worker needs to rebuild ``patcher``'s model: its load recipe, its patches and options
-    (pickled with model references), the names of the parts that cannot travel (left out), and the
-    content keys that decide whether a worker reloads the file or only re-applies patches."""
-    from ray import cloudpickle
-
-    if patcher.cached_patcher_init is None:
-        raise ValueError("the MODEL has no load recipe (ComfyUI records one in UNETLoader 'Load Diffusion "
-                         "Model' and CheckpointLoaderSimple 'Load Checkpoint'); load the model with one of those")
-    refs = model_refs(patcher)
-    skipped = []
-
-    def keep(name, value):
-        try:
-            dumps(value, refs)
-            return True
-        except Exception:  # noqa: BLE001 - anything unpicklable stays behind, named in the warning
-            skipped.append(name)
-            return False
-
-    options = {}
-    for k, v in patcher.model_options.items():
-        if k == "transformer_options":
-            continue
-        if keep(f"model_options[{k!r}]", v):
-            options[k] = v
-    to = {}
-    for k, v in patcher.model_options.get("transformer_options", {}).items():
-        if k == "wrappers":
-            continue
-        if keep(f"transformer_options[{k!r}]", v):
-            to[k] = v
-    wrappers = {}
-    for kind, by_key in patcher.wrappers.items():
-        for key, fns in by_key.items():
-            if key in own_keys:
-                continue
-            if keep(f"wrapper {kind}/{key}", fns):
-                wrappers.setdefault(kind, {})[key] = list(fns)
-    object_patches = {k: v for k, v in patcher.object_patches.items() if keep(f"object patch {k!r}", v)}
-    spec = {"patches": {k: list(v) for k, v in patcher.patches.items()}, "object_patches": object_patches,
-            "model_options": options, "transformer_options": to, "wrappers": wrappers}
-    recipe = patcher.cached_patcher_init
-    file_key = content_digest({"recipe": recipe, "files": _file_stats(recipe[1])})
-    key = content_digest({"file": file_key, "spec": spec}, refs)
-    return ModelSpec(recipe=cloudpickle.dumps(recipe), spec=dumps(spec, refs), skipped=skipped, file_key=file_key,
-                     key=key)
-
-
-def _file_stats(args) -> list:
-    """Size and modification time of the files a load recipe names: a file replaced under the same
-    name is read again."""
-    out = []
-    for a in args:
-        if isinstance(a, str) and os.path.isfile(a):
-            st = os.stat(a)
-            out.append((a, st.st_size, st.st_mtime_ns))
-        elif isinstance(a, (list, tuple)):
-            out.extend(_file_stats(a))
-    return out
-
-
-def content_digest(obj, refs: dict | None = None) -> str:
-    """A hash of what ``obj`` holds (tensor bytes, numbers, strings, the attributes of objects), not of
-    where it lives: the same LoRA loaded twice gives the same digest, a changed strength another.
-    The objects in ``refs`` count by name. What cannot be read this way (no attributes, no pickle)
-    counts by identity, so at worst a worker re-applies patches it could have kept."""
-    h = hashlib.blake2b(digest_size=16)
-    names = {id(v): k for k, v in (refs or {}).items()}
-    seen: dict[int, tuple[int, object]] = {}  # id -> (position, the object: kept alive so ids stay unique)
-
-    def put(tag: bytes, data: bytes = b"") -> None:
-        h.update(tag + len(data).to_bytes(8, "little") + data)
-
-    def walk(o) -> None:
-        if id(o) in names:
-            return put(b"ref", names[id(o)].encode())
-        if o is None or isinstance(o, (bool, int, float, complex, str, enum.Enum, torch.dtype, torch.device)):
-            return put(type(o).__name__.encode(), repr(o).encode())
-        if isinstance(o, (bytes, bytearray)):
-            return put(b"bytes", bytes(o))
-        if id(o) in seen:  # shared or cyclic: its position, once it was read
-            return put(b"seen", str(seen[id(o)][0]).encode())
-        seen[id(o)] = (len(seen), o)
-        if isinstance(o, torch.Tensor):
-            return tensor(o)
-        if isinstance(o, (list, tuple)):
-            put(type(o).__qualname__.encode(), str(len(o)).encode())
-            for x in o:
-                walk(x)
-            return None
-        if isinstance(o, dict):
-            put(b"dict", str(len(o)).encode())
-            for k in sorted(o, key=repr):
-                walk(k)
-                walk(o[k])
-            return None
-        if isinstance(o, (set, frozenset)):
-            return put(b"set", b"".join(sorted(bytes.fromhex(content_digest(x, refs)) for x in o)))
-        if isinstance(o, functools.partial):
-            put(b"partial")
-            return walk((o.func, o.args, o.keywords))
-        if isinstance(o, types.MethodType):
-            put(b"method", o.__func__.__qualname__.encode())
-            return walk(o.__self__)
-        if isinstance(o, types.FunctionType):
-            put(b"function", f"{o.__module__}.{o.__qualname__}".encode())
-            return walk((o.__code__, o.__defaults__, o.__kwdefaults__,
-                         [c.cell_contents for c in o.__closure__ or () if _cell_set(c)]))
-        if isinstance(o, types.CodeType):
-            put(b"code", o.co_code)
-            return walk((o.co_consts, o.co_names))
-        if isinstance(o, (type, types.BuiltinFunctionType, types.ModuleType)):
-            put(b"name", f"{getattr(o, '__module__', '')}.{getattr(o, '__qualname__', o.__name__)}".encode())
-            bound = getattr(o, "__self__", None)  # a builtin method: the object it is bound to counts
-            return None if bound is None or isinstance(bound, types.ModuleType) else walk(bound)
-        state = _attributes(o)
-        if state is not None:
-            put(b"object", f"{type(o).__module__}.{type(o).__qualname__}".encode())
-            return walk(state)
-        try:
-            return put(b"pickle", pickle.dumps(o))
-        except Exception:  # noqa: BLE001 - unreadable: identity (a change forces re-applying, never a wrong reuse)
-            return put(b"id", f"{type(o).__qualname__}:{id(o)}:{uuid.uuid4()}".encode())
-
-    def tensor(t: torch.Tensor) -> None:
-        put(b"tensor", f"{type(t).__qualname__}:{t.dtype}:{tuple(t.shape)}".encode())
-        try:
-            put(b"data", _tensor_bytes_digest(t))
-        except Exception:  # noqa: BLE001 - quantized or subclassed tensors without plain bytes
-            state = _attributes(t)
-            if state:
-                walk(state)
-            else:
-                put(b"id", f"{id(t)}:{uuid.uuid4()}".encode())
-
-    try:
-        walk(obj)
-    except RecursionError:  # too deep to read: a key of its own (patches are re-applied, never wrongly kept)
-        return uuid.uuid4().hex
-    return h.hexdigest()
-
-
-# tensor id -> (weak reference, version, data pointer, digest of its bytes): a LoRA's tensors stay the
-# same objects from prompt to prompt (ComfyUI caches the loader's output), so their bytes are hashed
-# once; an in-place change bumps the version, and a dead tensor's entry goes with it
-_TENSOR_DIGESTS: dict[int, tuple] = {}
-
-
-def _tensor_bytes_digest(t: torch.Tensor) -> bytes:
-    state = (t._version, t.data_ptr())
-    hit = _TENSOR_DIGESTS.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1:3] == state:
-        return hit[3]
-    data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
-    digest = hashlib.blake2b(memoryview(data.numpy()), digest_size=16).digest()
-    key = id(t)
-    _TENSOR_DIGESTS[key] = (weakref.ref(t, lambda _, key=key: _TENSOR_DIGESTS.pop(key, None)), *state, digest)
-    return digest
-
-
-def _cell_set(cell) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 - an empty cell raises
-        return True
-    except ValueError:
-        return False
-
-
-def _attributes(o) -> dict | None:
-    """An object's own state: its __dict__ and __slots__ values (None when it has neither)."""
-    state = dict(vars(o)) if hasattr(o, "__dict__") else {}
-    for cls in type(o).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if name not in ("__dict__", "__weakref__") and hasattr(o, name):
-                state[name] = getattr(o, name)
-    if not state and not hasattr(o, "__dict__"):
-        return None
-    return state
 
 
 # --------------------------------------------------------------------------- worker process set-up
@@ -358,16 +119,12 @@ def _import_pack(pack_dir: str, pack_name: str) -> types.ModuleType:
     return sys.modules[pack_name]
 
 
-def _fault(rank: int, step: int) -> str | None:
-    spec = os.environ.get(FAULT_ENV, "")
+def _fault(spec: str, rank: int, step: int) -> str | None:
+    """The fault the test hook ``spec`` ("oom:RANK:STEP") injects at this rank and step, if any."""
     parts = spec.split(":")
     if len(parts) == 3 and int(parts[1]) == rank and int(parts[2]) == step:
         return parts[0]
     return None
-
-
-def _gb(n: float) -> float:
-    return round(n / (1 << 30), 3)
 
 
 class LTXAVWorker:
@@ -377,15 +134,18 @@ class LTXAVWorker:
     def __init__(self, rank: int, world: int, comfy_path: str, pack_dir: str, pack_name: str, host_args: dict,
                  dynamic_vram: bool = False):
         self.rank, self.world = rank, world
-        cap = float(os.environ.get(CAP_ENV) or 0) * 1e9
-        self.cap = cap or None
+        _import_pack(pack_dir, pack_name)
+
+        def pack(name):
+            return importlib.import_module(f"{pack_name}.{name}")
+
+        self.envs, self.jobs, self.transfer = pack("envs"), pack("jobs"), pack("model_transfer")
+        self.cap = self.envs.MEMORY_CAP_GIB.number() * self.jobs.GIB or None
         # with DynamicVRAM the cap is a held tensor: comfy-aimdo allocates outside PyTorch's allocator
         self.held = _import_host(comfy_path, host_args, dynamic_vram, self.cap if dynamic_vram else None)
+        self.models, self.groups = pack("models"), pack("sequence_parallel.groups")
+        self.xsp, self.ffn, self.inst = pack("xdit_context_parallel"), pack("ffn_chunking"), pack("instrumentation")
         self.pack_name = pack_name
-        _import_pack(pack_dir, pack_name)
-        self.xsp = importlib.import_module(f"{pack_name}.xdit_context_parallel")
-        self.ffn = importlib.import_module(f"{pack_name}.ffn_chunking")
-        self.inst = importlib.import_module(f"{pack_name}.instrumentation")
         self.step = 0
         self.stop = threading.Event()
         self.busy = threading.Lock()
@@ -422,7 +182,7 @@ class LTXAVWorker:
 
     def memory_budget(self) -> int | None:
         """Bytes this worker can use: its GPU's free memory plus what it holds already (PyTorch's cache,
-        and with DynamicVRAM the weights it can page out), within the cap (``LTXAV_PARALLEL_MEMORY_CAP_GB``);
+        and with DynamicVRAM the weights it can page out), within the cap (``LTXAV_PARALLEL_MEMORY_CAP_GIB``);
         on CPU only the cap (None without one)."""
         if not self.cuda:
             return int(self.cap) if self.cap else None
@@ -455,7 +215,7 @@ class LTXAVWorker:
             listen_fd, self.listener = self.listener.detach(), None  # the store owns the socket from here
         store = dist.TCPStore(host, port, self.world, is_master=self.rank == 0, timeout=default_pg_timeout,
                               master_listen_fd=listen_fd)
-        self.xsp.init_process_groups(self.rank, self.world, self.xsp.Degrees(ulysses, ring), backend,
+        self.groups.init_process_groups(self.rank, self.world, self.groups.Degrees(ulysses, ring), backend,
                                      f"tcp://{host}:{port}", store=store)
         self.sp = self.xsp.SequenceParallel(rank_label=self.rank, phase_stats=True)
         from xfuser.core.distributed.parallel_state import get_sp_group
@@ -463,11 +223,10 @@ class LTXAVWorker:
         self.cpu_group = get_sp_group().cpu_group
 
     # -- model ------------------------------------------------------------------
-    def load(self, file_key: str, key: str, recipe_bytes: bytes, spec_bytes: bytes) -> dict:
+    def load(self, file_key: str, key: str, recipe_bytes: bytes, spec_bytes: bytes):
         """Hold the model ``key``: read the file only when ``file_key`` differs from the loaded one;
         otherwise clone the loaded model with the new patches (ComfyUI's patcher puts the original
-        weights back from its backup before applying them). Returns what was done, how long it took,
-        and this worker's counts of file reads and patch changes."""
+        weights back from its backup before applying them). Returns a ``jobs.LoadResult``."""
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
         if key == self.model_key:
             return self._loaded("kept", 0.0)
@@ -490,7 +249,7 @@ class LTXAVWorker:
         import comfy.patcher_extension
 
         patcher = self.base.clone()
-        spec = loads(spec_bytes, model_refs(patcher))
+        spec = self.transfer.loads(spec_bytes, self.transfer.model_refs(patcher))
         patcher.patches = {k: list(v) for k, v in spec["patches"].items()}
         patcher.patches_uuid = uuid.uuid4()  # a new patch set: ComfyUI's loader unpatches and patches again
         for k, v in spec["object_patches"].items():
@@ -506,13 +265,13 @@ class LTXAVWorker:
                               is not None)
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY,
                                      self.sp.diffusion_model_wrapper)
-        self.xsp.require_ltxav(patcher.model.diffusion_model, "LTXAV Parallel Sampler")
+        self.models.family_of(patcher.model.diffusion_model, "LTXAV Parallel Sampler")
         self.patcher = patcher
         self.model_key = key
         return self._loaded("read" if read else "repatched", time.perf_counter() - t0)
 
-    def _loaded(self, action: str, seconds: float) -> dict:
-        return {"action": action, "seconds": round(seconds, 3), "loads": self.loads, "repatches": self.repatches}
+    def _loaded(self, action: str, seconds: float):
+        return self.jobs.LoadResult(action, round(seconds, 3), self.loads, self.repatches)
 
     # -- sampling ---------------------------------------------------------------
     def progress(self) -> int:
@@ -529,16 +288,17 @@ class LTXAVWorker:
         self.step_times.append(time.perf_counter())
         if self.rank == 0:
             self.last_x0 = x0
-        if _fault(self.rank, self.step) == "oom":
+        if _fault(self.envs.FAULT.get(), self.rank, self.step) == "oom":
             raise torch.OutOfMemoryError(f"injected out-of-memory on rank {self.rank} at step {self.step} "
-                                         f"({FAULT_ENV})")
+                                         f"({self.envs.FAULT.name})")
         # all ranks agree to stop at the same step (they are in lock-step collectives)
         flag = torch.tensor([1 if self.stop.is_set() else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
         if flag.item():
             raise comfy.model_management.InterruptProcessingException()
 
-    def sample(self, job_bytes: bytes) -> dict:
+    def sample(self, job_bytes: bytes):
+        """Run the pickled job (``jobs.KSamplerJob`` or ``jobs.GuiderJob``); a ``jobs.SampleResult``."""
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
         if self.patcher is None:
             raise RuntimeError("no model loaded")
@@ -549,66 +309,50 @@ class LTXAVWorker:
         finally:
             self.busy.release()
 
-    def _sample(self, job_bytes: bytes) -> dict:
+    def _sample(self, job_bytes: bytes):
         import comfy.model_management
-        import comfy.sample
 
         self.step = 0
         self.step_times = [time.perf_counter()]
         self.stop.clear()
         self.last_x0 = None
         x0 = None
-        job = loads(job_bytes, model_refs(self.patcher))
+        job = self.transfer.loads(job_bytes, self.transfer.model_refs(self.patcher))
         self.sp.reset_stats()
         try:
             with self.inst.traced(self.rank):  # LTXAV_PARALLEL_TRACE_DIR: a profiler trace of this run
-                if job["mode"] == "ksampler":
-                    samples = comfy.sample.sample(
-                        self.patcher, job["noise"], job["steps"], job["cfg"], job["sampler_name"], job["scheduler"],
-                        job["positive"], job["negative"], job["latent"], denoise=job["denoise"],
-                        disable_noise=job["disable_noise"], start_step=job["start_step"], last_step=job["last_step"],
-                        force_full_denoise=job["force_full_denoise"], noise_mask=job["noise_mask"],
-                        callback=self._callback, disable_pbar=True, seed=job["seed"])
-                else:
-                    guider = job["guider"]
-                    samples = guider.sample(job["noise"], job["latent"], job["sampler"], job["sigmas"],
-                                            denoise_mask=job["noise_mask"], callback=self._callback,
-                                            disable_pbar=True, seed=job["seed"])
-                    samples = samples.to(comfy.model_management.intermediate_device())
+                samples = job.sample(self.patcher, self._callback)
         except comfy.model_management.InterruptProcessingException:
-            return {"interrupted": True, "step": self.step, "memory": self.memory()}
+            return self.jobs.SampleResult(interrupted=True, step=self.step, memory=self.memory())
         finally:
             x0 = None if self.last_x0 is None or self.rank else self.last_x0.cpu()
             self.last_x0 = None
             comfy.model_management.soft_empty_cache()  # give cached blocks back: steady memory across prompts
-        out = {"interrupted": False, "memory": self.memory(), "step_times": self.step_times}
-        if self.rank == 0:
-            out["samples"] = samples
-            out["x0"] = x0
-        return out
+        first = self.rank == 0
+        return self.jobs.SampleResult(interrupted=False, step=self.step, memory=self.memory(),
+                                      step_times=self.step_times, samples=samples if first else None,
+                                      x0=x0 if first else None)
 
-    def memory(self) -> dict:
-        """Peaks of this run's forwards, above what was allocated when each forward began (weights,
-        latents, conditioning), in GB; None on CPU."""
-        stats = self.sp.stats
-        out = {"rank": self.rank}
-        for name in ("peak", "pe", "blocks"):
-            out[f"{name}_gb"] = _gb(stats[name]) if self.cuda and name in stats else None
-        out["allocated_gb"] = _gb(torch.cuda.memory_allocated()) if self.cuda else None
-        # weights on the GPU after the run (with DynamicVRAM the rest waits in host memory)
-        out["weights_gb"] = _gb(self.patcher.loaded_size()) if self.cuda and self.patcher is not None else None
-        out.update(host_memory())
-        return out
+    def memory(self):
+        """This worker's ``jobs.WorkerMemory`` after a run (GPU figures None on CPU)."""
+        gib, stats = self.jobs.gib, self.sp.stats
+        gpu = {}
+        if self.cuda:
+            gpu = {f"{name}_gib": gib(stats[name]) for name in ("peak", "pe", "blocks") if name in stats}
+            gpu["allocated_gib"] = gib(torch.cuda.memory_allocated())
+            if self.patcher is not None:  # with DynamicVRAM the rest of the weights waits in host memory
+                gpu["weights_gib"] = gib(self.patcher.loaded_size())
+        return self.jobs.WorkerMemory(rank=self.rank, **gpu, **host_memory(gib))
 
 
-def host_memory() -> dict:
-    """This process's host memory in GiB: RSS (resident), PSS (resident, pages shared with other
-    processes counted by share: a memory-mapped checkpoint read by two workers counts half in each) and
-    USS (its own pages only)."""
+def host_memory(gib) -> dict:
+    """This process's host memory (``gib``: bytes to the unit): RSS (resident), PSS (resident, pages
+    shared with other processes counted by share: a memory-mapped checkpoint read by two workers counts
+    half in each) and USS (its own pages only)."""
     try:
         import psutil
 
         m = psutil.Process().memory_full_info()
     except Exception:  # noqa: BLE001 - no psutil, or no access: no host figures
         return {}
-    return {f"host_{k}_gb": _gb(getattr(m, k)) for k in ("rss", "pss", "uss") if hasattr(m, k)}
+    return {f"host_{k}_gib": gib(getattr(m, k)) for k in ("rss", "pss", "uss") if hasattr(m, k)}

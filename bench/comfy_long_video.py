@@ -208,8 +208,8 @@ def child(a):
         torch.cuda.init()
         free, total = torch.cuda.mem_get_info()
         card = int(a.card_gb * GIB)
-        if parallel and card < total:  # the worker holds the rest of the card (LTXAV_PARALLEL_MEMORY_CAP_GB)
-            os.environ["LTXAV_PARALLEL_MEMORY_CAP_GB"] = f"{card / 1e9:.6f}"
+        if parallel and card < total:  # the worker holds the rest of the card (LTXAV_PARALLEL_MEMORY_CAP_GIB)
+            os.environ["LTXAV_PARALLEL_MEMORY_CAP_GIB"] = f"{card / GIB:.6f}"
         elif card < total:
             dummy = torch.empty(total - card, dtype=torch.uint8, device="cuda")
         free2, _ = torch.cuda.mem_get_info()
@@ -342,20 +342,21 @@ def parallel_sample(a, model, noise, latent, pos, neg, rec):
     execute builds): one Ray worker on this GPU, which loads the checkpoint itself, with DynamicVRAM
     when this process runs it; the worker holds the rest of the card (LTXAV_PARALLEL_MEMORY_CAP_GB)."""
     import_pack_modules()
-    from ltxav_pack import parallel_sampler
+    import dataclasses
 
-    job = dict(mode="ksampler", noise=noise, latent=latent, noise_mask=None, seed=0, steps=a.steps, cfg=1.0,
-               sampler_name="euler", scheduler="simple", positive=pos, negative=neg, denoise=1.0,
-               disable_noise=False, start_step=None, last_step=None, force_full_denoise=False)
-    res = parallel_sampler.POOL.run(model, job, parallel_sampler.ParallelSettings(gpus=1), a.steps)
-    rec["timings"] = res["timings"]
-    rec["worker_memory"] = res["memory"]
-    rec["summary_text"] = res["summary"]
-    rec["planned_peak_gib"] = res.get("planned_peak_gb")
+    from ltxav_pack import jobs, parallel_sampler
+
+    job = jobs.KSamplerJob(noise=noise, latent=latent, noise_mask=None, seed=0, steps=a.steps, cfg=1.0,
+                           sampler_name="euler", scheduler="simple", positive=pos, negative=neg)
+    res = parallel_sampler.POOL.run(model, job, parallel_sampler.ParallelSettings(gpus=1))
+    rec["timings"] = res.timings
+    rec["worker_memory"] = [dataclasses.asdict(m) for m in res.memory]
+    rec["summary_text"] = res.summary
+    rec["planned_peak_gib"] = res.planned_peak_gib
     rec["host_after_sampling"] = host_memory_record()
-    rec["s_per_step_worker"] = res["timings"].get("worker_s_per_step")
+    rec["s_per_step_worker"] = res.timings.get("worker_s_per_step")
     parallel_sampler.POOL.stop_group()
-    return res["samples"]
+    return res.samples
 
 
 def import_pack_modules():

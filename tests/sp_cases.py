@@ -141,10 +141,10 @@ def shifted_tiles(sp_mod, rank):
 
 def scaled_attention(sp_mod, rank):
     """Rank 1's attention outputs off by 2^-10 in scale: a wrong softmax scale or merge weight."""
-    real = sp_mod._Call.kernel_call
+    real = sp_mod.ShardedForward.kernel_call
 
     def kernel_call(self, *args):
         out = real(self, *args)
         return out * (1 + 2 ** -10) if rank == 1 else out
 
-    sp_mod._Call.kernel_call = kernel_call
+    sp_mod.ShardedForward.kernel_call = kernel_call

@@ -31,8 +31,8 @@ def _rank_main(rank, world, ulysses, ring, ckpts, init_file, out_dir, jobs, env,
             value(sp_mod, rank)
         else:
             setattr(sp_mod, name, value)
-    degrees = sp_mod.Degrees(ulysses, ring)
-    sp_mod.init_process_groups(rank, world, degrees, "gloo", f"file://{init_file}")
+    groups = __import__(f"{pack.__name__}.sequence_parallel.groups", fromlist=["x"])
+    groups.init_process_groups(rank, world, groups.Degrees(ulysses, ring), "gloo", f"file://{init_file}")
     try:
         sp = sp_mod.SequenceParallel()
         to = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {sp_mod.WRAPPER_KEY: [sp.diffusion_model_wrapper]}}}
@@ -51,7 +51,7 @@ def _rank_main(rank, world, ulysses, ring, ckpts, init_file, out_dir, jobs, env,
         results["log"] = lines
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        sp_mod.destroy_process_groups()
+        groups.destroy_process_groups()
 
 
 def run_parallel(world, ulysses, ring, ckpts, jobs, env=None, sp_attrs=None):

@@ -142,7 +142,7 @@ def test_lora_strength_change_reapplies_patches_without_reading_the_file(ps, nod
 
 
 def test_content_digest_follows_content_not_identity(pack):
-    rw = importlib.import_module("ltxav_pack.ray_worker")
+    rw = importlib.import_module("ltxav_pack.model_transfer")
     import threading as th
 
     def patches(strength=1.0, t=None):
@@ -312,7 +312,7 @@ def _pid_alive(pid):
 def test_dead_or_frozen_worker_is_an_error_and_the_next_prompt_works(ps, nodes_mod, tiny_model, tiny_model_f64,
                                                                       tiny_ckpt, monkeypatch, fault):
     cc = tiny_ckpt[1]["caption_channels"]
-    monkeypatch.setattr(ps, "HEARTBEAT_S", 3.0)
+    monkeypatch.setenv("LTXAV_PARALLEL_HEARTBEAT_S", "3")
     parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)
     pids = [i["pid"] for i in worker_infos(ps)]
     t, box = _run_in_thread(lambda: parallel_ksampler(nodes_mod, tiny_model, cc, steps=400))
@@ -349,15 +349,14 @@ def test_worker_out_of_memory_is_a_clear_error(ps, nodes_mod, tiny_model, tiny_m
 
 
 def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch, caplog_info):
-    """With each worker capped (LTXAV_PARALLEL_MEMORY_CAP_GB) between the planner's estimate for 2 and
+    """With each worker capped (LTXAV_PARALLEL_MEMORY_CAP_GIB) between the planner's estimate for 2 and
     for 4 latent frames, the 25-frame (4 latent frames) run is refused before any model load, naming
     the longest length that fits; with a cap that fits, the same prompt logs the plan and samples."""
     cc = tiny_ckpt[1]["caption_channels"]
     mp = importlib.import_module("ltxav_pack.memory_plan")
-    xsp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
     latent = make_latent(**LATENT)["samples"]
-    job = {"latent": latent}
-    est = ps.check_memory(tiny_model, job, 2, xsp.Degrees(2), budget=10**12)  # fits: returns the estimate
+    est = ps.check_memory(tiny_model, latent, 2, groups.Degrees(2), budget=10**12)  # fits: returns the estimate
     clip, batch = ps.latent_clip(latent)
     assert clip.latent_frames == 4 and batch == 1 and est.parts["weights"] > 0
     dims = mp.ModelDims.of(tiny_model.model.diffusion_model, compute_dtype=torch.float32)
@@ -365,20 +364,20 @@ def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tin
     small = mp.estimate(dims, clip.with_latent_frames(2), **kw).total
     assert small < est.total
     ps.POOL.stop_group()
-    monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GB", f"{(small + est.total) / 2 / 1e9:.12f}")
+    monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GIB", f"{(small + est.total) / 2 / 2**30:.12f}")
     with pytest.raises(ValueError, match=r"LTXAV Parallel Sampler: a 25-frame 128x96 video needs about .* GiB per "
                                          r"worker .*the longest video that fits is 9 frames.*Shorten input "
                                          r"'latent_image' or raise input 'gpus'"):
         parallel_ksampler(nodes_mod, tiny_model, cc)
     assert all(i["loads"] == 0 for i in worker_infos(ps))  # refused before loading anything
     ps.POOL.stop_group()
-    monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GB", "1000")  # fits: the run logs the plan and samples
+    monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GIB", "1000")  # fits: the run logs the plan and samples
     got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
-    assert re.search(r"LTXAV Parallel Sampler: planned peak 0\.\d\d GiB per worker of 931\.32 GiB free \(weights",
+    assert re.search(r"LTXAV Parallel Sampler: planned peak 0\.\d\d GiB per worker of 1000\.00 GiB free \(weights",
                      caplog_info.text)
     ps.POOL.stop_group()
-    monkeypatch.delenv("LTXAV_PARALLEL_MEMORY_CAP_GB")
+    monkeypatch.delenv("LTXAV_PARALLEL_MEMORY_CAP_GIB")
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -449,22 +448,22 @@ def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp
     it; a budget below the streamed estimate is refused either way, naming what does not fit."""
     from tiny_ltxav import write_tiny_ltxav
 
-    xsp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
     path = tmp_path / "six_layers.safetensors"
     write_tiny_ltxav(path, num_layers=6)
     model = comfy.sd.load_diffusion_model(str(path))
-    job = {"latent": make_latent(**LATENT)["samples"]}
+    latent = make_latent(**LATENT)["samples"]
     streaming, whole = [{"device": "cpu", "dynamic_vram": True}], [{"device": "cpu", "dynamic_vram": False}]
     big = 10**12
-    streamed = ps.check_memory(model, job, 2, xsp.Degrees(2), big, streaming)
-    full = ps.check_memory(model, job, 2, xsp.Degrees(2), big, whole)
+    streamed = ps.check_memory(model, latent, 2, groups.Degrees(2), big, streaming)
+    full = ps.check_memory(model, latent, 2, groups.Degrees(2), big, whole)
     assert streamed.parts["weights"] < full.parts["weights"] and streamed.total < full.total
     budget = (streamed.total + full.total) // 2
-    assert ps.check_memory(model, job, 2, xsp.Degrees(2), budget, streaming).total == streamed.total
+    assert ps.check_memory(model, latent, 2, groups.Degrees(2), budget, streaming).total == streamed.total
     with pytest.raises(ValueError, match=r"LTXAV Parallel Sampler: a 25-frame 128x96 video needs about .* GiB per "
                                          r"worker \(weights"):
-        ps.check_memory(model, job, 2, xsp.Degrees(2), budget, whole)
+        ps.check_memory(model, latent, 2, groups.Degrees(2), budget, whole)
     tiny_budget = streamed.parts["weights"] // 2
     with pytest.raises(ValueError, match=r"the weights ComfyUI keeps on the GPU while streaming the rest and fixed "
                                          r"buffers alone take"):
-        ps.check_memory(model, job, 2, xsp.Degrees(2), tiny_budget, streaming)
+        ps.check_memory(model, latent, 2, groups.Degrees(2), tiny_budget, streaming)

@@ -118,8 +118,8 @@ def test_memory_lines_when_enabled(ckpts, comfy):
 
 
 @pytest.fixture(scope="module")
-def sp(pack):
-    return importlib.import_module("ltxav_pack.xdit_context_parallel")
+def groups(pack):
+    return importlib.import_module("ltxav_pack.sequence_parallel.groups")
 
 
 @pytest.mark.parametrize("deg,world,heads,msg", [
@@ -128,12 +128,13 @@ def sp(pack):
     ((0, 2), 2, 32, r"must be >= 1"),
 ])
 @pytest.mark.quick
-def test_bad_degrees(sp, deg, world, heads, msg):
+def test_bad_degrees(groups, deg, world, heads, msg):
     with pytest.raises(ValueError, match=msg):
-        sp.check_degrees(sp.Degrees(*deg), world, heads, "LTXAV Parallel Sampler")
+        groups.check_degrees(groups.Degrees(*deg), world, heads, "LTXAV Parallel Sampler")
 
 
-def test_non_ltxav_refused(sp, tiny_model):
+def test_non_ltxav_refused(pack, tiny_model):
+    models = importlib.import_module("ltxav_pack.models")
     with pytest.raises(ValueError, match=r"Sampler X: the model is a Linear, not LTX-2 audio-video"):
-        sp.require_ltxav(torch.nn.Linear(1, 1), "Sampler X")
-    assert sp.require_ltxav(tiny_model.model.diffusion_model, "Sampler X") is tiny_model.model.diffusion_model
+        models.family_of(torch.nn.Linear(1, 1), "Sampler X")
+    assert models.family_of(tiny_model.model.diffusion_model, "Sampler X").NAME == "LTX-2 audio-video (LTXAV)"

@@ -17,10 +17,21 @@ if importlib.util.find_spec("xfuser") is None:  # (importing xfuser itself fails
     pytest.skip("xfuser not installed (pip install xfuser==0.4.5)", allow_module_level=True)
 
 
+def _modules():
+    """The pack's sequence-parallel names used here, from their modules, as one namespace."""
+    import types
+
+    names = {}
+    for module in ("xdit_context_parallel", "sequence_parallel.groups", "sequence_parallel.layout",
+                   "sequence_parallel.attention", "sequence_parallel.constants", "models.ltxav"):
+        names.update(vars(importlib.import_module(f"ltxav_pack.{module}")))
+    return types.SimpleNamespace(**names)
+
+
 def _rank(rank, world, ulysses, ring, n_tokens, init_file, out_dir):
     torch.set_num_threads(1)
     import_pack(run_init=False)
-    sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    sp = _modules()
     sp.init_process_groups(rank, world, sp.Degrees(ulysses, ring), "gloo", f"file://{init_file}")
     try:
         par = sp.SequenceParallel()
@@ -80,7 +91,7 @@ def test_long_context_attention_matches_full_attention(world, ulysses, ring, n):
 @pytest.mark.quick
 def test_shard_layout():
     import_pack()
-    sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    sp = _modules()
     layout = [sp.ShardLayout(10, 4, r) for r in range(4)]
     assert [(x.start, x.real, x.local, x.pad) for x in layout] == [(0, 3, 3, 2), (3, 3, 3, 2), (6, 3, 3, 2), (9, 1, 3, 2)]
     t = torch.arange(10).view(1, 10)
@@ -91,7 +102,7 @@ def test_shard_layout():
 
 def test_distinct_values():
     import_pack()
-    sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    sp = _modules()
     t = torch.tensor([[0.7, 0.0, 0.7, 0.7], [0.5, 0.5, 0.5, 0.5]])
     values, index = sp.distinct_values(t)
     assert values.shape == (2, 2)
@@ -101,7 +112,7 @@ def test_distinct_values():
 def test_run_constants_reuse_a_tensor_only_while_it_is_unchanged():
     """The meta device stands in for the GPU: what matters is which device tensor comes back."""
     import_pack()
-    sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    sp = _modules()
     kept = sp.RunConstants()
     meta = torch.device("meta")
     host = torch.arange(6).view(1, 2, 3)
@@ -136,7 +147,7 @@ def test_run_constants_reuse_a_tensor_only_while_it_is_unchanged():
 
 def test_has_spatial_variation_reads_like_comfyuis_per_frame_loop():
     import_pack()
-    sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
+    sp = _modules()
 
     def comfy_loop(mask):  # av_model.LTXAVModel._process_input, as ComfyUI writes it
         for f in range(mask.shape[2]):

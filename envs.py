@@ -1,0 +1,59 @@
+"""Every environment variable the pack reads: its name, default and meaning, in one table (the
+README's table is this one). Values are read when used, so a test or a benchmark may set them
+between runs; the workers get the driver's values when they start (``PASSTHROUGH``)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class Var:
+    name: str
+    default: str
+    meaning: str
+
+    def get(self) -> str:
+        """The value, or the default when unset or empty."""
+        return os.environ.get(self.name) or self.default
+
+    def on(self) -> bool:
+        return self.get() not in ("", "0", "false", "False")
+
+    def number(self) -> float:
+        """The value as a number; a message naming the variable when it is not one."""
+        try:
+            return float(self.get() or 0)
+        except ValueError:
+            raise ValueError(f"environment variable {self.name}={self.get()!r} is not a number; {self.meaning}") from None
+
+
+START_S = Var("LTXAV_PARALLEL_START_S", "600", "seconds the workers get to start and join their process groups")
+LOAD_S = Var("LTXAV_PARALLEL_LOAD_S", "3600", "seconds a model load on the workers may take")
+HEARTBEAT_S = Var("LTXAV_PARALLEL_HEARTBEAT_S", "15", "a worker that does not answer for this many seconds is a "
+                  "fault (hung, frozen or overloaded)")
+STALL_S = Var("LTXAV_PARALLEL_STALL_S", "900", "no sampling step for this many seconds is a fault")
+SKIP_MEMORY_CHECK = Var("LTXAV_PARALLEL_SKIP_MEMORY_CHECK", "", "1: sample even when the planner predicts too "
+                        "little GPU memory")
+MEMORY_CAP_GIB = Var("LTXAV_PARALLEL_MEMORY_CAP_GIB", "", "GiB of GPU memory each worker may use (the rest of "
+                     "the card is held), to behave like a smaller card; for benchmarks and tests")
+MEMORY_LOG = Var("LTXAV_PARALLEL_MEMORY_LOG", "", "1: each worker logs its memory after the positional "
+                 "embeddings and after the blocks (synchronises the GPU: slower)")
+TRACE_DIR = Var("LTXAV_PARALLEL_TRACE_DIR", "", "a folder: each worker writes a torch.profiler trace of every "
+                "sampling run there")
+FAULT = Var("LTXAV_PARALLEL_FAULT", "", "test hook: 'oom:RANK:STEP' makes that worker raise an out-of-memory "
+            "error at that step")
+
+TABLE = (START_S, LOAD_S, HEARTBEAT_S, STALL_S, SKIP_MEMORY_CHECK, MEMORY_CAP_GIB, MEMORY_LOG, TRACE_DIR, FAULT)
+# variables the workers get from the ComfyUI process: the pack's own, and those of NCCL, gloo, PyTorch's
+# symmetric memory, NVSHMEM and xfuser's log level
+PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "GLOO_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
+# read by the workers themselves: set explicitly on each start ("" = unset), since Ray's processes may
+# have inherited values from when Ray started
+WORKER_VARS = (FAULT.name, MEMORY_CAP_GIB.name)
+
+
+def table_markdown() -> str:
+    """The table as the README shows it."""
+    rows = [f"| `{v.name}` | {v.default or 'unset'} | {v.meaning} |" for v in TABLE]
+    return "\n".join(["| variable | default | meaning |", "| --- | --- | --- |", *rows])
