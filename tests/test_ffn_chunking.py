@@ -5,8 +5,8 @@ import importlib
 import pytest
 import torch
 
-from comfy_host import import_pack
-from numerics import assert_matches, mismatches
+from helpers.comfy_host import import_pack
+from helpers.numerics import assert_matches, mismatches
 
 import_pack()
 fc = importlib.import_module("ltxav_pack.ffn_chunking")

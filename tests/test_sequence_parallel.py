@@ -6,10 +6,10 @@ import importlib
 import pytest
 import torch
 
-from numerics import assert_matches, mismatches, rel_l2
-from sp_cases import (FORWARD_CASES, SAMPLER_CASES, SHAPES, recording_shapes, run_case, scaled_attention,
+from helpers.numerics import assert_matches, mismatches, rel_l2
+from helpers.sp_cases import (FORWARD_CASES, SAMPLER_CASES, SHAPES, recording_shapes, run_case, scaled_attention,
                       shifted_tiles, token_count)
-from sp_harness import run_parallel
+from helpers.sp_harness import run_parallel
 
 # (world, ulysses, ring, Ulysses head groups): Ulysses-only, ring-only and hybrid degrees; the tiny
 # model's 12 heads make one Ulysses group by default, so one config runs 3 (4 heads a call)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from comfy_host import import_pack
-from numerics import assert_matches, mismatches
+from helpers.comfy_host import import_pack
+from helpers.numerics import assert_matches, mismatches
 
 if importlib.util.find_spec("xfuser") is None:  # (importing xfuser itself fails without a GPU)
     pytest.skip("xfuser not installed (pip install xfuser==0.4.5)", allow_module_level=True)

@@ -10,7 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
-from comfy_host import HOST_MISSING, host_available
+from .comfy_host import HOST_MISSING, host_available
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/lib/chromium/chromium")
 VIEWPORT = {"width": 1920, "height": 1080}

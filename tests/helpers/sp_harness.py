@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 def _rank_main(rank, world, ulysses, ring, ckpts, init_file, out_dir, jobs, env, sp_attrs):
     os.environ.update(env)
     torch.set_num_threads(1)
-    from comfy_host import import_host, import_pack
+    from .comfy_host import import_host, import_pack
 
     import_host()
     pack = import_pack()
@@ -23,7 +23,7 @@ def _rank_main(rank, world, ulysses, ring, ckpts, init_file, out_dir, jobs, env,
     logging.getLogger(pack.__name__).setLevel(logging.INFO)
     import comfy.patcher_extension
     import comfy.sd
-    from sp_cases import recording_shapes, run_case
+    from .sp_cases import recording_shapes, run_case
 
     sp_mod = __import__(f"{pack.__name__}.xdit_context_parallel", fromlist=["x"])
     for name, value in sp_attrs.items():
