@@ -230,6 +230,9 @@ def run_world(world, a, latent_frames, tmp, timeout):
 
 
 def main():
+    common.multicast_off()
+    # fewer fragmented blocks near the cap; before CUDA starts, and the spawned ranks inherit it
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True)
     ap.add_argument("--worlds", default="1,2,4")
@@ -282,8 +285,4 @@ def main():
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     main()
