@@ -24,9 +24,11 @@ def options(setting):
     """transformer_options with the pack's DIFFUSION_MODEL wrapper, chunking per ``setting``: "1" (off),
     "auto", or a chunk count."""
     import comfy.patcher_extension
+
     from ltxav_pack import ffn_chunking
 
-    to = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"bench": [ffn_chunking.diffusion_model_wrapper]}}}
+    dmw = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    to = {"wrappers": {dmw: {"bench": [ffn_chunking.diffusion_model_wrapper]}}}
     if setting != "1":
         auto = setting == "auto"
         to[ffn_chunking.CHUNKING_KEY] = ffn_chunking.ChunkSettings(1 if auto else int(setting), auto).as_dict()

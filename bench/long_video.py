@@ -255,8 +255,8 @@ def main():
     info = common.device_info()
     command = "python bench/long_video.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k not in ("comfy", "out") and v is not False)
-    result = dict(bench="long_video", res=a.res, layers=a.layers, weights=a.weights, cap_gb=a.cap_gb, gpus=a.gpus, **info,
-                  command=command, plan_weights_gb=round(dims.weight_bytes / common.GB, 3), worlds={}, tries=[])
+    result = dict(bench="long_video", res=a.res, layers=a.layers, weights=a.weights, cap_gb=a.cap_gb, gpus=a.gpus,
+                  **info, command=command, plan_weights_gb=round(dims.weight_bytes / common.GB, 3), worlds={}, tries=[])
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(x) for x in a.worlds.split(",")):
             clip = mp.Clip.from_pixels(121, w, h)

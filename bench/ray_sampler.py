@@ -10,9 +10,10 @@ ParallelSampler for each W. Every configuration runs at two step counts: seconds
 slope between them and the per-prompt overhead the rest; the median step (time between ComfyUI's
 step callbacks, the first step left out) is reported for the stock sampler and the workers alike.
 --trace: two more runs per W by fresh workers tracing them; the second's traces, summarised (GPU busy / idle
-per step, host-blocking CUDA calls, longest idle gaps). On the largest W: --prompts prompts in a row with each worker process's GPU memory
-(nvidia-smi, per process) after the first and the last; a real out-of-memory (workers capped just
-above the weights, the planner's check skipped); the planner's refusal; and a worker killed mid-run.
+per step, host-blocking CUDA calls, longest idle gaps). On the largest W: --prompts prompts in a row with
+each worker process's GPU memory (nvidia-smi, per process) after the first and the last; a real
+out-of-memory (workers capped just above the weights, the planner's check skipped); the planner's
+refusal; and a worker killed mid-run.
 """
 import argparse
 import bisect
@@ -102,7 +103,8 @@ def trace_summary(path, steps):
             "per_step_s": {"span": round(span / steps, 4), "busy": round(busy / steps, 4),
                            "idle": round((span - busy) / steps, 4), "idle_host_late": round(late / steps, 4),
                            **{k: round(v / steps, 4) for k, v in sorted(by_kind.items())}},
-            "host_blocking_calls": sorted(([k, n, round(t, 4)] for k, (n, t) in syncs.items()), key=lambda r: -r[2])[:8],
+            "host_blocking_calls": sorted(([k, n, round(t, 4)] for k, (n, t) in syncs.items()),
+                                          key=lambda r: -r[2])[:8],
             "longest_gaps": sorted(gaps, reverse=True)[:12]}
 
 

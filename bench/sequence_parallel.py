@@ -19,6 +19,7 @@ commit exported to a folder) with this script.
 """
 import argparse
 import bisect
+import functools
 import json
 import statistics
 import sys
@@ -220,7 +221,7 @@ def rank_main(rank, token, a, init_file, out_dir):
                     model._process_transformer_blocks = phase("_process_transformer_blocks")
                     model(**inputs, transformer_options=to)
                     del model._prepare_positional_embeddings, model._process_transformer_blocks
-                    profiled = (gpu_profile(lambda: model(**inputs, transformer_options=to))
+                    profiled = (gpu_profile(functools.partial(model, **inputs, transformer_options=to))
                                 if a.profile and on_gpu else None)
                 row = dict(peak_over_weights_gb=round(peak / common.GB, 3),
                            pe_peak_gb=round(phases["_prepare_positional_embeddings"] / common.GB, 3),
@@ -290,9 +291,11 @@ def main():
                            run_s=round(time.perf_counter() - t0, 1))
                 results.append(res)
                 print(json.dumps(res), flush=True)
-    print(f"{'W':>2} {'U':>2} {'R':>2} {'case':>14} {'i2v':>3} {'peak/rank GB':>13} {'target':>7} {'PE':>6} {'blocks':>7} {'fwd s':>7} {'relL2':>8}")
+    print(f"{'W':>2} {'U':>2} {'R':>2} {'case':>14} {'i2v':>3} {'peak/rank GB':>13} {'target':>7} {'PE':>6} "
+          f"{'blocks':>7} {'fwd s':>7} {'relL2':>8}")
     for r in results:
-        print(f"{r['world']:>2} {r['ulysses']:>2} {r['ring']:>2} {r['case']:>14} {r['i2v']:>3} {max(p or -1 for p in r['per_rank_peak_over_weights_gb']):>13} "
+        print(f"{r['world']:>2} {r['ulysses']:>2} {r['ring']:>2} {r['case']:>14} {r['i2v']:>3} "
+              f"{max(p or -1 for p in r['per_rank_peak_over_weights_gb']):>13} "
               f"{r['target_gb']!s:>7} {max(p or -1 for p in r['per_rank_pe_peak_gb']):>6} "
               f"{max(p or -1 for p in r['per_rank_blocks_peak_gb']):>7} {r['forward_s']:>7} {r['rel_l2_vs_w1']!s:>8}")
     if a.out:

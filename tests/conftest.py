@@ -5,7 +5,6 @@ import pytest
 
 from helpers.comfy_host import HOST_MISSING, host_available, import_host, import_pack
 
-
 # In CI (CI=true) nothing may skip: a missing host, browser or package is a broken set-up, not a pass.
 SKIP_IS_FAILURE = os.environ.get("CI") == "true"
 

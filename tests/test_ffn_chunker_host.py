@@ -8,7 +8,6 @@ from helpers.comfy_host import make_conditioning, make_latent
 from helpers.numerics import assert_matches, mismatches
 from helpers.tiny_ltxav import context_width
 
-
 pytestmark = pytest.mark.quick  # the whole module is in the fast subset
 
 

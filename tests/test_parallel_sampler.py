@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from helpers.comfy_host import make_conditioning, make_latent
-from helpers.numerics import assert_matches, mismatches
 from helpers.comfy_server import is_loopback, listening_sockets, process_tree
+from helpers.numerics import assert_matches, mismatches
+
 LATENT = dict(width=128, height=96, length=25)
 
 
@@ -348,7 +349,8 @@ def test_worker_out_of_memory_is_a_clear_error(ps, nodes_mod, tiny_model, tiny_m
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
 
 
-def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch, caplog_info):
+def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch,
+                                                  caplog_info):
     """With each worker capped (LTXAV_PARALLEL_MEMORY_CAP_GB) between the planner's estimate for 2 and
     for 4 latent frames, the 25-frame (4 latent frames) run is refused before any model load, naming
     the longest length that fits; with a cap that fits, the same prompt logs the plan and samples."""

@@ -82,7 +82,8 @@ def test_shard_layout():
     import_pack()
     sp = importlib.import_module("ltxav_pack.xdit_context_parallel")
     layout = [sp.ShardLayout(10, 4, r) for r in range(4)]
-    assert [(x.start, x.real, x.local, x.pad) for x in layout] == [(0, 3, 3, 2), (3, 3, 3, 2), (6, 3, 3, 2), (9, 1, 3, 2)]
+    assert [(x.start, x.real, x.local, x.pad) for x in layout] == [(0, 3, 3, 2), (3, 3, 3, 2), (6, 3, 3, 2),
+                                                                   (9, 1, 3, 2)]
     t = torch.arange(10).view(1, 10)
     assert layout[3].take(t).tolist() == [[9, 9, 9]]
     with pytest.raises(ValueError, match="the video has 5 tokens, too few to split over 4 GPUs"):

@@ -58,7 +58,8 @@ DROP_FILE = """async ({name, text}) => {
   dt.items.add(new File([text], name, {type: 'application/json'}));
   const canvas = document.getElementById('graph-canvas');
   const r = canvas.getBoundingClientRect();
-  const init = {bubbles: true, cancelable: true, dataTransfer: dt, clientX: r.x + r.width / 2, clientY: r.y + r.height / 2};
+  const init = {bubbles: true, cancelable: true, dataTransfer: dt,
+                clientX: r.x + r.width / 2, clientY: r.y + r.height / 2};
   for (const type of ['dragenter', 'dragover', 'drop']) canvas.dispatchEvent(new DragEvent(type, init));
 }"""
 
