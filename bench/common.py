@@ -24,9 +24,9 @@ TINY_DIMS = dict(num_attention_heads=4, attention_head_dim=8, cross_attention_di
 
 
 def multicast_off():
-    """NVLink multicast (NVLS) off for NCCL, PyTorch's symmetric memory and NVSHMEM, unless the caller's
-    environment says otherwise: the multi-GPU machines the benchmarks run on do not allow it. Called
-    first in a script's main(), before CUDA starts; spawned ranks and Ray workers inherit it."""
+    """NVLink multicast (NVLS) off for NCCL, PyTorch's symmetric memory and NVSHMEM, unless the environment
+    already sets these variables: the benchmarks run with it off. Called first in a script's main(),
+    before CUDA starts; spawned ranks and Ray workers inherit the variables."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
