@@ -1,9 +1,11 @@
-"""Shared set-up for the GPU benchmarks: ComfyUI on sys.path, the pack imported as a package,
-an LTXAV model at real LTX-2 dims with random weights, and its inputs."""
+"""What the benchmark scripts share (no script imports another): ComfyUI on sys.path, the pack imported
+as a package, an LTXAV model at real LTX-2 dims with random weights, its checkpoint and inputs, the
+relative error of a result, and the kernel-trace arithmetic of the profiles."""
 import datetime
 import importlib.util
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -19,6 +21,32 @@ LTX2_DIMS = dict(num_attention_heads=32, attention_head_dim=128, cross_attention
 TINY_DIMS = dict(num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
                  audio_num_attention_heads=4, audio_attention_head_dim=4, audio_cross_attention_dim=16,
                  caption_channels=16, connector_num_attention_heads=2, connector_attention_head_dim=8)
+
+
+def multicast_off():
+    """NVLink multicast (NVLS) off for NCCL, PyTorch's symmetric memory and NVSHMEM, unless the environment
+    already sets these variables: the benchmarks run with it off. Called first in a script's main(),
+    before CUDA starts; spawned ranks and Ray workers inherit the variables."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+
+def _load_numerics():
+    """tests/helpers/numerics.py, loaded from its file (bench/ and tests/ are script folders, not
+    packages of one import root): the one relative-error definition the tests and benchmarks share."""
+    name = "ltxav_test_numerics"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "helpers" / "numerics.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def rel_l2(got, want) -> float:
+    """Relative L2 error of ``got`` against ``want`` (float64 arithmetic), as the tests measure it."""
+    return _load_numerics().rel_l2(got, want)
 
 
 def import_comfy(path):
@@ -84,6 +112,85 @@ def make_inputs(model, case, i2v=False, seed=0, dtype=None):
         kw["denoise_mask"] = mask
         t = model.patchifier.patchify((mask * sigma.view(1, 1, 1, 1, 1))[:, :1])[0]
     return dict(x=[vx, ax], timestep=(t, sigma), context=ctx, attention_mask=None, frame_rate=25, **kw), fl * lh * lw
+
+
+def write_checkpoint(path, layers, tiny):
+    """A safetensors checkpoint of ``build_model`` (real key names, random weights) with its config in
+    the metadata (``config = {"transformer": {...}}``), which ComfyUI's loader detects as LTXAV; returns
+    the config."""
+    from safetensors.torch import save_file
+
+    model = build_model(layers, tiny=tiny)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    dims = TINY_DIMS if tiny else LTX2_DIMS
+    config = {**dims, "rope_type": "split", "frequencies_precision": "float64"}
+    save_file(sd, str(path), metadata={"config": json.dumps({"transformer": config})})
+    del model, sd
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return config
+
+
+def sample_inputs(case, caption_channels):
+    """What ``comfy.sample.sample`` takes for a `frames x width x height` clip with audio: an empty AV
+    latent, its noise, a positive and a negative Gemma-free conditioning; and the video token count."""
+    import comfy.nested_tensor
+
+    frames, w, h = (int(v) for v in case.split("x"))
+    g = torch.Generator().manual_seed(0)
+    video = torch.zeros(1, 128, (frames - 1) // 8 + 1, h // 32, w // 32)
+    audio = torch.zeros(1, 8, math.ceil(frames / 25 * 25), 16)
+    latent = comfy.nested_tensor.NestedTensor((video, audio))
+
+    def cond(seed):
+        return [[torch.randn(1, 64, caption_channels, generator=torch.Generator().manual_seed(seed)),
+                 {"pooled_output": None, "unprocessed_ltxav_embeds": True, "frame_rate": 25.0}]]
+
+    noise = comfy.nested_tensor.NestedTensor(tuple(torch.randn(t.shape, generator=g) for t in (video, audio)))
+    return latent, noise, cond(1), cond(2), video.shape[2] * video.shape[3] * video.shape[4]
+
+
+def chunk_ffn(patcher, ffn):
+    """The pack's FFN chunking on ``patcher`` as the FFN Chunker node sets it: "auto", a chunk count, or "1" (off)."""
+    from ltxav_pack import ffn_chunking
+
+    if ffn != "1":
+        patcher.model_options.setdefault("transformer_options", {})[ffn_chunking.CHUNKING_KEY] = \
+            ffn_chunking.ChunkSettings(1 if ffn == "auto" else int(ffn), ffn == "auto").as_dict()
+        ffn_chunking.set_wrappers(patcher, True)
+
+
+# Kernel kinds in a profiler trace, by the first of these name fragments a kernel's name contains
+KINDS = (("communication", ("nccl",)), ("attention", ("flash", "fmha", "attention", "attn")),
+         ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
+         ("copies", ("copy", "memcpy", "memset", "cat", "gather", "index", "transpose")))
+
+
+def kind_of(name):
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(key in low for key in keys)), "other")
+
+
+def union_s(intervals):
+    """Total length of the union of (start, end) intervals (microseconds in, seconds out)."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total / 1e6
+
+
+def gaps_between(kernels):
+    """Each stretch with no kernel on the GPU: (start, kernel that ended it), in time order."""
+    end = None
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        if end is not None and e["ts"] > end:
+            yield end, e
+        end = max(end or 0, e["ts"] + e["dur"])
 
 
 def device_info():

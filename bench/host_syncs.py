@@ -12,7 +12,6 @@ pack (an older commit exported to a folder).
 """
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -23,7 +22,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-import ray_sampler  # noqa: E402
 
 OWN = ("/comfy/", "/comfy_extras/", "xdit_context_parallel.py", "ffn_chunking.py", "ray_worker.py")
 
@@ -58,6 +56,7 @@ def census(run):
 
 
 def main():
+    common.multicast_off()
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True)
     ap.add_argument("--layers", type=int, default=4)
@@ -86,10 +85,10 @@ def main():
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(a).items()
         if k not in ("comfy", "out", "ckpt") and v not in (False, None))
     s1, s2 = (int(x) for x in a.steps.split(","))
-    config = ray_sampler.write_checkpoint(a.ckpt, a.layers, tiny=a.tiny)
+    config = common.write_checkpoint(a.ckpt, a.layers, tiny=a.tiny)
     stock = comfy.sd.load_diffusion_model(a.ckpt)
-    ray_sampler.chunk_ffn(stock, a.ffn)
-    latent, noise, pos, neg, tokens = ray_sampler.inputs(a.case, config["caption_channels"])
+    common.chunk_ffn(stock, a.ffn)
+    latent, noise, pos, neg, tokens = common.sample_inputs(a.case, config["caption_channels"])
     mask = None
     if a.i2v:  # as LTXVImgToVideoInplace leaves it: the first latent frame kept
         video, audio = latent.unbind()
@@ -124,7 +123,7 @@ def main():
         steps = [b - a_ for a_, b in zip(marks[:-1], marks[1:])]
         if want is None:
             want = out
-        err = max(((g - w).norm() / w.norm()).item() for g, w in zip(out.unbind(), want.unbind()))
+        err = max(common.rel_l2(g, w) for g, w in zip(out.unbind(), want.unbind()))
         row = dict(mode=name, i2v=a.i2v, syncs_per_step=round(sum(per_step.values()), 2),
                    syncs_per_run=round(sum(per_run.values()), 2),
                    per_step={k: v for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]) if v},
@@ -140,7 +139,4 @@ def main():
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     main()

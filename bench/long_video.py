@@ -230,6 +230,9 @@ def run_world(world, a, latent_frames, tmp, timeout):
 
 
 def main():
+    common.multicast_off()
+    # fewer fragmented blocks near the cap; before CUDA starts, and the spawned ranks inherit it
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True)
     ap.add_argument("--worlds", default="1,2,4")
@@ -252,8 +255,8 @@ def main():
     info = common.device_info()
     command = "python bench/long_video.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k not in ("comfy", "out") and v is not False)
-    result = dict(bench="long_video", res=a.res, layers=a.layers, weights=a.weights, cap_gb=a.cap_gb, gpus=a.gpus, **info,
-                  command=command, plan_weights_gb=round(dims.weight_bytes / common.GB, 3), worlds={}, tries=[])
+    result = dict(bench="long_video", res=a.res, layers=a.layers, weights=a.weights, cap_gb=a.cap_gb, gpus=a.gpus,
+                  **info, command=command, plan_weights_gb=round(dims.weight_bytes / common.GB, 3), worlds={}, tries=[])
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(x) for x in a.worlds.split(",")):
             clip = mp.Clip.from_pixels(121, w, h)
@@ -282,8 +285,4 @@ def main():
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     main()

@@ -10,14 +10,14 @@ ParallelSampler for each W. Every configuration runs at two step counts: seconds
 slope between them and the per-prompt overhead the rest; the median step (time between ComfyUI's
 step callbacks, the first step left out) is reported for the stock sampler and the workers alike.
 --trace: two more runs per W by fresh workers tracing them; the second's traces, summarised (GPU busy / idle
-per step, host-blocking CUDA calls, longest idle gaps). On the largest W: --prompts prompts in a row with each worker process's GPU memory
-(nvidia-smi, per process) after the first and the last; a real out-of-memory (workers capped just
-above the weights, the planner's check skipped); the planner's refusal; and a worker killed mid-run.
+per step, host-blocking CUDA calls, longest idle gaps). On the largest W: --prompts prompts in a row with
+each worker process's GPU memory (nvidia-smi, per process) after the first and the last; a real
+out-of-memory (workers capped just above the weights, the planner's check skipped); the planner's
+refusal; and a worker killed mid-run.
 """
 import argparse
 import bisect
 import json
-import math
 import os
 import subprocess
 import sys
@@ -52,47 +52,6 @@ def process_used_mb(pids):
     return [used.get(p, 0) for p in pids]
 
 
-def write_checkpoint(path, layers, tiny):
-    from safetensors.torch import save_file
-
-    model = common.build_model(layers, tiny=tiny)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    dims = common.TINY_DIMS if tiny else common.LTX2_DIMS
-    config = {**dims, "rope_type": "split", "frequencies_precision": "float64"}
-    save_file(sd, str(path), metadata={"config": json.dumps({"transformer": config})})
-    del model, sd
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return config
-
-
-def inputs(case, caption_channels):
-    import comfy.nested_tensor
-
-    frames, w, h = (int(v) for v in case.split("x"))
-    g = torch.Generator().manual_seed(0)
-    video = torch.zeros(1, 128, (frames - 1) // 8 + 1, h // 32, w // 32)
-    audio = torch.zeros(1, 8, math.ceil(frames / 25 * 25), 16)
-    latent = comfy.nested_tensor.NestedTensor((video, audio))
-
-    def cond(seed):
-        return [[torch.randn(1, 64, caption_channels, generator=torch.Generator().manual_seed(seed)),
-                 {"pooled_output": None, "unprocessed_ltxav_embeds": True, "frame_rate": 25.0}]]
-
-    noise = comfy.nested_tensor.NestedTensor(tuple(torch.randn(t.shape, generator=g) for t in (video, audio)))
-    return latent, noise, cond(1), cond(2), video.shape[2] * video.shape[3] * video.shape[4]
-
-
-def chunk_ffn(patcher, ffn):
-    """The pack's FFN chunking on ``patcher`` as the FFN Chunker node sets it: "auto", a chunk count, or "1" (off)."""
-    from ltxav_pack import ffn_chunking
-
-    if ffn != "1":
-        patcher.model_options.setdefault("transformer_options", {})[ffn_chunking.CHUNKING_KEY] = \
-            ffn_chunking.ChunkSettings(1 if ffn == "auto" else int(ffn), ffn == "auto").as_dict()
-        ffn_chunking.set_wrappers(patcher, True)
-
-
 SYNCS = ("Synchronize", "Memcpy", "cudaFree", "cudaMalloc", "cudaHostAlloc")
 
 
@@ -102,8 +61,6 @@ def trace_summary(path, steps):
     longest idle gaps with the kernel that ended each, whether its launch came after the gap began
     (the host was late) or before (the GPU waited on something else), and the longest host-blocking
     call during the gap."""
-    from sequence_parallel import gaps_between, kind_of, union_s
-
     events = json.loads(Path(path).read_text())["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
                      key=lambda e: e["ts"])
@@ -113,9 +70,9 @@ def trace_summary(path, steps):
     launch_ts = {e["args"]["correlation"]: e["ts"] for e in runtime if "correlation" in e.get("args", {})}
     by_kind = {}
     for e in kernels:
-        kind = kind_of(e["name"])
+        kind = common.kind_of(e["name"])
         by_kind[kind] = by_kind.get(kind, 0.0) + e["dur"] / 1e6
-    busy = union_s([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
+    busy = common.union_s([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     span = (max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]) / 1e6
     blocking = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in runtime if any(k in e["name"] for k in SYNCS))
     syncs = {}
@@ -136,7 +93,7 @@ def trace_summary(path, steps):
         return f"{best[1]} {best[0] / 1e3:.2f} ms" if best else "-"
 
     gaps = []
-    for start, e in gaps_between(kernels):
+    for start, e in common.gaps_between(kernels):
         launched = launch_ts.get(e.get("args", {}).get("correlation"))
         gaps.append([round((e["ts"] - start) / 1e6, 5), e["name"][:60],
                      "host late" if launched is not None and launched > start else "launched before",
@@ -146,11 +103,13 @@ def trace_summary(path, steps):
             "per_step_s": {"span": round(span / steps, 4), "busy": round(busy / steps, 4),
                            "idle": round((span - busy) / steps, 4), "idle_host_late": round(late / steps, 4),
                            **{k: round(v / steps, 4) for k, v in sorted(by_kind.items())}},
-            "host_blocking_calls": sorted(([k, n, round(t, 4)] for k, (n, t) in syncs.items()), key=lambda r: -r[2])[:8],
+            "host_blocking_calls": sorted(([k, n, round(t, 4)] for k, (n, t) in syncs.items()),
+                                          key=lambda r: -r[2])[:8],
             "longest_gaps": sorted(gaps, reverse=True)[:12]}
 
 
 def main():
+    common.multicast_off()
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True)
     ap.add_argument("--layers", type=int, default=4)
@@ -186,11 +145,11 @@ def main():
         print(json.dumps(row), flush=True)
 
     t0 = time.perf_counter()
-    config = write_checkpoint(a.ckpt, a.layers, a.tiny)
+    config = common.write_checkpoint(a.ckpt, a.layers, a.tiny)
     print(f"checkpoint written in {time.perf_counter() - t0:.1f} s", flush=True)
     patcher = comfy.sd.load_diffusion_model(a.ckpt)
-    chunk_ffn(patcher, a.ffn)
-    latent, noise, pos, neg, tokens = inputs(a.case, config["caption_channels"])
+    common.chunk_ffn(patcher, a.ffn)
+    latent, noise, pos, neg, tokens = common.sample_inputs(a.case, config["caption_channels"])
 
     marks = []
 
@@ -241,7 +200,7 @@ def main():
         first = pool.run(patcher, job(s1), settings, s1)
         r1, t1 = timed(lambda: pool.run(patcher, job(s1), settings, s1))
         r2, t2 = timed(lambda: pool.run(patcher, job(s2), settings, s2))
-        err = max(((g - w).norm() / w.norm()).item() for g, w in zip(r1["samples"].unbind(), want.unbind()))
+        err = max(common.rel_l2(g, w) for g, w in zip(r1["samples"].unbind(), want.unbind()))
         fit = slope(t1, t2)
         emit(dict(world=world, mode="LTXAV parallel sampler (Ray)", **fit,
                   speedup_vs_stock=round(stock_step / fit["s_per_step"], 3),
@@ -353,7 +312,4 @@ def _try(fn, *args):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     main()

@@ -19,8 +19,8 @@ commit exported to a folder) with this script.
 """
 import argparse
 import bisect
+import functools
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -34,29 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 KB = 1024
-KINDS = (("communication", ("nccl",)), ("attention", ("flash", "fmha", "attention", "attn")),
-         ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
-         ("copies", ("copy", "memcpy", "memset", "cat", "gather", "index", "transpose")))
-
-
-def kind_of(name):
-    low = name.lower()
-    return next((k for k, keys in KINDS if any(key in low for key in keys)), "other")
-
-
-def union_s(intervals):
-    """Total length of the union of (start, end) intervals (microseconds in, seconds out)."""
-    total, end = 0.0, None
-    for a, b in sorted(intervals):
-        if end is None or a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total / 1e6
-
-
 SOURCES = ("/comfy/", "/comfy_extras/", "ltxav_pack", "xdit_context_parallel.py", "ffn_chunking.py")
 
 
@@ -87,25 +64,16 @@ def by_source(leaves, where, top=25):
     """Sum ``leaves`` [(cpu ts, tid, seconds, kernel name)] per line that launched them."""
     sums = {}
     for ts, tid, sec, kernel in leaves:
-        key = f"{where(ts, tid)} | {kind_of(kernel)}"
+        key = f"{where(ts, tid)} | {common.kind_of(kernel)}"
         sums[key] = sums.get(key, 0.0) + sec
     return [[k, round(v, 4)] for k, v in sorted(sums.items(), key=lambda kv: -kv[1])[:top]]
-
-
-def gaps_between(kernels):
-    """Each stretch with no kernel on the GPU: (start, kernel that ended it), in time order."""
-    end = None
-    for e in sorted(kernels, key=lambda e: e["ts"]):
-        if end is not None and e["ts"] > end:
-            yield end, e
-        end = max(end or 0, e["ts"] + e["dur"])
 
 
 def idle_gaps(kernels, launches, where, top=10):
     """The longest stretches with no kernel on the GPU, each with the kernel that ended it and the
     line that launched that kernel: [seconds, kernel, line]."""
     gaps = []
-    for start, e in gaps_between(kernels):
+    for start, e in common.gaps_between(kernels):
         launch = launches.get(e.get("args", {}).get("correlation"))
         line = where(launch["ts"], launch["tid"]) if launch else "?"
         gaps.append([round((e["ts"] - start) / 1e6, 5), e["name"][:60], line])
@@ -130,7 +98,7 @@ def gpu_profile(run):
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     by_kind, by_name, spans, leaves = {}, {}, {}, []
     for e in kernels:
-        k = kind_of(e["name"])
+        k = common.kind_of(e["name"])
         by_kind[k] = by_kind.get(k, 0.0) + e["dur"] / 1e6
         by_name[e["name"][:90]] = by_name.get(e["name"][:90], 0.0) + e["dur"] / 1e6
         spans.setdefault(k, []).append((e["ts"], e["ts"] + e["dur"]))
@@ -142,9 +110,9 @@ def gpu_profile(run):
     compute = [iv for k, ivs in spans.items() if k != "communication" for iv in ivs]
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
     return dict(kernel_s={k: round(v, 4) for k, v in sorted(by_kind.items())},
-                busy_s=round(union_s(everything), 4),
+                busy_s=round(common.union_s(everything), 4),
                 span_s=round((max(b for _, b in everything) - min(a for a, _ in everything)) / 1e6, 4),
-                exposed_communication_s=round(union_s(everything) - union_s(compute), 4),
+                exposed_communication_s=round(common.union_s(everything) - common.union_s(compute), 4),
                 kernels=len(kernels), top=[[n, round(t, 4)] for n, t in top], by_source=by_source(leaves, where),
                 idle_gaps=idle_gaps(kernels, launches, where))
 
@@ -238,7 +206,7 @@ def rank_main(rank, token, a, init_file, out_dir):
                             torch.save([o.float().cpu() for o in out], check)
                         elif check.exists():
                             ref = torch.load(check)
-                            err = max(((o.float().cpu() - r).norm() / r.norm()).item() for o, r in zip(out, ref))
+                            err = max(common.rel_l2(o.float().cpu(), r) for o, r in zip(out, ref))
                     del out
                     times = []
                     for _ in range(a.repeats):
@@ -253,7 +221,7 @@ def rank_main(rank, token, a, init_file, out_dir):
                     model._process_transformer_blocks = phase("_process_transformer_blocks")
                     model(**inputs, transformer_options=to)
                     del model._prepare_positional_embeddings, model._process_transformer_blocks
-                    profiled = (gpu_profile(lambda: model(**inputs, transformer_options=to))
+                    profiled = (gpu_profile(functools.partial(model, **inputs, transformer_options=to))
                                 if a.profile and on_gpu else None)
                 row = dict(peak_over_weights_gb=round(peak / common.GB, 3),
                            pe_peak_gb=round(phases["_prepare_positional_embeddings"] / common.GB, 3),
@@ -273,6 +241,7 @@ def rank_main(rank, token, a, init_file, out_dir):
 
 
 def main():
+    common.multicast_off()
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True)
     ap.add_argument("--layers", type=int, default=4)
@@ -322,9 +291,11 @@ def main():
                            run_s=round(time.perf_counter() - t0, 1))
                 results.append(res)
                 print(json.dumps(res), flush=True)
-    print(f"{'W':>2} {'U':>2} {'R':>2} {'case':>14} {'i2v':>3} {'peak/rank GB':>13} {'target':>7} {'PE':>6} {'blocks':>7} {'fwd s':>7} {'relL2':>8}")
+    print(f"{'W':>2} {'U':>2} {'R':>2} {'case':>14} {'i2v':>3} {'peak/rank GB':>13} {'target':>7} {'PE':>6} "
+          f"{'blocks':>7} {'fwd s':>7} {'relL2':>8}")
     for r in results:
-        print(f"{r['world']:>2} {r['ulysses']:>2} {r['ring']:>2} {r['case']:>14} {r['i2v']:>3} {max(p or -1 for p in r['per_rank_peak_over_weights_gb']):>13} "
+        print(f"{r['world']:>2} {r['ulysses']:>2} {r['ring']:>2} {r['case']:>14} {r['i2v']:>3} "
+              f"{max(p or -1 for p in r['per_rank_peak_over_weights_gb']):>13} "
               f"{r['target_gb']!s:>7} {max(p or -1 for p in r['per_rank_pe_peak_gb']):>6} "
               f"{max(p or -1 for p in r['per_rank_blocks_peak_gb']):>7} {r['forward_s']:>7} {r['rel_l2_vs_w1']!s:>8}")
     if a.out:
@@ -333,7 +304,4 @@ def main():
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     main()

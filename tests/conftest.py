@@ -3,8 +3,7 @@ import os
 
 import pytest
 
-from comfy_host import HOST_MISSING, host_available, import_host, import_pack
-
+from helpers.comfy_host import HOST_MISSING, host_available, import_host, import_pack
 
 # In CI (CI=true) nothing may skip: a missing host, browser or package is a broken set-up, not a pass.
 SKIP_IS_FAILURE = os.environ.get("CI") == "true"
@@ -21,7 +20,7 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_report_header(config):
-    from comfy_host import COMFYUI_PATH
+    from helpers.comfy_host import COMFYUI_PATH
     return [f"ComfyUI host: {COMFYUI_PATH} ({'found' if host_available() else 'MISSING: host tests will skip'})"]
 
 
@@ -43,8 +42,8 @@ def pack(comfy):
 
 @pytest.fixture(scope="session")
 def tiny_ckpts(comfy, tmp_path_factory):
-    """{version: (path, config)}: a tiny LTX-2 and a tiny LTX-2.3 checkpoint (tests/tiny_ltxav.py)."""
-    from tiny_ltxav import VERSIONS, write_tiny_ltxav
+    """{version: (path, config)}: a tiny LTX-2 and a tiny LTX-2.3 checkpoint (tests/helpers/tiny_ltxav.py)."""
+    from helpers.tiny_ltxav import VERSIONS, write_tiny_ltxav
 
     folder = tmp_path_factory.mktemp("ckpt")
     return {v: (folder / f"tiny_ltxav_{v}.safetensors", write_tiny_ltxav(folder / f"tiny_ltxav_{v}.safetensors",
@@ -65,7 +64,7 @@ def tiny_model(comfy, tiny_ckpt):
 @pytest.fixture
 def tiny_model_f64(comfy, tiny_ckpt):
     """The same checkpoint loaded in float64: the reference every float32 equality test is measured
-    against (tests/numerics.py)."""
+    against (tests/helpers/numerics.py)."""
     import torch
 
     return comfy.sd.load_diffusion_model(str(tiny_ckpt[0]), model_options={"dtype": torch.float64})
@@ -76,7 +75,7 @@ def ltx(request, comfy, tiny_ckpts):
     """Each tiny checkpoint in turn: (float32 model, float64 model, raw conditioning width, config)."""
     import torch
 
-    from tiny_ltxav import context_width
+    from helpers.tiny_ltxav import context_width
 
     path, config = tiny_ckpts[request.param]
     load = comfy.sd.load_diffusion_model
@@ -89,7 +88,7 @@ def server(comfy, tiny_ckpt, tmp_path_factory):
     models/diffusion_models and the conditioning/audio-latent dataset the test workflows load."""
     import shutil
 
-    from comfy_server import ComfyServer, write_inputs
+    from helpers.comfy_server import ComfyServer, write_inputs
 
     srv = ComfyServer(tmp_path_factory.mktemp("comfy_base"))
     shutil.copy(tiny_ckpt[0], srv.base / "models" / "diffusion_models" / "tiny_ltxav.safetensors")

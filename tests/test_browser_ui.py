@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from browser_ui import UI_SETTINGS, ComfyPage, launch, skip_reason
-from comfy_server import PACK_FOLDER
+from helpers.browser_ui import UI_SETTINGS, ComfyPage, launch, skip_reason
+from helpers.comfy_server import PACK_FOLDER
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "example_workflows"

@@ -41,7 +41,7 @@ def test_examples_exist():
 
 
 def test_templates_list_only_ui_workflows(server):
-    from comfy_server import PACK_FOLDER
+    from helpers.comfy_server import PACK_FOLDER
 
     assert sorted(server.get("/workflow_templates").get(PACK_FOLDER, [])) == sorted(p.stem for p in UI_FILES)
 

@@ -4,10 +4,9 @@ import importlib
 import pytest
 import torch
 
-from comfy_host import make_conditioning, make_latent
-from numerics import assert_matches, mismatches
-from tiny_ltxav import context_width
-
+from helpers.comfy_host import make_conditioning, make_latent
+from helpers.numerics import assert_matches, mismatches
+from helpers.tiny_ltxav import context_width
 
 pytestmark = pytest.mark.quick  # the whole module is in the fast subset
 
@@ -158,7 +157,7 @@ def lora_name(comfy, tiny_ckpt, tmp_path):
     """A LoRA on the FFNs and attention of block 0, in the models/loras folder ComfyUI searches."""
     import folder_paths
 
-    from tiny_ltxav import write_lora
+    from helpers.tiny_ltxav import write_lora
 
     write_lora(tiny_ckpt[0], ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
                               "transformer_blocks.0.audio_ff.net.0.proj", "transformer_blocks.0.attn1.to_q"),
@@ -185,7 +184,7 @@ def test_lora_with_and_without_chunking(node, tiny_model, tiny_model_f64, tiny_c
 
 
 def test_non_ltx_model_is_refused(comfy, node):
-    from tiny_ltxav import non_ltx_patcher
+    from helpers.tiny_ltxav import non_ltx_patcher
 
     with pytest.raises(ValueError, match=r"LTX FFN Chunker: input 'model' is a Linear model, not an LTX-2 model"):
         node.execute(non_ltx_patcher(), False, 4)

@@ -5,8 +5,8 @@ import importlib
 import pytest
 import torch
 
-from comfy_host import import_pack
-from numerics import assert_matches, mismatches
+from helpers.comfy_host import import_pack
+from helpers.numerics import assert_matches, mismatches
 
 import_pack()
 fc = importlib.import_module("ltxav_pack.ffn_chunking")
@@ -29,7 +29,8 @@ class FeedForward(torch.nn.Module):
 
     def __init__(self, dim=32, mult=4, dtype=torch.float32):
         super().__init__()
-        self.net = torch.nn.Sequential(GELUProj(dim, dim * mult), torch.nn.Dropout(0.0), torch.nn.Linear(dim * mult, dim))
+        self.net = torch.nn.Sequential(GELUProj(dim, dim * mult), torch.nn.Dropout(0.0),
+                                       torch.nn.Linear(dim * mult, dim))
         self.to(dtype)
         self.calls = 0
 
@@ -132,7 +133,8 @@ def test_installed_restores_after_an_error():
     with pytest.raises(RuntimeError):
         with fc.installed(model, fc.ChunkSettings(2, False)):
             raise RuntimeError("boom")
-    assert all("forward" not in b.ff.__dict__ and "forward" not in b.audio_ff.__dict__ for b in model.transformer_blocks)
+    assert all("forward" not in b.ff.__dict__ and "forward" not in b.audio_ff.__dict__
+               for b in model.transformer_blocks)
 
 
 def test_chunk_count_per_call():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_host import import_pack
+from helpers.comfy_host import import_pack
 
 import_pack()
 mp = importlib.import_module("ltxav_pack.memory_plan")

@@ -11,9 +11,10 @@ import time
 import pytest
 import torch
 
-from comfy_host import make_conditioning, make_latent
-from numerics import assert_matches, mismatches
-from comfy_server import is_loopback, listening_sockets, process_tree
+from helpers.comfy_host import make_conditioning, make_latent
+from helpers.comfy_server import is_loopback, listening_sockets, process_tree
+from helpers.numerics import assert_matches, mismatches
+
 LATENT = dict(width=128, height=96, length=25)
 
 
@@ -63,7 +64,7 @@ def worker_infos(ps):
 
 
 def assert_equals_stock(got, model, model_f64, cc, **kw):
-    """``got`` against the stock KSampler on ``model`` (float32) and on its float64 twin (tests/numerics.py)."""
+    """``got`` against the stock KSampler on ``model`` (float32) and on its float64 twin (tests/helpers/numerics.py)."""
     assert_matches(got, stock_ksampler(model, cc, **kw), stock_ksampler(model_f64, cc, **kw))
 
 
@@ -110,7 +111,7 @@ def test_lora_strength_change_reapplies_patches_without_reading_the_file(ps, nod
     import folder_paths
     import nodes
 
-    from tiny_ltxav import write_lora
+    from helpers.tiny_ltxav import write_lora
 
     write_lora(tiny_ckpt[0], ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.attn1.to_q"),
                tmp_path / "strength_lora.safetensors")
@@ -190,7 +191,7 @@ def test_lora_and_ffn_chunker_travel_to_the_workers(ps, pack, nodes_mod, tiny_mo
     import folder_paths
     import nodes
 
-    from tiny_ltxav import write_lora
+    from helpers.tiny_ltxav import write_lora
 
     write_lora(tiny_ckpt[0], ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.attn1.to_q"),
                tmp_path / "ray_lora.safetensors")
@@ -348,7 +349,8 @@ def test_worker_out_of_memory_is_a_clear_error(ps, nodes_mod, tiny_model, tiny_m
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
 
 
-def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch, caplog_info):
+def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch,
+                                                  caplog_info):
     """With each worker capped (LTXAV_PARALLEL_MEMORY_CAP_GIB) between the planner's estimate for 2 and
     for 4 latent frames, the 25-frame (4 latent frames) run is refused before any model load, naming
     the longest length that fits; with a cap that fits, the same prompt logs the plan and samples."""
@@ -392,7 +394,7 @@ def test_bad_parallel_settings(nodes_mod, tiny_model, tiny_ckpt, kw, msg):
 
 
 def test_heads_not_divisible(comfy, nodes_mod, tmp_path):
-    from tiny_ltxav import write_tiny_ltxav
+    from helpers.tiny_ltxav import write_tiny_ltxav
 
     path = tmp_path / "five_heads.safetensors"
     cfg = write_tiny_ltxav(path, num_attention_heads=5, attention_head_dim=8, cross_attention_dim=40)
@@ -403,7 +405,7 @@ def test_heads_not_divisible(comfy, nodes_mod, tmp_path):
 
 
 def test_non_ltxav_model(comfy, nodes_mod, tiny_ckpt):
-    from tiny_ltxav import non_ltx_patcher
+    from helpers.tiny_ltxav import non_ltx_patcher
 
     with pytest.raises(ValueError, match=r"LTXAV Parallel Sampler: the model is a Linear, not LTX-2 audio-video"):
         parallel_ksampler(nodes_mod, non_ltx_patcher(), 16)
@@ -446,7 +448,7 @@ def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp
     """A 6-layer model: with DynamicVRAM on the workers only two blocks of weights count, so a budget
     between the streamed and the whole-weights estimate is refused without streaming and accepted with
     it; a budget below the streamed estimate is refused either way, naming what does not fit."""
-    from tiny_ltxav import write_tiny_ltxav
+    from helpers.tiny_ltxav import write_tiny_ltxav
 
     groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
     path = tmp_path / "six_layers.safetensors"

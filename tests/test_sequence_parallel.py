@@ -6,10 +6,18 @@ import importlib
 import pytest
 import torch
 
-from numerics import assert_matches, mismatches, rel_l2
-from sp_cases import (FORWARD_CASES, SAMPLER_CASES, SHAPES, recording_shapes, run_case, scaled_attention,
-                      shifted_tiles, token_count)
-from sp_harness import run_parallel
+from helpers.numerics import assert_matches, mismatches, rel_l2
+from helpers.sp_cases import (
+    FORWARD_CASES,
+    SAMPLER_CASES,
+    SHAPES,
+    recording_shapes,
+    run_case,
+    scaled_attention,
+    shifted_tiles,
+    token_count,
+)
+from helpers.sp_harness import run_parallel
 
 # (world, ulysses, ring, Ulysses head groups): Ulysses-only, ring-only and hybrid degrees; the tiny
 # model's 12 heads make one Ulysses group by default, so one config runs 3 (4 heads a call)
@@ -124,7 +132,8 @@ def groups(pack):
 
 @pytest.mark.parametrize("deg,world,heads,msg", [
     ((2, 2), 2, 32, r"ulysses_degree x ring_degree = 2 x 2 = 4, but 2 GPUs"),
-    ((3, 1), 3, 32, r"ulysses_degree=3 does not divide the model's 32 video attention heads; use a ulysses_degree from \[1\]"),
+    ((3, 1), 3, 32, r"ulysses_degree=3 does not divide the model's 32 video attention heads; "
+                    r"use a ulysses_degree from \[1\]"),
     ((0, 2), 2, 32, r"must be >= 1"),
 ])
 @pytest.mark.quick

@@ -1,6 +1,6 @@
 """The LTX FFN Chunker in a real headless ComfyUI server, driven through POST /prompt."""
-from comfy_server import t2v_prompt, t2v_reference
-from numerics import assert_matches
+from helpers.comfy_server import t2v_prompt, t2v_reference
+from helpers.numerics import assert_matches
 
 
 def test_node_is_registered(server):

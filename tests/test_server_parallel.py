@@ -13,9 +13,20 @@ import time
 
 import pytest
 
-from comfy_server import (ComfyServer, ProgressTexts, free_port, is_loopback, listening_sockets, non_loopback_ipv4,
-                          process_tree, t2v_prompt, t2v_reference, write_inputs)
-from numerics import assert_matches
+from helpers.comfy_server import (
+    ComfyServer,
+    ProgressTexts,
+    free_port,
+    is_loopback,
+    listening_sockets,
+    non_loopback_ipv4,
+    process_tree,
+    t2v_prompt,
+    t2v_reference,
+    write_inputs,
+)
+from helpers.numerics import assert_matches
+
 
 def parallel_prompt(server, steps=2, prefix="par", address="local", seed=42):
     p = t2v_prompt("tiny_ltxav.safetensors", server.dataset, steps=steps, prefix=prefix, seed=seed)

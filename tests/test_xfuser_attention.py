@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from comfy_host import import_pack
-from numerics import assert_matches, mismatches
+from helpers.comfy_host import import_pack
+from helpers.numerics import assert_matches, mismatches
 
 if importlib.util.find_spec("xfuser") is None:  # (importing xfuser itself fails without a GPU)
     pytest.skip("xfuser not installed (pip install xfuser==0.4.5)", allow_module_level=True)
@@ -93,7 +93,8 @@ def test_shard_layout():
     import_pack()
     sp = _modules()
     layout = [sp.ShardLayout(10, 4, r) for r in range(4)]
-    assert [(x.start, x.real, x.local, x.pad) for x in layout] == [(0, 3, 3, 2), (3, 3, 3, 2), (6, 3, 3, 2), (9, 1, 3, 2)]
+    assert [(x.start, x.real, x.local, x.pad) for x in layout] == [(0, 3, 3, 2), (3, 3, 3, 2), (6, 3, 3, 2),
+                                                                   (9, 1, 3, 2)]
     t = torch.arange(10).view(1, 10)
     assert layout[3].take(t).tolist() == [[9, 9, 9]]
     with pytest.raises(ValueError, match="the video has 5 tokens, too few to split over 4 GPUs"):

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 def _rank_main(rank, world, ulysses, ring, ckpts, init_file, out_dir, jobs, env, sp_attrs):
     os.environ.update(env)
     torch.set_num_threads(1)
-    from comfy_host import import_host, import_pack
+    from .comfy_host import import_host, import_pack
 
     import_host()
     pack = import_pack()
@@ -23,7 +23,8 @@ def _rank_main(rank, world, ulysses, ring, ckpts, init_file, out_dir, jobs, env,
     logging.getLogger(pack.__name__).setLevel(logging.INFO)
     import comfy.patcher_extension
     import comfy.sd
-    from sp_cases import recording_shapes, run_case
+
+    from .sp_cases import recording_shapes, run_case
 
     sp_mod = __import__(f"{pack.__name__}.xdit_context_parallel", fromlist=["x"])
     for name, value in sp_attrs.items():
@@ -35,7 +36,8 @@ def _rank_main(rank, world, ulysses, ring, ckpts, init_file, out_dir, jobs, env,
     groups.init_process_groups(rank, world, groups.Degrees(ulysses, ring), "gloo", f"file://{init_file}")
     try:
         sp = sp_mod.SequenceParallel()
-        to = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {sp_mod.WRAPPER_KEY: [sp.diffusion_model_wrapper]}}}
+        dmw = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+        to = {"wrappers": {dmw: {sp_mod.WRAPPER_KEY: [sp.diffusion_model_wrapper]}}}
         patchers = {}
         for version, path in ckpts.items():
             patchers[version] = comfy.sd.load_diffusion_model(path)
@@ -62,6 +64,6 @@ def run_parallel(world, ulysses, ring, ckpts, jobs, env=None, sp_attrs=None):
     ckpts = {v: str(p) for v, p in ckpts.items()}
     with tempfile.TemporaryDirectory() as tmp:
         init_file = Path(tmp) / "init"
-        mp.start_processes(_rank_main, args=(world, ulysses, ring, ckpts, str(init_file), tmp, jobs, env or {}, sp_attrs or {}),
-                           nprocs=world, join=True, start_method="spawn")
+        mp.start_processes(_rank_main, args=(world, ulysses, ring, ckpts, str(init_file), tmp, jobs, env or {},
+                                             sp_attrs or {}), nprocs=world, join=True, start_method="spawn")
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]

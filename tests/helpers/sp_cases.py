@@ -5,8 +5,8 @@ import contextlib
 
 import torch
 
-from comfy_host import make_conditioning, make_latent
-from tiny_ltxav import context_width
+from .comfy_host import make_conditioning, make_latent
+from .tiny_ltxav import context_width
 
 # latent sizes (width, height, frames): 96 tokens (4 frames x 4 x 6), divisible by 2, 3 and 4;
 # 45 tokens (3 x 3 x 5) and 70 tokens (2 x 5 x 7) for counts that do not divide.

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from comfy_host import COMFYUI_PATH, ROOT
+from .comfy_host import COMFYUI_PATH, ROOT
 
 PACK_FOLDER = "ComfyUI-LTXAV-Parallel"
 
@@ -207,7 +207,7 @@ class ComfyServer:
 def write_inputs(base: Path, caption_channels: int, length: int, folder="tiny_cond", seed=1):
     """What the workflows load with stock nodes: an LTXAV conditioning (as LTXVConditioning would
     give, without Gemma) and an empty audio latent, as a LoadTrainingDataset folder."""
-    from comfy_host import make_conditioning
+    from .comfy_host import make_conditioning
 
     d = Path(base) / "output" / folder
     d.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
-from comfy_host import HOST_MISSING, host_available
+from .comfy_host import HOST_MISSING, host_available
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/lib/chromium/chromium")
 VIEWPORT = {"width": 1920, "height": 1080}
@@ -58,7 +58,8 @@ DROP_FILE = """async ({name, text}) => {
   dt.items.add(new File([text], name, {type: 'application/json'}));
   const canvas = document.getElementById('graph-canvas');
   const r = canvas.getBoundingClientRect();
-  const init = {bubbles: true, cancelable: true, dataTransfer: dt, clientX: r.x + r.width / 2, clientY: r.y + r.height / 2};
+  const init = {bubbles: true, cancelable: true, dataTransfer: dt,
+                clientX: r.x + r.width / 2, clientY: r.y + r.height / 2};
   for (const type of ['dragenter', 'dragover', 'drop']) canvas.dispatchEvent(new DragEvent(type, init));
 }"""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the pack: tests/helpers/ -> tests/ -> the repository root
 COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"))
 PACK_NAME = "ltxav_pack"  # the name tests import the pack under (ComfyUI uses the folder path)
 HOST_MISSING = (f"ComfyUI host NOT FOUND at {COMFYUI_PATH} (no comfy/ldm/lightricks/av_model.py): "
