@@ -25,7 +25,8 @@ class Var:
         try:
             return float(self.get() or 0)
         except ValueError:
-            raise ValueError(f"environment variable {self.name}={self.get()!r} is not a number; {self.meaning}") from None
+            raise ValueError(f"environment variable {self.name}={self.get()!r} is not a number; "
+                             f"{self.meaning}") from None
 
 
 START_S = Var("LTXAV_PARALLEL_START_S", "600", "seconds the workers get to start and join their process groups")

@@ -150,7 +150,8 @@ def set_wrappers(patcher, on: bool) -> None:
     chunk settings themselves live in its transformer_options)."""
     from comfy.patcher_extension import WrappersMP
 
-    for kind, fn in ((WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper), (WrappersMP.OUTER_SAMPLE, outer_sample_wrapper)):
+    wrappers = ((WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper), (WrappersMP.OUTER_SAMPLE, outer_sample_wrapper))
+    for kind, fn in wrappers:
         patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
         if on:
             patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)

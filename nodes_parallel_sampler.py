@@ -11,7 +11,6 @@ from .jobs import GuiderJob, KSamplerJob
 from .nodes_ltx_ffn_chunker import CATEGORY
 from .parallel_sampler import POOL, ParallelSettings
 
-
 # cost sentences that the two sampler nodes' tooltips share
 WORKERS_COST = ("Each worker manages the weights as ComfyUI does: with DynamicVRAM (ComfyUI's default on NVIDIA) "
                 "they stay in host memory and only what fits beside the video's activations sits on the GPU; "
@@ -171,7 +170,8 @@ class LTXAVParallelSamplerCustomAdvanced(io.ComfyNode):
         if result.x0 is not None:
             x0 = patcher.model.process_latent_out(result.x0)
             if samples.is_nested:
-                x0 = comfy.nested_tensor.NestedTensor(comfy.utils.unpack_latents(x0, [t.shape for t in samples.unbind()]))
+                shapes = [t.shape for t in samples.unbind()]
+                x0 = comfy.nested_tensor.NestedTensor(comfy.utils.unpack_latents(x0, shapes))
             denoised = {**out, "samples": x0}
         return io.NodeOutput(out, denoised, ui=ui.PreviewText(result.summary))
 

@@ -225,8 +225,8 @@ class ParallelSampler:
 
         loopback = _is_loopback(address)
         self.status({"local": "starting Ray (a private cluster on 127.0.0.1)",
-                     "auto": "connecting to the Ray cluster `ray start` runs here"}.get(address,
-                                                                                      f"connecting to Ray at {address}"))
+                     "auto": "connecting to the Ray cluster `ray start` runs here"}.get(
+                         address, f"connecting to Ray at {address}"))
         # no job-wide env: each worker group gets the LTXAV_PARALLEL_* etc. variables of its own start
         kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
         if loopback:
@@ -404,7 +404,8 @@ class ParallelSampler:
         world, degrees, cpu = self.resolve(settings, family.video_heads(dm))
         total_steps = job.total_steps
         t_prepare = time.perf_counter()
-        model = model_transfer.model_spec(patcher, own_keys=(ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY))
+        own_keys = (ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY)
+        model = model_transfer.model_spec(patcher, own_keys=own_keys)
         if model.skipped:
             log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, ", ".join(model.skipped))
         job_bytes = model_transfer.dumps(job, model_transfer.model_refs(patcher))
@@ -413,8 +414,8 @@ class ParallelSampler:
         prepare_s = time.perf_counter() - t_prepare
 
         group, start_s = self.ensure_group(world, degrees, cpu)
-        budgets = [b for b in self._wait([a.memory_budget.remote() for a in group.actors], "start", envs.START_S.number())
-                   if b is not None]
+        budgets = self._wait([a.memory_budget.remote() for a in group.actors], "start", envs.START_S.number())
+        budgets = [b for b in budgets if b is not None]
         est = None
         if budgets and not envs.SKIP_MEMORY_CHECK.on():
             est = check_memory(patcher, job.latent, group.world, group.degrees, min(budgets), group.infos)
@@ -466,8 +467,8 @@ class ParallelSampler:
 
     def _wait(self, refs, what, stall_s, heartbeat=True, pbar=None):
         """Results of ``refs`` (one per worker, in rank order), watching the workers meanwhile."""
-        import ray
         import comfy.model_management
+        import ray
 
         group = self.group
         pending = {ref: rank for rank, ref in enumerate(refs)}
@@ -652,14 +653,14 @@ def summary(group: _Group, memory: list[jobs.WorkerMemory], timings: dict, load:
              f"sampling {timings['sampling_s']} s ({timings.get('worker_s_per_step', timings['s_per_step'])} s/step on "
              f"the workers), {loading}, Ray start {timings['ray_start_s']} s"]
     for m, info in zip(memory, group.infos):
-        host = f"host memory {m.host_rss_gib} GiB resident ({m.host_pss_gib} GiB by share)" if m.host_rss_gib else ""
+        host = f"; host memory {m.host_rss_gib} GiB resident ({m.host_pss_gib} GiB by share)" if m.host_rss_gib else ""
         if m.peak_gib is None:
-            lines.append(f"  worker {m.rank} ({info['device']}): no GPU memory figures on CPU" + (f"; {host}" if host else ""))
+            lines.append(f"  worker {m.rank} ({info['device']}): no GPU memory figures on CPU{host}")
         else:
+            streamed = " (streamed: DynamicVRAM)" if info.get("dynamic_vram") else ""
             lines.append(f"  worker {m.rank} ({info['device']}): peak {m.peak_gib} GiB above the forward's start "
                          f"(PE {m.pe_gib} GiB, blocks {m.blocks_gib} GiB); {m.allocated_gib} GiB allocated; "
-                         f"weights on the GPU {m.weights_gib} GiB"
-                         + (" (streamed: DynamicVRAM)" if info.get("dynamic_vram") else "") + (f"; {host}" if host else ""))
+                         f"weights on the GPU {m.weights_gib} GiB{streamed}{host}")
     return "\n".join(lines)
 
 

@@ -36,13 +36,6 @@ MEMORY_FLAGS = ("disable_dynamic_vram", "enable_dynamic_vram", "reserve_vram", "
 
 # --------------------------------------------------------------------------- worker process set-up
 
-def _free_port() -> int:
-    """A free port on loopback (for single-process runs; workers use ``LTXAVWorker.rendezvous``)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listen(host: str) -> socket.socket:
     """A listening TCP socket on ``host`` only (port chosen by the system)."""
     family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]

@@ -28,8 +28,7 @@ import torch
 from . import instrumentation, models, xfuser_compat
 from .patching import instance_attrs
 from .sequence_parallel import Role
-from .sequence_parallel.attention import (PaddingDroppingKernel, head_group_size, ring_attention,
-                                          sharded_keys_attention)
+from .sequence_parallel.attention import PaddingDroppingKernel, head_group_size, ring_attention, sharded_keys_attention
 from .sequence_parallel.constants import RunConstants
 from .sequence_parallel.layout import ShardLayout
 from .sequence_parallel.ulysses import HEAD_GROUPS, ulysses_attention
@@ -130,8 +129,8 @@ class ShardedForward:
         override another node set is kept and called for the kernel)."""
         options = self.family.transformer_options_of(args, kwargs)
         self.outer_override = options.get("optimized_attention_override")
-        return self.family.with_transformer_options(args, kwargs,
-                                                    {**options, "optimized_attention_override": self.attention_override})
+        options = {**options, "optimized_attention_override": self.attention_override}
+        return self.family.with_transformer_options(args, kwargs, options)
 
     def installed(self):
         """The family's patches, its attention modules tagged with their roles, and (with memory logs
@@ -140,7 +139,8 @@ class ShardedForward:
         triples += [(module, "forward", functools.partial(_with_role, role, module))
                     for module, role in self.hooks.attention_roles()]
         if instrumentation.enabled() or self.sp.phase_stats:
-            triples += [(obj, name, self.measured(getattr(obj, name), phase)) for obj, name, phase in self.hooks.phases()]
+            triples += [(obj, name, self.measured(getattr(obj, name), phase))
+                        for obj, name, phase in self.hooks.phases()]
         return instance_attrs(triples)
 
     def measured(self, fn, phase: str):

@@ -208,3 +208,12 @@ def sync():
 def write_json(path, payload):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def free_port() -> int:
+    """A free port on loopback, for single-process runs that start a process group themselves."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

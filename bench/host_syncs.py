@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-OWN = ("/comfy/", "/comfy_extras/", "xdit_context_parallel.py", "ffn_chunking.py", "ray_worker.py")
+OWN = ("/comfy/", "/comfy_extras/", "xdit_context_parallel.py", "/sequence_parallel/", "/models/", "ffn_chunking.py",
+       "ray_worker.py")
 
 
 def call_site():
@@ -77,8 +78,9 @@ def main():
     import comfy.sd
 
     common.import_pack(root=a.pack)
-    from ltxav_pack import parallel_sampler, ray_worker
+    from ltxav_pack import parallel_sampler
     from ltxav_pack import xdit_context_parallel as xsp
+    from ltxav_pack.sequence_parallel import groups
 
     info = common.device_info()
     command = "python bench/host_syncs.py " + " ".join(
@@ -96,9 +98,9 @@ def main():
         vmask[:, :, 0] = 0.0
         mask = comfy.nested_tensor.NestedTensor((vmask, torch.ones_like(audio)))  # as LTXVConcatAVLatent
 
-    port = ray_worker._free_port()
+    port = common.free_port()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    xsp.init_process_groups(0, 1, xsp.Degrees(1, 1), backend, f"tcp://127.0.0.1:{port}")
+    groups.init_process_groups(0, 1, groups.Degrees(1, 1), backend, f"tcp://127.0.0.1:{port}")
     sp = xsp.SequenceParallel(rank_label=0, phase_stats=True)
     pack = stock.clone()
     pack.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, xsp.WRAPPER_KEY,
@@ -135,7 +137,7 @@ def main():
         if a.out:
             with open(a.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    xsp.destroy_process_groups()
+    groups.destroy_process_groups()
 
 
 if __name__ == "__main__":

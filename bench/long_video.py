@@ -113,13 +113,14 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
         mp = planner()
         from ltxav_pack import ffn_chunking
         from ltxav_pack import xdit_context_parallel as xsp
+        from ltxav_pack.sequence_parallel import groups
 
         dmw = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
         to = {"wrappers": {dmw: {"ffn": [ffn_chunking.diffusion_model_wrapper]}},
               ffn_chunking.CHUNKING_KEY: ffn_chunking.ChunkSettings(1, True).as_dict()}
         sp = None
         if world > 1:
-            xsp.init_process_groups(rank, world, xsp.Degrees(world, 1), backend(world, a), f"file://{init_file}")
+            groups.init_process_groups(rank, world, groups.Degrees(world, 1), backend(world, a), f"file://{init_file}")
             sp = xsp.SequenceParallel(phase_stats=True)
             to["wrappers"][dmw]["sp"] = [sp.diffusion_model_wrapper]
         compute = torch.bfloat16 if on_gpu else torch.float32

@@ -17,6 +17,7 @@ refusal; and a worker killed mid-run.
 """
 import argparse
 import bisect
+import dataclasses
 import json
 import os
 import subprocess
@@ -131,7 +132,7 @@ def main():
     import comfy.sd
 
     common.import_pack()
-    from ltxav_pack import instrumentation, parallel_sampler
+    from ltxav_pack import envs, jobs, parallel_sampler
 
     info = common.device_info()
     command = "python bench/ray_sampler.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
@@ -190,37 +191,37 @@ def main():
     pool = parallel_sampler.POOL
 
     def job(steps):
-        return dict(mode="ksampler", noise=noise, latent=latent, noise_mask=None, seed=0, steps=steps, cfg=1.0,
-                    sampler_name="euler", scheduler="simple", positive=pos, negative=neg, denoise=1.0,
-                    disable_noise=False, start_step=None, last_step=None, force_full_denoise=False)
+        return jobs.KSamplerJob(noise=noise, latent=latent, noise_mask=None, seed=0, steps=steps, cfg=1.0,
+                                sampler_name="euler", scheduler="simple", positive=pos, negative=neg)
 
     worlds = [int(w) for w in a.worlds.split(",")]
     for world in worlds:
         settings = parallel_sampler.ParallelSettings(gpus=world)
-        first = pool.run(patcher, job(s1), settings, s1)
-        r1, t1 = timed(lambda: pool.run(patcher, job(s1), settings, s1))
-        r2, t2 = timed(lambda: pool.run(patcher, job(s2), settings, s2))
-        err = max(common.rel_l2(g, w) for g, w in zip(r1["samples"].unbind(), want.unbind()))
+        first = pool.run(patcher, job(s1), settings)
+        r1, t1 = timed(lambda: pool.run(patcher, job(s1), settings))
+        r2, t2 = timed(lambda: pool.run(patcher, job(s2), settings))
+        err = max(common.rel_l2(g, w) for g, w in zip(r1.samples.unbind(), want.unbind()))
         fit = slope(t1, t2)
         emit(dict(world=world, mode="LTXAV parallel sampler (Ray)", **fit,
                   speedup_vs_stock=round(stock_step / fit["s_per_step"], 3),
-                  worker_s_per_step=r2["timings"].get("worker_s_per_step"),
-                  speedup_by_median_step=round(stock_median / r2["timings"]["worker_s_per_step"], 3),
-                  worker_mean_s_per_step=r2["timings"].get("worker_mean_s_per_step"),
-                  worker_step_s=[round(b - a, 4) for a, b in zip(r2["step_times"][:-1], r2["step_times"][1:])],
-                  worker_setup_s=r2["timings"].get("worker_setup_s"),
-                  timings=r2["timings"],
-                  ray_start_s=first["timings"]["ray_start_s"], model_load_s=first["timings"]["model_load_s"],
-                  video_tokens=tokens, per_worker_memory=r2["memory"], rel_l2_vs_stock=round(err, 5)))
+                  worker_s_per_step=r2.timings.get("worker_s_per_step"),
+                  speedup_by_median_step=round(stock_median / r2.timings["worker_s_per_step"], 3),
+                  worker_mean_s_per_step=r2.timings.get("worker_mean_s_per_step"),
+                  worker_step_s=[round(b - a, 4) for a, b in zip(r2.step_times[:-1], r2.step_times[1:])],
+                  worker_setup_s=r2.timings.get("worker_setup_s"),
+                  timings=r2.timings,
+                  ray_start_s=first.timings["ray_start_s"], model_load_s=first.timings["model_load_s"],
+                  video_tokens=tokens, per_worker_memory=[dataclasses.asdict(m) for m in r2.memory],
+                  rel_l2_vs_stock=round(err, 5)))
         if a.trace:  # one more run, traced by fresh workers (the variable is read when they start)
             pool.stop_group()
             folder = Path(a.trace) / f"w{world}"
-            os.environ[instrumentation.TRACE_ENV] = str(folder)
+            os.environ[envs.TRACE_DIR.name] = str(folder)
             try:
-                pool.run(patcher, job(s1), settings, s1)  # the workers' first run also loads the model
-                pool.run(patcher, job(s1), settings, s1)
+                pool.run(patcher, job(s1), settings)  # the workers' first run also loads the model
+                pool.run(patcher, job(s1), settings)
             finally:
-                del os.environ[instrumentation.TRACE_ENV]
+                del os.environ[envs.TRACE_DIR.name]
                 pool.stop_group()
             newest = {}
             for f in sorted(folder.glob("rank*.json"), key=lambda f: int(f.stem.split("-")[-1])):
@@ -237,30 +238,30 @@ def main():
     pids = [i["pid"] for i in pool.group.infos]
     after_first = process_used_mb(pids)
     for _ in range(a.prompts - 1):
-        pool.run(patcher, job(s1), settings, s1)
+        pool.run(patcher, job(s1), settings)
     after_last = process_used_mb(pids)
     emit(dict(world=world, mode=f"{a.prompts} prompts in a row", worker_gpu_mb_after_first=after_first,
               worker_gpu_mb_after_last=after_last,
               max_drift_mb=max((abs(x - y) for x, y in zip(after_first, after_last)), default=None)))
 
     # a real out-of-memory: workers capped just above the weights, the planner's check skipped
-    weights_gb = sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters()) / 1e9
+    weights_gb = sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters()) / jobs.GIB
     pool.stop_group()
     before = gpu_used_mb()
-    os.environ[parallel_sampler.ray_worker.CAP_ENV] = f"{weights_gb + 0.3:.3f}"
-    os.environ[parallel_sampler.SKIP_CHECK_ENV] = "1"
+    os.environ[envs.MEMORY_CAP_GIB.name] = f"{weights_gb + 0.3:.3f}"
+    os.environ[envs.SKIP_MEMORY_CHECK.name] = "1"
     t0 = time.perf_counter()
-    oom = _try(pool.run, patcher, job(s1), settings, s1)
+    oom = _try(pool.run, patcher, job(s1), settings)
     oom_s = time.perf_counter() - t0
     time.sleep(3)
     after_oom = gpu_used_mb()
-    del os.environ[parallel_sampler.SKIP_CHECK_ENV]
+    del os.environ[envs.SKIP_MEMORY_CHECK.name]
     t0 = time.perf_counter()
-    refused = _try(pool.run, patcher, job(s1), settings, s1)  # the planner's check, same cap
+    refused = _try(pool.run, patcher, job(s1), settings)  # the planner's check, same cap
     refused_s = time.perf_counter() - t0
-    del os.environ[parallel_sampler.ray_worker.CAP_ENV]
+    del os.environ[envs.MEMORY_CAP_GIB.name]
     pool.stop_group()
-    recovered = pool.run(patcher, job(s1), settings, s1)
+    recovered = pool.run(patcher, job(s1), settings)
     emit(dict(world=world, mode="real out-of-memory (cap = weights + 0.3 GB, check skipped), then the planner",
               cap_gb=round(weights_gb + 0.3, 3), error=oom[:400], seconds_to_error=round(oom_s, 2),
               gpu_used_mb_before=before, gpu_used_mb_after_error=after_oom, planner_refusal=refused[:600],
@@ -272,7 +273,7 @@ def main():
     before = gpu_used_mb()
     box = {}
     long = s1 * 50
-    t = threading.Thread(target=lambda: box.update(r=_try(pool.run, patcher, job(long), settings, long)))
+    t = threading.Thread(target=lambda: box.update(r=_try(pool.run, patcher, job(long), settings)))
     t.start()
     import ray
 
@@ -285,11 +286,11 @@ def main():
     time.sleep(5)
     released = gpu_used_mb()
     alive = [p for p in pids if _alive(p)]
-    recovered = pool.run(patcher, job(s1), settings, s1)
+    recovered = pool.run(patcher, job(s1), settings)
     emit(dict(world=world, mode="worker 1 killed mid-run", error=str(box["r"])[:300],
               seconds_from_kill_to_error=round(error_s, 2), gpu_used_mb_before=before,
               gpu_used_mb_after_error=released, worker_pids_still_alive=alive,
-              next_prompt_s_per_step=recovered["timings"]["s_per_step"]))
+              next_prompt_s_per_step=recovered.timings["s_per_step"]))
     pool.stop_group()
     if a.out:
         Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))

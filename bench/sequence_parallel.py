@@ -152,12 +152,13 @@ def rank_main(rank, token, a, init_file, out_dir):
     common.import_pack(root=a.pack)
     from ltxav_pack import ffn_chunking
     from ltxav_pack import xdit_context_parallel as xsp
+    from ltxav_pack.sequence_parallel import groups
 
     xsp.HEAD_GROUPS = a.head_groups
     dmw = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     wrappers = {}
     if world > 1:
-        xsp.init_process_groups(rank, world, xsp.Degrees(ulysses, ring),
+        groups.init_process_groups(rank, world, groups.Degrees(ulysses, ring),
                                 "nccl" if on_gpu else "gloo", f"file://{init_file}")
         sp = xsp.SequenceParallel()
         wrappers["sp"] = [sp.diffusion_model_wrapper]
@@ -237,7 +238,7 @@ def rank_main(rank, token, a, init_file, out_dir):
             cuda.empty_cache()
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(rows))
     if world > 1:
-        xsp.destroy_process_groups()
+        groups.destroy_process_groups()
 
 
 def main():

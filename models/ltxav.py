@@ -24,8 +24,7 @@ import functools
 import torch
 
 from .. import memory_plan
-from ..patching import instance_attrs
-from ..patching import transformer_options_of, with_transformer_options  # noqa: F401 - the family's API
+from ..patching import instance_attrs, transformer_options_of, with_transformer_options  # noqa: F401 - the family's API
 from ..sequence_parallel import Role
 
 NAME = "LTX-2 audio-video (LTXAV)"

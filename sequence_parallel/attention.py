@@ -8,7 +8,6 @@ import torch.distributed as dist
 
 from ..patching import may_overwrite
 
-
 _CUDNN_LSE = [True]  # cleared for the process when cuDNN's attention refuses (old build, unsupported GPU)
 
 

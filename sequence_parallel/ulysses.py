@@ -69,10 +69,11 @@ def ulysses_attention(kernel, q, k, v, group: int, total: int, pg) -> torch.Tens
     """Self-attention of this rank's tokens ``q``, ``k``, ``v`` [B, L, H, D] over the ``total`` real
     tokens of the Ulysses group ``pg``, ``group`` heads at a time: all-to-all from sequence shards to
     head shards over the whole sequence, ``kernel(q, k, v, heads)`` ([1, S, heads * D] in and out: the
-    model's own attention; padding keys are cut off the end), and back. Keys and values go first; while the other ranks' queries travel, this rank's own query
-    block (its tokens, its heads) runs, and only the other blocks make the round trip. ComfyUI's
-    CrossAttention drops q, k and v after this call, so when they are its own temporaries they
-    hold the gathered heads, the other blocks and their way back land in q's, the output in k's."""
+    model's own attention; padding keys are cut off the end), and back. Keys and values go first;
+    while the other ranks' queries travel, this rank's own query block (its tokens, its heads) runs,
+    and only the other blocks make the round trip. ComfyUI's CrossAttention drops q, k and v after
+    this call, so when they are its own temporaries they hold the gathered heads, the other blocks
+    and their way back land in q's, the output in k's."""
     world, me = dist.get_world_size(pg), dist.get_rank(pg)
     b, n, heads, d = q.shape
     groups = heads // group
