@@ -161,3 +161,13 @@ def test_streaming_accepts_weights_larger_than_the_card_and_refuses_what_activat
     assert longest > 0
     too_long = short.with_latent_frames(longest + 1)
     assert mp.estimate(dims, too_long, streaming=True).total > budget
+
+
+def test_readme_lists_every_environment_variable(pack):
+    """The README's table is envs.TABLE, row for row; a variable added or changed in code without the
+    README (the twin: one default changed) does not match."""
+    envs = importlib.import_module("ltxav_pack.envs")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert envs.table_markdown() in readme
+    changed = envs.table_markdown().replace("| 600 |", "| 601 |")
+    assert changed != envs.table_markdown() and changed not in readme
