@@ -9,7 +9,10 @@ How it is attached (no module is replaced, nothing global is patched):
     ``ModelPatcher.clone`` and can be sent to other processes);
   * ``diffusion_model_wrapper`` is a ComfyUI DIFFUSION_MODEL wrapper: for the duration of one
     forward it sets ``forward`` on each block's ``ff`` / ``audio_ff`` *instance* and removes it
-    afterwards, so weight patches (LoRA), dtype casting and offloading keep using the same modules.
+    afterwards, so weight patches (LoRA), dtype casting and offloading keep using the same modules;
+  * ``auto`` sizes chunks from the memory left for activations as the model's ComfyUI patcher counts
+    it (``ModelPatcher.get_free_memory``: with DynamicVRAM the weights it can page out count as free),
+    read by ``apply_model_wrapper`` (APPLY_MODEL: it sees the model and its patcher) for the forward.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CHUNKING_KEY = "ltx_ffn_chunking"
 WRAPPER_KEY = "ltx_ffn_chunking"
+FREE_MEMORY_KEY = "ltx_ffn_chunking_free_bytes"  # transformer_options: the patcher's free memory for this forward
 MAX_CHUNKS = memory_plan.FFN_MAX_CHUNKS
 
 
@@ -81,6 +85,7 @@ def chunked_forward(ff: torch.nn.Module, x: torch.Tensor, num_chunks: int) -> to
 
 
 def _free_memory(device: torch.device) -> float | None:
+    """Free device memory as ComfyUI's model management reports it (for a forward run without a patcher)."""
     try:
         import comfy.model_management as mm
     except ImportError:  # outside ComfyUI (unit tests): no memory limit
@@ -140,9 +145,24 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     model = executor.class_obj
     x = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
-    free = _free_memory(x.device) if settings.auto else None
+    free = None
+    if settings.auto:
+        free = transformer_options_of(args, kwargs).get(FREE_MEMORY_KEY)
+        free = _free_memory(x.device) if free is None else free
     with installed(model, settings, free):
         return executor(*args, **kwargs)
+
+
+def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                        **kwargs):
+    """ComfyUI APPLY_MODEL wrapper: with ``auto``, this forward's free memory from the model's patcher
+    (DynamicVRAM's pageable weights included), handed to ``diffusion_model_wrapper``."""
+    options = transformer_options if transformer_options is not None else {}
+    settings = ChunkSettings.from_options(options)
+    patcher = getattr(executor.class_obj, "current_patcher", None)
+    if settings is not None and settings.auto and patcher is not None:
+        options = {**options, FREE_MEMORY_KEY: patcher.get_free_memory(x.device)}
+    return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
 def set_wrappers(patcher, on: bool) -> None:
@@ -150,7 +170,8 @@ def set_wrappers(patcher, on: bool) -> None:
     chunk settings themselves live in its transformer_options)."""
     from comfy.patcher_extension import WrappersMP
 
-    wrappers = ((WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper), (WrappersMP.OUTER_SAMPLE, outer_sample_wrapper))
+    wrappers = ((WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper), (WrappersMP.APPLY_MODEL, apply_model_wrapper),
+                (WrappersMP.OUTER_SAMPLE, outer_sample_wrapper))
     for kind, fn in wrappers:
         patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
         if on:

@@ -102,6 +102,29 @@ def test_auto_chunks_long_sequences(fc, node, tiny_model, tiny_model_f64, tiny_c
     assert_matches(got, plain, sample(tiny_model_f64, tiny_ckpt, **LATENT))
 
 
+def test_auto_follows_the_patchers_free_memory(comfy, node, tiny_model, tiny_ckpt, spy, monkeypatch):
+    """auto sizes chunks from what the model's patcher counts as free for activations (with DynamicVRAM
+    that includes the weights comfy-aimdo can page out), not from the allocator's free memory alone:
+    48 video tokens x 3,072 bytes (float32, 4x width 96, twice) and 26 audio tokens x 1,536 bytes, a
+    chunk within 1/8 of the free memory."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    real = comfy.model_management.get_free_memory
+
+    def plenty(dev=None, torch_free_too=False):  # the allocator's view: not what counts
+        return (1 << 40, 1 << 40) if torch_free_too else 1 << 40
+
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", plenty)
+    video = 48 * 3072 * 8
+    for free, want in ((video // 4, [(48, 4), (26, 2)]), (video // 2, [(48, 2)])):
+        monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda self, device, f=free: f)
+        spy.clear()
+        sample(chunk(node, tiny_model, 1, auto=True), tiny_ckpt, steps=1, **LATENT)
+        assert sorted(set(spy), reverse=True) == want, (free, spy)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", real)
+
+
 def test_auto_leaves_short_sequences_alone(node, tiny_model, tiny_ckpt, spy):
     sample(chunk(node, tiny_model, 1, auto=True), tiny_ckpt, **LATENT)
     assert not spy
