@@ -5,6 +5,7 @@ worker's sampling result and memory figures, and the run's result for the nodes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 GIB = float(1 << 30)
@@ -39,6 +40,12 @@ class KSamplerJob:
     def total_steps(self) -> int:
         return self.steps
 
+    @property
+    def passes(self) -> int:
+        """Model passes a step (ComfyUI batches them into one forward): positive and negative, or only
+        positive at cfg 1 (ComfyUI's cfg-1 shortcut)."""
+        return 1 if math.isclose(self.cfg, 1.0) else 2
+
     def sample(self, patcher, callback):
         import comfy.sample
 
@@ -64,6 +71,19 @@ class GuiderJob:
     @property
     def total_steps(self) -> int:
         return self.sigmas.shape[-1] - 1
+
+    @property
+    def passes(self) -> int:
+        """Model passes a step: for ComfyUI's CFGGuider (and guiders that keep its predict_noise, such as
+        BasicGuider) positive and negative, or positive only at cfg 1 or without a negative; for other
+        guiders (DualCFGGuider, PerpNegGuider, ...) one per conditioning they hold, at most."""
+        import comfy.samplers
+
+        guider = self.guider
+        conds = [k for k, v in getattr(guider, "original_conds", {}).items() if v]
+        if type(guider).predict_noise is comfy.samplers.CFGGuider.predict_noise:
+            return 2 if "negative" in conds and not math.isclose(getattr(guider, "cfg", 1.0), 1.0) else 1
+        return max(1, len(conds))
 
     def sample(self, patcher, callback):
         import comfy.model_management
@@ -105,20 +125,23 @@ class WorkerMemory:
 
 @dataclasses.dataclass
 class SampleResult:
-    """One worker's sampling run: rank 0's also carries the samples and the last denoised estimate."""
+    """One worker's sampling run (``passes``: the model passes it evaluated; with CFG-parallel its group's
+    share): rank 0's also carries the samples and the last denoised estimate."""
 
     interrupted: bool
     step: int
     memory: WorkerMemory
     step_times: list[float] = dataclasses.field(default_factory=list)
+    passes: int = 0
     samples: Any = None
     x0: Any = None
 
 
 @dataclasses.dataclass
 class RunResult:
-    """A run for the nodes: rank 0's samples and x0, every worker's memory, the timings, what the model
-    load did, the planner's predicted peak per worker (None when not checked) and the summary lines."""
+    """A run for the nodes: rank 0's samples and x0, every worker's memory and model passes, the timings,
+    what the model load did, the planner's predicted peak per worker and its parts (None when not
+    checked), and the summary lines."""
 
     samples: Any
     x0: Any
@@ -128,3 +151,5 @@ class RunResult:
     planned_peak_gib: float | None
     summary: str
     step_times: list[float] = dataclasses.field(default_factory=list)
+    passes: list[int] = dataclasses.field(default_factory=list)
+    planned_parts_gib: dict | None = None

@@ -7,6 +7,7 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io, ui
 
+from .cfg_parallel import MODES as CFG_PARALLEL_MODES
 from .jobs import GuiderJob, KSamplerJob
 from .nodes_ltx_ffn_chunker import CATEGORY
 from .parallel_sampler import POOL, ParallelSettings
@@ -53,11 +54,20 @@ def parallel_inputs():
                                  "listen on the nodes' network addresses (protect them: Ray token auth, a firewall; "
                                  "see the README). Changing it after the first prompt needs a ComfyUI restart (Ray "
                                  "cannot move a running process to another cluster).")),
+        io.Combo.Input("cfg_parallel", options=list(CFG_PARALLEL_MODES), default="auto", optional=True,
+                       tooltip=("CFG-parallel: run a step's guidance passes (positive and negative at cfg other than "
+                                "1; three with DualCFGGuider or PerpNegGuider) on separate groups of GPUs instead of "
+                                "splitting every pass over all of them: gpus = cfg groups x ulysses x ring. Faster "
+                                "(the groups exchange only the outputs, once a step); each GPU holds the whole video "
+                                "of its passes instead of a 1/gpus share of all of them, about the same memory when "
+                                "the passes divide evenly. auto: on when the passes divide evenly over the groups "
+                                "and the GPU count allows; on: also an uneven share (3 passes on 2 groups); off: "
+                                "sequence parallel only. At cfg 1 (one pass) it is not used.")),
     ]
 
 
-def _settings(gpus, ulysses_degree, ring_degree, ray_address):
-    return ParallelSettings(gpus, ulysses_degree, ring_degree, ray_address)
+def _settings(gpus, ulysses_degree, ring_degree, ray_address, cfg_parallel_mode="auto"):
+    return ParallelSettings(gpus, ulysses_degree, ring_degree, ray_address, cfg_parallel_mode)
 
 
 def _noise_mask(latent):
@@ -84,7 +94,8 @@ class LTXAVParallelKSampler(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps; time grows linearly."),
                 io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale; other than 1, each step runs the model "
-                                       "on positive and negative (twice the time)."),
+                                       "on positive and negative: twice the time, unless cfg_parallel puts the two "
+                                       "passes on separate GPUs."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
                                tooltip="The sampling algorithm, as in KSampler. " + SAMPLER_COST),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
@@ -109,7 +120,7 @@ class LTXAVParallelKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                gpus, ulysses_degree, ring_degree, ray_address) -> io.NodeOutput:
+                gpus, ulysses_degree, ring_degree, ray_address, cfg_parallel="auto") -> io.NodeOutput:
         latent = latent_image
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"],
                                                          latent.get("downscale_ratio_spacial", None))
@@ -117,7 +128,7 @@ class LTXAVParallelKSampler(io.ComfyNode):
         job = KSamplerJob(noise=noise, latent=samples, noise_mask=_noise_mask(latent), seed=seed, steps=steps, cfg=cfg,
                           sampler_name=sampler_name, scheduler=scheduler, positive=positive, negative=negative,
                           denoise=denoise)
-        result = POOL.run(model, job, _settings(gpus, ulysses_degree, ring_degree, ray_address))
+        result = POOL.run(model, job, _settings(gpus, ulysses_degree, ring_degree, ray_address, cfg_parallel))
         out = latent.copy()
         out.pop("downscale_ratio_spacial", None)
         out["samples"] = result.samples
@@ -154,14 +165,14 @@ class LTXAVParallelSamplerCustomAdvanced(io.ComfyNode):
 
     @classmethod
     def execute(cls, noise, guider, sampler, sigmas, latent_image, gpus, ulysses_degree, ring_degree,
-                ray_address) -> io.NodeOutput:
+                ray_address, cfg_parallel="auto") -> io.NodeOutput:
         patcher = guider.model_patcher
         latent = latent_image.copy()
         latent["samples"] = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"],
                                                                    latent.get("downscale_ratio_spacial", None))
         job = GuiderJob(noise=noise.generate_noise(latent), latent=latent["samples"], noise_mask=_noise_mask(latent),
                         seed=noise.seed, guider=guider, sampler=sampler, sigmas=sigmas)
-        result = POOL.run(patcher, job, _settings(gpus, ulysses_degree, ring_degree, ray_address))
+        result = POOL.run(patcher, job, _settings(gpus, ulysses_degree, ring_degree, ray_address, cfg_parallel))
         samples = result.samples
         out = latent.copy()
         out.pop("downscale_ratio_spacial", None)

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -27,12 +28,25 @@ import time
 
 import torch
 
-from . import envs, ffn_chunking, jobs, memory_plan, model_transfer, models, ray_worker, xdit_context_parallel
+from . import (
+    cfg_parallel,
+    envs,
+    ffn_chunking,
+    jobs,
+    memory_plan,
+    model_transfer,
+    models,
+    ray_worker,
+    xdit_context_parallel,
+)
 from .sequence_parallel.groups import Degrees, check_degrees
 
 log = logging.getLogger(__name__)
 NODE = "LTXAV Parallel Sampler"
 POLL_S = 0.25
+# Ray CPU slots of a local cluster: each worker takes one, and CPU workers (ComfyUI on --cpu) may outnumber
+# the cores (slow, but they run)
+LOCAL_CPU_SLOTS = 8
 STOP_S = 5.0  # the time Ray's processes get to end (a failed start, SIGTERM/SIGINT) before those left are killed
 
 
@@ -48,12 +62,14 @@ class _TaskFailed(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ParallelSettings:
-    """The sampler nodes' parallel inputs: ``gpus`` 0 = all Ray sees; ``ulysses`` 0 = ``gpus / ring``."""
+    """The sampler nodes' parallel inputs: ``gpus`` 0 = all Ray sees; ``ulysses`` 0 = what the cfg-parallel
+    degree and ``ring`` leave; ``cfg_parallel`` auto, on or off (``cfg_parallel.choose_degree``)."""
 
     gpus: int = 0
     ulysses: int = 0
     ring: int = 1
     ray_address: str = "local"
+    cfg_parallel: str = "auto"
 
 
 @dataclasses.dataclass
@@ -233,6 +249,7 @@ class ParallelSampler:
             kwargs["_node_ip_address"] = "127.0.0.1"
         if address == "local":
             kwargs["num_gpus"] = 0 if _cpu_mode() else torch.cuda.device_count()
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, LOCAL_CPU_SLOTS, kwargs["num_gpus"])
         me = psutil.Process()
         children = {p.pid for p in me.children()}
         environ = dict(os.environ)
@@ -305,7 +322,9 @@ class ParallelSampler:
         return self._remote_cls
 
     # -- the worker group ---------------------------------------------------------
-    def resolve(self, settings: ParallelSettings, video_heads: int) -> tuple[int, Degrees, bool]:
+    def resolve(self, settings: ParallelSettings, video_heads: int, passes: int = 1) -> tuple[int, Degrees, bool]:
+        """The worker count, the degrees (cfg x Ulysses x ring) for a job of ``passes`` guidance passes a
+        step, and whether the workers run on CPU."""
         import ray
 
         cpu = _cpu_mode()
@@ -321,14 +340,19 @@ class ParallelSampler:
         if world < 1 or world > available:
             raise ValueError(f"{NODE}: input 'gpus' asks for {world} {'CPU workers' if cpu else 'GPUs'} but the Ray "
                              f"cluster at {self.address!r} has {available}; use gpus <= {available} (0 = all).")
+        ring = max(1, settings.ring)
+        cfg, why = cfg_parallel.choose_degree(settings.cfg_parallel, passes, world, settings.ulysses, ring,
+                                              video_heads, NODE)
+        if settings.cfg_parallel != "off" and cfg == 1 and world > 1:
+            log.info("%s: cfg-parallel not used (%s)", NODE, why)
         if settings.ulysses == 0:
-            ring = max(1, settings.ring)
-            if world % ring:
+            sequence = world // cfg
+            if sequence % ring:
                 raise ValueError(f"{NODE}: ring_degree={ring} does not divide gpus={world}; pick a ring_degree "
                                  f"that divides {world}.")
-            degrees = Degrees(world // ring, ring)
+            degrees = Degrees(sequence // ring, ring, cfg)
         else:
-            degrees = Degrees(settings.ulysses, settings.ring)
+            degrees = Degrees(settings.ulysses, settings.ring, cfg)
         check_degrees(degrees, world, video_heads, NODE)
         return world, degrees, cpu
 
@@ -336,9 +360,11 @@ class ParallelSampler:
         import comfy.model_management
 
         g = self.group
-        if g and (g.world, g.degrees, g.address, g.cpu) == (world, degrees, self.address, cpu):
+        if g and (g.world, g.address, g.cpu) == (world, self.address, cpu):
             try:
                 _heartbeat_of(g, "start")
+                if g.degrees != degrees:
+                    return g, self.regroup(g, degrees)
                 return g, 0.0
             except (WorkerFault, _TaskFailed):  # a dead or frozen worker: start over
                 log.warning("%s: a worker of the previous group is gone; starting new workers", NODE)
@@ -369,14 +395,24 @@ class ParallelSampler:
         group = _Group(actors, world, degrees, self.address, cpu, infos=[])
         self.group = group
         host, port = self._wait([actors[0].rendezvous.remote()], "start", envs.START_S.number(), heartbeat=False)[0]
-        self._wait([a.init_groups.remote(host, port, degrees.ulysses, degrees.ring) for a in actors], "start",
-                   envs.START_S.number(), heartbeat=False)
+        self._wait([a.init_groups.remote(host, port, degrees.ulysses, degrees.ring, degrees.cfg) for a in actors],
+                   "start", envs.START_S.number(), heartbeat=False)
         group.infos = self._wait([a.info.remote() for a in actors], "start", envs.START_S.number(), heartbeat=False)
         seconds = time.perf_counter() - t0
-        log.info("%s: started %d workers (Ulysses %d x ring %d) in %.1f s: %s", NODE, world, degrees.ulysses,
-                 degrees.ring, seconds, ", ".join(f"{i['rank']}: {i['device']} pid {i['pid']} on {i['node']}"
-                                                  for i in group.infos))
+        log.info("%s: started %d workers (%s) in %.1f s: %s", NODE, world, degrees.describe(), seconds,
+                 ", ".join(f"{i['rank']}: {i['device']} pid {i['pid']} on {i['node']}" for i in group.infos))
         return group, seconds
+
+    def regroup(self, group: _Group, degrees: Degrees) -> float:
+        """The same workers (their model stays loaded) with the process groups of other degrees."""
+        t0 = time.perf_counter()
+        self._wait([a.regroup.remote(degrees.ulysses, degrees.ring, degrees.cfg) for a in group.actors], "start",
+                   envs.START_S.number())
+        seconds = time.perf_counter() - t0
+        log.info("%s: regrouped %d workers from %s to %s in %.2f s (the model stays loaded)", NODE, group.world,
+                 group.degrees.describe(), degrees.describe(), seconds)
+        group.degrees = degrees
+        return seconds
 
     def stop_group(self) -> None:
         """Kill the workers (frees their GPU memory); the next run starts new ones."""
@@ -401,10 +437,10 @@ class ParallelSampler:
         family = models.family_of(dm, NODE)
         self.connect(settings.ray_address)  # first: it decides how Ray is imported
         import ray
-        world, degrees, cpu = self.resolve(settings, family.video_heads(dm))
+        world, degrees, cpu = self.resolve(settings, family.video_heads(dm), job.passes)
         total_steps = job.total_steps
         t_prepare = time.perf_counter()
-        own_keys = (ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY)
+        own_keys = (ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY, cfg_parallel.WRAPPER_KEY)
         model = model_transfer.model_spec(patcher, own_keys=own_keys)
         if model.skipped:
             log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, ", ".join(model.skipped))
@@ -418,10 +454,11 @@ class ParallelSampler:
         budgets = [b for b in budgets if b is not None]
         est = None
         if budgets and not envs.SKIP_MEMORY_CHECK.on():
-            est = check_memory(patcher, job.latent, group.world, group.degrees, min(budgets), group.infos)
+            est = check_memory(patcher, job.latent, group.degrees, min(budgets), group.infos, job.passes)
             streamed = "; weights streamed from host memory (DynamicVRAM)" if streams_weights(group.infos) else ""
-            log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s%s)", NODE, est.total / memory_plan.GIB,
-                     min(budgets) / memory_plan.GIB, est.describe(), streamed)
+            log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s; %s%s)", NODE,
+                     est.total / memory_plan.GIB, min(budgets) / memory_plan.GIB,
+                     plan_setting(group.degrees, job.passes), est.describe(), streamed)
         if group.file_key != model.file_key:
             self.status(f"loading the model on {world} workers")
         elif group.model_key != model.key:
@@ -459,11 +496,13 @@ class ParallelSampler:
                    "prepare_s": round(prepare_s, 3), "job_mb": round(len(job_bytes) / 1e6, 1),
                    "outside_steps_s": round(sample_s - (marks[-1] - marks[0]), 3) if len(marks) > 1 else None,
                    **step_timings(marks)}
-        text = summary(group, memory, timings, load)
+        passes = [r.passes for r in results]
+        text = summary(group, memory, timings, load, passes)
         log.info("%s", text)
         return jobs.RunResult(samples=first.samples, x0=first.x0, memory=memory, timings=timings, model_load=load,
                               planned_peak_gib=None if est is None else jobs.gib(est.total), summary=text,
-                              step_times=marks)
+                              step_times=marks, passes=passes,
+                              planned_parts_gib=None if est is None else {k: jobs.gib(v) for k, v in est.parts.items()})
 
     def _wait(self, refs, what, stall_s, heartbeat=True, pbar=None):
         """Results of ``refs`` (one per worker, in rank order), watching the workers meanwhile."""
@@ -547,9 +586,22 @@ def streams_weights(infos) -> bool:
     return any(i.get("dynamic_vram") for i in infos)
 
 
-def check_memory(patcher, latent, world, degrees, budget, infos=()) -> memory_plan.Estimate:
+def passes_per_forward(degrees: Degrees, passes: int) -> int:
+    """Guidance passes one worker's forward holds: ComfyUI batches a step's passes into one forward,
+    and with CFG-parallel each group runs its share of them."""
+    return math.ceil(max(1, passes) / degrees.cfg)
+
+
+def plan_setting(degrees: Degrees, passes: int) -> str:
+    """The degrees and the passes a forward holds, as the planner's log line and refusal say them."""
+    per = passes_per_forward(degrees, passes)
+    return (f"{degrees.describe()}; {passes} guidance pass{'es' if passes > 1 else ''} a step, {per} in each "
+            "worker's forward")
+
+
+def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory_plan.Estimate:
     """Refuse a run on ``latent`` whose predicted per-worker peak exceeds ``budget`` bytes, saying what
-    would fit."""
+    would fit. ``passes``: the job's guidance passes a step (a worker's forward holds its share of them)."""
     dm = patcher.get_model_object("diffusion_model")
     family = models.family_of(dm, NODE)
     dims = family.plan_dims(dm, compute_dtype=patcher.model.get_dtype_inference())
@@ -559,34 +611,36 @@ def check_memory(patcher, latent, world, degrees, budget, infos=()) -> memory_pl
     # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them;
     # workers that run DynamicVRAM keep only the blocks in use on the GPU
     streaming = streams_weights(infos)
-    kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch, per_token_timesteps=True,
-              streaming=streaming)
-    est = memory_plan.estimate(dims, clip, world=world, **kw)
+    kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch * passes_per_forward(degrees, passes),
+              per_token_timesteps=True, streaming=streaming)
+    sequence = degrees.sequence
+    est = memory_plan.estimate(dims, clip, world=sequence, **kw)
     if est.total <= budget:
         return est
     gib = memory_plan.GIB
     size = f"{clip.latent_width * 32}x{clip.latent_height * 32}"
-    fits = memory_plan.largest_latent_frames(budget, dims, clip, world=world, **kw)
+    fits = memory_plan.largest_latent_frames(budget, dims, clip, world=sequence, **kw)
     ulysses_only = {k: v for k, v in kw.items() if k != "ring"}
     more = memory_plan.smallest_world(budget, dims, clip, max_world=64, video_heads=family.video_heads(dm),
                                       **ulysses_only)
     device = infos[0]["device"] if infos else "each worker"
     if fits:
-        advice = [f"at {size} with {world} GPUs the longest video that fits is {(fits - 1) * 8 + 1} frames"]
+        advice = [f"at {size} with {degrees.world} GPUs the longest video that fits is {(fits - 1) * 8 + 1} frames"]
     else:
         fixed = est.parts["weights"] + est.parts["weight casts"] + est.parts["fixed"]
         what = "the weights ComfyUI keeps on the GPU while streaming the rest" if streaming else "the weights"
         advice = [f"{what} and fixed buffers alone take {fixed / gib:.2f} GiB: use fp8 weights, GPUs with more "
                   "memory, or free memory on them"]
     if more:
-        advice.append(f"{clip.frames} frames need gpus={more} (ulysses_degree={more})")
+        cfg = f"cfg-parallel {degrees.cfg} x " if degrees.cfg > 1 else ""
+        advice.append(f"{clip.frames} frames need gpus={more * degrees.cfg} ({cfg}ulysses_degree={more})")
     if ffn == 1:
-        with_chunker = memory_plan.estimate(dims, clip, world=world, **{**kw, "ffn_chunks": None})
+        with_chunker = memory_plan.estimate(dims, clip, world=sequence, **{**kw, "ffn_chunks": None})
         if with_chunker.total <= budget:
             advice.append("or add the LTX FFN Chunker before this node")
     raise ValueError(f"{NODE}: a {clip.frames}-frame {size} video needs about {est.total / gib:.2f} GiB per worker "
-                     f"({est.describe()}), but {device} has {budget / gib:.2f} GiB for it; "
-                     + "; ".join(advice) + ". Shorten input 'latent_image' or raise input 'gpus'.")
+                     f"({plan_setting(degrees, passes)}: {est.describe()}), but {device} has {budget / gib:.2f} GiB "
+                     "for it; " + "; ".join(advice) + ". Shorten input 'latent_image' or raise input 'gpus'.")
 
 
 def _heartbeat_of(group, what):
@@ -643,17 +697,21 @@ def _describe(err, rank, what, group) -> str:
 MODEL_ACTIONS = {"read": "read from file", "repatched": "patches re-applied, file not read", "kept": "kept"}
 
 
-def summary(group: _Group, memory: list[jobs.WorkerMemory], timings: dict, load: jobs.LoadResult | None = None) -> str:
-    """The time and per-worker memory lines shown in the log and on the node (GiB)."""
+def summary(group: _Group, memory: list[jobs.WorkerMemory], timings: dict, load: jobs.LoadResult | None = None,
+            passes: list[int] | None = None) -> str:
+    """The time and per-worker memory lines shown in the log and on the node (GiB); ``passes``: the
+    model passes each worker evaluated."""
     loading = f"model load {timings['model_load_s']} s"
     if load:
         loading += (f" ({MODEL_ACTIONS[load.action]}; file reads {load.loads}, patch changes {load.repatches} on "
                     "these workers)")
-    lines = [f"{NODE}: {group.world} workers, Ulysses {group.degrees.ulysses} x ring {group.degrees.ring}; "
+    lines = [f"{NODE}: {group.world} workers, {group.degrees.describe()}; "
              f"sampling {timings['sampling_s']} s ({timings.get('worker_s_per_step', timings['s_per_step'])} s/step on "
              f"the workers), {loading}, Ray start {timings['ray_start_s']} s"]
-    for m, info in zip(memory, group.infos):
+    passes = passes or [None] * len(memory)
+    for m, info, n in zip(memory, group.infos, passes):
         host = f"; host memory {m.host_rss_gib} GiB resident ({m.host_pss_gib} GiB by share)" if m.host_rss_gib else ""
+        host += f"; {n} model passes" if n is not None else ""
         if m.peak_gib is None:
             lines.append(f"  worker {m.rank} ({info['device']}): no GPU memory figures on CPU{host}")
         else:

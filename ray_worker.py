@@ -138,6 +138,7 @@ class LTXAVWorker:
         self.held = _import_host(comfy_path, host_args, dynamic_vram, self.cap if dynamic_vram else None)
         self.models, self.groups = pack("models"), pack("sequence_parallel.groups")
         self.xsp, self.ffn, self.inst = pack("xdit_context_parallel"), pack("ffn_chunking"), pack("instrumentation")
+        self.cfgp_mod = pack("cfg_parallel")
         self.pack_name = pack_name
         self.step = 0
         self.stop = threading.Event()
@@ -149,7 +150,9 @@ class LTXAVWorker:
         self.loads = 0  # file reads
         self.repatches = 0  # patch sets applied to the loaded weights without reading the file
         self.listener = None
-        self.sp = None
+        self.backend = None
+        self.sp = None  # this rank's sequence-parallel part, and its CFG-parallel part: new ones on regroup
+        self.cfgp = None
         self.cpu_group = None
         self.cuda = torch.cuda.is_available()
         self.step_times: list[float] = []
@@ -197,23 +200,41 @@ class LTXAVWorker:
         self.listener = _listen(host)
         return host, self.listener.getsockname()[1]
 
-    def init_groups(self, host: str, port: int, ulysses: int, ring: int) -> None:
+    def init_groups(self, host: str, port: int, ulysses: int, ring: int, cfg: int = 1) -> None:
         import torch.distributed as dist
         from torch.distributed.constants import default_pg_timeout
 
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
-        backend = "nccl" if self.cuda else "gloo"
+        self.backend = "nccl" if self.cuda else "gloo"
         listen_fd = None
         if self.rank == 0:
             listen_fd, self.listener = self.listener.detach(), None  # the store owns the socket from here
         store = dist.TCPStore(host, port, self.world, is_master=self.rank == 0, timeout=default_pg_timeout,
                               master_listen_fd=listen_fd)
-        self.groups.init_process_groups(self.rank, self.world, self.groups.Degrees(ulysses, ring), backend,
-                                     f"tcp://{host}:{port}", store=store)
-        self.sp = self.xsp.SequenceParallel(rank_label=self.rank, phase_stats=True)
-        from xfuser.core.distributed.parallel_state import get_sp_group
+        self.groups.init_process_groups(self.rank, self.world, self.groups.Degrees(ulysses, ring, cfg), self.backend,
+                                        f"tcp://{host}:{port}", store=store)
+        self._parts()
+        from xfuser.core.distributed.parallel_state import get_world_group
 
-        self.cpu_group = get_sp_group().cpu_group
+        self.cpu_group = get_world_group().cpu_group  # every rank of every group: the interrupt's agreement
+
+    def regroup(self, ulysses: int, ring: int, cfg: int) -> None:
+        """Other degrees on the same ranks (every rank calls it): the model stays loaded."""
+        _select_gpu()
+        self.groups.regroup(self.groups.Degrees(ulysses, ring, cfg), self.backend)
+        self._parts()
+
+    def _parts(self) -> None:
+        self.sp = self.xsp.SequenceParallel(rank_label=self.rank, phase_stats=True)
+        self.cfgp = self.cfgp_mod.CfgParallel()
+
+    def diffusion_model_wrapper(self, executor, *args, **kwargs):
+        """The model's DIFFUSION_MODEL wrapper: the current sequence-parallel part's."""
+        return self.sp.diffusion_model_wrapper(executor, *args, **kwargs)
+
+    def calc_cond_batch_wrapper(self, executor, *args, **kwargs):
+        """The model's CALC_COND_BATCH wrapper: the current CFG-parallel part's."""
+        return self.cfgp.calc_cond_batch_wrapper(executor, *args, **kwargs)
 
     # -- model ------------------------------------------------------------------
     def load(self, file_key: str, key: str, recipe_bytes: bytes, spec_bytes: bytes):
@@ -256,8 +277,9 @@ class LTXAVWorker:
         # the FFN Chunker's wrappers are the pack's own (not sent): add them again from its settings
         self.ffn.set_wrappers(patcher, self.ffn.ChunkSettings.from_options(patcher.model_options["transformer_options"])
                               is not None)
-        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY,
-                                     self.sp.diffusion_model_wrapper)
+        wrappers = comfy.patcher_extension.WrappersMP
+        patcher.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY, self.diffusion_model_wrapper)
+        patcher.add_wrapper_with_key(wrappers.CALC_COND_BATCH, self.cfgp_mod.WRAPPER_KEY, self.calc_cond_batch_wrapper)
         self.models.family_of(patcher.model.diffusion_model, "LTXAV Parallel Sampler")
         self.patcher = patcher
         self.model_key = key
@@ -312,11 +334,13 @@ class LTXAVWorker:
         x0 = None
         job = self.transfer.loads(job_bytes, self.transfer.model_refs(self.patcher))
         self.sp.reset_stats()
+        self.cfgp.reset()
         try:
             with self.inst.traced(self.rank):  # LTXAV_PARALLEL_TRACE_DIR: a profiler trace of this run
                 samples = job.sample(self.patcher, self._callback)
         except comfy.model_management.InterruptProcessingException:
-            return self.jobs.SampleResult(interrupted=True, step=self.step, memory=self.memory())
+            return self.jobs.SampleResult(interrupted=True, step=self.step, memory=self.memory(),
+                                          passes=self.cfgp.passes)
         finally:
             x0 = None if self.last_x0 is None or self.rank else self.last_x0.cpu()
             self.last_x0 = None
@@ -324,7 +348,7 @@ class LTXAVWorker:
         first = self.rank == 0
         return self.jobs.SampleResult(interrupted=False, step=self.step, memory=self.memory(),
                                       step_times=self.step_times, samples=samples if first else None,
-                                      x0=x0 if first else None)
+                                      x0=x0 if first else None, passes=self.cfgp.passes)
 
     def memory(self):
         """This worker's ``jobs.WorkerMemory`` after a run (GPU figures None on CPU)."""

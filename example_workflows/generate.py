@@ -21,6 +21,8 @@ NOTE = ("## LTXAV on several GPUs\n"
         "897 frames at 768x512 (36 s at 25 fps) with audio, split over all GPUs Ray sees.\n\n"
         "- **gpus** 0 = all; **ulysses_degree** 0 = gpus. Use **ring_degree** only when the GPU count does not "
         "divide 32 (3, 6 GPUs).\n"
+        "- **cfg_parallel** auto: at cfg 4 the positive and negative passes run on separate halves of an even "
+        "number of GPUs.\n"
         "- The first run starts the Ray workers and loads the model on each GPU; later runs reuse them.\n"
         "- **LTX FFN Chunker** (auto) lowers each GPU's peak memory at no measurable cost.\n"
         "- Models: checkpoints/" + CKPT + ", text_encoders/" + GEMMA + ".")
@@ -60,7 +62,7 @@ def common(sampler_nodes):
     return nodes
 
 
-PARALLEL = {"gpus": 0, "ulysses_degree": 0, "ring_degree": 1, "ray_address": "local"}
+PARALLEL = {"gpus": 0, "ulysses_degree": 0, "ring_degree": 1, "ray_address": "local", "cfg_parallel": "auto"}
 
 T2V = common({
     10: ("LTXVConcatAVLatent", {"video_latent": L(7), "audio_latent": L(9)}, (800, 650)),

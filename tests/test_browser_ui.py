@@ -203,7 +203,9 @@ def test_example_workflow_loads_clean_and_runs_from_the_run_button(ui, ui_server
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:3000]
 
     summaries = [t for out in entry["outputs"].values() for t in out.get("text", [])]
-    assert any(t.startswith("LTXAV Parallel Sampler: 2 workers, Ulysses 2 x ring 1") for t in summaries), summaries
+    # cfg 4 and cfg_parallel auto: positive and negative on one worker each
+    assert any(t.startswith("LTXAV Parallel Sampler: 2 workers, cfg 2 x Ulysses 1 x ring 1") for t in summaries), \
+        summaries
     latents = ui_server.saved_latents(entry)
     shapes = sorted(tuple(t.shape) for t in latents.values())
     assert shapes == [(1, 8, 26, 16), (1, 128, 4, 3, 4)], shapes

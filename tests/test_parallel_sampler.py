@@ -11,11 +11,19 @@ import time
 import pytest
 import torch
 
-from helpers.comfy_host import make_conditioning, make_latent
+from helpers.comfy_host import make_latent
 from helpers.comfy_server import is_loopback, listening_sockets, process_tree
 from helpers.numerics import assert_matches, mismatches
-
-LATENT = dict(width=128, height=96, length=25)
+from helpers.sampler_cases import (
+    LATENT,
+    assert_equals_stock,
+    ltxv_sigmas,
+    parallel_custom_advanced,
+    parallel_ksampler,
+    stock_custom_advanced,
+    stock_ksampler,
+    worker_infos,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,36 +44,6 @@ def shutdown(ps):
     ps.POOL.stop_group()
     if ray.is_initialized():
         ray.shutdown()
-
-
-def conds(cc):
-    return make_conditioning(cc, seed=1), make_conditioning(cc, seed=2)
-
-
-def stock_ksampler(model, cc, steps=3, latent=None, **kw):
-    import nodes
-
-    pos, neg = conds(cc)
-    return nodes.common_ksampler(model, 42, steps, 3.0, "euler", "simple", pos, neg, latent or make_latent(**LATENT),
-                                 **kw)[0]
-
-
-def parallel_ksampler(nodes_mod, model, cc, steps=3, latent=None, gpus=2, ulysses=0, ring=1, address="local"):
-    pos, neg = conds(cc)
-    out = nodes_mod.LTXAVParallelKSampler.execute(model, 42, steps, 3.0, "euler", "simple", pos, neg,
-                                                  latent or make_latent(**LATENT), 1.0, gpus, ulysses, ring, address)
-    return out.args[0], out.ui
-
-
-def worker_infos(ps):
-    import ray
-
-    return ray.get([a.info.remote() for a in ps.POOL.group.actors])
-
-
-def assert_equals_stock(got, model, model_f64, cc, **kw):
-    """``got`` against the stock KSampler on ``model`` (float32) and on its float64 twin (tests/helpers/numerics.py)."""
-    assert_matches(got, stock_ksampler(model, cc, **kw), stock_ksampler(model_f64, cc, **kw))
 
 
 def test_ksampler_equals_stock_and_reuses_workers(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
@@ -233,28 +211,15 @@ def test_trace_dir_gives_each_worker_a_trace(ps, nodes_mod, tiny_model, tiny_mod
 
 
 def test_sampler_custom_advanced_equals_stock(nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
-    import comfy.samplers
-    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
-    from comfy_extras.nodes_lt import LTXVScheduler
-
     cc = tiny_ckpt[1]["caption_channels"]
-    pos, neg = conds(cc)
     latent = make_latent(**LATENT)
-    sigmas = LTXVScheduler.execute(4, 2.05, 0.95, True, 0.1, latent)[0]
-    sampler = comfy.samplers.sampler_object("euler")
-
-    def guider(model=tiny_model):
-        gd = comfy.samplers.CFGGuider(model)
-        gd.set_conds(pos, neg)
-        gd.set_cfg(3.0)
-        return gd
-
-    want = SamplerCustomAdvanced.execute(Noise_RandomNoise(5), guider(), sampler, sigmas, latent)
-    reference = SamplerCustomAdvanced.execute(Noise_RandomNoise(5), guider(tiny_model_f64), sampler, sigmas, latent)
-    got = nodes_mod.LTXAVParallelSamplerCustomAdvanced.execute(Noise_RandomNoise(5), guider(), sampler, sigmas,
-                                                               latent, 2, 0, 1, "local")
-    assert_matches(got.args[0], want.args[0], reference.args[0])
-    assert_matches(got.args[1], want.args[1], reference.args[1])  # denoised_output
+    sigmas = ltxv_sigmas(latent)
+    want = stock_custom_advanced("cfg", tiny_model, cc, latent, sigmas)
+    reference = stock_custom_advanced("cfg", tiny_model_f64, cc, latent, sigmas)
+    *got, ui = parallel_custom_advanced(nodes_mod, "cfg", tiny_model, cc, latent, sigmas)
+    assert "2 workers, Ulysses 2 x ring 1" in ui.value
+    assert_matches(got[0], want[0], reference[0])
+    assert_matches(got[1], want[1], reference[1])  # denoised_output
 
 
 def _run_in_thread(fn):
@@ -358,11 +323,12 @@ def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tin
     mp = importlib.import_module("ltxav_pack.memory_plan")
     groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
     latent = make_latent(**LATENT)["samples"]
-    est = ps.check_memory(tiny_model, latent, 2, groups.Degrees(2), budget=10**12)  # fits: returns the estimate
+    # KSampler at cfg 3: positive and negative in one forward (batch 2 a worker)
+    est = ps.check_memory(tiny_model, latent, groups.Degrees(2), budget=10**12, passes=2)  # fits: the estimate
     clip, batch = ps.latent_clip(latent)
     assert clip.latent_frames == 4 and batch == 1 and est.parts["weights"] > 0
     dims = mp.ModelDims.of(tiny_model.model.diffusion_model, compute_dtype=torch.float32)
-    kw = dict(world=2, ffn_chunks=1, sampler=True)
+    kw = dict(world=2, ffn_chunks=1, sampler=True, batch=2)
     small = mp.estimate(dims, clip.with_latent_frames(2), **kw).total
     assert small < est.total
     ps.POOL.stop_group()
@@ -376,14 +342,25 @@ def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tin
     monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GIB", "1000")  # fits: the run logs the plan and samples
     got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
-    assert re.search(r"LTXAV Parallel Sampler: planned peak 0\.\d\d GiB per worker of 1000\.00 GiB free \(weights",
-                     caplog_info.text)
+    assert re.search(r"LTXAV Parallel Sampler: planned peak 0\.\d\d GiB per worker of 1000\.00 GiB free \(Ulysses 2 x "
+                     r"ring 1; 2 guidance passes a step, 2 in each worker's forward; weights", caplog_info.text)
     ps.POOL.stop_group()
     monkeypatch.delenv("LTXAV_PARALLEL_MEMORY_CAP_GIB")
 
 
+def test_more_gpus_than_the_cluster_has(ps, nodes_mod, tiny_model, tiny_ckpt):
+    import ray
+
+    cc = tiny_ckpt[1]["caption_channels"]
+    parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)  # Ray up
+    slots = int(ray.cluster_resources()["CPU"])
+    assert slots >= ps.LOCAL_CPU_SLOTS  # a local cluster offers CPU workers beyond the cores
+    with pytest.raises(ValueError, match=rf"input 'gpus' asks for {slots + 1} CPU workers but the Ray cluster at "
+                                         rf"'local' has {slots}; use gpus <= {slots}"):
+        parallel_ksampler(nodes_mod, tiny_model, cc, gpus=slots + 1)
+
+
 @pytest.mark.parametrize("kw,msg", [
-    (dict(gpus=5), r"input 'gpus' asks for 5 CPU workers but the Ray cluster at 'local' has 2"),
     (dict(gpus=0), r"ComfyUI runs on the CPU, so 'gpus' counts CPU worker processes"),
     (dict(gpus=2, ulysses=2, ring=2), r"ulysses_degree x ring_degree = 2 x 2 = 4, but 2 GPUs"),
     (dict(gpus=2, ulysses=0, ring=3), r"ring_degree=3 does not divide gpus=2"),
@@ -457,15 +434,16 @@ def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp
     latent = make_latent(**LATENT)["samples"]
     streaming, whole = [{"device": "cpu", "dynamic_vram": True}], [{"device": "cpu", "dynamic_vram": False}]
     big = 10**12
-    streamed = ps.check_memory(model, latent, 2, groups.Degrees(2), big, streaming)
-    full = ps.check_memory(model, latent, 2, groups.Degrees(2), big, whole)
+    streamed = ps.check_memory(model, latent, groups.Degrees(2), big, streaming)
+    full = ps.check_memory(model, latent, groups.Degrees(2), big, whole)
     assert streamed.parts["weights"] < full.parts["weights"] and streamed.total < full.total
     budget = (streamed.total + full.total) // 2
-    assert ps.check_memory(model, latent, 2, groups.Degrees(2), budget, streaming).total == streamed.total
+    assert ps.check_memory(model, latent, groups.Degrees(2), budget, streaming).total == streamed.total
     with pytest.raises(ValueError, match=r"LTXAV Parallel Sampler: a 25-frame 128x96 video needs about .* GiB per "
-                                         r"worker \(weights"):
-        ps.check_memory(model, latent, 2, groups.Degrees(2), budget, whole)
+                                         r"worker \(Ulysses 2 x ring 1; 1 guidance pass a step, 1 in each worker's "
+                                         r"forward: weights"):
+        ps.check_memory(model, latent, groups.Degrees(2), budget, whole)
     tiny_budget = streamed.parts["weights"] // 2
     with pytest.raises(ValueError, match=r"the weights ComfyUI keeps on the GPU while streaming the rest and fixed "
                                          r"buffers alone take"):
-        ps.check_memory(model, latent, 2, groups.Degrees(2), tiny_budget, streaming)
+        ps.check_memory(model, latent, groups.Degrees(2), tiny_budget, streaming)

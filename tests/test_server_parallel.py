@@ -61,7 +61,8 @@ def test_parallel_prompt_equals_stock_prompt(server, tiny_model_f64):
     reference = t2v_reference(tiny_model_f64, server.base, server.dataset)
     for k in ("8", "9"):
         assert_matches(got[k], want[k], reference[k], f"SaveLatent {k}")
-    assert "LTXAV Parallel Sampler: 2 workers, Ulysses 2 x ring 1" in par["outputs"]["6"]["text"][0]
+    # cfg 3 with cfg_parallel left out of the prompt (an optional input: auto): one pass a worker
+    assert "LTXAV Parallel Sampler: 2 workers, cfg 2 x Ulysses 1 x ring 1" in par["outputs"]["6"]["text"][0]
 
 
 def test_interrupt_then_next_prompt(server):

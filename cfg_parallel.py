@@ -1,0 +1,102 @@
+"""CFG-parallel: a sampling step's guidance passes (the conditional and unconditional evaluations of
+CFG, the three of DualCFGGuider or PerpNegGuider) on separate groups of ranks.
+
+ComfyUI evaluates every pass of a step in one ``calc_cond_batch`` call, one conditioning list per pass
+(``[positive, negative]`` for CFG; a pass that cfg 1 skips is None), and batches them into one forward.
+With a cfg degree C the workers form C sequence-parallel groups (``sequence_parallel.groups``);
+``CfgParallel.calc_cond_batch_wrapper``, a ComfyUI CALC_COND_BATCH wrapper on every worker, has group
+g evaluate only its share of the passes, each forward split over its own group, and all-gathers the
+outputs over xfuser's CFG group (the ranks that hold the same sequence shard in each group). Every
+rank then returns ComfyUI the outputs of every pass, and the guidance itself (cfg_function, pre- and
+post-CFG functions) runs on all ranks alike, so they stay in step.
+
+Passes are shared in contiguous blocks of ceil(n / C) (3 passes on 2 groups: 2 and 1). A call with
+fewer than 2 passes (cfg 1, or a single extra pass such as LTXVReferenceAudio's) runs whole on every
+group. The driver picks the degree (``choose_degree``) from the node's ``cfg_parallel`` input and the
+job's pass count (``jobs.KSamplerJob.passes``, ``jobs.GuiderJob.passes``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import xfuser_compat
+
+WRAPPER_KEY = "ltxav_cfg_parallel"
+MODES = ("auto", "on", "off")
+
+
+def shares(active: list[int], degree: int) -> list[list[int]]:
+    """The pass indices ``active`` in ``degree`` contiguous shares of ceil(n / degree) (the last ones
+    shorter or empty)."""
+    k = math.ceil(len(active) / degree)
+    return [active[g * k:(g + 1) * k] for g in range(degree)]
+
+
+def choose_degree(mode: str, passes: int, world: int, ulysses: int, ring: int, video_heads: int,
+                  node: str) -> tuple[int, str]:
+    """The cfg degree for ``world`` ranks and ``passes`` guidance passes a step, and why cfg-parallel is
+    not used when it is 1. ``auto``: the largest degree that divides both the passes and the GPU count
+    (so every group runs as many passes) and leaves a valid sequence-parallel group; ``on``: the largest
+    that divides the GPU count, an uneven share allowed; ``off``: 1. ``ulysses`` 0 = whatever is left
+    over the ring; otherwise ``ulysses * ring`` must be what is left."""
+    if mode not in MODES:
+        raise ValueError(f"{node}: input 'cfg_parallel' is {mode!r}; use one of {', '.join(MODES)}.")
+    if mode == "off":
+        return 1, "cfg_parallel is off"
+    if passes < 2:
+        return 1, "one guidance pass a step (cfg 1 or a guider without negative): nothing to split"
+    if world < 2:
+        return 1, "one GPU"
+    for degree in range(min(passes, world), 1, -1):
+        if world % degree or (mode == "auto" and passes % degree):
+            continue
+        sequence = world // degree
+        if ulysses:
+            if ulysses * ring == sequence:
+                return degree, ""
+        elif sequence % ring == 0 and video_heads % (sequence // ring) == 0:
+            return degree, ""
+    if mode == "on":
+        counts = "an even gpus count" if passes == 2 else f"a gpus count divisible by one of 2 to {passes}"
+        raise ValueError(f"{node}: input 'cfg_parallel' is 'on', but the {passes} guidance passes a step cannot be "
+                         f"split over gpus={world} with ulysses_degree={ulysses} and ring_degree={ring}: use {counts} "
+                         "with ulysses_degree 0, or set cfg_parallel to 'auto' or 'off'.")
+    return 1, f"{passes} passes do not split evenly over {world} GPUs"
+
+
+class CfgParallel:
+    """This process's part of CFG-parallel; create after the process groups
+    (``sequence_parallel.groups``). ``passes`` counts the passes this rank evaluated since ``reset``."""
+
+    def __init__(self):
+        ps = xfuser_compat.load().parallel_state
+        self.degree = ps.get_classifier_free_guidance_world_size()
+        self.rank = ps.get_classifier_free_guidance_rank()
+        self.group = ps.get_cfg_group().device_group if self.degree > 1 else None
+        self.passes = 0
+
+    def reset(self) -> None:
+        self.passes = 0
+
+    def calc_cond_batch_wrapper(self, executor, model, conds, x_in, timestep, model_options, **kwargs):
+        """ComfyUI CALC_COND_BATCH wrapper: this group's share of the passes, then every group's outputs."""
+        active = [i for i, c in enumerate(conds) if c is not None]
+        if self.degree == 1 or len(active) < 2:
+            self.passes += len(active)
+            return executor(model, conds, x_in, timestep, model_options, **kwargs)
+        split = shares(active, self.degree)
+        mine = split[self.rank]
+        self.passes += len(mine)
+        out = executor(model, [c if i in mine else None for i, c in enumerate(conds)], x_in, timestep,
+                       model_options, **kwargs)
+        width = len(split[0])
+        block = torch.stack([out[i] for i in mine] + [torch.zeros_like(x_in)] * (width - len(mine)))
+        gathered = [torch.empty_like(block) for _ in range(self.degree)]
+        dist.all_gather(gathered, block, group=self.group)
+        for g, share in enumerate(split):
+            for j, i in enumerate(share):
+                out[i] = gathered[g][j]
+        return out

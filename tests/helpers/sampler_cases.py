@@ -1,0 +1,92 @@
+"""The parallel sampler nodes against the stock samplers on the same tiny checkpoint, seed and inputs
+(the Ray tests): stock KSampler / SamplerCustomAdvanced runs, the pack's node calls, worker infos."""
+from .comfy_host import make_conditioning, make_latent
+from .numerics import assert_matches
+
+LATENT = dict(width=128, height=96, length=25)
+
+
+def conds(cc):
+    """Positive and negative conditioning of width ``cc``."""
+    return make_conditioning(cc, seed=1), make_conditioning(cc, seed=2)
+
+
+def stock_ksampler(model, cc, steps=3, latent=None, cfg=3.0, swap=False, **kw):
+    """Stock KSampler; ``swap``: positive and negative exchanged (what a pass mix-up would return)."""
+    import nodes
+
+    pos, neg = conds(cc)
+    if swap:
+        pos, neg = neg, pos
+    return nodes.common_ksampler(model, 42, steps, cfg, "euler", "simple", pos, neg, latent or make_latent(**LATENT),
+                                 **kw)[0]
+
+
+def parallel_ksampler(nodes_mod, model, cc, steps=3, latent=None, gpus=2, ulysses=0, ring=1, address="local",
+                      cfg=3.0, cfg_parallel="off"):
+    """The pack's LTXAV Parallel KSampler with KSampler's settings of ``stock_ksampler``: (LATENT, ui)."""
+    pos, neg = conds(cc)
+    out = nodes_mod.LTXAVParallelKSampler.execute(model, 42, steps, cfg, "euler", "simple", pos, neg,
+                                                  latent or make_latent(**LATENT), 1.0, gpus, ulysses, ring, address,
+                                                  cfg_parallel)
+    return out.args[0], out.ui
+
+
+def guider(kind, model, cc, cfg=3.0):
+    """A stock guider on ``model``: ``cfg`` (CFGGuider), ``dual`` (DualCFGGuider: negative, middle and
+    positive, three passes) or ``basic`` (BasicGuider, one pass)."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Guider_Basic, Guider_DualCFG
+
+    pos, neg = conds(cc)
+    if kind == "cfg":
+        g = comfy.samplers.CFGGuider(model)
+        g.set_conds(pos, neg)
+        g.set_cfg(cfg)
+    elif kind == "dual":
+        g = Guider_DualCFG(model)
+        g.set_conds(pos, make_conditioning(cc, seed=3), neg)
+        g.set_cfg(cfg, 2.0)
+    else:
+        g = Guider_Basic(model)
+        g.set_conds(pos)
+    return g
+
+
+def ltxv_sigmas(latent, steps=4):
+    from comfy_extras.nodes_lt import LTXVScheduler
+
+    return LTXVScheduler.execute(steps, 2.05, 0.95, True, 0.1, latent)[0]
+
+
+def stock_custom_advanced(kind, model, cc, latent, sigmas, seed=5):
+    """Stock SamplerCustomAdvanced with a ``guider(kind, ...)``, euler: (output, denoised_output)."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
+
+    out = SamplerCustomAdvanced.execute(Noise_RandomNoise(seed), guider(kind, model, cc), comfy.samplers.sampler_object(
+        "euler"), sigmas, latent)
+    return out.args[0], out.args[1]
+
+
+def parallel_custom_advanced(nodes_mod, kind, model, cc, latent, sigmas, gpus=2, ulysses=0, ring=1,
+                             cfg_parallel="off", seed=5):
+    """The pack's LTXAV Parallel SamplerCustomAdvanced with the same inputs: (output, denoised, ui)."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+
+    out = nodes_mod.LTXAVParallelSamplerCustomAdvanced.execute(
+        Noise_RandomNoise(seed), guider(kind, model, cc), comfy.samplers.sampler_object("euler"), sigmas, latent,
+        gpus, ulysses, ring, "local", cfg_parallel)
+    return out.args[0], out.args[1], out.ui
+
+
+def worker_infos(ps):
+    import ray
+
+    return ray.get([a.info.remote() for a in ps.POOL.group.actors])
+
+
+def assert_equals_stock(got, model, model_f64, cc, **kw):
+    """``got`` against the stock KSampler on ``model`` (float32) and on its float64 twin (numerics)."""
+    assert_matches(got, stock_ksampler(model, cc, **kw), stock_ksampler(model_f64, cc, **kw))

@@ -1,0 +1,245 @@
+"""CFG-parallel: the guidance passes of each step on separate groups of Ray workers (CPU, gloo), alone
+and combined with Ulysses and ring, against the stock samplers on the same tiny checkpoint; the
+degree choice, the pass counts, the planner's share of the batch, regrouping, interrupt."""
+import importlib
+import re
+
+import pytest
+
+from helpers.comfy_host import make_latent
+from helpers.numerics import assert_matches, mismatches
+from helpers.sampler_cases import (
+    LATENT,
+    assert_equals_stock,
+    guider,
+    ltxv_sigmas,
+    parallel_custom_advanced,
+    parallel_ksampler,
+    stock_custom_advanced,
+    stock_ksampler,
+    worker_infos,
+)
+
+NODE = "LTXAV Parallel Sampler"
+
+
+@pytest.fixture(scope="module")
+def ps(pack):
+    return importlib.import_module("ltxav_pack.parallel_sampler")
+
+
+@pytest.fixture(scope="module")
+def cfgp(pack):
+    return importlib.import_module("ltxav_pack.cfg_parallel")
+
+
+@pytest.fixture(scope="module")
+def nodes_mod(pack):
+    return importlib.import_module("ltxav_pack.nodes_parallel_sampler")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shutdown(ps):
+    yield
+    import ray
+
+    ps.POOL.stop_group()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def worker_passes(ui) -> list[int]:
+    """The model passes each worker evaluated, from the node's summary."""
+    return [int(n) for n in re.findall(r"; (\d+) model passes", ui.value)]
+
+
+# -- the degree and the shares (no workers) ---------------------------------------------------
+
+@pytest.mark.quick
+def test_shares(cfgp):
+    assert cfgp.shares([0, 1], 2) == [[0], [1]]
+    assert cfgp.shares([0, 1, 2], 2) == [[0, 1], [2]]
+    assert cfgp.shares([0, 1, 2], 3) == [[0], [1], [2]]
+    assert cfgp.shares([0, 2], 3) == [[0], [2], []]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("mode,passes,world,ulysses,ring,want", [
+    ("auto", 2, 2, 0, 1, 2),  # CFG on 2 GPUs: one pass a GPU
+    ("auto", 2, 4, 0, 1, 2),  # cfg 2 x Ulysses 2
+    ("auto", 2, 4, 1, 2, 2),  # cfg 2 x ring 2
+    ("auto", 2, 4, 2, 1, 2),  # the user's Ulysses degree is what is left
+    ("auto", 2, 4, 4, 1, 1),  # ... or it takes every GPU: sequence parallel only
+    ("auto", 2, 3, 0, 1, 1),  # 2 passes do not divide 3 GPUs
+    ("auto", 3, 3, 0, 1, 3),  # DualCFG / PerpNeg on 3 GPUs
+    ("auto", 3, 2, 0, 1, 1),  # 3 passes on 2 groups would be uneven
+    ("on", 3, 2, 0, 1, 2),  # ... which 'on' allows
+    ("on", 3, 4, 0, 1, 2),
+    ("on", 1, 2, 0, 1, 1),  # cfg 1: one pass, nothing to split
+    ("auto", 2, 1, 0, 1, 1),
+    ("off", 2, 2, 0, 1, 1),
+])
+def test_choose_degree(cfgp, mode, passes, world, ulysses, ring, want):
+    assert cfgp.choose_degree(mode, passes, world, ulysses, ring, 12, NODE)[0] == want
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("mode,passes,world,ulysses,msg", [
+    ("on", 2, 3, 0, r"input 'cfg_parallel' is 'on', but the 2 guidance passes a step cannot be split over gpus=3 "
+                    r"with ulysses_degree=0 and ring_degree=1: use an even gpus count with ulysses_degree 0, or set "
+                    r"cfg_parallel to 'auto' or 'off'"),
+    ("on", 2, 4, 4, r"input .* cannot be split over gpus=4 with ulysses_degree=4"),
+    ("sideways", 2, 2, 0, r"input 'cfg_parallel' is 'sideways'; use one of auto, on, off"),
+])
+def test_bad_cfg_parallel_settings(cfgp, mode, passes, world, ulysses, msg):
+    with pytest.raises(ValueError, match=f"{NODE}: {msg}"):
+        cfgp.choose_degree(mode, passes, world, ulysses, 1, 12, NODE)
+
+
+def test_passes_of_jobs(comfy, pack, tiny_model, tiny_ckpt):
+    import torch
+
+    jobs = importlib.import_module("ltxav_pack.jobs")
+    cc = tiny_ckpt[1]["caption_channels"]
+
+    def ks(cfg):
+        return jobs.KSamplerJob(None, None, None, 0, 1, cfg, "euler", "simple", None, None)
+
+    def gj(kind, cfg=3.0):
+        return jobs.GuiderJob(None, None, None, 0, guider(kind, tiny_model, cc, cfg), None, torch.zeros(2))
+
+    assert (ks(3.0).passes, ks(1.0).passes) == (2, 1)
+    assert (gj("cfg").passes, gj("cfg", 1.0).passes, gj("basic").passes, gj("dual").passes) == (2, 1, 1, 3)
+
+
+def test_planner_counts_each_workers_share_of_the_passes(ps, tiny_model):
+    """ComfyUI batches a step's passes into one forward: at cfg other than 1 a worker holds both unless
+    CFG-parallel gives each group its own; the refusal names the degrees and the share."""
+    groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
+    latent = make_latent(**LATENT)["samples"]
+    big = 10**12
+    one = ps.check_memory(tiny_model, latent, groups.Degrees(2), big, passes=1)
+    two = ps.check_memory(tiny_model, latent, groups.Degrees(2), big, passes=2)
+    split = ps.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), big, passes=2)
+    uneven = ps.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), big, passes=3)
+    alone = ps.check_memory(tiny_model, latent, groups.Degrees(1), big, passes=1)
+    assert two.parts["video tokens"] == 2 * one.parts["video tokens"]
+    assert split.parts["video tokens"] == alone.parts["video tokens"]  # one pass of the whole video a worker
+    assert uneven.parts["video tokens"] == 2 * alone.parts["video tokens"]  # the larger share: 2 of 3
+    with pytest.raises(ValueError, match=r"needs about .* GiB per worker \(cfg 2 x Ulysses 1 x ring 1; 3 guidance "
+                                         r"passes a step, 2 in each worker's forward: weights"):
+        ps.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), uneven.total - 1, passes=3)
+
+
+# -- Ray workers against stock ------------------------------------------------------------------
+
+def test_two_workers_one_pass_each_equal_stock(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
+    """KSampler at cfg 3 on 2 workers, cfg_parallel auto: cfg 2 x Ulysses 1, each worker runs one of the
+    two passes a step (3 of the 6), and the result equals stock's. The twin: positive and negative
+    exchanged (what assembling the gathered passes in the wrong order returns) fails the check."""
+    cc = tiny_ckpt[1]["caption_channels"]
+    want, reference = stock_ksampler(tiny_model, cc), stock_ksampler(tiny_model_f64, cc)
+    got, ui = parallel_ksampler(nodes_mod, tiny_model, cc, cfg_parallel="auto")
+    assert f"{NODE}: 2 workers, cfg 2 x Ulysses 1 x ring 1" in ui.value
+    assert worker_passes(ui) == [3, 3]
+    assert_matches(got, want, reference)
+    assert mismatches(stock_ksampler(tiny_model, cc, swap=True), want, reference)
+
+
+def test_cfg_1_falls_back_to_sequence_parallel_on_the_same_workers(ps, nodes_mod, tiny_model, tiny_model_f64,
+                                                                    tiny_ckpt, caplog_info):
+    cc = tiny_ckpt[1]["caption_channels"]
+    parallel_ksampler(nodes_mod, tiny_model, cc, steps=1, cfg_parallel="on")  # cfg 2 x Ulysses 1
+    pids = [i["pid"] for i in worker_infos(ps)]
+    got, ui = parallel_ksampler(nodes_mod, tiny_model, cc, cfg=1.0, cfg_parallel="on")
+    assert f"{NODE}: 2 workers, Ulysses 2 x ring 1" in ui.value and worker_passes(ui) == [3, 3]
+    assert f"{NODE}: cfg-parallel not used (one guidance pass a step" in caplog_info.text
+    assert f"{NODE}: regrouped 2 workers from cfg 2 x Ulysses 1 x ring 1 to Ulysses 2 x ring 1" in caplog_info.text
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc, cfg=1.0)
+    infos = worker_infos(ps)
+    assert [i["pid"] for i in infos] == pids and all(i["loads"] == 1 for i in infos)  # same workers and model
+
+
+def test_dual_cfg_guider_three_passes_uneven_on_two_workers(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
+    """DualCFGGuider (3 passes a step) on 2 workers: auto keeps sequence parallel (3 do not split evenly);
+    'on' shares them 2 and 1. Both equal stock's SamplerCustomAdvanced."""
+    cc = tiny_ckpt[1]["caption_channels"]
+    latent = make_latent(**LATENT)
+    sigmas = ltxv_sigmas(latent, steps=3)
+    want = stock_custom_advanced("dual", tiny_model, cc, latent, sigmas)
+    reference = stock_custom_advanced("dual", tiny_model_f64, cc, latent, sigmas)
+    for mode, label, passes in (("auto", "Ulysses 2 x ring 1", [9, 9]), ("on", "cfg 2 x Ulysses 1 x ring 1", [6, 3])):
+        *got, ui = parallel_custom_advanced(nodes_mod, "dual", tiny_model, cc, latent, sigmas, cfg_parallel=mode)
+        assert f"{NODE}: 2 workers, {label}" in ui.value and worker_passes(ui) == passes, ui.value
+        assert_matches(got[0], want[0], reference[0], f"{mode} output")
+        assert_matches(got[1], want[1], reference[1], f"{mode} denoised_output")
+
+
+def test_interrupt_stops_every_group_at_the_same_step(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
+    """The stop flag is agreed over all workers, not within one sequence-parallel group: with cfg 2 x
+    Ulysses 1 each group has one worker, and both must stop at the same step."""
+    import threading
+    import time
+
+    import comfy.model_management
+    import ray
+
+    cc = tiny_ckpt[1]["caption_channels"]
+    parallel_ksampler(nodes_mod, tiny_model, cc, steps=1, cfg_parallel="on")  # 2 workers, cfg 2
+    box = {}
+
+    def run():
+        try:
+            parallel_ksampler(nodes_mod, tiny_model, cc, steps=400, cfg_parallel="on")
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    for _ in range(600):
+        if ray.get(ps.POOL.group.actors[0].progress.remote()) >= 2:
+            break
+        time.sleep(0.1)
+    comfy.model_management.interrupt_current_processing(True)
+    t.join(120)
+    assert isinstance(box.get("error"), comfy.model_management.InterruptProcessingException)
+    steps = ray.get([a.progress.remote() for a in ps.POOL.group.actors])
+    assert steps[0] == steps[1] < 400
+    got, ui = parallel_ksampler(nodes_mod, tiny_model, cc, cfg_parallel="on")
+    assert "cfg 2 x Ulysses 1 x ring 1" in ui.value
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
+
+
+def test_three_workers_one_pass_each_dual_cfg(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
+    cc = tiny_ckpt[1]["caption_channels"]
+    latent = make_latent(**LATENT)
+    sigmas = ltxv_sigmas(latent, steps=2)
+    want = stock_custom_advanced("dual", tiny_model, cc, latent, sigmas)
+    reference = stock_custom_advanced("dual", tiny_model_f64, cc, latent, sigmas)
+    *got, ui = parallel_custom_advanced(nodes_mod, "dual", tiny_model, cc, latent, sigmas, gpus=3, cfg_parallel="auto")
+    assert f"{NODE}: 3 workers, cfg 3 x Ulysses 1 x ring 1" in ui.value and worker_passes(ui) == [2, 2, 2]
+    assert_matches(got[0], want[0], reference[0])
+    assert_matches(got[1], want[1], reference[1])
+
+
+FOUR = [(0, 1, "cfg 2 x Ulysses 2 x ring 1"), (1, 2, "cfg 2 x Ulysses 1 x ring 2")]
+
+
+@pytest.mark.parametrize("ulysses,ring,label", FOUR, ids=["cfg2-ulysses2", "cfg2-ring2"])
+def test_four_workers_cfg_with_ulysses_or_ring(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, ulysses, ring,
+                                               label):
+    """4 workers: two groups of two, each pass split over its group by Ulysses or by the ring (the second
+    case reuses the first's workers with other groups). Image-to-video: per-token timesteps."""
+    import torch
+    from comfy_extras.nodes_lt import LTXVConcatAVLatent
+
+    cc = tiny_ckpt[1]["caption_channels"]
+    video = make_latent(**LATENT, audio=False)
+    mask = torch.ones(1, 1, video["samples"].shape[2], 1, 1)
+    mask[:, :, 0] = 0.0
+    video["noise_mask"] = mask
+    latent = LTXVConcatAVLatent.execute(video, {"samples": torch.zeros(1, 8, 26, 16), "type": "audio"})[0]
+    got, ui = parallel_ksampler(nodes_mod, tiny_model, cc, latent=latent, gpus=4, ulysses=ulysses, ring=ring,
+                                cfg_parallel="auto")
+    assert f"{NODE}: 4 workers, {label}" in ui.value and worker_passes(ui) == [3, 3, 3, 3], ui.value
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc, latent=latent)
