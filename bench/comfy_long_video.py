@@ -6,7 +6,13 @@ the checkpoint is loaded with ``comfy.sd.load_diffusion_model`` (the UNETLoader 
 Usage: python bench/comfy_long_video.py --comfy PATH [--ckpt /tmp/ltx2.safetensors] [--layers 48]
           [--weights fp8|bf16] [--card-gb 24] [--frames 897,1329,2577] [--variants stock,ffn-chunker]
           [--ffn-chunker] [--steps 1] [--res 768x512] [--ctx-len 1024] [--legacy] [--no-cuda-malloc]
+          [--cfg 1.0] [--guider ksampler|cfg] [--gpus 1] [--cfg-parallel auto|on|off]
           [--timeout 300] [--commit SHA] [--out results.jsonl]
+
+--cfg other than 1 runs positive and negative each step (ComfyUI batches them into one forward);
+--guider cfg samples through a CFGGuider (SamplerCustomAdvanced's path; the parallel variants then
+send a GuiderJob) instead of KSampler's ``comfy.sample.sample``. The parallel variants run the node's
+``POOL.run`` with ``--gpus`` Ray workers (one per GPU) and ``--cfg-parallel``.
 
 1. Writes --ckpt once (kept if it is there with the same layers and weights): the LTX-2 diffusion
    model's real key names (``model.diffusion_model.*``, from ComfyUI's LTXAVModel built on the meta
@@ -20,7 +26,7 @@ Usage: python bench/comfy_long_video.py --comfy PATH [--ckpt /tmp/ltx2.safetenso
    bytes so ComfyUI sees a --card-gb GiB card, then ``comfy_aimdo.control.init_device(index)``,
    ``CoreModelPatcher = ModelPatcherDynamic``, ``aimdo_enabled = True``; --legacy: none of it, the
    legacy ModelPatcher), loads, optionally applies the LTX FFN Chunker (auto=True), samples --steps
-   steps at cfg 1, euler/simple, on an empty video latent [1,128,F,H/32,W/32] joined with an empty
+   steps at --cfg (default 1), euler/simple, on an empty video latent [1,128,F,H/32,W/32] joined with an empty
    audio latent [1,8,T,16] (T = ceil(frames/25*25), as LTXVEmptyLatentAudio) in a NestedTensor (as
    LTXVConcatAVLatent), with Gemma-free conditioning [[randn(1, L, 3840), {unprocessed_ltxav_embeds,
    frame_rate 25}]].
@@ -183,7 +189,8 @@ def rss_gb():
 def child(a):
     """One length, one variant, in this process. Returns the run record."""
     rec = dict(kind="run", frames=a.frames_one, variant=a.variant, layers=a.layers, weights=a.weights,
-               steps=a.steps, res=a.res, card_gb=a.card_gb, dynamic_vram=not a.legacy)
+               steps=a.steps, res=a.res, card_gb=a.card_gb, dynamic_vram=not a.legacy, cfg=a.cfg, guider=a.guider,
+               gpus=a.gpus if a.variant.startswith("parallel") else 1, cfg_parallel=a.cfg_parallel)
     sys.path.insert(0, str(Path(a.comfy).resolve()))
     # --- as ComfyUI's main.py: comfy.options / cli_args, cuda_malloc, then aimdo before torch ---
     import comfy.options  # noqa: F401  (arg parsing stays off: args are ComfyUI's defaults)
@@ -241,6 +248,7 @@ def child(a):
     rec["vram_state"] = str(mm.vram_state)
     import comfy.sd
     import comfy.sample
+    import comfy.samplers
     import comfy.nested_tensor
 
     t0 = time.perf_counter()
@@ -299,8 +307,11 @@ def child(a):
     try:
         if parallel:
             out = parallel_sample(a, model, noise, latent, pos, neg, rec)
+        elif a.guider == "cfg":
+            out = cfg_guider(model, pos, neg, a.cfg).sample(noise, latent, comfy.samplers.sampler_object("euler"),
+                                                            sigmas(model, a.steps), seed=0, disable_pbar=True)
         else:
-            out = comfy.sample.sample(model, noise, a.steps, 1.0, "euler", "simple", pos, neg, latent,
+            out = comfy.sample.sample(model, noise, a.steps, a.cfg, "euler", "simple", pos, neg, latent,
                                       denoise=1.0, seed=0, disable_pbar=True)
         finite = all(bool(torch.isfinite(t).all()) for t in (out.unbind() if out.is_nested else [out]))
         rec["finite"] = finite
@@ -337,22 +348,49 @@ def child(a):
     return rec
 
 
+def cfg_guider(model, pos, neg, cfg):
+    """ComfyUI's CFGGuider, as the CFGGuider node builds it."""
+    import comfy.samplers
+
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(pos, neg)
+    g.set_cfg(cfg)
+    return g
+
+
+def sigmas(model, steps):
+    """The simple scheduler's sigmas, as KSampler makes them."""
+    import comfy.samplers
+
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).cpu()
+
+
 def parallel_sample(a, model, noise, latent, pos, neg, rec):
-    """The parallel KSampler node's path at gpus=1 (``parallel_sampler.POOL.run`` with the job its
-    execute builds): one Ray worker on this GPU, which loads the checkpoint itself, with DynamicVRAM
-    when this process runs it; the worker holds the rest of the card (LTXAV_PARALLEL_MEMORY_CAP_GB)."""
+    """The parallel sampler nodes' path (``parallel_sampler.POOL.run`` with the job their execute builds:
+    KSampler's, or with --guider cfg a CFGGuider's): --gpus Ray workers, which load the checkpoint
+    themselves, with DynamicVRAM when this process runs it; each holds the rest of its card
+    (LTXAV_PARALLEL_MEMORY_CAP_GIB)."""
     import_pack_modules()
     import dataclasses
 
+    import comfy.samplers
     from ltxav_pack import jobs, parallel_sampler
 
-    job = jobs.KSamplerJob(noise=noise, latent=latent, noise_mask=None, seed=0, steps=a.steps, cfg=1.0,
-                           sampler_name="euler", scheduler="simple", positive=pos, negative=neg)
-    res = parallel_sampler.POOL.run(model, job, parallel_sampler.ParallelSettings(gpus=1))
+    if a.guider == "cfg":
+        job = jobs.GuiderJob(noise=noise, latent=latent, noise_mask=None, seed=0, guider=cfg_guider(model, pos, neg, a.cfg),
+                             sampler=comfy.samplers.sampler_object("euler"), sigmas=sigmas(model, a.steps))
+    else:
+        job = jobs.KSamplerJob(noise=noise, latent=latent, noise_mask=None, seed=0, steps=a.steps, cfg=a.cfg,
+                               sampler_name="euler", scheduler="simple", positive=pos, negative=neg)
+    settings = parallel_sampler.ParallelSettings(gpus=a.gpus, cfg_parallel=a.cfg_parallel)
+    res = parallel_sampler.POOL.run(model, job, settings)
     rec["timings"] = res.timings
     rec["worker_memory"] = [dataclasses.asdict(m) for m in res.memory]
     rec["summary_text"] = res.summary
     rec["planned_peak_gib"] = res.planned_peak_gib
+    rec["planned_parts_gib"] = res.planned_parts_gib
+    rec["worker_passes"] = res.passes
+    rec["degrees"] = parallel_sampler.POOL.group.degrees.describe()
     rec["host_after_sampling"] = host_memory_record()
     rec["s_per_step_worker"] = res.timings.get("worker_s_per_step")
     parallel_sampler.POOL.stop_group()
@@ -436,6 +474,12 @@ def main(argv=None):
     p.add_argument("--ctx-len", type=int, default=1024)
     p.add_argument("--legacy", action="store_true", help="no DynamicVRAM: ComfyUI's legacy ModelPatcher")
     p.add_argument("--no-cuda-malloc", action="store_true", help="ComfyUI's --disable-cuda-malloc")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (other than 1: two passes a step)")
+    p.add_argument("--guider", choices=["ksampler", "cfg"], default="ksampler",
+                   help="KSampler's comfy.sample.sample, or a CFGGuider (SamplerCustomAdvanced's path)")
+    p.add_argument("--gpus", type=int, default=1, help="parallel variants: Ray workers, one per GPU")
+    p.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default="auto",
+                   help="parallel variants: the nodes' cfg_parallel input")
     p.add_argument("--timeout", type=float, default=300, help="seconds per length (subprocess)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="JSON lines file")
@@ -497,7 +541,8 @@ def main(argv=None):
                   bytes=os.path.getsize(a.ckpt), **ck))
 
     argv_base = ["--comfy", a.comfy, "--ckpt", a.ckpt, "--layers", str(a.layers), "--weights", a.weights,
-                 "--card-gb", str(a.card_gb), "--steps", str(a.steps), "--res", a.res, "--ctx-len", str(a.ctx_len)]
+                 "--card-gb", str(a.card_gb), "--steps", str(a.steps), "--res", a.res, "--ctx-len", str(a.ctx_len),
+                 "--cfg", str(a.cfg), "--guider", a.guider, "--gpus", str(a.gpus), "--cfg-parallel", a.cfg_parallel]
     if a.legacy:
         argv_base.append("--legacy")
     if a.no_cuda_malloc:
