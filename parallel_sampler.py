@@ -377,11 +377,14 @@ class ParallelSampler:
         cls = self._worker_class()
         # actors see all GPUs of their node and pick Ray's one (ray_worker._select_gpu): NCCL needs that
         # to use NVLink / peer-to-peer between workers
-        # expandable segments: long videos allocate large, varying blocks; without them the caching
-        # allocator fragments and runs out of memory below what the planner (and the cap) allow
+        # the allocator the ComfyUI process runs (main.py picks cudaMallocAsync unless --disable-cuda-malloc):
+        # comfy-aimdo pages weights out when that allocator runs short, so DynamicVRAM needs the same one
+        # in the workers; without a setting, expandable segments: long videos allocate large, varying
+        # blocks, and the caching allocator would fragment below what the planner (and the cap) allow
         # the pack's own variables are set explicitly ("" = unset): Ray's processes may have inherited
         # values from when Ray started
-        env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "expandable_segments:True"
+        env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": alloc,
                             **{k: "" for k in envs.WORKER_VARS}, **_passthrough_env(),
                             "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
         if self.loopback:

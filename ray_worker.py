@@ -174,7 +174,8 @@ class LTXAVWorker:
         flags = {k: getattr(comfy.cli_args.args, k, None) for k in MEMORY_FLAGS}
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": name,
                 "loads": self.loads, "repatches": self.repatches, "ffn_chunking": ffn,
-                "dynamic_vram": dynamic_vram_enabled(), "memory_flags": flags}
+                "dynamic_vram": dynamic_vram_enabled(), "memory_flags": flags,
+                "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
     def memory_budget(self) -> int | None:
         """Bytes this worker can use: its GPU's free memory plus what it holds already (PyTorch's cache,

@@ -402,14 +402,16 @@ def test_changing_ray_address_needs_a_restart(ps, nodes_mod, tiny_model, tiny_ck
 
 
 def test_memory_flags_reach_the_workers(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch):
-    """ComfyUI's memory flags (--reserve-vram, --lowvram, --disable-dynamic-vram, ...) are the workers' too;
-    DynamicVRAM runs there only when it runs in the ComfyUI process (never on CPU)."""
+    """ComfyUI's memory flags (--reserve-vram, --lowvram, --disable-dynamic-vram, ...) and its CUDA allocator
+    are the workers' too; DynamicVRAM runs there only when it runs in the ComfyUI process (never on CPU)."""
     import comfy.cli_args
 
     cc = tiny_ckpt[1]["caption_channels"]
     ps.POOL.stop_group()  # workers take the flags when they start
     for flag, value in (("reserve_vram", 1.5), ("lowvram", True), ("disable_dynamic_vram", True)):
         monkeypatch.setattr(comfy.cli_args.args, flag, value)
+    # the allocator ComfyUI's main.py chose (cuda_malloc.py): comfy-aimdo pages weights out through it
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
     try:
         got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)
         infos = worker_infos(ps)
@@ -418,6 +420,7 @@ def test_memory_flags_reach_the_workers(ps, nodes_mod, tiny_model, tiny_model_f6
     for info in infos:
         assert info["memory_flags"]["reserve_vram"] == 1.5 and info["memory_flags"]["lowvram"] is True
         assert info["memory_flags"]["disable_dynamic_vram"] is True and info["dynamic_vram"] is False
+        assert info["alloc_conf"] == "backend:cudaMallocAsync"
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
 
 
