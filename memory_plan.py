@@ -133,9 +133,10 @@ class Clip:
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """One worker's predicted peak, in bytes, with its parts."""
+    """One worker's predicted peak, in bytes, with its parts (``note``: what it was planned for)."""
 
     parts: dict
+    note: str = ""
 
     @property
     def total(self) -> int:

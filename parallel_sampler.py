@@ -460,8 +460,7 @@ class ParallelSampler:
             est = check_memory(patcher, job.latent, group.degrees, min(budgets), group.infos, job.passes)
             streamed = "; weights streamed from host memory (DynamicVRAM)" if streams_weights(group.infos) else ""
             log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s; %s%s)", NODE,
-                     est.total / memory_plan.GIB, min(budgets) / memory_plan.GIB,
-                     plan_setting(group.degrees, job.passes), est.describe(), streamed)
+                     est.total / memory_plan.GIB, min(budgets) / memory_plan.GIB, est.note, est.describe(), streamed)
         if group.file_key != model.file_key:
             self.status(f"loading the model on {world} workers")
         elif group.model_key != model.key:
@@ -589,17 +588,23 @@ def streams_weights(infos) -> bool:
     return any(i.get("dynamic_vram") for i in infos)
 
 
-def passes_per_forward(degrees: Degrees, passes: int) -> int:
-    """Guidance passes one worker's forward holds: ComfyUI batches a step's passes into one forward,
-    and with CFG-parallel each group runs its share of them."""
-    return math.ceil(max(1, passes) / degrees.cfg)
+def passes_per_forward(patcher, clip: memory_plan.Clip, batch: int, share: int, budget: float) -> int:
+    """Guidance passes one worker's forward holds. ComfyUI's calc_cond_batch batches a step's passes (with
+    CFG-parallel, the group's ``share`` of them) into one forward when its own estimate for the batch
+    (``BaseModel.memory_required`` of the packed latent, times 1.5) is below the free memory, else the
+    largest part of them that is (n, n // 2, ...), else one: that choice, with ``budget`` as the free memory."""
+    elements = 128 * (clip.video_tokens + clip.audio_tokens)  # video [B,128,F,H,W] and audio [B,8,T,16], packed
+    for i in range(1, share + 1):
+        k = share // i
+        if patcher.model.memory_required([k * batch, 1, elements]) * 1.5 < budget:
+            return k
+    return 1
 
 
-def plan_setting(degrees: Degrees, passes: int) -> str:
+def plan_setting(degrees: Degrees, passes: int, per_forward: int) -> str:
     """The degrees and the passes a forward holds, as the planner's log line and refusal say them."""
-    per = passes_per_forward(degrees, passes)
-    return (f"{degrees.describe()}; {passes} guidance pass{'es' if passes > 1 else ''} a step, {per} in each "
-            "worker's forward")
+    return (f"{degrees.describe()}; {passes} guidance pass{'es' if passes > 1 else ''} a step, {per_forward} in "
+            "each worker's forward")
 
 
 def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory_plan.Estimate:
@@ -614,15 +619,21 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
     # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them;
     # workers that run DynamicVRAM keep only the blocks in use on the GPU
     streaming = streams_weights(infos)
-    kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch * passes_per_forward(degrees, passes),
-              per_token_timesteps=True, streaming=streaming)
+    share = math.ceil(max(1, passes) / degrees.cfg)
+    per_forward = passes_per_forward(patcher, clip, batch, share, budget)
+    kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch * per_forward, per_token_timesteps=True,
+              streaming=streaming)
     sequence = degrees.sequence
     est = memory_plan.estimate(dims, clip, world=sequence, **kw)
     if est.total <= budget:
-        return est
+        return dataclasses.replace(est, note=plan_setting(degrees, passes, per_forward))
     gib = memory_plan.GIB
     size = f"{clip.latent_width * 32}x{clip.latent_height * 32}"
-    fits = memory_plan.largest_latent_frames(budget, dims, clip, world=sequence, **kw)
+    fits = 0  # the longest length that fits with as many passes a forward as ComfyUI would batch there
+    for k in sorted({share // i for i in range(1, share + 1)}):
+        longest = memory_plan.largest_latent_frames(budget, dims, clip, world=sequence, **{**kw, "batch": batch * k})
+        if longest and passes_per_forward(patcher, clip.with_latent_frames(longest), batch, share, budget) <= k:
+            fits = max(fits, longest)
     ulysses_only = {k: v for k, v in kw.items() if k != "ring"}
     more = memory_plan.smallest_world(budget, dims, clip, max_world=64, video_heads=family.video_heads(dm),
                                       **ulysses_only)
@@ -642,7 +653,8 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
         if with_chunker.total <= budget:
             advice.append("or add the LTX FFN Chunker before this node")
     raise ValueError(f"{NODE}: a {clip.frames}-frame {size} video needs about {est.total / gib:.2f} GiB per worker "
-                     f"({plan_setting(degrees, passes)}: {est.describe()}), but {device} has {budget / gib:.2f} GiB "
+                     f"({plan_setting(degrees, passes, per_forward)}: {est.describe()}), but {device} has "
+                     f"{budget / gib:.2f} GiB "
                      "for it; " + "; ".join(advice) + ". Shorten input 'latent_image' or raise input 'gpus'.")
 
 

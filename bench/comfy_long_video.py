@@ -299,20 +299,27 @@ def child(a):
         model = model.clone()
         model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "bench_timer", timed)
 
+    step_marks = []  # the end of each step, as the parallel workers mark theirs (callback to callback)
+
+    def mark_step(*_):
+        step_marks.append(time.perf_counter())
+
     peak = DevicePeak(torch, baseline_used) if cuda else None
     if peak:
         peak.start()
     oom = False
     t0 = time.perf_counter()
+    step_marks.append(t0)
     try:
         if parallel:
             out = parallel_sample(a, model, noise, latent, pos, neg, rec)
         elif a.guider == "cfg":
             out = cfg_guider(model, pos, neg, a.cfg).sample(noise, latent, comfy.samplers.sampler_object("euler"),
-                                                            sigmas(model, a.steps), seed=0, disable_pbar=True)
+                                                            sigmas(model, a.steps), seed=0, disable_pbar=True,
+                                                            callback=mark_step)
         else:
             out = comfy.sample.sample(model, noise, a.steps, a.cfg, "euler", "simple", pos, neg, latent,
-                                      denoise=1.0, seed=0, disable_pbar=True)
+                                      denoise=1.0, seed=0, disable_pbar=True, callback=mark_step)
         finite = all(bool(torch.isfinite(t).all()) for t in (out.unbind() if out.is_nested else [out]))
         rec["finite"] = finite
     except Exception as e:  # noqa: BLE001
@@ -324,6 +331,9 @@ def child(a):
     rec["oom"] = oom
     rec["ok"] = "error" not in rec
     rec["forward_s"] = [round(x, 3) for x in forwards]
+    steps = [b - a_ for a_, b in zip(step_marks[:-1], step_marks[1:])]
+    # as the workers' median step (parallel_sampler.step_timings): steps 2.. (the first also pages weights in)
+    rec["s_per_step_callbacks"] = round(statistics.median(steps[1:]), 4) if len(steps) > 1 else None
     rec["s_per_step_median"] = round(statistics.median(forwards), 3) if forwards else None
     # the first forward also pulls the weights in (DynamicVRAM faults them onto the GPU on first use)
     rec["s_per_step_after_first"] = round(statistics.median(forwards[1:]), 3) if len(forwards) > 1 else None

@@ -112,9 +112,9 @@ def test_passes_of_jobs(comfy, pack, tiny_model, tiny_ckpt):
     assert (gj("cfg").passes, gj("cfg", 1.0).passes, gj("basic").passes, gj("dual").passes) == (2, 1, 1, 3)
 
 
-def test_planner_counts_each_workers_share_of_the_passes(ps, tiny_model):
-    """ComfyUI batches a step's passes into one forward: at cfg other than 1 a worker holds both unless
-    CFG-parallel gives each group its own; the refusal names the degrees and the share."""
+def test_planner_counts_each_workers_share_of_the_passes(ps, tiny_model, monkeypatch):
+    """Where ComfyUI batches a step's passes into one forward, a worker holds both at cfg other than 1,
+    unless CFG-parallel gives each group its own; the refusal names the degrees and the share."""
     groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
     latent = make_latent(**LATENT)["samples"]
     big = 10**12
@@ -126,9 +126,30 @@ def test_planner_counts_each_workers_share_of_the_passes(ps, tiny_model):
     assert two.parts["video tokens"] == 2 * one.parts["video tokens"]
     assert split.parts["video tokens"] == alone.parts["video tokens"]  # one pass of the whole video a worker
     assert uneven.parts["video tokens"] == 2 * alone.parts["video tokens"]  # the larger share: 2 of 3
+    monkeypatch.setattr(tiny_model.model, "memory_required", lambda shape, cond_shapes=None: 0)  # batching fits
     with pytest.raises(ValueError, match=r"needs about .* GiB per worker \(cfg 2 x Ulysses 1 x ring 1; 3 guidance "
                                          r"passes a step, 2 in each worker's forward: weights"):
         ps.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), uneven.total - 1, passes=3)
+
+
+def test_planner_batches_passes_as_comfyui_does(ps, tiny_model, monkeypatch):
+    """ComfyUI batches the passes only when its own estimate for the batch (BaseModel.memory_required,
+    times 1.5) is below the free memory; otherwise it runs them one after the other, and so does the plan."""
+    groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
+    latent = make_latent(**LATENT)["samples"]
+    budget = 10**12
+    asked = []
+
+    def memory_required(shape, cond_shapes=None):  # 2 passes in one forward: over the budget, 1: well under
+        asked.append(list(shape))
+        return budget if shape[0] > 1 else 1
+
+    one = ps.check_memory(tiny_model, latent, groups.Degrees(2), budget, passes=1)
+    monkeypatch.setattr(tiny_model.model, "memory_required", memory_required)
+    two = ps.check_memory(tiny_model, latent, groups.Degrees(2), budget, passes=2)
+    assert two.parts == one.parts and "2 guidance passes a step, 1 in each worker's forward" in two.note
+    elements = 128 * 4 * 3 * 4 + 8 * 26 * 16  # the video and audio latents as ComfyUI packs them
+    assert asked == [[2, 1, elements], [1, 1, elements]]
 
 
 # -- Ray workers against stock ------------------------------------------------------------------
