@@ -30,14 +30,16 @@ send a GuiderJob) instead of KSampler's ``comfy.sample.sample``. The parallel va
    audio latent [1,8,T,16] (T = ceil(frames/25*25), as LTXVEmptyLatentAudio) in a NestedTensor (as
    LTXVConcatAVLatent), with Gemma-free conditioning [[randn(1, L, 3840), {unprocessed_ltxav_embeds,
    frame_rate 25}]].
-3. Records per run: each diffusion-model forward's seconds (one forward per step at cfg 1; median
+3. Records per run: each diffusion-model forward's seconds (and, for stock, the median step from
+   callback to callback, as the workers time theirs) (one forward per step at cfg 1; median
    and all), sampling wall time, torch.cuda.max_memory_allocated / max_memory_reserved (the PyTorch
    allocator only: DynamicVRAM's weights live outside it), the device memory in use at its peak
    (cudaMemGetInfo polled every 20 ms, dummy excluded: what the 24 GB card would have held),
    ``patcher.loaded_size()`` after each forward (weights resident on the GPU, as ComfyUI counts them),
    host RSS (now and peak), OOM or not, ComfyUI's free-memory view at start.
 JSON lines go to --out: one "run" record a subprocess, then a "summary" record (command, card, date,
-commit).
+commit, and the relative L2 of each parallel variant's latents against the stock variant's of the same
+length: parallel against stock, parallel-chunker against ffn-chunker).
 """
 import argparse
 import datetime
@@ -321,6 +323,8 @@ def child(a):
             out = comfy.sample.sample(model, noise, a.steps, a.cfg, "euler", "simple", pos, neg, latent,
                                       denoise=1.0, seed=0, disable_pbar=True, callback=mark_step)
         finite = all(bool(torch.isfinite(t).all()) for t in (out.unbind() if out.is_nested else [out]))
+        if a.save_out:  # for the parent's comparison of the variants' latents
+            torch.save([t.float().cpu() for t in (out.unbind() if out.is_nested else [out])], a.save_out)
         rec["finite"] = finite
     except Exception as e:  # noqa: BLE001
         oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or isinstance(e, mm.OOM_EXCEPTION)
@@ -443,7 +447,7 @@ def run_child(a, variant, frames, argv_base):
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as tf:
         res_path = tf.name
     cmd = [sys.executable, __file__, *argv_base, "--child", "--variant", variant, "--frames-one", str(frames),
-           "--child-out", res_path]
+           "--child-out", res_path, "--save-out", os.path.join(a.latents, f"{variant}-{frames}.pt")]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, timeout=a.timeout)
@@ -458,6 +462,23 @@ def run_child(a, variant, frames, argv_base):
     Path(res_path).unlink(missing_ok=True)
     rec.update(child_rc=rc, child_wall_s=wall)
     return rec
+
+
+def compare_latents(folder, variants, frames):
+    """Relative L2 of each parallel variant's latents (video, audio) against the stock variant's on the
+    same length: ``parallel`` against ``stock``, ``parallel-chunker`` against ``ffn-chunker``."""
+    import torch
+
+    out = {}
+    for variant in variants:
+        anchor = {"parallel": "stock", "parallel-chunker": "ffn-chunker"}.get(variant)
+        for f in frames:
+            got, want = Path(folder, f"{variant}-{f}.pt"), Path(folder, f"{anchor}-{f}.pt")
+            if anchor and got.exists() and want.exists():
+                pairs = zip(torch.load(got), torch.load(want))
+                out[f"{variant}-{f}"] = [round(float((g.double() - w.double()).norm() / w.double().norm()), 6)
+                                         for g, w in pairs]
+    return out
 
 
 def device_name():
@@ -497,6 +518,7 @@ def main(argv=None):
     p.add_argument("--variant", default="stock", help=argparse.SUPPRESS)
     p.add_argument("--frames-one", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--save-out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {'child' if a.child else 'main'} %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -522,6 +544,7 @@ def main(argv=None):
         except OSError:
             pass
     out = open(a.out, "a") if a.out else None
+    a.latents = tempfile.mkdtemp(prefix="comfy_long_video-")  # each run's latents, for rel_l2_vs_stock
 
     def emit(rec):
         line = json.dumps(rec)
@@ -569,6 +592,7 @@ def main(argv=None):
                 break
             longest[variant] = f
     summary = dict(kind="summary", command=command, card=device_name(), emulated_card_gib=a.card_gb,
+                   rel_l2_vs_stock=compare_latents(a.latents, variants, frames),
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    commit=commit, comfyui=str(a.comfy), python=platform.python_version(),
                    longest_ok_frames=longest, frames_tried=frames)
