@@ -13,7 +13,8 @@ post-CFG functions) runs on all ranks alike, so they stay in step.
 Passes are shared in contiguous blocks of ceil(n / C) (3 passes on 2 groups: 2 and 1). A call with
 fewer than 2 passes (cfg 1, or a single extra pass such as LTXVReferenceAudio's) runs whole on every
 group. The driver picks the degree (``choose_degree``) from the node's ``cfg_parallel`` input and the
-job's pass count (``jobs.KSamplerJob.passes``, ``jobs.GuiderJob.passes``).
+job's pass count (``jobs.KSamplerJob.passes``, ``jobs.GuiderJob.passes``); with ``auto`` it drops to
+sequence parallel only when the memory plan fits that and not this (``ParallelSampler.run``).
 """
 from __future__ import annotations
 

@@ -59,10 +59,11 @@ def parallel_inputs():
                                 "1; three with DualCFGGuider or PerpNegGuider) on separate groups of GPUs instead of "
                                 "splitting every pass over all of them: gpus = cfg groups x ulysses x ring. Faster "
                                 "(the groups exchange only the outputs, once a step); each GPU holds the whole video "
-                                "of its passes instead of a 1/gpus share of all of them, about the same memory when "
-                                "the passes divide evenly. auto: on when the passes divide evenly over the groups "
-                                "and the GPU count allows; on: also an uneven share (3 passes on 2 groups); off: "
-                                "sequence parallel only. At cfg 1 (one pass) it is not used.")),
+                                "of its passes instead of a 1/gpus share of each. auto: on when the passes divide "
+                                "evenly over the groups and the GPU count allows, and off for a video that fits only "
+                                "with every pass split over all GPUs (long clips, whose passes ComfyUI runs one after "
+                                "the other); on: also an uneven share (3 passes on 2 groups); off: sequence parallel "
+                                "only. At cfg 1 (one pass) it is not used.")),
     ]
 
 

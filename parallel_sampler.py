@@ -457,7 +457,18 @@ class ParallelSampler:
         budgets = [b for b in budgets if b is not None]
         est = None
         if budgets and not envs.SKIP_MEMORY_CHECK.on():
-            est = check_memory(patcher, job.latent, group.degrees, min(budgets), group.infos, job.passes)
+            try:
+                est = check_memory(patcher, job.latent, group.degrees, min(budgets), group.infos, job.passes)
+            except ValueError:
+                if settings.cfg_parallel != "auto" or group.degrees.cfg == 1:
+                    raise
+                # auto: where the passes run one after the other, splitting each over every GPU needs less
+                _, split_all, _ = self.resolve(dataclasses.replace(settings, cfg_parallel="off"),
+                                               family.video_heads(dm), job.passes)
+                est = check_memory(patcher, job.latent, split_all, min(budgets), group.infos, job.passes)
+                log.info("%s: cfg-parallel not used (the video fits only with each pass split over all %d GPUs)",
+                         NODE, world)
+                self.regroup(group, split_all)
             streamed = "; weights streamed from host memory (DynamicVRAM)" if streams_weights(group.infos) else ""
             log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s; %s%s)", NODE,
                      est.total / memory_plan.GIB, min(budgets) / memory_plan.GIB, est.note, est.describe(), streamed)

@@ -196,6 +196,34 @@ def test_dual_cfg_guider_three_passes_uneven_on_two_workers(ps, nodes_mod, tiny_
         assert_matches(got[1], want[1], reference[1], f"{mode} denoised_output")
 
 
+def test_auto_splits_every_pass_over_all_workers_when_only_that_fits(ps, nodes_mod, tiny_model, tiny_model_f64,
+                                                                     tiny_ckpt, monkeypatch, caplog_info):
+    """With each worker capped between the plan of one pass split over 2 workers and one whole pass a
+    worker (ComfyUI runs the passes one after the other at such budgets), auto samples sequence parallel;
+    'on' is refused."""
+    groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
+    cc = tiny_ckpt[1]["caption_channels"]
+    latent = make_latent(**LATENT)["samples"]
+    probe = 2**30 // 8  # small enough that ComfyUI's estimate for two passes does not fit: one a forward
+    split = ps.check_memory(tiny_model, latent, groups.Degrees(2), probe, passes=2)
+    whole = ps.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), probe, passes=2)
+    assert "1 in each worker's forward" in split.note and split.total < whole.total
+    ps.POOL.stop_group()
+    monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GIB", f"{(split.total + whole.total) / 2 / 2**30:.12f}")
+    try:
+        got, ui = parallel_ksampler(nodes_mod, tiny_model, cc, cfg_parallel="auto")
+        assert f"{NODE}: 2 workers, Ulysses 2 x ring 1" in ui.value
+        assert f"{NODE}: cfg-parallel not used (the video fits only with each pass split over all 2 GPUs)" in \
+            caplog_info.text
+        assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
+        refusal = (rf"{NODE}: a 25-frame 128x96 video needs about .* GiB per worker \(cfg 2 x Ulysses 1 x ring 1; "
+                   r"2 guidance passes a step, 1 in each worker's forward")
+        with pytest.raises(ValueError, match=refusal):
+            parallel_ksampler(nodes_mod, tiny_model, cc, cfg_parallel="on")
+    finally:
+        ps.POOL.stop_group()  # the workers read the cap when they start
+
+
 def test_interrupt_stops_every_group_at_the_same_step(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
     """The stop flag is agreed over all workers, not within one sequence-parallel group: with cfg 2 x
     Ulysses 1 each group has one worker, and both must stop at the same step."""
