@@ -98,6 +98,32 @@ def server(comfy, tiny_ckpt, tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def ps(pack):
+    """The parallel sampler's driver module (its POOL is the one worker group of this process)."""
+    import importlib
+
+    return importlib.import_module("ltxav_pack.parallel_sampler")
+
+
+@pytest.fixture(scope="module")
+def nodes_mod(pack):
+    import importlib
+
+    return importlib.import_module("ltxav_pack.nodes_parallel_sampler")
+
+
+@pytest.fixture(scope="module")
+def ray_stopped_after_module(ps):
+    """After the module's tests: the workers and Ray stopped (the next module starts its own)."""
+    yield
+    import ray
+
+    ps.POOL.stop_group()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
 def caplog_info(caplog):
     caplog.set_level(logging.INFO)

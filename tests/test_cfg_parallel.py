@@ -23,29 +23,12 @@ from helpers.sampler_cases import (
 NODE = "LTXAV Parallel Sampler"
 
 
-@pytest.fixture(scope="module")
-def ps(pack):
-    return importlib.import_module("ltxav_pack.parallel_sampler")
+pytestmark = pytest.mark.usefixtures("ray_stopped_after_module")
 
 
 @pytest.fixture(scope="module")
 def cfgp(pack):
     return importlib.import_module("ltxav_pack.cfg_parallel")
-
-
-@pytest.fixture(scope="module")
-def nodes_mod(pack):
-    return importlib.import_module("ltxav_pack.nodes_parallel_sampler")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shutdown(ps):
-    yield
-    import ray
-
-    ps.POOL.stop_group()
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def worker_passes(ui) -> list[int]:

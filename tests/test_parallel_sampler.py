@@ -25,25 +25,7 @@ from helpers.sampler_cases import (
     worker_infos,
 )
 
-
-@pytest.fixture(scope="module")
-def ps(pack):
-    return importlib.import_module("ltxav_pack.parallel_sampler")
-
-
-@pytest.fixture(scope="module")
-def nodes_mod(pack):
-    return importlib.import_module("ltxav_pack.nodes_parallel_sampler")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shutdown(ps):
-    yield
-    import ray
-
-    ps.POOL.stop_group()
-    if ray.is_initialized():
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_stopped_after_module")
 
 
 def test_ksampler_equals_stock_and_reuses_workers(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt):
