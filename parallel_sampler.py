@@ -665,8 +665,8 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
             advice.append("or add the LTX FFN Chunker before this node")
     raise ValueError(f"{NODE}: a {clip.frames}-frame {size} video needs about {est.total / gib:.2f} GiB per worker "
                      f"({plan_setting(degrees, passes, per_forward)}: {est.describe()}), but {device} has "
-                     f"{budget / gib:.2f} GiB "
-                     "for it; " + "; ".join(advice) + ". Shorten input 'latent_image' or raise input 'gpus'.")
+                     f"{budget / gib:.2f} GiB for it; " + "; ".join(advice)
+                     + ". Shorten input 'latent_image' or raise input 'gpus'.")
 
 
 def _heartbeat_of(group, what):
