@@ -9,7 +9,8 @@ Usage: python bench/comfy_long_video.py --comfy PATH [--ckpt /tmp/ltx2.safetenso
           [--cfg 1.0] [--guider ksampler|cfg] [--gpus 1] [--cfg-parallel auto|on|off]
           [--timeout 300] [--commit SHA] [--out results.jsonl]
 
---cfg other than 1 runs positive and negative each step (ComfyUI batches them into one forward);
+--cfg other than 1 runs positive and negative each step (ComfyUI batches them into one forward when
+its own estimate for the batch fits, else runs them one after the other);
 --guider cfg samples through a CFGGuider (SamplerCustomAdvanced's path; the parallel variants then
 send a GuiderJob) instead of KSampler's ``comfy.sample.sample``. The parallel variants run the node's
 ``POOL.run`` with ``--gpus`` Ray workers (one per GPU) and ``--cfg-parallel``.
@@ -30,9 +31,9 @@ send a GuiderJob) instead of KSampler's ``comfy.sample.sample``. The parallel va
    audio latent [1,8,T,16] (T = ceil(frames/25*25), as LTXVEmptyLatentAudio) in a NestedTensor (as
    LTXVConcatAVLatent), with Gemma-free conditioning [[randn(1, L, 3840), {unprocessed_ltxav_embeds,
    frame_rate 25}]].
-3. Records per run: each diffusion-model forward's seconds (and, for stock, the median step from
-   callback to callback, as the workers time theirs) (one forward per step at cfg 1; median
-   and all), sampling wall time, torch.cuda.max_memory_allocated / max_memory_reserved (the PyTorch
+3. Records per run: each diffusion-model forward's seconds (median and all; one forward a step at
+   cfg 1), for stock also the median step from callback to callback (as the workers time theirs),
+   sampling wall time, torch.cuda.max_memory_allocated / max_memory_reserved (the PyTorch
    allocator only: DynamicVRAM's weights live outside it), the device memory in use at its peak
    (cudaMemGetInfo polled every 20 ms, dummy excluded: what the 24 GB card would have held),
    ``patcher.loaded_size()`` after each forward (weights resident on the GPU, as ComfyUI counts them),
@@ -49,6 +50,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -411,13 +413,19 @@ def parallel_sample(a, model, noise, latent, pos, neg, rec):
     return res.samples
 
 
+def bench_common():
+    """bench/common.py; imported when needed: it imports torch, which waits for comfy-aimdo in a child."""
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common
+
+    return common
+
+
 def import_pack_modules():
     """The pack as the package ``ltxav_pack`` (its __init__ not run: node registration needs PyAV), once."""
     if "ltxav_pack" not in sys.modules:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import common  # bench/common.py; imported here: it imports torch, which waits for comfy-aimdo
-
-        common.import_pack()
+        bench_common().import_pack()
 
 
 def apply_chunker(model, rec):
@@ -469,6 +477,7 @@ def compare_latents(folder, variants, frames):
     same length: ``parallel`` against ``stock``, ``parallel-chunker`` against ``ffn-chunker``."""
     import torch
 
+    rel_l2 = bench_common().rel_l2
     out = {}
     for variant in variants:
         anchor = {"parallel": "stock", "parallel-chunker": "ffn-chunker"}.get(variant)
@@ -476,8 +485,7 @@ def compare_latents(folder, variants, frames):
             got, want = Path(folder, f"{variant}-{f}.pt"), Path(folder, f"{anchor}-{f}.pt")
             if anchor and got.exists() and want.exists():
                 pairs = zip(torch.load(got), torch.load(want))
-                out[f"{variant}-{f}"] = [round(float((g.double() - w.double()).norm() / w.double().norm()), 6)
-                                         for g, w in pairs]
+                out[f"{variant}-{f}"] = [round(rel_l2(g, w), 6) for g, w in pairs]
     return out
 
 
@@ -605,6 +613,7 @@ def main(argv=None):
     log.info("command: %s | card: %s | date: %s | commit: %s", command, summary["card"], summary["date"], commit)
     if out:
         out.close()
+    shutil.rmtree(a.latents, ignore_errors=True)
     return 0
 
 
