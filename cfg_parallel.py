@@ -29,10 +29,15 @@ WRAPPER_KEY = "ltxav_cfg_parallel"
 MODES = ("auto", "on", "off")
 
 
+def largest_share(passes: int, degree: int) -> int:
+    """Passes the busiest of ``degree`` groups runs: ceil(n / degree)."""
+    return math.ceil(passes / degree)
+
+
 def shares(active: list[int], degree: int) -> list[list[int]]:
-    """The pass indices ``active`` in ``degree`` contiguous shares of ceil(n / degree) (the last ones
+    """The pass indices ``active`` in ``degree`` contiguous shares of ``largest_share`` (the last ones
     shorter or empty)."""
-    k = math.ceil(len(active) / degree)
+    k = largest_share(len(active), degree)
     return [active[g * k:(g + 1) * k] for g in range(degree)]
 
 

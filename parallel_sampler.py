@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import os
 import signal
 import sys
@@ -630,7 +629,7 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
     # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them;
     # workers that run DynamicVRAM keep only the blocks in use on the GPU
     streaming = streams_weights(infos)
-    share = math.ceil(max(1, passes) / degrees.cfg)
+    share = cfg_parallel.largest_share(max(1, passes), degrees.cfg)  # the wrapper's split of the passes
     per_forward = passes_per_forward(patcher, clip, batch, share, budget)
     kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch * per_forward, per_token_timesteps=True,
               streaming=streaming)
