@@ -42,19 +42,32 @@ MEMORY_LOG = Var("LTXAV_PARALLEL_MEMORY_LOG", "", "1: each worker logs its memor
                  "embeddings and after the blocks (synchronises the GPU: slower)")
 TRACE_DIR = Var("LTXAV_PARALLEL_TRACE_DIR", "", "a folder: each worker writes a torch.profiler trace of every "
                 "sampling run there")
+WORKERS_PER_GPU = Var("LTXAV_PARALLEL_WORKERS_PER_GPU", "1", "workers that share each GPU, over gloo instead of "
+                      "NCCL (slow; with a cap each gets its share of the card): to measure several workers' host "
+                      "memory on fewer GPUs; for benchmarks and tests")
 FAULT = Var("LTXAV_PARALLEL_FAULT", "", "test hook: 'oom:RANK:STEP' makes that worker raise an out-of-memory "
             "error at that step")
 
-TABLE = (START_S, LOAD_S, HEARTBEAT_S, STALL_S, SKIP_MEMORY_CHECK, MEMORY_CAP_GIB, MEMORY_LOG, TRACE_DIR, FAULT)
+TABLE = (START_S, LOAD_S, HEARTBEAT_S, STALL_S, SKIP_MEMORY_CHECK, MEMORY_CAP_GIB, MEMORY_LOG, TRACE_DIR,
+         WORKERS_PER_GPU, FAULT)
 # variables the workers get from the ComfyUI process: the pack's own, and those of NCCL, gloo, PyTorch's
 # symmetric memory, NVSHMEM and xfuser's log level
 PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "GLOO_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
 # read by the workers themselves: set explicitly on each start ("" = unset), since Ray's processes may
 # have inherited values from when Ray started
-WORKER_VARS = (FAULT.name, MEMORY_CAP_GIB.name)
+WORKER_VARS = (FAULT.name, MEMORY_CAP_GIB.name, WORKERS_PER_GPU.name)
 
 
 def table_markdown() -> str:
     """The table as the README shows it."""
     rows = [f"| `{v.name}` | {v.default or 'unset'} | {v.meaning} |" for v in TABLE]
     return "\n".join(["| variable | default | meaning |", "| --- | --- | --- |", *rows])
+
+
+def workers_per_gpu() -> int:
+    """``LTXAV_PARALLEL_WORKERS_PER_GPU`` as a count of at least 1; a message naming it otherwise."""
+    n = WORKERS_PER_GPU.number()
+    if n < 1 or n != int(n):
+        raise ValueError(f"environment variable {WORKERS_PER_GPU.name}={WORKERS_PER_GPU.get()!r} is not a whole "
+                         f"number of at least 1; {WORKERS_PER_GPU.meaning}")
+    return int(n)

@@ -79,6 +79,7 @@ class _Group:
     address: str
     cpu: bool
     infos: list
+    per_gpu: int = 1  # workers sharing each GPU (envs.WORKERS_PER_GPU)
     file_key: str | None = None
     model_key: str | None = None
 
@@ -329,7 +330,7 @@ class ParallelSampler:
         cpu = _cpu_mode()
         resources = ray.cluster_resources()
         kind = "CPU" if cpu else "GPU"
-        available = int(resources.get(kind, 0))
+        available = int(resources.get(kind, 0)) * (1 if cpu else envs.workers_per_gpu())
         if settings.gpus < 0:
             raise ValueError(f"{NODE}: input 'gpus' is {settings.gpus}; use 0 for all GPUs or a count.")
         if cpu and settings.gpus == 0:
@@ -359,7 +360,8 @@ class ParallelSampler:
         import comfy.model_management
 
         g = self.group
-        if g and (g.world, g.address, g.cpu) == (world, self.address, cpu):
+        per_gpu = 1 if cpu else envs.workers_per_gpu()
+        if g and (g.world, g.address, g.cpu, g.per_gpu) == (world, self.address, cpu, per_gpu):
             try:
                 _heartbeat_of(g, "start")
                 if g.degrees != degrees:
@@ -372,7 +374,7 @@ class ParallelSampler:
         t0 = time.perf_counter()
         comfy_path = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
         pack_dir = os.path.dirname(os.path.abspath(__file__))
-        resources = {"num_cpus": 1, "num_gpus": 0 if cpu else 1}
+        resources = {"num_cpus": 1, "num_gpus": 0 if cpu else 1 / per_gpu}  # a fraction: workers share a GPU
         cls = self._worker_class()
         # actors see all GPUs of their node and pick Ray's one (ray_worker._select_gpu): NCCL needs that
         # to use NVLink / peer-to-peer between workers
@@ -394,7 +396,7 @@ class ParallelSampler:
         actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
             rank, world, comfy_path, pack_dir, __package__, _host_args(), ray_worker.dynamic_vram_enabled())
             for rank in range(world)]
-        group = _Group(actors, world, degrees, self.address, cpu, infos=[])
+        group = _Group(actors, world, degrees, self.address, cpu, infos=[], per_gpu=per_gpu)
         self.group = group
         host, port = self._wait([actors[0].rendezvous.remote()], "start", envs.START_S.number(), heartbeat=False)[0]
         self._wait([a.init_groups.remote(host, port, degrees.ulysses, degrees.ring, degrees.cfg) for a in actors],

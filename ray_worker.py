@@ -53,14 +53,21 @@ def _select_gpu() -> None:
         torch.cuda.set_device(int(ids[0]))  # per thread: methods that touch the GPU call this again
 
 
-def _import_host(comfy_path: str, host_args: dict, dynamic_vram: bool = False, cap_bytes: float | None = None):
+def held_bytes(total: int, cap: float, per_gpu: int = 1) -> int:
+    """Bytes each worker holds so that each of the ``per_gpu`` workers sharing a ``total``-byte GPU
+    is left ``cap`` bytes (0 when the card is not larger than that)."""
+    return max(0, int((total - per_gpu * cap) / per_gpu))
+
+
+def _import_host(comfy_path: str, host_args: dict, dynamic_vram: bool = False, cap_bytes: float | None = None,
+                 per_gpu: int = 1):
     """ComfyUI in this worker, set up as the ComfyUI process is: its command-line flags (memory flags
     included), and, when the ComfyUI process runs DynamicVRAM (``dynamic_vram``), DynamicVRAM here
     too, started the way ComfyUI's main.py starts it: comfy-aimdo before this process's first CUDA
     call, then on this worker's device, with ComfyUI's streaming ModelPatcher. Weights then stay in
     host memory and page onto the GPU as the activations leave room. ``cap_bytes``: hold the rest of
-    the device in a tensor first, so ComfyUI and its allocators see a card of that size. Returns that
-    tensor (None without a cap on a GPU)."""
+    the device (this worker's share of it, of ``per_gpu`` workers on the GPU) in a tensor first, so
+    ComfyUI and its allocators see a card of that size. Returns that tensor (None without a cap on a GPU)."""
     if comfy_path not in sys.path:
         sys.path.insert(0, comfy_path)
     dynamic_vram = dynamic_vram and torch.cuda.is_available()
@@ -72,8 +79,9 @@ def _import_host(comfy_path: str, host_args: dict, dynamic_vram: bool = False, c
     held = None
     if cap_bytes and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
-        if total > cap_bytes:
-            held = torch.empty(int(total - cap_bytes), dtype=torch.uint8, device=torch.cuda.current_device())
+        if held_bytes(total, cap_bytes, per_gpu):
+            held = torch.empty(held_bytes(total, cap_bytes, per_gpu), dtype=torch.uint8,
+                               device=torch.cuda.current_device())
     import comfy.cli_args
 
     for k, v in host_args.items():
@@ -95,6 +103,12 @@ def _import_host(comfy_path: str, host_args: dict, dynamic_vram: bool = False, c
             logging.getLogger(__name__).warning("comfy-aimdo could not start on this worker's GPU: DynamicVRAM "
                                                 "off here, every weight stays on the GPU")
     return held
+
+
+def backend(cuda: bool, per_gpu: int = 1) -> str:
+    """The process groups' backend: NCCL between GPUs; gloo on CPU, or when workers share a GPU (NCCL
+    refuses two ranks on one device)."""
+    return "nccl" if cuda and per_gpu == 1 else "gloo"
 
 
 def dynamic_vram_enabled() -> bool:
@@ -135,7 +149,8 @@ class LTXAVWorker:
         self.envs, self.jobs, self.transfer = pack("envs"), pack("jobs"), pack("model_transfer")
         self.cap = self.envs.MEMORY_CAP_GIB.number() * self.jobs.GIB or None
         # with DynamicVRAM the cap is a held tensor: comfy-aimdo allocates outside PyTorch's allocator
-        self.held = _import_host(comfy_path, host_args, dynamic_vram, self.cap if dynamic_vram else None)
+        self.per_gpu = self.envs.workers_per_gpu()
+        self.held = _import_host(comfy_path, host_args, dynamic_vram, self.cap if dynamic_vram else None, self.per_gpu)
         self.models, self.groups = pack("models"), pack("sequence_parallel.groups")
         self.xsp, self.ffn, self.inst = pack("xdit_context_parallel"), pack("ffn_chunking"), pack("instrumentation")
         self.cfgp_mod = pack("cfg_parallel")
@@ -189,7 +204,7 @@ class LTXAVWorker:
             budget -= self.held.numel()
         if dynamic_vram_enabled() and self.patcher is not None:
             budget += self.patcher.loaded_size()
-        return int(min(budget, self.cap) if self.cap and self.held is None else budget)
+        return int(min(budget, self.cap) if self.cap else budget)  # sharing a GPU, free counts the others' room
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: open the process-group store's socket on this node's Ray address only (127.0.0.1 in a
@@ -206,7 +221,7 @@ class LTXAVWorker:
         from torch.distributed.constants import default_pg_timeout
 
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
-        self.backend = "nccl" if self.cuda else "gloo"
+        self.backend = backend(self.cuda, self.per_gpu)
         listen_fd = None
         if self.rank == 0:
             listen_fd, self.listener = self.listener.detach(), None  # the store owns the socket from here

@@ -13,7 +13,7 @@ Usage: python bench/comfy_long_video.py --comfy PATH [--ckpt /tmp/ltx2.safetenso
 its own estimate for the batch fits, else runs them one after the other);
 --guider cfg samples through a CFGGuider (SamplerCustomAdvanced's path; the parallel variants then
 send a GuiderJob) instead of KSampler's ``comfy.sample.sample``. The parallel variants run the node's
-``POOL.run`` with ``--gpus`` Ray workers (one per GPU) and ``--cfg-parallel``.
+``POOL.run`` with ``--gpus`` Ray workers (one per GPU; ``LTXAV_PARALLEL_WORKERS_PER_GPU=2`` puts two on each, over gloo) and ``--cfg-parallel``.
 
 1. Writes --ckpt once (kept if it is there with the same layers and weights): the LTX-2 diffusion
    model's real key names (``model.diffusion_model.*``, from ComfyUI's LTXAVModel built on the meta
@@ -225,8 +225,10 @@ def child(a):
             dummy = torch.empty(total - card, dtype=torch.uint8, device="cuda")
         free2, _ = torch.cuda.mem_get_info()
         baseline_used = total - free2  # CUDA context + dummy: the device peak is counted above this
+        per_gpu = int(os.environ.get("LTXAV_PARALLEL_WORKERS_PER_GPU") or 1) if parallel else 1
+        rec["workers_per_gpu"] = per_gpu
         if parallel and card < total:
-            baseline_used += total - card  # the worker's held tensor
+            baseline_used += max(0, total - per_gpu * card)  # the workers' held tensors
         rec.update(card_total_bytes=total, dummy_bytes=(total - card) if dummy is not None else 0,
                    free_after_dummy_bytes=free2, context_bytes_before_dummy=total - free)
         torch.cuda.reset_peak_memory_stats()

@@ -345,6 +345,31 @@ def test_more_gpus_than_the_cluster_has(ps, nodes_mod, tiny_model, tiny_ckpt):
         parallel_ksampler(nodes_mod, tiny_model, cc, gpus=slots + 1)
 
 
+@pytest.mark.quick
+def test_workers_sharing_a_gpu(ps, monkeypatch):
+    """LTXAV_PARALLEL_WORKERS_PER_GPU=2 (benchmarks: two workers' host memory on one GPU): one GPU
+    offers two workers, over gloo, each holding its share of the card; unset, one GPU offers one."""
+    import importlib
+
+    import ray
+
+    worker = importlib.import_module("ltxav_pack.ray_worker")
+    monkeypatch.setattr(ps, "_cpu_mode", lambda: False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
+    settings = ps.ParallelSettings(gpus=2)
+    with pytest.raises(ValueError, match=r"input 'gpus' asks for 2 GPUs but the Ray cluster at .* has 1"):
+        ps.POOL.resolve(settings, 32)
+    monkeypatch.setenv("LTXAV_PARALLEL_WORKERS_PER_GPU", "2")
+    assert ps.POOL.resolve(settings, 32) == (2, ps.Degrees(2, 1, 1), False)
+    assert (worker.backend(True), worker.backend(True, 2), worker.backend(False)) == ("nccl", "gloo", "gloo")
+    # a 100-byte GPU, 24 bytes a worker: one worker holds 76, each of two 26, of five none (too small)
+    assert [worker.held_bytes(100, 24, n) for n in (1, 2, 5)] == [76, 26, 0]
+    for bad in ("0", "1.5"):
+        monkeypatch.setenv("LTXAV_PARALLEL_WORKERS_PER_GPU", bad)
+        with pytest.raises(ValueError, match=rf"LTXAV_PARALLEL_WORKERS_PER_GPU='{re.escape(bad)}' is not a whole"):
+            ps.POOL.resolve(settings, 32)
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(gpus=0), r"ComfyUI runs on the CPU, so 'gpus' counts CPU worker processes"),
     (dict(gpus=2, ulysses=2, ring=2), r"ulysses_degree x ring_degree = 2 x 2 = 4, but 2 GPUs"),
