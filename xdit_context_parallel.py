@@ -12,7 +12,8 @@ forward of a registered model family (``models``) as a ``ShardedForward``:
    ``optimized_attention_override``), routed by the ``Role`` the family gave the calling module:
    ``SHARDED_SELF`` runs Ulysses (all-to-all, ``sequence_parallel.ulysses``) or, with a ring degree,
    xfuser's long-context attention; ``SHARDED_KEYS`` merges each rank's partial softmax exactly;
-   other calls (local cross-attention) run as on one GPU; with a mask the keys are gathered;
+   other calls (local cross-attention), and every call of a group of one, run as on one GPU; with a
+   mask the keys are gathered;
 3. padding keys are marked NaN in self-attention and dropped by the kernel, padding queries are cut
    off at the gather, so real tokens never see padding.
 
@@ -160,7 +161,7 @@ class ShardedForward:
     def attention_override(self, func, q, k, v, heads, mask=None, **kwargs):
         """ComfyUI's attention call ([B, S, heads * D] q, k, v), routed by the calling module's role."""
         role = _ROLE.get()
-        if role is None:
+        if role is None or self.sp.world == 1:  # one rank holds every token: ComfyUI's call, no exchange copies
             return self.kernel_call(func, q, k, v, heads, mask, kwargs)
         if mask is not None:  # guide attenuation: this rank's query rows over all keys
             return self.gathered_attention(func, q, k, v, heads, mask, kwargs)

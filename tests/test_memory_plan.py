@@ -92,13 +92,16 @@ def test_estimate_matches_long_video_runs(row, ltx2_fp8_dims):
 
 def real_path_rows():
     """The parallel sampler's runs through ComfyUI's loader and sampler (bench/comfy_long_video.py) that
-    record the planner's parts: one worker, its activation peak measured by PyTorch's allocator."""
+    record the planner's parts: one worker, its activation peak measured by PyTorch's allocator. Clips
+    whose peak is under 1 GiB (the host-memory runs' 97 frames) are left out: there the weights, not
+    the activations, decide what fits."""
     for path in sorted(RESULTS.glob("*-comfy_long_video*.jsonl")):
         if "before" in path.stem or "expandable-segments" in path.stem:  # code that has changed since
             continue
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if row.get("kind") == "run" and row.get("ok") and row.get("planned_parts_gib"):
+            if (row.get("kind") == "run" and row.get("ok") and row.get("planned_parts_gib")
+                    and min(w["peak_gib"] for w in row["worker_memory"]) >= 1):
                 yield pytest.param(row, id=f"{path.stem[11:]}-{row['variant']}-{row['frames']}x{row['res']}-"
                                           f"{row['weights']}-cfg{row['cfg']:g}")
 

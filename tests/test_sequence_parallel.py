@@ -11,6 +11,7 @@ from helpers.sp_cases import (
     FORWARD_CASES,
     SAMPLER_CASES,
     SHAPES,
+    no_exchange,
     recording_shapes,
     run_case,
     scaled_attention,
@@ -92,6 +93,24 @@ def test_broken_forward_is_caught(stock, ckpts, broken):
     want, _ = stock(*job)
     reference, _ = stock(*job, dtype=torch.float64)
     assert mismatches(ranks[0][job]["outs"], want, reference)
+
+
+@pytest.mark.quick
+def test_group_of_one_runs_stock_attention(stock, ckpts):
+    """One rank (gpus=1, or each group of cfg-parallel with Ulysses 1) holds every token: its attention
+    is ComfyUI's own call, no exchange and so no send buffer, and the result equals stock; with the
+    guide mask too (the masked path)."""
+    jobs = [("2", "fwd_t2v", "even"), ("2.3", "ks_guide_attenuated", "even")]
+    ranks = run_parallel(1, 1, 1, ckpts, jobs, sp_attrs={no_exchange.__name__: no_exchange})
+    for job in jobs:
+        assert_equals_stock(stock, ranks, job)
+
+
+def test_exchange_refusal_is_seen(ckpts):
+    """The twin: with two ranks the same refusal stops the forward, so the test above would see an exchange."""
+    with pytest.raises(Exception, match="exchange ran"):
+        run_parallel(2, 2, 1, {"2": ckpts["2"]}, [("2", "fwd_t2v", "even")],
+                     sp_attrs={no_exchange.__name__: no_exchange})
 
 
 def _audio_tokens(job):

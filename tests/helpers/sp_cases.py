@@ -148,3 +148,14 @@ def scaled_attention(sp_mod, rank):
         return out * (1 + 2 ** -10) if rank == 1 else out
 
     sp_mod.ShardedForward.kernel_call = kernel_call
+
+
+def no_exchange(sp_mod, rank):
+    """Every exchange path of self-attention raises: a group of one must run ComfyUI's own call (the
+    exchanges' send buffers are a hidden state's worth of memory more than stock's)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"rank {rank}: a sequence-parallel exchange ran")
+
+    for name in ("ulysses_attention", "ring_attention", "sharded_keys_attention"):
+        setattr(sp_mod, name, refuse)
+    sp_mod.ShardedForward.gathered_attention = refuse
