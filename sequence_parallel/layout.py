@@ -55,6 +55,8 @@ class ShardLayout:
 
     def gather(self, t: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
         """All ranks' slices, concatenated along ``dim`` without the padding."""
+        if self.world == 1:  # no collective: NCCL would set up a communicator when the card is fullest
+            return t.narrow(dim, 0, self.total)
         parts = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(parts, t.contiguous(), group=group)
         return torch.cat(parts, dim=dim).narrow(dim, 0, self.total)

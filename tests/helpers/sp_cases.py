@@ -2,6 +2,8 @@
 rank) sides of the sequence-parallel tests. Everything is seeded, so both sides build the same
 inputs; run_case returns the outputs as a list of tensors."""
 import contextlib
+import sys
+import types
 
 import torch
 
@@ -151,11 +153,14 @@ def scaled_attention(sp_mod, rank):
 
 
 def no_exchange(sp_mod, rank):
-    """Every exchange path of self-attention raises: a group of one must run ComfyUI's own call (the
-    exchanges' send buffers are a hidden state's worth of memory more than stock's)."""
+    """Every exchange path of self-attention, and the output's all-gather, raises: a group of one must
+    run ComfyUI's own call (the exchanges' send buffers are a hidden state's worth of memory more than
+    stock's) and gather nothing (NCCL would set up a communicator, and its buffers, when the card is
+    fullest)."""
     def refuse(*args, **kwargs):
         raise AssertionError(f"rank {rank}: a sequence-parallel exchange ran")
 
     for name in ("ulysses_attention", "ring_attention", "sharded_keys_attention"):
         setattr(sp_mod, name, refuse)
     sp_mod.ShardedForward.gathered_attention = refuse
+    sys.modules[sp_mod.ShardLayout.__module__].dist = types.SimpleNamespace(all_gather=refuse)
