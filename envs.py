@@ -45,11 +45,14 @@ TRACE_DIR = Var("LTXAV_PARALLEL_TRACE_DIR", "", "a folder: each worker writes a 
 WORKERS_PER_GPU = Var("LTXAV_PARALLEL_WORKERS_PER_GPU", "1", "workers that share each GPU, over gloo instead of "
                       "NCCL (slow; with a cap each gets its share of the card): to measure several workers' host "
                       "memory on fewer GPUs; for benchmarks and tests")
+ONE_GPU_IN_PROCESS = Var("LTXAV_PARALLEL_ONE_GPU_IN_PROCESS", "1", "0: gpus=1 starts one Ray worker, as "
+                         "several GPUs do, instead of sampling in ComfyUI's process (the worker's CUDA context then "
+                         "sits beside ComfyUI's on the card); for benchmarks and tests")
 FAULT = Var("LTXAV_PARALLEL_FAULT", "", "test hook: 'oom:RANK:STEP' makes that worker raise an out-of-memory "
             "error at that step")
 
 TABLE = (START_S, LOAD_S, HEARTBEAT_S, STALL_S, SKIP_MEMORY_CHECK, MEMORY_CAP_GIB, MEMORY_LOG, TRACE_DIR,
-         WORKERS_PER_GPU, FAULT)
+         WORKERS_PER_GPU, ONE_GPU_IN_PROCESS, FAULT)
 # variables the workers get from the ComfyUI process: the pack's own, and those of NCCL, gloo, PyTorch's
 # symmetric memory, NVSHMEM and xfuser's log level
 PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "GLOO_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")

@@ -139,15 +139,15 @@ class SampleResult:
 
 @dataclasses.dataclass
 class RunResult:
-    """A run for the nodes: rank 0's samples and x0, every worker's memory and model passes, the timings,
-    what the model load did, the planner's predicted peak per worker and its parts (None when not
-    checked), and the summary lines."""
+    """A run for the nodes: rank 0's samples and x0, every worker's memory and model passes (in ComfyUI's
+    process: its own, as rank 0), the timings, what the model load did, the planner's predicted peak per
+    worker and its parts (None when not checked), and the summary lines."""
 
     samples: Any
     x0: Any
     memory: list[WorkerMemory]
     timings: dict
-    model_load: LoadResult
+    model_load: LoadResult | None  # None: sampled in ComfyUI's process (one GPU), nothing loaded on workers
     planned_peak_gib: float | None
     summary: str
     step_times: list[float] = dataclasses.field(default_factory=list)

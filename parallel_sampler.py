@@ -433,12 +433,14 @@ class ParallelSampler:
 
     # -- one run ------------------------------------------------------------------
     def run(self, patcher, job: jobs.KSamplerJob | jobs.GuiderJob, settings: ParallelSettings) -> jobs.RunResult:
-        """Sample ``job`` on the workers."""
+        """Sample ``job`` on the workers (on one local GPU: in this process, ``run_here``)."""
         import comfy.model_management
         import comfy.utils
 
         dm = patcher.get_model_object("diffusion_model")
         family = models.family_of(dm, NODE)
+        if one_gpu_here(settings, _cpu_mode(), torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            return self.run_here(patcher, job)
         self.connect(settings.ray_address)  # first: it decides how Ray is imported
         import ray
         world, degrees, cpu = self.resolve(settings, family.video_heads(dm), job.passes)
@@ -518,6 +520,58 @@ class ParallelSampler:
                               step_times=marks, passes=passes,
                               planned_parts_gib=None if est is None else {k: jobs.gib(v) for k, v in est.parts.items()})
 
+    def run_here(self, patcher, job: jobs.KSamplerJob | jobs.GuiderJob) -> jobs.RunResult:
+        """Sample ``job`` in ComfyUI's process, as ComfyUI's own sampler nodes do (its model management,
+        its progress bar, and with it Interrupt), after the planner's check against this GPU."""
+        import comfy.utils
+
+        self.stop_group()  # an earlier prompt's workers would hold memory on this GPU
+        device = patcher.load_device
+        cuda = device.type == "cuda"
+        info = {"device": f"{torch.cuda.get_device_name(device)} ({device})" if cuda else str(device),
+                "dynamic_vram": ray_worker.dynamic_vram_enabled()}
+        est = None
+        if not envs.SKIP_MEMORY_CHECK.on():
+            budget = here_budget(device)
+            est = check_memory(patcher, job.latent, Degrees(1), budget, [info], job.passes)
+            streamed = "; weights streamed from host memory (DynamicVRAM)" if info["dynamic_vram"] else ""
+            log.info("%s: planned peak %.2f GiB of %.2f GiB free (in ComfyUI's process, one GPU; %s%s)", NODE,
+                     est.total / memory_plan.GIB, budget / memory_plan.GIB, est.describe(), streamed)
+        self.status("sampling in ComfyUI's process (one GPU: no workers)")
+        pbar = comfy.utils.ProgressBar(job.total_steps)
+        marks, last = [time.perf_counter()], {}
+
+        def callback(step, x0, x, total):
+            marks.append(time.perf_counter())
+            last["x0"] = x0
+            pbar.update_absolute(step + 1, total)  # ComfyUI's hook: the UI's bar, and Interrupt
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+        try:
+            samples = job.sample(patcher, callback)
+        except torch.OutOfMemoryError as e:  # the same type: ComfyUI's executor frees its models on it
+            raise torch.OutOfMemoryError(f"{NODE}: ran out of GPU memory during sampling on {info['device']} "
+                                         f"({str(e).splitlines()[0]}). Use more GPUs (input 'gpus'), the LTX FFN "
+                                         "Chunker, or a shorter or smaller video.") from e
+        sample_s = marks[-1] - marks[0]
+        gpu = {}
+        if cuda:
+            gpu = {"peak_gib": jobs.gib(torch.cuda.max_memory_allocated(device) - start),
+                   "allocated_gib": jobs.gib(torch.cuda.memory_allocated(device)),
+                   "weights_gib": jobs.gib(patcher.loaded_size())}
+        memory = [jobs.WorkerMemory(rank=0, **gpu, **ray_worker.host_memory(jobs.gib))]
+        timings = {"sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, job.total_steps), 4),
+                   **step_timings(marks)}
+        text = summary_here(info, memory[0], timings)
+        log.info("%s", text)
+        x0 = last.get("x0")
+        return jobs.RunResult(samples=samples, x0=None if x0 is None else x0.cpu(), memory=memory, timings=timings,
+                              model_load=None, planned_peak_gib=None if est is None else jobs.gib(est.total),
+                              summary=text, step_times=marks, passes=[job.passes],
+                              planned_parts_gib=None if est is None else {k: jobs.gib(v) for k, v in est.parts.items()})
+
     def _wait(self, refs, what, stall_s, heartbeat=True, pbar=None):
         """Results of ``refs`` (one per worker, in rank order), watching the workers meanwhile."""
         import comfy.model_management
@@ -573,6 +627,44 @@ class ParallelSampler:
             self.stop_group()  # never leave workers running a job nobody waits for
             raise
         return results
+
+
+def one_gpu_here(settings: ParallelSettings, cpu: bool, cuda_devices: int) -> bool:
+    """Whether a run samples in ComfyUI's own process: one GPU of the local cluster (``gpus`` 1, or 0 on a
+    machine with one), nothing else asked of the degrees, one worker a GPU. A worker there would split
+    nothing and keep its own CUDA context beside ComfyUI's on the same card (0.5 GiB: one length of
+    clip less than stock ComfyUI on a 24 GiB card, measured). Off with LTXAV_PARALLEL_ONE_GPU_IN_PROCESS=0."""
+    gpus = settings.gpus or (1 if cuda_devices == 1 else 0)
+    return (envs.ONE_GPU_IN_PROCESS.on() and not cpu and gpus == 1 and envs.workers_per_gpu() == 1
+            and (settings.ray_address or "local").strip() == "local" and settings.ulysses in (0, 1)
+            and settings.ring in (0, 1) and settings.cfg_parallel != "on")
+
+
+def here_budget(device) -> int:
+    """Bytes a sampling run in ComfyUI's process can use on ``device``: what ComfyUI counts free there
+    plus the weights of the models it has loaded on it (it unloads or pages them out as a run needs),
+    within ``LTXAV_PARALLEL_MEMORY_CAP_GIB``."""
+    import comfy.model_management as mm
+
+    loaded = sum(m.model_loaded_memory() for m in mm.current_loaded_models
+                 if m.model is not None and m.device == device)
+    budget = mm.get_free_memory(device) + loaded
+    cap = envs.MEMORY_CAP_GIB.number() * jobs.GIB
+    return int(min(budget, cap) if cap else budget)
+
+
+def summary_here(info: dict, m: jobs.WorkerMemory, timings: dict) -> str:
+    """``summary``'s lines for a run in ComfyUI's process (GiB)."""
+    lines = [f"{NODE}: in ComfyUI's process (one GPU: no workers); sampling {timings['sampling_s']} s "
+             f"({timings.get('worker_s_per_step', timings['s_per_step'])} s/step)"]
+    host = f"; host memory {m.host_rss_gib} GiB resident ({m.host_pss_gib} GiB by share)" if m.host_rss_gib else ""
+    if m.peak_gib is None:
+        lines.append(f"  {info['device']}: no GPU memory figures{host}")
+    else:
+        streamed = " (streamed: DynamicVRAM)" if info.get("dynamic_vram") else ""
+        lines.append(f"  {info['device']}: peak {m.peak_gib} GiB above the sampling's start; {m.allocated_gib} GiB "
+                     f"allocated; weights on the GPU {m.weights_gib} GiB{streamed}{host}")
+    return "\n".join(lines)
 
 
 def step_timings(marks: list[float]) -> dict:

@@ -13,7 +13,8 @@ Usage: python bench/comfy_long_video.py --comfy PATH [--ckpt /tmp/ltx2.safetenso
 its own estimate for the batch fits, else runs them one after the other);
 --guider cfg samples through a CFGGuider (SamplerCustomAdvanced's path; the parallel variants then
 send a GuiderJob) instead of KSampler's ``comfy.sample.sample``. The parallel variants run the node's
-``POOL.run`` with ``--gpus`` Ray workers (one per GPU; ``LTXAV_PARALLEL_WORKERS_PER_GPU=2`` puts two on each, over gloo) and ``--cfg-parallel``.
+``POOL.run`` with ``--gpus`` Ray workers (one per GPU; ``LTXAV_PARALLEL_WORKERS_PER_GPU=2`` puts two on each, over gloo) and ``--cfg-parallel``;
+at ``--gpus 1`` the node samples in this process (no workers) unless ``LTXAV_PARALLEL_ONE_GPU_IN_PROCESS=0``.
 
 1. Writes --ckpt once (kept if it is there with the same layers and weights): the LTX-2 diffusion
    model's real key names (``model.diffusion_model.*``, from ComfyUI's LTXAVModel built on the meta
@@ -215,19 +216,24 @@ def child(a):
     dummy = None
     baseline_used = 0
     parallel = a.variant.startswith("parallel")
+    per_gpu = int(os.environ.get("LTXAV_PARALLEL_WORKERS_PER_GPU") or 1) if parallel else 1
+    # the node's one-GPU rule (parallel_sampler.one_gpu_here) for this benchmark's settings: in this process
+    here = (parallel and a.gpus == 1 and per_gpu == 1
+            and (os.environ.get("LTXAV_PARALLEL_ONE_GPU_IN_PROCESS") or "1") not in ("0", "false", "False"))
+    workers = parallel and not here
+    rec["in_comfyui_process"] = here
     if cuda:
         torch.cuda.init()
         free, total = torch.cuda.mem_get_info()
         card = int(a.card_gb * GIB)
-        if parallel and card < total:  # the worker holds the rest of the card (LTXAV_PARALLEL_MEMORY_CAP_GIB)
+        if workers and card < total:  # the worker holds the rest of the card (LTXAV_PARALLEL_MEMORY_CAP_GIB)
             os.environ["LTXAV_PARALLEL_MEMORY_CAP_GIB"] = f"{card / GIB:.6f}"
         elif card < total:
             dummy = torch.empty(total - card, dtype=torch.uint8, device="cuda")
         free2, _ = torch.cuda.mem_get_info()
         baseline_used = total - free2  # CUDA context + dummy: the device peak is counted above this
-        per_gpu = int(os.environ.get("LTXAV_PARALLEL_WORKERS_PER_GPU") or 1) if parallel else 1
         rec["workers_per_gpu"] = per_gpu
-        if parallel and card < total:
+        if workers and card < total:
             baseline_used += max(0, total - per_gpu * card)  # the workers' held tensors
         rec.update(card_total_bytes=total, dummy_bytes=(total - card) if dummy is not None else 0,
                    free_after_dummy_bytes=free2, context_bytes_before_dummy=total - free)
@@ -408,7 +414,8 @@ def parallel_sample(a, model, noise, latent, pos, neg, rec):
     rec["planned_peak_gib"] = res.planned_peak_gib
     rec["planned_parts_gib"] = res.planned_parts_gib
     rec["worker_passes"] = res.passes
-    rec["degrees"] = parallel_sampler.POOL.group.degrees.describe()
+    group = parallel_sampler.POOL.group
+    rec["degrees"] = group.degrees.describe() if group else "in ComfyUI's process"
     rec["host_after_sampling"] = host_memory_record()
     rec["s_per_step_worker"] = res.timings.get("worker_s_per_step")
     parallel_sampler.POOL.stop_group()
