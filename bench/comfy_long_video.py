@@ -525,7 +525,7 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (other than 1: two passes a step)")
     p.add_argument("--guider", choices=["ksampler", "cfg"], default="ksampler",
                    help="KSampler's comfy.sample.sample, or a CFGGuider (SamplerCustomAdvanced's path)")
-    p.add_argument("--gpus", type=int, default=1, help="parallel variants: Ray workers, one per GPU")
+    p.add_argument("--gpus", type=int, default=1, help="parallel variants: Ray workers, one per GPU (1: none, the node samples in this process)")
     p.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default="auto",
                    help="parallel variants: the nodes' cfg_parallel input")
     p.add_argument("--timeout", type=float, default=300, help="seconds per length (subprocess)")
