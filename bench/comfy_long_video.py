@@ -307,7 +307,7 @@ def child(a):
         return out
 
     from comfy.patcher_extension import WrappersMP
-    if not parallel:  # the parallel path times the worker's steps itself
+    if not workers:  # stock, and the node's path in this process; the workers time their steps themselves
         model = model.clone()
         model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "bench_timer", timed)
 
