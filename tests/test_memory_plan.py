@@ -90,20 +90,29 @@ def test_estimate_matches_long_video_runs(row, ltx2_fp8_dims):
     assert abs(est.total - measured) <= 0.10 * measured, (est.describe(), measured / mp.GIB)
 
 
-def real_path_rows():
+def real_path_rows(in_process=False):
     """The parallel sampler's runs through ComfyUI's loader and sampler (bench/comfy_long_video.py) that
-    record the planner's parts: one worker, its activation peak measured by PyTorch's allocator. Clips
-    whose peak is under 1 GiB (the host-memory runs' 97 frames) are left out: there the weights, not
-    the activations, decide what fits."""
+    record the planner's parts. On Ray workers (``in_process`` False): each worker's activation peak
+    above its forward's start, by PyTorch's allocator. In ComfyUI's process (gpus=1, True): the peak
+    above the sampling's start, which also holds what DynamicVRAM keeps of the weights. Clips whose peak
+    is under 1 GiB (the host-memory runs' 97 frames) are left out: there the weights, not the
+    activations, decide what fits."""
     for path in sorted(RESULTS.glob("*-comfy_long_video*.jsonl")):
         if "before" in path.stem or "expandable-segments" in path.stem:  # code that has changed since
             continue
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if (row.get("kind") == "run" and row.get("ok") and row.get("planned_parts_gib")
+                    and bool(row.get("in_comfyui_process")) == in_process
                     and min(w["peak_gib"] for w in row["worker_memory"]) >= 1):
                 yield pytest.param(row, id=f"{path.stem[11:]}-{row['variant']}-{row['frames']}x{row['res']}-"
                                           f"{row['weights']}-cfg{row['cfg']:g}")
+
+
+def streamed_rows():
+    """Runs in ComfyUI's process that left no weight on the GPU (the longest clips: DynamicVRAM streamed
+    every block), where the sampling's peak is what the planner's whole figure counts."""
+    return [p for p in real_path_rows(in_process=True) if p.values[0]["weights_on_gpu_gb_after"] == 0]
 
 
 @pytest.mark.parametrize("row", list(real_path_rows()))
@@ -120,6 +129,25 @@ def test_estimate_matches_real_path_peaks(row):
     assert row["planned_peak_gib"] <= row["card_gb"]
 
 
+@pytest.mark.parametrize("row", streamed_rows())
+def test_plan_matches_streamed_runs_in_comfyuis_process(row):
+    """gpus=1 samples in ComfyUI's process: at the card's edge, with every weight streamed, the planner's
+    whole figure (streamed weights, casts, activations, sampler state) within 10% of PyTorch's peak
+    above the sampling's start (ComfyUI's loader, DynamicVRAM and sampler on an emulated card)."""
+    peak = row["worker_memory"][0]["peak_gib"]
+    assert abs(row["planned_peak_gib"] - peak) <= 0.10 * peak, (row["planned_parts_gib"], peak)
+    assert row["planned_peak_gib"] <= row["card_gb"]
+
+
+def test_streamed_check_catches_a_plan_that_keeps_every_weight():
+    """The twin: the same runs planned as if every weight stayed on the GPU (no streaming) fail it."""
+    for param in streamed_rows():
+        row = dict(param.values[0])
+        row["planned_peak_gib"] += row["model_size_gb"] - row["planned_parts_gib"]["weights"]
+        with pytest.raises(AssertionError):
+            test_plan_matches_streamed_runs_in_comfyuis_process(row)
+
+
 def test_real_path_check_catches_a_planner_off_by_a_pass():
     """The twin: the plan of the code before the batching rule (it counted both passes of cfg 3 in one
     forward, where ComfyUI ran them one after the other) is outside the 10%."""
@@ -134,6 +162,7 @@ def test_real_path_results_are_there():
     rows = [p.values[0] for p in real_path_rows()]
     assert {r["card_gb"] for r in rows} == {16.0, 24.0} and {r["weights"] for r in rows} == {"fp8", "bf16"}
     assert {r["res"] for r in rows} == {"768x512", "1920x1088"} and 3.0 in {r["cfg"] for r in rows}
+    assert {r.values[0]["res"] for r in streamed_rows()} == {"768x512", "1920x1088"}
 
 
 def test_fp8_weights_count_their_cast():
