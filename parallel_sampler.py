@@ -552,9 +552,12 @@ class ParallelSampler:
         try:
             samples = job.sample(patcher, callback)
         except torch.OutOfMemoryError as e:  # the same type: ComfyUI's executor frees its models on it
+            plan = "" if est is None else (
+                f" The plan was {est.total / memory_plan.GIB:.2f} GiB of {budget / memory_plan.GIB:.2f} GiB free; the "
+                "allocator's pool and DynamicVRAM's buffers come on top (about 2 GiB on a 24 GiB card).")
             raise torch.OutOfMemoryError(f"{NODE}: ran out of GPU memory during sampling on {info['device']} "
                                          f"({str(e).splitlines()[0]}). Use more GPUs (input 'gpus'), the LTX FFN "
-                                         "Chunker, or a shorter or smaller video.") from e
+                                         f"Chunker, or a shorter or smaller video.{plan}") from e
         sample_s = marks[-1] - marks[0]
         gpu = {}
         if cuda:

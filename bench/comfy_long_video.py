@@ -338,7 +338,7 @@ def child(a):
         rec["finite"] = finite
     except Exception as e:  # noqa: BLE001
         oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or isinstance(e, mm.OOM_EXCEPTION)
-        rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        rec["error"] = f"{type(e).__name__}: {str(e)[:800]}"  # the node's message ends with the plan
         import traceback
         rec["traceback"] = traceback.format_exc()[-2000:]  # for an OOM: where it ran out
     rec["sample_s"] = round(time.perf_counter() - t0, 2)
