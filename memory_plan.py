@@ -22,8 +22,13 @@ fp8, 48-layer, 24 GB runs of ``bench/long_video.py``:
 * fp8 (or any cast) weights: one block linear cast to the compute dtype at a time;
 * audio tokens cost the same number of vectors of ``audio_dim``;
 * weights: all of them, unless ComfyUI streams them (DynamicVRAM, its default on NVIDIA): then only
-  what must be on the GPU at once, the block running and the next one arriving plus the parts outside
-  the blocks (patchify, adaLN, connectors, output), and the rest waits in host memory.
+  what is on the GPU at the peak, the block running and the next one arriving, as stored; the parts
+  outside the blocks (connectors, adaLN, patchify, output) stream too and run before and after the
+  blocks, not at the peak. Measured in ComfyUI's process on one H100 (48 layers, 2026-12-06):
+  DynamicVRAM held 0.85 GiB (fp8) and 1.57 GiB (bf16) at the longest clips, two blocks plus 0.13.
+  Weights stored in another dtype than the compute dtype (fp8) add ComfyUI's casts in PyTorch's pool:
+  PyTorch's peak was 2.66 GiB above bf16's for the same clip at three lengths and both card sizes,
+  3.7 blocks' linears in bf16, counted as STREAMED_CAST_BLOCKS.
 
 The FFN Chunker's ``auto`` and the parallel sampler's refusal both use this module.
 """
@@ -41,6 +46,14 @@ FULL_SEQUENCE_VECTORS = 0.06
 FFN_KEPT_VECTORS = 3.5
 PER_TOKEN_TIMESTEP_VECTORS = 0.5
 FIXED_BYTES = int(0.055 * GIB)  # context, connector, kernels' workspaces
+# weights streamed by DynamicVRAM (see the module docstring): blocks resident as stored, and blocks'
+# linears cast to the compute dtype in PyTorch's pool when stored in another dtype (measured 3.7)
+STREAMED_RESIDENT_BLOCKS = 2
+STREAMED_CAST_BLOCKS = 4
+# the card's edge: the allocator's pool above PyTorch's peak is not planned. With streamed weights every
+# clip (stock and the node, 16 and 24 GiB, fp8 and bf16, both sizes; one H100 and one H200) whose plan left
+# at most 1.41 GiB of the free memory ran out of memory but one, and every clip that left 1.58 or more ran
+EDGE_BYTES = int(1.5 * GIB)
 # auto FFN chunking: at most this many tokens per chunk (a chunk still saturates a GPU matmul) ...
 FFN_MAX_TOKENS_PER_CHUNK = 4096
 # ... and a chunk's 4x activations use at most this share of the free device memory
@@ -60,14 +73,20 @@ class ModelDims:
     compute_bytes: int = 2  # element size of the activations (bf16 = 2)
     block_bytes: int = 0  # the largest transformer block's parameters as stored
     blocks_bytes: int = 0  # all transformer blocks' parameters as stored
+    block_cast_bytes: int = 0  # the largest block's linear weights in the compute dtype, if stored in another
 
     @property
     def streamed_weight_bytes(self) -> int:
-        """Weights on the GPU while ComfyUI streams the others from host memory (DynamicVRAM): two
-        blocks (the one running, the next arriving) and everything outside the blocks."""
+        """Weights on the GPU at the peak while ComfyUI streams the others from host memory
+        (DynamicVRAM): the block running and the next one arriving, as stored."""
         if not self.block_bytes:
             return self.weight_bytes
-        return min(self.weight_bytes, 2 * self.block_bytes + self.weight_bytes - self.blocks_bytes)
+        return min(self.weight_bytes, STREAMED_RESIDENT_BLOCKS * self.block_bytes)
+
+    @property
+    def streamed_cast_bytes(self) -> int:
+        """ComfyUI's casts of streamed weights stored in another dtype (fp8) in PyTorch's pool."""
+        return max(self.cast_bytes, STREAMED_CAST_BLOCKS * self.block_cast_bytes)
 
     @classmethod
     def of(cls, diffusion_model, compute_dtype=None) -> ModelDims:
@@ -86,11 +105,13 @@ class ModelDims:
         if largest is not None and largest.dtype != compute_dtype:
             cast = largest.numel() * compute_bytes
         audio_dim = getattr(diffusion_model, "audio_inner_dim", 0) or 0
-        block_sizes = [sum(p.numel() * p.element_size() for p in b.parameters())
-                       for b in getattr(diffusion_model, "transformer_blocks", [])]
+        block_list = list(getattr(diffusion_model, "transformer_blocks", []))
+        block_sizes = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in block_list]
+        block_casts = [sum(m.weight.numel() * compute_bytes for m in b.modules()
+                           if isinstance(m, torch.nn.Linear) and m.weight.dtype != compute_dtype) for b in block_list]
         return cls(video_dim=diffusion_model.inner_dim, audio_dim=audio_dim, weight_bytes=weight_bytes,
                    cast_bytes=cast, compute_bytes=compute_bytes, block_bytes=max(block_sizes, default=0),
-                   blocks_bytes=sum(block_sizes))
+                   blocks_bytes=sum(block_sizes), block_cast_bytes=max(block_casts, default=0))
 
     @property
     def vector(self) -> int:
@@ -166,7 +187,7 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
              streaming: bool = False) -> Estimate:
     """Peak memory of one of ``world`` workers (Ulysses x ``ring``) running one forward of ``clip``;
     ``ffn_chunks`` None = auto, 1 = no chunking; ``sampler`` adds the sampler's latent-sized state;
-    ``streaming``: ComfyUI streams the weights (DynamicVRAM), only two blocks of them stay."""
+    ``streaming``: ComfyUI streams the weights (DynamicVRAM), only two blocks of them and their casts stay."""
     n = clip.video_tokens
     local = math.ceil(n / world)
     vec = dims.vector
@@ -178,7 +199,7 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
     ffn = local * FFN_KEPT_VECTORS * vec + ffn_chunk_tokens(local, ffn_chunks) * dims.ffn_bytes_per_token
     parts = {
         "weights": dims.streamed_weight_bytes if streaming else dims.weight_bytes,
-        "weight casts": dims.cast_bytes,
+        "weight casts": dims.streamed_cast_bytes if streaming else dims.cast_bytes,
         "fixed": FIXED_BYTES,
         "video tokens": int(batch * max(attention, ffn)),
         "audio tokens": int(batch * clip.audio_tokens * ATTENTION_VECTORS * audio_vec),

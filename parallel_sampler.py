@@ -554,7 +554,8 @@ class ParallelSampler:
         except torch.OutOfMemoryError as e:  # the same type: ComfyUI's executor frees its models on it
             plan = "" if est is None else (
                 f" The plan was {est.total / memory_plan.GIB:.2f} GiB of {budget / memory_plan.GIB:.2f} GiB free; the "
-                "allocator's pool and DynamicVRAM's buffers come on top (about 2 GiB on a 24 GiB card).")
+                f"allocator's pool comes on top (clips planned within {memory_plan.EDGE_BYTES / memory_plan.GIB:.1f} "
+                "GiB of the free memory ran out of memory in stock ComfyUI too).")
             raise torch.OutOfMemoryError(f"{NODE}: ran out of GPU memory during sampling on {info['device']} "
                                          f"({str(e).splitlines()[0]}). Use more GPUs (input 'gpus'), the LTX FFN "
                                          f"Chunker, or a shorter or smaller video.{plan}") from e
@@ -733,6 +734,12 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
     sequence = degrees.sequence
     est = memory_plan.estimate(dims, clip, world=sequence, **kw)
     if est.total <= budget:
+        if budget - est.total < memory_plan.EDGE_BYTES:
+            gib = memory_plan.GIB
+            log.warning("%s: the plan (%.2f GiB) leaves %.2f GiB of the %.2f GiB free: at the card's edge, where "
+                        "clips ran out of memory in stock ComfyUI too (the allocator's pool comes on top); if "
+                        "this one does, shorten input 'latent_image' or raise input 'gpus'", NODE,
+                        est.total / gib, (budget - est.total) / gib, budget / gib)
         return dataclasses.replace(est, note=plan_setting(degrees, passes, per_forward))
     gib = memory_plan.GIB
     size = f"{clip.latent_width * 32}x{clip.latent_height * 32}"

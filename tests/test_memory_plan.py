@@ -129,23 +129,116 @@ def test_estimate_matches_real_path_peaks(row):
     assert row["planned_peak_gib"] <= row["card_gb"]
 
 
+def stock_rows():
+    """Stock ComfyUI's runs (with and without the LTX FFN Chunker) of the 48-layer checkpoints at cfg 1 on
+    an emulated card with DynamicVRAM: clips it ran and clips it ran out of memory on."""
+    for path in sorted(RESULTS.glob("*-comfy_long_video*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if (row.get("kind") == "run" and row["variant"] in ("stock", "ffn-chunker") and row.get("layers") == 48
+                    and row.get("dynamic_vram") and row.get("cfg", 1.0) in (None, 1.0) and row.get("card_gb")
+                    and (row.get("ok") or row.get("oom"))):
+                yield pytest.param(row, id=f"{path.stem[11:]}-{row['variant']}-{row['frames']}x{row['res']}-"
+                                          f"{row['weights']}")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dims(comfy):
+    """The planner's view of the benchmark's checkpoints (bench/comfy_long_video.py): ComfyUI's LTXAVModel
+    at LTX-2 dims, 48 layers, built on the meta device with the file's dtypes (bf16; ``fp8``: the blocks'
+    linear weights in float8_e4m3fn), computing in bf16."""
+    import comfy.ops
+    import torch
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+
+    def dims(weights):
+        dm = LTXAVModel(num_layers=48, dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init,
+                        num_attention_heads=32, attention_head_dim=128, cross_attention_dim=4096,
+                        audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048,
+                        caption_channels=3840, rope_type="split", frequencies_precision="float64")
+        if weights == "fp8":
+            for m in dm.transformer_blocks.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight = torch.nn.Parameter(torch.empty(m.weight.shape, dtype=torch.float8_e4m3fn, device="meta"),
+                                                  requires_grad=False)
+        return mp.ModelDims.of(dm, compute_dtype=torch.bfloat16)
+
+    return {"fp8": dims("fp8"), "bf16": dims("bf16")}
+
+
+def plan_of(row, dims, chunker=True):
+    """The current planner's figure for a run, as the node plans gpus=1 in ComfyUI's process at cfg 1."""
+    w, h = (int(v) for v in row["res"].split("x"))
+    clip = mp.Clip(row["latent_frames"], h // 32, w // 32, row["audio_tokens"])
+    return mp.estimate(dims, clip, ffn_chunks=None if chunker else 1, sampler=True, per_token_timesteps=True,
+                       streaming=True)
+
+
+def check_plan_matches_streamed_run(row, est):
+    """The planner's whole figure within 10% of what PyTorch's allocator and DynamicVRAM held: PyTorch's
+    peak above the sampling's start plus DynamicVRAM's use (the streamed blocks live outside PyTorch)."""
+    held = row["torch_max_allocated_gb"] + row["aimdo_total_vram_usage_gb"]
+    assert abs(est.total / mp.GIB - held) <= 0.10 * held, (est.describe(), held)
+
+
 @pytest.mark.parametrize("row", streamed_rows())
-def test_plan_matches_streamed_runs_in_comfyuis_process(row):
-    """gpus=1 samples in ComfyUI's process: at the card's edge, with every weight streamed, the planner's
-    whole figure (streamed weights, casts, activations, sampler state) within 10% of PyTorch's peak
-    above the sampling's start (ComfyUI's loader, DynamicVRAM and sampler on an emulated card)."""
-    peak = row["worker_memory"][0]["peak_gib"]
-    assert abs(row["planned_peak_gib"] - peak) <= 0.10 * peak, (row["planned_parts_gib"], peak)
-    assert row["planned_peak_gib"] <= row["card_gb"]
+def test_plan_matches_streamed_runs_in_comfyuis_process(row, checkpoint_dims):
+    """gpus=1 samples in ComfyUI's process: at the card's edge, with every weight streamed (fp8 and bf16,
+    16 and 24 GiB, both sizes), the current planner's whole figure (streamed blocks, casts, activations,
+    sampler state) against what was held. Its activations are the ones the node planned in that run."""
+    est = plan_of(row, checkpoint_dims[row["weights"]])
+    for part in ("video tokens", "audio tokens", "sampler state"):
+        assert est.parts[part] / mp.GIB == pytest.approx(row["planned_parts_gib"][part], abs=1e-3)
+    check_plan_matches_streamed_run(row, est)
 
 
-def test_streamed_check_catches_a_plan_that_keeps_every_weight():
+def test_streamed_check_catches_a_plan_that_keeps_every_weight(checkpoint_dims):
     """The twin: the same runs planned as if every weight stayed on the GPU (no streaming) fail it."""
-    for param in streamed_rows():
-        row = dict(param.values[0])
-        row["planned_peak_gib"] += row["model_size_gb"] - row["planned_parts_gib"]["weights"]
+    rows = streamed_rows()
+    assert {p.values[0]["weights"] for p in rows} == {"fp8", "bf16"}
+    for param in rows:
+        row = param.values[0]
+        whole = plan_of(row, checkpoint_dims[row["weights"]])
+        whole.parts["weights"] = checkpoint_dims[row["weights"]].weight_bytes
         with pytest.raises(AssertionError):
-            test_plan_matches_streamed_runs_in_comfyuis_process(row)
+            check_plan_matches_streamed_run(row, whole)
+
+
+def check_accepts_what_stock_ran(rows, plan):
+    """Every clip stock ComfyUI ran on its emulated card fits the planner's figure for it (the node refuses
+    only what stock could not run either), and some clips stock ran out of memory on are refused."""
+    refused_ooms = 0
+    for row in rows:
+        total = plan(row).total / mp.GIB
+        if row.get("ok"):
+            assert total <= row["comfy_free_at_start_gb"], (row["frames"], row["res"], row["weights"], total)
+        else:
+            refused_ooms += total > row["comfy_free_at_start_gb"]
+    assert refused_ooms >= 2
+
+
+def test_planner_accepts_every_clip_stock_ran(checkpoint_dims):
+    """Stock's runs through ComfyUI on emulated 16 and 24 GiB cards (fp8 and bf16, both sizes; H100 and
+    H200): the current planner, as the node plans gpus=1 with the same chunker setting, accepts each clip
+    stock ran and refuses clips stock ran out of memory on (3,801 frames fp8 on 16 GiB, 1,097 at 1920x1088)."""
+    rows = [p.values[0] for p in stock_rows()]
+    assert {(r["weights"], r["card_gb"], r["res"]) for r in rows if r.get("ok")} >= {
+        (w, c, res) for w in ("fp8", "bf16") for c in (16.0, 24.0) for res in ("768x512", "1920x1088")}
+    check_accepts_what_stock_ran(rows, lambda r: plan_of(r, checkpoint_dims[r["weights"]], r["variant"] != "stock"))
+
+
+def test_accept_check_catches_the_previous_streaming_plan(checkpoint_dims):
+    """The twin: the streaming plan of the code up to this change (two blocks plus every weight outside the
+    blocks, one linear's cast) refused bf16 clips stock ran (1,097 frames at 1920x1088 on 24 GiB)."""
+    def before(row):
+        dims = checkpoint_dims[row["weights"]]
+        est = plan_of(row, dims, row["variant"] != "stock")
+        est.parts["weights"] = 2 * dims.block_bytes + dims.weight_bytes - dims.blocks_bytes
+        est.parts["weight casts"] = dims.cast_bytes
+        return est
+
+    with pytest.raises(AssertionError):
+        check_accepts_what_stock_ran([p.values[0] for p in stock_rows()], before)
 
 
 def test_real_path_check_catches_a_planner_off_by_a_pass():
@@ -205,21 +298,17 @@ def test_smallest_world():
     assert mp.smallest_world(10 * mp.GIB, dims, clip, max_world=8, video_heads=32) is None
 
 
-def test_streamed_weights_are_two_blocks_and_the_rest(comfy):
-    """ModelDims.of an LTX-2 model at real dims (48 layers, fp8; built on the meta device): under
-    streaming only two blocks and the parts outside the blocks count."""
-    import comfy.ops
-    import torch
-    from comfy.ldm.lightricks.av_model import LTXAVModel
-
-    dm = LTXAVModel(num_layers=48, dtype=torch.float8_e4m3fn, device="meta", operations=comfy.ops.disable_weight_init,
-                    num_attention_heads=32, attention_head_dim=128, cross_attention_dim=4096,
-                    audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048,
-                    caption_channels=3840)
-    dims = mp.ModelDims.of(dm, compute_dtype=torch.bfloat16)
-    assert dims.blocks_bytes == 48 * dims.block_bytes  # every block the same size
-    outside = dims.weight_bytes - dims.blocks_bytes
-    assert dims.streamed_weight_bytes == 2 * dims.block_bytes + outside < dims.weight_bytes / 8
+def test_streamed_weights_are_two_blocks_and_their_casts(checkpoint_dims):
+    """ModelDims.of LTX-2 at real dims (48 layers, built on the meta device): under streaming two blocks
+    as stored count, and for fp8 four blocks' linears cast to bf16; the parts outside the blocks do not."""
+    fp8, bf16 = checkpoint_dims["fp8"], checkpoint_dims["bf16"]
+    for dims in (fp8, bf16):
+        assert dims.blocks_bytes == 48 * dims.block_bytes  # every block the same size
+        assert dims.streamed_weight_bytes == 2 * dims.block_bytes < dims.weight_bytes / 20
+    assert fp8.block_cast_bytes == 736 << 20 and bf16.block_cast_bytes == 0  # one block's linears in bf16
+    assert bf16.block_bytes - fp8.block_bytes == fp8.block_cast_bytes // 2  # those linears, 2 bytes against 1
+    assert fp8.streamed_cast_bytes == 4 * fp8.block_cast_bytes and bf16.streamed_cast_bytes == 0
+    assert bf16.cast_bytes == 0 and fp8.cast_bytes == 16384 * 4096 * 2  # the FFN's widest linear
 
 
 def test_streaming_accepts_weights_larger_than_the_card_and_refuses_what_activations_cannot():

@@ -2,6 +2,7 @@
 on the same tiny checkpoint, seed and inputs; worker reuse, reloads and LoRA changes, sockets,
 interrupt and faults."""
 import importlib
+import logging
 import os
 import re
 import signal
@@ -434,10 +435,11 @@ def test_memory_flags_reach_the_workers(ps, nodes_mod, tiny_model, tiny_model_f6
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
 
 
-def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp_path):
+def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp_path, caplog):
     """A 6-layer model: with DynamicVRAM on the workers only two blocks of weights count, so a budget
     between the streamed and the whole-weights estimate is refused without streaming and accepted with
-    it; a budget below the streamed estimate is refused either way, naming what does not fit."""
+    it; a budget below the streamed estimate is refused either way, naming what does not fit. A plan
+    accepted within memory_plan.EDGE_BYTES of the budget logs the card's-edge warning; one with room does not."""
     from helpers.tiny_ltxav import write_tiny_ltxav
 
     groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
@@ -447,7 +449,14 @@ def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp
     latent = make_latent(**LATENT)["samples"]
     streaming, whole = [{"device": "cpu", "dynamic_vram": True}], [{"device": "cpu", "dynamic_vram": False}]
     big = 10**12
-    streamed = ps.check_memory(model, latent, groups.Degrees(2), big, streaming)
+    with caplog.at_level(logging.WARNING, logger=ps.log.name):
+        streamed = ps.check_memory(model, latent, groups.Degrees(2), big, streaming)
+    assert "card's edge" not in caplog.text
+    mp = importlib.import_module("ltxav_pack.memory_plan")
+    with caplog.at_level(logging.WARNING, logger=ps.log.name):
+        ps.check_memory(model, latent, groups.Degrees(2), streamed.total + mp.EDGE_BYTES // 2, streaming)
+    assert re.search(r"LTXAV Parallel Sampler: the plan \(\d+\.\d\d GiB\) leaves 0\.75 GiB of the \d+\.\d\d GiB free: "
+                     r"at the card's edge.*shorten input 'latent_image' or raise input 'gpus'", caplog.text)
     full = ps.check_memory(model, latent, groups.Degrees(2), big, whole)
     assert streamed.parts["weights"] < full.parts["weights"] and streamed.total < full.total
     budget = (streamed.total + full.total) // 2
