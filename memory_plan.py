@@ -25,7 +25,7 @@ fp8, 48-layer, 24 GB runs of ``bench/long_video.py``:
   what is on the GPU at the peak, the block running and the next one arriving, as stored; the parts
   outside the blocks (connectors, adaLN, patchify, output) stream too and run before and after the
   blocks, not at the peak. Measured in ComfyUI's process on one H100 (48 layers, 2026-12-06):
-  DynamicVRAM held 0.85 GiB (fp8) and 1.57 GiB (bf16) at the longest clips, two blocks plus 0.13.
+  DynamicVRAM held 0.85 GiB (fp8) and 1.57 GiB (bf16) after the longest clips, two blocks plus 0.13.
   Weights stored in another dtype than the compute dtype (fp8) add ComfyUI's casts in PyTorch's pool:
   PyTorch's peak was 2.66 GiB above bf16's for the same clip at three lengths and both card sizes,
   3.7 blocks' linears in bf16, counted as STREAMED_CAST_BLOCKS.
