@@ -733,15 +733,14 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
               streaming=streaming)
     sequence = degrees.sequence
     est = memory_plan.estimate(dims, clip, world=sequence, **kw)
+    gib = memory_plan.GIB
     if est.total <= budget:
         if budget - est.total < memory_plan.EDGE_BYTES:
-            gib = memory_plan.GIB
             log.warning("%s: the plan (%.2f GiB) leaves %.2f GiB of the %.2f GiB free: at the card's edge, where "
                         "clips ran out of memory in stock ComfyUI too (the allocator's pool comes on top); if "
                         "this one does, shorten input 'latent_image' or raise input 'gpus'", NODE,
                         est.total / gib, (budget - est.total) / gib, budget / gib)
         return dataclasses.replace(est, note=plan_setting(degrees, passes, per_forward))
-    gib = memory_plan.GIB
     size = f"{clip.latent_width * 32}x{clip.latent_height * 32}"
     fits = 0  # the longest length that fits with as many passes a forward as ComfyUI would batch there
     for k in sorted({share // i for i in range(1, share + 1)}):

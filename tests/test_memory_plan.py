@@ -35,14 +35,19 @@ def test_auto_ffn_chunks():
     assert mp.auto_ffn_chunks(10**7, 65536, 2**20) == mp.FFN_MAX_CHUNKS
 
 
-def sequence_parallel_rows():
-    for path in sorted(RESULTS.glob("*-sequence_parallel*.jsonl")):
+def jsonl_rows(pattern):
+    """(path, record) for every line of the committed JSON-lines results whose name matches ``pattern``."""
+    for path in sorted(RESULTS.glob(pattern)):
         for line in path.read_text().splitlines():
-            row = json.loads(line)
-            frames, w, h = (int(v) for v in row["case"].split("x"))
-            if frames >= 497 and row["ffn"] == "auto" and not row.get("error"):  # long clips: what the plan is for
-                yield pytest.param(row, id=f"{path.stem[11:]}-W{row['world']}u{row['ulysses']}r{row['ring']}-"
-                                          f"{row['case']}-i2v{row['i2v']}")
+            yield path, json.loads(line)
+
+
+def sequence_parallel_rows():
+    for path, row in jsonl_rows("*-sequence_parallel*.jsonl"):
+        frames, w, h = (int(v) for v in row["case"].split("x"))
+        if frames >= 497 and row["ffn"] == "auto" and not row.get("error"):  # long clips: what the plan is for
+            yield pytest.param(row, id=f"{path.stem[11:]}-W{row['world']}u{row['ulysses']}r{row['ring']}-"
+                                      f"{row['case']}-i2v{row['i2v']}")
 
 
 @pytest.mark.parametrize("row", list(sequence_parallel_rows()))
@@ -65,19 +70,24 @@ def long_video_rows():
                 yield pytest.param(row, id=f"{path.stem[11:]}-W{row['world']}-{row['frames']}")
 
 
-@pytest.fixture(scope="module")
-def ltx2_fp8_dims(comfy):
-    """The planner's view of the benchmark's model: ComfyUI's LTXAVModel at LTX-2 dims, 48 layers, fp8
-    weights with the operations ComfyUI picks for them, built on the meta device (no memory)."""
-    import comfy.ops
-    import torch
+def meta_ltx2(dtype, operations):
+    """ComfyUI's LTXAVModel at LTX-2 dims, 48 layers, on the meta device (no memory)."""
     from comfy.ldm.lightricks.av_model import LTXAVModel
 
-    model = LTXAVModel(num_layers=48, dtype=torch.float8_e4m3fn, device="meta", rope_type="split",
-                       operations=comfy.ops.pick_operations(torch.float8_e4m3fn, torch.bfloat16),
-                       frequencies_precision="float64", num_attention_heads=32, attention_head_dim=128,
-                       cross_attention_dim=4096, audio_num_attention_heads=32, audio_attention_head_dim=64,
-                       audio_cross_attention_dim=2048, caption_channels=3840)
+    return LTXAVModel(num_layers=48, dtype=dtype, device="meta", operations=operations, rope_type="split",
+                      frequencies_precision="float64", num_attention_heads=32, attention_head_dim=128,
+                      cross_attention_dim=4096, audio_num_attention_heads=32, audio_attention_head_dim=64,
+                      audio_cross_attention_dim=2048, caption_channels=3840)
+
+
+@pytest.fixture(scope="module")
+def ltx2_fp8_dims(comfy):
+    """The planner's view of the benchmark's model: LTX-2 with fp8 weights and the operations ComfyUI picks
+    for them."""
+    import comfy.ops
+    import torch
+
+    model = meta_ltx2(torch.float8_e4m3fn, comfy.ops.pick_operations(torch.float8_e4m3fn, torch.bfloat16))
     return mp.ModelDims.of(model, compute_dtype=torch.bfloat16)
 
 
@@ -97,16 +107,14 @@ def real_path_rows(in_process=False):
     above the sampling's start, which also holds what DynamicVRAM keeps of the weights. Clips whose peak
     is under 1 GiB (the host-memory runs' 97 frames) are left out: there the weights, not the
     activations, decide what fits."""
-    for path in sorted(RESULTS.glob("*-comfy_long_video*.jsonl")):
+    for path, row in jsonl_rows("*-comfy_long_video*.jsonl"):
         if "before" in path.stem or "expandable-segments" in path.stem:  # code that has changed since
             continue
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if (row.get("kind") == "run" and row.get("ok") and row.get("planned_parts_gib")
-                    and bool(row.get("in_comfyui_process")) == in_process
-                    and min(w["peak_gib"] for w in row["worker_memory"]) >= 1):
-                yield pytest.param(row, id=f"{path.stem[11:]}-{row['variant']}-{row['frames']}x{row['res']}-"
-                                          f"{row['weights']}-cfg{row['cfg']:g}")
+        if (row.get("kind") == "run" and row.get("ok") and row.get("planned_parts_gib")
+                and bool(row.get("in_comfyui_process")) == in_process
+                and min(w["peak_gib"] for w in row["worker_memory"]) >= 1):
+            yield pytest.param(row, id=f"{path.stem[11:]}-{row['variant']}-{row['frames']}x{row['res']}-"
+                                      f"{row['weights']}-cfg{row['cfg']:g}")
 
 
 def streamed_rows():
@@ -132,14 +140,12 @@ def test_estimate_matches_real_path_peaks(row):
 def stock_rows():
     """Stock ComfyUI's runs (with and without the LTX FFN Chunker) of the 48-layer checkpoints at cfg 1 on
     an emulated card with DynamicVRAM: clips it ran and clips it ran out of memory on."""
-    for path in sorted(RESULTS.glob("*-comfy_long_video*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if (row.get("kind") == "run" and row["variant"] in ("stock", "ffn-chunker") and row.get("layers") == 48
-                    and row.get("dynamic_vram") and row.get("cfg", 1.0) in (None, 1.0) and row.get("card_gb")
-                    and (row.get("ok") or row.get("oom"))):
-                yield pytest.param(row, id=f"{path.stem[11:]}-{row['variant']}-{row['frames']}x{row['res']}-"
-                                          f"{row['weights']}")
+    for path, row in jsonl_rows("*-comfy_long_video*.jsonl"):
+        if (row.get("kind") == "run" and row["variant"] in ("stock", "ffn-chunker") and row.get("layers") == 48
+                and row.get("dynamic_vram") and row.get("cfg", 1.0) in (None, 1.0) and row.get("card_gb")
+                and (row.get("ok") or row.get("oom"))):
+            yield pytest.param(row, id=f"{path.stem[11:]}-{row['variant']}-{row['frames']}x{row['res']}-"
+                                      f"{row['weights']}")
 
 
 @pytest.fixture(scope="module")
@@ -149,13 +155,9 @@ def checkpoint_dims(comfy):
     linear weights in float8_e4m3fn), computing in bf16."""
     import comfy.ops
     import torch
-    from comfy.ldm.lightricks.av_model import LTXAVModel
 
     def dims(weights):
-        dm = LTXAVModel(num_layers=48, dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init,
-                        num_attention_heads=32, attention_head_dim=128, cross_attention_dim=4096,
-                        audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048,
-                        caption_channels=3840, rope_type="split", frequencies_precision="float64")
+        dm = meta_ltx2(torch.bfloat16, comfy.ops.disable_weight_init)
         if weights == "fp8":
             for m in dm.transformer_blocks.modules():
                 if isinstance(m, torch.nn.Linear):
