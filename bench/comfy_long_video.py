@@ -316,6 +316,12 @@ def child(a):
     def mark_step(*_):
         step_marks.append(time.perf_counter())
 
+    if cuda:  # what the variants start sampling from (the same, unless something differs before sampling)
+        rec["at_sampling_start"] = {
+            "weights_on_gpu_gb": round(model.loaded_size() / GIB, 3),
+            "torch_allocated_gb": round((torch.cuda.memory_allocated() - torch_alloc_base) / GIB, 3),
+            "device_free_gb": round(torch.cuda.mem_get_info()[0] / GIB, 3),
+            "aimdo_total_vram_usage_gb": aimdo_usage_gb(comfy_aimdo)}
     peak = DevicePeak(torch, baseline_used) if cuda else None
     if peak:
         peak.start()
@@ -361,15 +367,20 @@ def child(a):
             rec["weights_on_gpu_gb_after"] = round(model.loaded_size() / GIB, 3)
         except Exception as e:  # noqa: BLE001
             rec["weights_on_gpu_gb_after"] = repr(e)
-        try:
-            rec["aimdo_total_vram_usage_gb"] = round(comfy_aimdo.control.get_total_vram_usage() / GIB, 3)
-        except Exception:  # noqa: BLE001
-            pass
+        rec["aimdo_total_vram_usage_gb"] = aimdo_usage_gb(comfy_aimdo)
     rec["host_rss_gb"] = rss_gb()
     rec["host_at_end"] = host_memory_record()
     rec["host_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 3)
     del dummy
     return rec
+
+
+def aimdo_usage_gb(comfy_aimdo):
+    """comfy-aimdo's device memory in use (its weights), GiB; None where it does not run."""
+    try:
+        return round(comfy_aimdo.control.get_total_vram_usage() / GIB, 3)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def cfg_guider(model, pos, neg, cfg):
