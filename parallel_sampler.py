@@ -31,6 +31,7 @@ from . import (
     cfg_parallel,
     envs,
     ffn_chunking,
+    instrumentation,
     jobs,
     memory_plan,
     model_transfer,
@@ -546,9 +547,12 @@ class ParallelSampler:
             last["x0"] = x0
             pbar.update_absolute(step + 1, total)  # ComfyUI's hook: the UI's bar, and Interrupt
 
-        if cuda:
+        # the run's peak only with memory logs on: resetting PyTorch's peak counters just before sampling ran
+        # out of memory where stock ComfyUI ran (fp8, 3,001 frames on 16 GiB: bench/README.md)
+        peak_wanted = cuda and instrumentation.enabled()
+        if peak_wanted:
             torch.cuda.reset_peak_memory_stats(device)
-            start = torch.cuda.memory_allocated(device)
+        start = torch.cuda.memory_allocated(device) if cuda else 0
         try:
             samples = job.sample(patcher, callback)
         except torch.OutOfMemoryError as e:  # the same type: ComfyUI's executor frees its models on it
@@ -562,7 +566,7 @@ class ParallelSampler:
         sample_s = marks[-1] - marks[0]
         gpu = {}
         if cuda:
-            gpu = {"peak_gib": jobs.gib(torch.cuda.max_memory_allocated(device) - start),
+            gpu = {"peak_gib": jobs.gib(torch.cuda.max_memory_allocated(device) - start) if peak_wanted else None,
                    "allocated_gib": jobs.gib(torch.cuda.memory_allocated(device)),
                    "weights_gib": jobs.gib(patcher.loaded_size())}
         memory = [jobs.WorkerMemory(rank=0, **gpu, **ray_worker.host_memory(jobs.gib))]
@@ -662,12 +666,13 @@ def summary_here(info: dict, m: jobs.WorkerMemory, timings: dict) -> str:
     lines = [f"{NODE}: in ComfyUI's process (one GPU: no workers); sampling {timings['sampling_s']} s "
              f"({timings.get('worker_s_per_step', timings['s_per_step'])} s/step)"]
     host = f"; host memory {m.host_rss_gib} GiB resident ({m.host_pss_gib} GiB by share)" if m.host_rss_gib else ""
-    if m.peak_gib is None:
+    if m.allocated_gib is None:
         lines.append(f"  {info['device']}: no GPU memory figures{host}")
     else:
         streamed = " (streamed: DynamicVRAM)" if info.get("dynamic_vram") else ""
-        lines.append(f"  {info['device']}: peak {m.peak_gib} GiB above the sampling's start; {m.allocated_gib} GiB "
-                     f"allocated; weights on the GPU {m.weights_gib} GiB{streamed}{host}")
+        peak = "" if m.peak_gib is None else f"peak {m.peak_gib} GiB above the sampling's start; "
+        lines.append(f"  {info['device']}: {peak}{m.allocated_gib} GiB allocated; weights on the GPU "
+                     f"{m.weights_gib} GiB{streamed}{host}")
     return "\n".join(lines)
 
 
