@@ -104,15 +104,16 @@ def real_path_rows(in_process=False):
     """The parallel sampler's runs through ComfyUI's loader and sampler (bench/comfy_long_video.py) that
     record the planner's parts. On Ray workers (``in_process`` False): each worker's activation peak
     above its forward's start, by PyTorch's allocator. In ComfyUI's process (gpus=1, True): the peak
-    above the sampling's start, which also holds what DynamicVRAM keeps of the weights. Clips whose peak
-    is under 1 GiB (the host-memory runs' 97 frames) are left out: there the weights, not the
-    activations, decide what fits."""
+    above the sampling's start by the benchmark's own count (the node counts it only with memory logs on),
+    which also holds what DynamicVRAM keeps of the weights. Clips whose peak is under 1 GiB (the
+    host-memory runs' 97 frames) are left out: there the weights, not the activations, decide what fits."""
     for path, row in jsonl_rows("*-comfy_long_video*.jsonl"):
         if "before" in path.stem or "expandable-segments" in path.stem:  # code that has changed since
             continue
         if (row.get("kind") == "run" and row.get("ok") and row.get("planned_parts_gib")
                 and bool(row.get("in_comfyui_process")) == in_process
-                and min(w["peak_gib"] for w in row["worker_memory"]) >= 1):
+                and (row["torch_max_allocated_gb"] if in_process
+                     else min(w["peak_gib"] for w in row["worker_memory"])) >= 1):
             yield pytest.param(row, id=f"{path.stem[11:]}-{row['variant']}-{row['frames']}x{row['res']}-"
                                       f"{row['weights']}-cfg{row['cfg']:g}")
 

@@ -151,3 +151,19 @@ def test_one_gpu_interrupt_stops_and_the_next_prompt_works(here, nodes_mod, tiny
     comfy.model_management.interrupt_current_processing(False)
     got, _ = parallel_ksampler(nodes_mod, tiny_model, cc, gpus=1)
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("peak,want", [
+    (None, "cuda:0 (NVIDIA X): 3.5 GiB allocated; weights on the GPU 0.0 GiB (streamed: DynamicVRAM)"),
+    (12.5, "cuda:0 (NVIDIA X): peak 12.5 GiB above the sampling's start; 3.5 GiB allocated; weights on the GPU "
+           "0.0 GiB (streamed: DynamicVRAM)"),
+])
+def test_one_gpu_summary_says_the_peak_only_when_counted(ps, peak, want):
+    """The run's peak is counted only with memory logs on (resetting PyTorch's peak counters before
+    sampling cost the card's edge: bench/README.md); without it the line keeps what was allocated."""
+    jobs = __import__("ltxav_pack.jobs", fromlist=["x"])
+    m = jobs.WorkerMemory(rank=0, peak_gib=peak, allocated_gib=3.5, weights_gib=0.0)
+    info = {"device": "cuda:0 (NVIDIA X)", "dynamic_vram": True}
+    text = ps.summary_here(info, m, {"sampling_s": 1.0, "s_per_step": 1.0})
+    assert text.splitlines()[1].strip() == want
