@@ -552,7 +552,7 @@ class ParallelSampler:
         peak_wanted = cuda and instrumentation.enabled()
         if peak_wanted:
             torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device) if cuda else 0
+            start = torch.cuda.memory_allocated(device)
         try:
             samples = job.sample(patcher, callback)
         except torch.OutOfMemoryError as e:  # the same type: ComfyUI's executor frees its models on it
