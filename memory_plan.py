@@ -52,7 +52,7 @@ STREAMED_RESIDENT_BLOCKS = 2
 STREAMED_CAST_BLOCKS = 4
 # the card's edge: the allocator's pool above PyTorch's peak is not planned. With streamed weights every
 # clip (stock and the node, 16 and 24 GiB, fp8 and bf16, both sizes; one H100 and one H200) whose plan left
-# at most 1.41 GiB of the free memory ran out of memory but one, and every clip that left 1.58 or more ran
+# at most 1.17 GiB of the free memory ran out of memory, and every clip that left 1.41 or more ran
 EDGE_BYTES = int(1.5 * GIB)
 # auto FFN chunking: at most this many tokens per chunk (a chunk still saturates a GPU matmul) ...
 FFN_MAX_TOKENS_PER_CHUNK = 4096
