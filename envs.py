@@ -48,17 +48,20 @@ WORKERS_PER_GPU = Var("LTXAV_PARALLEL_WORKERS_PER_GPU", "1", "workers that share
 ONE_GPU_IN_PROCESS = Var("LTXAV_PARALLEL_ONE_GPU_IN_PROCESS", "1", "0: gpus=1 starts one Ray worker, as "
                          "several GPUs do, instead of sampling in ComfyUI's process (the worker's CUDA context then "
                          "sits beside ComfyUI's on the card); for benchmarks and tests")
+LEAN_ATTENTION = Var("LTXAV_PARALLEL_LEAN_ATTENTION", "1", "0: the parallel samplers run ComfyUI's own attention "
+                    "memory layout (rotary tables for every token, a new attention output and projection) instead "
+                    "of the lean one (the same results, less memory); for benchmarks and tests")
 FAULT = Var("LTXAV_PARALLEL_FAULT", "", "test hook: 'oom:RANK:STEP' makes that worker raise an out-of-memory "
             "error at that step")
 
 TABLE = (START_S, LOAD_S, HEARTBEAT_S, STALL_S, SKIP_MEMORY_CHECK, MEMORY_CAP_GIB, MEMORY_LOG, TRACE_DIR,
-         WORKERS_PER_GPU, ONE_GPU_IN_PROCESS, FAULT)
+         WORKERS_PER_GPU, ONE_GPU_IN_PROCESS, LEAN_ATTENTION, FAULT)
 # variables the workers get from the ComfyUI process: the pack's own, and those of NCCL, gloo, PyTorch's
 # symmetric memory, NVSHMEM and xfuser's log level
 PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "GLOO_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
 # read by the workers themselves: set explicitly on each start ("" = unset), since Ray's processes may
 # have inherited values from when Ray started
-WORKER_VARS = (FAULT.name, MEMORY_CAP_GIB.name, WORKERS_PER_GPU.name)
+WORKER_VARS = (FAULT.name, MEMORY_CAP_GIB.name, WORKERS_PER_GPU.name, LEAN_ATTENTION.name)
 
 
 def table_markdown() -> str:

@@ -60,14 +60,16 @@ def _chunk_bounds(n_tokens: int, n_chunks: int) -> list[int]:
     return [(i * n_tokens) // n_chunks for i in range(n_chunks + 1)]
 
 
-def chunked_forward(ff: torch.nn.Module, x: torch.Tensor, num_chunks: int) -> torch.Tensor:
-    """``type(ff).forward`` applied to ``num_chunks`` slices of the sequence dim (1) of ``x``.
+def chunked_forward(ff: torch.nn.Module, x: torch.Tensor, num_chunks: int, whole_view: bool = False,
+                    plain=None) -> torch.Tensor:
+    """``plain`` (default ``type(ff).forward``) applied to ``num_chunks`` slices of the sequence dim (1)
+    of ``x``.
 
     Each output slice goes into ``x`` once its input slice has been consumed when that is safe
-    (see ``may_overwrite``), else into a new tensor. Equal to the unchunked call up to matmul
-    reduction order.
+    (see ``may_overwrite``; ``whole_view``: a view spanning its storage counts), else into a new
+    tensor. Equal to the unchunked call up to matmul reduction order.
     """
-    plain = type(ff).forward
+    plain = plain or type(ff).forward
     n_tokens = x.shape[1] if x.dim() >= 2 else 0
     n_chunks = min(num_chunks, n_tokens)
     if n_chunks <= 1:
@@ -78,7 +80,7 @@ def chunked_forward(ff: torch.nn.Module, x: torch.Tensor, num_chunks: int) -> to
         y = plain(ff, x[:, start:end])
         if out is None:
             same = y.shape[2:] == x.shape[2:] and y.dtype == x.dtype and y.device == x.device
-            out = x if same and may_overwrite(x) else y.new_empty((x.shape[0], n_tokens, *y.shape[2:]))
+            out = x if same and may_overwrite(x, whole_view) else y.new_empty((x.shape[0], n_tokens, *y.shape[2:]))
         out[:, start:end] = y
         del y
     return out

@@ -33,6 +33,7 @@ from . import (
     ffn_chunking,
     instrumentation,
     jobs,
+    lean_attention,
     memory_plan,
     model_transfer,
     models,
@@ -553,8 +554,11 @@ class ParallelSampler:
         if peak_wanted:
             torch.cuda.reset_peak_memory_stats(device)
             start = torch.cuda.memory_allocated(device)
+        # the patcher that samples: a guider's own (the same MODEL), else the node's
+        sampling = getattr(getattr(job, "guider", None), "model_patcher", None) or patcher
         try:
-            samples = job.sample(patcher, callback)
+            with lean_attention.on(sampling):
+                samples = job.sample(patcher, callback)
         except torch.OutOfMemoryError as e:  # the same type: ComfyUI's executor frees its models on it
             plan = "" if est is None else (
                 f" The plan was {est.total / memory_plan.GIB:.2f} GiB of {budget / memory_plan.GIB:.2f} GiB free; the "

@@ -21,12 +21,13 @@ Adding a model family: one module in ``models`` and its name in ``models.FAMILIE
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 
 import torch
 
-from . import instrumentation, models, xfuser_compat
+from . import instrumentation, lean_attention, models, xfuser_compat
 from .patching import instance_attrs
 from .sequence_parallel import Role
 from .sequence_parallel.attention import PaddingDroppingKernel, head_group_size, ring_attention, sharded_keys_attention
@@ -42,12 +43,12 @@ _ROLE = contextvars.ContextVar("sequence_parallel_attention_role", default=None)
 _REPORTS = {"pe": instrumentation.pe_generated, "blocks": instrumentation.blocks_complete}
 
 
-def _with_role(role: Role, module, *args, **kwargs):
-    """``module``'s own forward with ``role`` as the current attention role: ComfyUI's attention
+def _with_role(role: Role, forward, *args, **kwargs):
+    """An attention module's ``forward`` with ``role`` as the current attention role: ComfyUI's attention
     function (and so ``attention_override``) runs inside it without knowing which module called."""
     token = _ROLE.set(role)
     try:
-        return type(module).forward(module, *args, **kwargs)
+        return forward(*args, **kwargs)
     finally:
         _ROLE.reset(token)
 
@@ -133,16 +134,22 @@ class ShardedForward:
         options = {**options, "optimized_attention_override": self.attention_override}
         return self.family.with_transformer_options(args, kwargs, options)
 
+    @contextlib.contextmanager
     def installed(self):
-        """The family's patches, its attention modules tagged with their roles, and (with memory logs
-        or phase peaks) its phases measured, for the ``with`` body."""
-        triples = list(self.hooks.patches())
-        triples += [(module, "forward", functools.partial(_with_role, role, module))
-                    for module, role in self.hooks.attention_roles()]
-        if instrumentation.enabled() or self.sp.phase_stats:
-            triples += [(obj, name, self.measured(getattr(obj, name), phase))
-                        for obj, name, phase in self.hooks.phases()]
-        return instance_attrs(triples)
+        """For the ``with`` body, in layers that each wrap what the one before installed: the family's
+        patches; the lean attention's (``lean_attention``: rotary tables where they are used, output
+        projections in place); its attention modules tagged with their roles; and (with memory logs or
+        phase peaks) its phases measured."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(instance_attrs(self.hooks.patches()))
+            if lean_attention.enabled():
+                stack.enter_context(instance_attrs(lean_attention.patches(self.model, self.family)))
+            stack.enter_context(instance_attrs([(module, "forward", functools.partial(_with_role, role, module.forward))
+                                                for module, role in self.hooks.attention_roles()]))
+            if instrumentation.enabled() or self.sp.phase_stats:
+                stack.enter_context(instance_attrs([(obj, name, self.measured(getattr(obj, name), phase))
+                                                    for obj, name, phase in self.hooks.phases()]))
+            yield
 
     def measured(self, fn, phase: str):
         """``fn`` followed by its peak (phase_stats) and its log line (LTXAV_PARALLEL_MEMORY_LOG)."""
@@ -162,7 +169,7 @@ class ShardedForward:
         """ComfyUI's attention call ([B, S, heads * D] q, k, v), routed by the calling module's role."""
         role = _ROLE.get()
         if role is None or self.sp.world == 1:  # one rank holds every token: ComfyUI's call, no exchange copies
-            return self.kernel_call(func, q, k, v, heads, mask, kwargs)
+            return self.local_call(func, q, k, v, heads, mask, kwargs)
         if mask is not None:  # guide attenuation: this rank's query rows over all keys
             return self.gathered_attention(func, q, k, v, heads, mask, kwargs)
         b, n, inner = q.shape
@@ -182,6 +189,15 @@ class ShardedForward:
     def gathered_attention(self, func, q, k, v, heads, mask, kwargs):
         """With a mask (its rows are this rank's queries): all ranks' keys and values, then the kernel."""
         return self.kernel_call(func, q, self.gather(k), self.gather(v), heads, mask, kwargs)
+
+    def local_call(self, func, q, k, v, heads, mask, kwargs):
+        """An attention call of this rank's tokens alone: the kernel, with the lean attention's output
+        written into the queries' buffer a range at a time (``lean_attention.attention_into_query``)."""
+        if not lean_attention.enabled():
+            return self.kernel_call(func, q, k, v, heads, mask, kwargs)
+        return lean_attention.attention_into_query(
+            lambda q_, k_, v_, h, mask=None, **kw: self.kernel_call(func, q_, k_, v_, h, mask, kw), q, k, v, heads,
+            mask, **kwargs)
 
     def kernel_call(self, func, q, k, v, heads, mask, kwargs):
         """ComfyUI's attention function (or an override another node installed)."""

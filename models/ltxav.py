@@ -26,6 +26,7 @@ import torch
 from .. import memory_plan
 from ..patching import instance_attrs, transformer_options_of, with_transformer_options  # noqa: F401 - the family's API
 from ..sequence_parallel import Role
+from . import ltx_rope
 
 NAME = "LTX-2 audio-video (LTXAV)"
 MODEL_CLASS = ("comfy.ldm.lightricks.av_model", "LTXAVModel")
@@ -39,6 +40,22 @@ def video_heads(diffusion_model) -> int:
 def plan_dims(diffusion_model, compute_dtype=None) -> memory_plan.ModelDims:
     """What the memory planner needs of this model."""
     return memory_plan.ModelDims.of(diffusion_model, compute_dtype=compute_dtype)
+
+
+def rotary_patches(model) -> list:
+    """``(obj, name, value)`` for one forward with the rotary tables deferred (``ltx_rope``): made where
+    attention uses them, a range of tokens at a time, never for the whole sequence."""
+    triples = [(model, "_prepare_positional_embeddings", ltx_rope.deferred(model._prepare_positional_embeddings))]
+    for block in model.transformer_blocks:
+        for attn in (block.attn1, block.audio_attn1, block.audio_to_video_attn, block.video_to_audio_attn):
+            triples.append((attn, "forward", ltx_rope.attention_forward(attn)))
+    return triples
+
+
+def in_place_projections(model) -> list:
+    """The output projections over the video tokens whose output is as wide as their input: video
+    self-attention's and the text cross-attention's."""
+    return [attn.to_out for block in model.transformer_blocks for attn in (block.attn1, block.attn2)]
 
 
 # --------------------------------------------------------------------------- timesteps

@@ -16,6 +16,7 @@ from helpers.sp_cases import (
     run_case,
     scaled_attention,
     shifted_tiles,
+    small_lean_ranges,
     token_count,
 )
 from helpers.sp_harness import run_parallel
@@ -82,6 +83,19 @@ def test_parallel_equals_stock(stock, ckpts, world, ulysses, ring, groups):
         for res in ranks:
             assert max(res[job]["seen"]["pe"]) <= max(local, _audio_tokens(job)), job
             assert max(res[job]["seen"]["adaln"]) < n, job
+
+
+@pytest.mark.parametrize("world,ulysses,ring,jobs", [
+    (2, 2, 1, [("2", "fwd_t2v", "even"), ("2", "fwd_ref_audio", "even"), ("2.3", "ks_guide_attenuated", "even")]),
+    (2, 1, 2, [("2.3", "fwd_t2v", "even")]),
+    (1, 1, 1, [("2.3", "ks_i2v", "even")]),
+], ids=["ulysses", "ring", "one-rank"])
+def test_lean_ranges_equal_stock(stock, ckpts, world, ulysses, ring, jobs):
+    """The lean attention going by ranges of a few tokens on every rank (rotary tables, norms, attention
+    outputs into the queries, output projections) equals stock, with Ulysses, ring and one rank."""
+    ranks = run_parallel(world, ulysses, ring, ckpts, jobs, sp_attrs={small_lean_ranges.__name__: small_lean_ranges})
+    for job in jobs:
+        assert_equals_stock(stock, ranks, job)
 
 
 @pytest.mark.parametrize("broken", [shifted_tiles, scaled_attention], ids=["shifted-tiles", "scaled-attention"])

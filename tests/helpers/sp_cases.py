@@ -2,6 +2,7 @@
 rank) sides of the sequence-parallel tests. Everything is seeded, so both sides build the same
 inputs; run_case returns the outputs as a list of tensors."""
 import contextlib
+import importlib
 import sys
 import types
 
@@ -164,3 +165,11 @@ def no_exchange(sp_mod, rank):
         setattr(sp_mod, name, refuse)
     sp_mod.ShardedForward.gathered_attention = refuse
     sys.modules[sp_mod.ShardLayout.__module__].dist = types.SimpleNamespace(all_gather=refuse)
+
+
+def small_lean_ranges(sp_mod, rank):
+    """The lean attention's ranges shrunk to a few tokens (the tiny clips have 96), so a rank's rotary
+    tables, attention calls, norms and projections all go by ranges."""
+    lean = sp_mod.lean_attention
+    lean.QUERY_CHUNK_TOKENS, lean.PROJECTION_CHUNK_TOKENS = 5, 11
+    importlib.import_module(lean.__name__.rsplit(".", 1)[0] + ".models.ltx_rope").CHUNK_TOKENS = 7

@@ -1,0 +1,117 @@
+"""Attention with less memory than ComfyUI's own call, and the same results: what lets one card, and
+each of several, hold longer clips.
+
+Three things, each where the memory goes in a long LTX forward:
+
+* **rotary tables where they are used**: the model family defers the tables ComfyUI makes for every
+  token once a forward and keeps through every block (``models.ltx_rope``); queries and keys are
+  rotated a range of tokens at a time, in place;
+* **the attention output in the query's buffer**: ``attention_into_query`` runs ComfyUI's attention
+  (or the override another node set) on a range of queries at a time over all keys, and writes each
+  range's output over the queries it came from (softmax attention treats each query on its own, so
+  the result is the same), instead of a new output plus ComfyUI's reshaped copy of it;
+* **the output projection in place**: a square ``to_out`` projection runs a range of tokens at a time
+  into its own input (``ffn_chunking.chunked_forward``), instead of a second hidden state.
+
+The family says which modules (``rotary_patches``, ``in_place_projections``); ``patches`` makes the
+instance attributes. The workers' sharded forward installs them with its own attention routing
+(``xdit_context_parallel``); in ComfyUI's process (one GPU) ``diffusion_model_wrapper`` does, added for
+a run by ``on(patcher)``. Off with
+``LTXAV_PARALLEL_LEAN_ATTENTION=0``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+from . import envs, ffn_chunking, models
+from .patching import instance_attrs, may_overwrite
+
+WRAPPER_KEY = "ltxav_lean_attention"
+# queries an attention call takes at a time: its output and ComfyUI's reshaped copy of it are two of
+# these ranges (~0.25 GiB at 4096 wide), and a range still fills a GPU's attention kernel
+QUERY_CHUNK_TOKENS = 16384
+# tokens the output projection takes at a time (its output range: ~0.06 GiB at 4096 wide)
+PROJECTION_CHUNK_TOKENS = 8192
+
+
+def enabled() -> bool:
+    return envs.LEAN_ATTENTION.on()
+
+
+def attention_into_query(call, q, k, v, heads, mask=None, **kwargs):
+    """``call(q, k, v, heads, mask=mask, **kwargs)`` (ComfyUI's attention, [B, S, heads * D] in and out),
+    for long queries a range at a time into ``q``'s own buffer when the caller drops ``q`` after the
+    call (``may_overwrite``). With a mask or another layout it is the plain call."""
+    n = q.shape[1] if q.dim() == 3 else 0
+    plain = (n <= QUERY_CHUNK_TOKENS or mask is not None or kwargs.get("skip_reshape")
+             or kwargs.get("skip_output_reshape") or not may_overwrite(q)
+             or len({t.untyped_storage().data_ptr() for t in (q, k, v)}) < 3)
+    if plain:
+        return call(q, k, v, heads, mask=mask, **kwargs)
+    for start in range(0, n, QUERY_CHUNK_TOKENS):
+        end = min(n, start + QUERY_CHUNK_TOKENS)
+        q[:, start:end] = call(q[:, start:end], k, v, heads, mask=None, **kwargs)
+    return q
+
+
+def projecting_in_place(module):
+    """A forward for a projection ``module`` whose output is as wide as its input: long inputs a range
+    of tokens at a time into the input's own buffer when it is the caller's temporary."""
+    forward = module.forward
+
+    def run(x):
+        n = x.shape[1] if x.dim() == 3 else 0
+        if n <= PROJECTION_CHUNK_TOKENS:
+            return forward(x)
+        return ffn_chunking.chunked_forward(module, x, math.ceil(n / PROJECTION_CHUNK_TOKENS), whole_view=True,
+                                            plain=lambda _, t: forward(t))
+    return run
+
+
+def patches(model, family) -> list:
+    """``(obj, name, value)`` instance attributes for one lean forward of ``model`` (of ``family``), made
+    from the attributes the modules have now (so they wrap what an outer layer installed)."""
+    return family.rotary_patches(model) + [(m, "forward", projecting_in_place(m))
+                                           for m in family.in_place_projections(model)]
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    """ComfyUI DIFFUSION_MODEL wrapper: one forward with the family's lean patches and the attention
+    calls writing into their queries (for ComfyUI's process; the workers' sharded forward has its own)."""
+    model = executor.class_obj
+    try:
+        family = models.family_of(model, "LTXAV lean attention")
+    except ValueError:  # not a family the pack knows: ComfyUI's forward as it is
+        return executor(*args, **kwargs)
+    options = family.transformer_options_of(args, kwargs)
+    outer = options.get("optimized_attention_override")
+
+    def override(func, *a, **kw):
+        call = func if outer is None else (lambda *b, **c: outer(func, *b, **c))
+        return attention_into_query(call, *a, **kw)
+
+    args, kwargs = family.with_transformer_options(args, kwargs, {**options, "optimized_attention_override": override})
+    with instance_attrs(patches(model, family)):
+        return executor(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on(patcher):
+    """``patcher`` (a ComfyUI ModelPatcher) runs its forwards lean inside the ``with`` (nothing when
+    ``LTXAV_PARALLEL_LEAN_ATTENTION=0``); its wrappers are as before afterwards."""
+    from comfy.patcher_extension import WrappersMP
+
+    if not enabled():
+        yield
+        return
+    kind = WrappersMP.DIFFUSION_MODEL
+    had = list(patcher.wrappers.get(kind, {}).get(WRAPPER_KEY, []))
+    patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
+    patcher.add_wrapper_with_key(kind, WRAPPER_KEY, diffusion_model_wrapper)
+    try:
+        yield
+    finally:
+        patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        for fn in had:
+            patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
