@@ -46,6 +46,21 @@ FULL_SEQUENCE_VECTORS = 0.06
 FFN_KEPT_VECTORS = 3.5
 PER_TOKEN_TIMESTEP_VECTORS = 0.5
 FIXED_BYTES = int(0.055 * GIB)  # context, connector, kernels' workspaces
+# a process's CUDA context (measured 0.52 GiB, torch 2.11, H100 and H200): outside PyTorch's allocator, so a
+# card's free memory already leaves it out, but an emulated card's share (LTXAV_PARALLEL_MEMORY_CAP_GIB) holds it
+CUDA_CONTEXT_BYTES = int(0.52 * GIB)
+# NCCL's buffers for an all-to-all, per peer: not measured here (no machine with several GPUs); NVIDIA/nccl#1685
+# reports 3.28 GB more on each of 8 H100s after the first all_to_all_single (32 channels a pair), 0.47 GiB a peer
+NCCL_PEER_BYTES = int(0.47 * GIB)
+# the lean attention (lean_attention.py): no rotary tables, norms, rotation, attention output and the square
+# output projections in place, so the attention phase holds x, its norm, q, k and v of the local tokens ...
+LEAN_ATTENTION_VECTORS = 5.0
+# ... and with gated attention (LTX-2.3) the gated output, a new tensor ComfyUI makes
+LEAN_GATED_VECTORS = 1.0
+# ... and over several ranks Ulysses' send buffer and the other ranks' blocks' output and its reshaped copy
+LEAN_EXCHANGE_VECTORS = 1.5
+# ... and one range's temporaries (rotary rows and rotation, or a query range's output and its copy)
+LEAN_RANGE_BYTES = int(0.25 * GIB)
 # weights streamed by DynamicVRAM (see the module docstring): blocks resident as stored, and blocks'
 # linears cast to the compute dtype in PyTorch's pool when stored in another dtype (measured 3.7)
 STREAMED_RESIDENT_BLOCKS = 2
@@ -74,6 +89,7 @@ class ModelDims:
     block_bytes: int = 0  # the largest transformer block's parameters as stored
     blocks_bytes: int = 0  # all transformer blocks' parameters as stored
     block_cast_bytes: int = 0  # the largest block's linear weights in the compute dtype, if stored in another
+    gated_attention: bool = False  # LTX-2.3: attention outputs scaled by per-head gates into a new tensor
 
     @property
     def streamed_weight_bytes(self) -> int:
@@ -109,9 +125,10 @@ class ModelDims:
         block_sizes = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in block_list]
         block_casts = [sum(m.weight.numel() * compute_bytes for m in b.modules()
                            if isinstance(m, torch.nn.Linear) and m.weight.dtype != compute_dtype) for b in block_list]
+        gated = any(getattr(getattr(b, "attn1", None), "to_gate_logits", None) is not None for b in block_list)
         return cls(video_dim=diffusion_model.inner_dim, audio_dim=audio_dim, weight_bytes=weight_bytes,
                    cast_bytes=cast, compute_bytes=compute_bytes, block_bytes=max(block_sizes, default=0),
-                   blocks_bytes=sum(block_sizes), block_cast_bytes=max(block_casts, default=0))
+                   blocks_bytes=sum(block_sizes), block_cast_bytes=max(block_casts, default=0), gated_attention=gated)
 
     @property
     def vector(self) -> int:
@@ -182,16 +199,26 @@ def auto_ffn_chunks(tokens: int, ffn_bytes_per_token: int, free_bytes: float | N
     return max(1, min(FFN_MAX_CHUNKS, n))
 
 
+def attention_vectors(dims: ModelDims, world: int, ring: int, lean: bool) -> float:
+    """Hidden vectors per local video token at the attention phase's peak."""
+    if lean:
+        return (LEAN_ATTENTION_VECTORS + (LEAN_GATED_VECTORS if dims.gated_attention else 0)
+                + (LEAN_EXCHANGE_VECTORS if world > 1 else 0) + (RING_VECTORS if ring > 1 else 0))
+    return ATTENTION_VECTORS + (RING_VECTORS if ring > 1 else 0) - (ATTENTION_OUT_IN_PLACE_VECTORS if world > 1 else 0)
+
+
 def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chunks: int | None = None,
              per_token_timesteps: bool = False, sampler: bool = False, batch: int = 1,
-             streaming: bool = False) -> Estimate:
+             streaming: bool = False, lean: bool = False, nccl_peers: int = 0) -> Estimate:
     """Peak memory of one of ``world`` workers (Ulysses x ``ring``) running one forward of ``clip``;
     ``ffn_chunks`` None = auto, 1 = no chunking; ``sampler`` adds the sampler's latent-sized state;
-    ``streaming``: ComfyUI streams the weights (DynamicVRAM), only two blocks of them and their casts stay."""
+    ``streaming``: ComfyUI streams the weights (DynamicVRAM), only two blocks of them and their casts stay;
+    ``lean``: the lean attention (``lean_attention``) instead of ComfyUI's own memory layout;
+    ``nccl_peers``: ranks this worker exchanges with over NCCL (their buffers, ``NCCL_PEER_BYTES`` each)."""
     n = clip.video_tokens
     local = math.ceil(n / world)
     vec = dims.vector
-    attn = ATTENTION_VECTORS + (RING_VECTORS if ring > 1 else 0) - (ATTENTION_OUT_IN_PLACE_VECTORS if world > 1 else 0)
+    attn = attention_vectors(dims, world, ring, lean)
     if per_token_timesteps:
         attn += PER_TOKEN_TIMESTEP_VECTORS
     audio_vec = dims.audio_dim * dims.compute_bytes
@@ -200,7 +227,8 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
     parts = {
         "weights": dims.streamed_weight_bytes if streaming else dims.weight_bytes,
         "weight casts": dims.streamed_cast_bytes if streaming else dims.cast_bytes,
-        "fixed": FIXED_BYTES,
+        "fixed": FIXED_BYTES + (LEAN_RANGE_BYTES if lean else 0),
+        "exchange buffers": nccl_peers * NCCL_PEER_BYTES,
         "video tokens": int(batch * max(attention, ffn)),
         "audio tokens": int(batch * clip.audio_tokens * ATTENTION_VECTORS * audio_vec),
     }
@@ -224,8 +252,11 @@ def largest_latent_frames(budget: int, dims: ModelDims, clip: Clip, **kwargs) ->
 
 
 def smallest_world(budget: int, dims: ModelDims, clip: Clip, max_world: int, video_heads: int, **kwargs) -> int | None:
-    """Fewest workers (all-Ulysses, dividing the heads) whose estimate fits ``budget``, up to ``max_world``."""
+    """Fewest workers (all-Ulysses, dividing the heads) whose estimate fits ``budget``, up to ``max_world``
+    (with NCCL, ``nccl_peers`` > 0, each count has its own peers)."""
+    nccl = kwargs.pop("nccl_peers", 0) > 0
     for w in range(1, max_world + 1):
-        if video_heads % w == 0 and estimate(dims, clip, world=w, **kwargs).total <= budget:
+        if video_heads % w == 0 and estimate(dims, clip, world=w, nccl_peers=w - 1 if nccl else 0,
+                                             **kwargs).total <= budget:
             return w
     return None

@@ -738,8 +738,10 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
     streaming = streams_weights(infos)
     share = cfg_parallel.largest_share(max(1, passes), degrees.cfg)  # the wrapper's split of the passes
     per_forward = passes_per_forward(patcher, clip, batch, share, budget)
+    # NCCL's buffers: one set per peer the worker exchanges with (gloo's stay in host memory)
+    nccl_peers = degrees.world - 1 if any(i.get("backend") == "nccl" for i in infos) else 0
     kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch * per_forward, per_token_timesteps=True,
-              streaming=streaming)
+              streaming=streaming, lean=lean_attention.enabled(), nccl_peers=nccl_peers)
     sequence = degrees.sequence
     est = memory_plan.estimate(dims, clip, world=sequence, **kw)
     gib = memory_plan.GIB

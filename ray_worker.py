@@ -147,6 +147,7 @@ class LTXAVWorker:
             return importlib.import_module(f"{pack_name}.{name}")
 
         self.envs, self.jobs, self.transfer = pack("envs"), pack("jobs"), pack("model_transfer")
+        self.plan = pack("memory_plan")
         self.cap = self.envs.MEMORY_CAP_GIB.number() * self.jobs.GIB or None
         # with DynamicVRAM the cap is a held tensor: comfy-aimdo allocates outside PyTorch's allocator
         self.per_gpu = self.envs.workers_per_gpu()
@@ -189,7 +190,7 @@ class LTXAVWorker:
         flags = {k: getattr(comfy.cli_args.args, k, None) for k in MEMORY_FLAGS}
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": name,
                 "loads": self.loads, "repatches": self.repatches, "ffn_chunking": ffn,
-                "dynamic_vram": dynamic_vram_enabled(), "memory_flags": flags,
+                "dynamic_vram": dynamic_vram_enabled(), "memory_flags": flags, "backend": self.backend,
                 "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
     def memory_budget(self) -> int | None:
@@ -204,7 +205,10 @@ class LTXAVWorker:
             budget -= self.held.numel()
         if dynamic_vram_enabled() and self.patcher is not None:
             budget += self.patcher.loaded_size()
-        return int(min(budget, self.cap) if self.cap else budget)  # sharing a GPU, free counts the others' room
+        cap = self.cap
+        if cap and self.held is not None:  # an emulated card: its share also holds this process's CUDA context
+            cap -= self.plan.CUDA_CONTEXT_BYTES
+        return int(min(budget, cap) if cap else budget)  # sharing a GPU, free counts the others' room
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: open the process-group store's socket on this node's Ray address only (127.0.0.1 in a
