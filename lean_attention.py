@@ -45,7 +45,7 @@ def attention_into_query(call, q, k, v, heads, mask=None, **kwargs):
     call (``may_overwrite``). With a mask or another layout it is the plain call."""
     n = q.shape[1] if q.dim() == 3 else 0
     plain = (n <= QUERY_CHUNK_TOKENS or mask is not None or kwargs.get("skip_reshape")
-             or kwargs.get("skip_output_reshape") or not may_overwrite(q)
+             or kwargs.get("skip_output_reshape") or not may_overwrite(q, whole_view=True)
              or len({t.untyped_storage().data_ptr() for t in (q, k, v)}) < 3)
     if plain:
         return call(q, k, v, heads, mask=mask, **kwargs)

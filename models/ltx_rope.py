@@ -80,7 +80,8 @@ class RotaryTable:
         n = x.shape[1] if x.dim() == 3 else 0
         if n <= CHUNK_TOKENS or n != self.tokens:
             return apply_rotary_emb(x if norm is None else norm(x), self.whole())
-        out = x if may_overwrite(x) else torch.empty_like(x)
+        # to_q / to_k's output is a view of the projection's 2-D result, spanning all of it
+        out = x if may_overwrite(x, whole_view=True) else torch.empty_like(x)
         for start, end in _bounds(n, CHUNK_TOKENS):
             part = x[:, start:end] if norm is None else norm(x[:, start:end])
             out[:, start:end] = apply_rotary_emb(part, self.rows(start, end))

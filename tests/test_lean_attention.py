@@ -138,6 +138,27 @@ def lean_run(lean, patcher, case):
 
 
 @contextlib.contextmanager
+def in_place(obj, name, args_tensor):
+    """Record, for each call of ``obj.name`` on a long sequence, whether its result is its input's buffer
+    (``args_tensor(args)``: the input)."""
+    real = getattr(obj, name)
+    seen = []
+
+    def recorded(*args, **kwargs):
+        out = real(*args, **kwargs)
+        x = args_tensor(args)
+        if x.dim() == 3 and x.shape[1] > 11:
+            seen.append(out.data_ptr() == x.data_ptr())
+        return out
+
+    setattr(obj, name, recorded)
+    try:
+        yield seen
+    finally:
+        setattr(obj, name, real)
+
+
+@contextlib.contextmanager
 def counting(obj, name):
     """Count the calls of ``obj.name`` (a class attribute) inside the ``with``."""
     real = getattr(obj, name)
@@ -162,9 +183,14 @@ def test_lean_forward_equals_stock(stock_forward, lean, rope, small_ranges, vers
     stock's; the rotary tables are never made whole and queries and projections go by ranges."""
     result, patchers = stock_forward
     with counting(rope.RotaryTable, "whole") as whole, counting(rope._Gather, "rows") as ranges, \
-            counting(lean.ffn_chunking, "chunked_forward") as projections:
+            counting(lean.ffn_chunking, "chunked_forward") as projections, \
+            in_place(rope.RotaryTable, "rotate", lambda a: a[1]) as rotated, \
+            in_place(lean, "attention_into_query", lambda a: a[1]) as attended:
         got = lean_run(lean, patchers[version, torch.float32], case)
     assert not whole and ranges and projections
+    # long queries and keys are normalised and rotated in their projection's buffer, and the attention
+    # output lands in the queries' (unless a mask asks for the plain call)
+    assert rotated and all(rotated) and attended and any(attended)
     assert_matches(got, result(version, case), result(version, case, torch.float64), f"{version} {case}")
 
 
