@@ -32,6 +32,8 @@ at ``--gpus 1`` the node samples in this process (no workers) unless ``LTXAV_PAR
    audio latent [1,8,T,16] (T = ceil(frames/25*25), as LTXVEmptyLatentAudio) in a NestedTensor (as
    LTXVConcatAVLatent), with Gemma-free conditioning [[randn(1, L, 3840), {unprocessed_ltxav_embeds,
    frame_rate 25}]].
+With BENCH_MEMORY_SNAPSHOT=1 a run also records the allocator's live blocks of 256 MiB or more when it ends
+(at an out-of-memory error: when it failed) with where each was allocated (``live_blocks``).
 3. Records per run: each diffusion-model forward's seconds (median and all; one forward a step at
    cfg 1), for stock also the median step from callback to callback (as the workers time theirs),
    sampling wall time, torch.cuda.max_memory_allocated / max_memory_reserved (the PyTorch
@@ -325,6 +327,12 @@ def child(a):
     peak = DevicePeak(torch, baseline_used) if cuda else None
     if peak:
         peak.start()
+    snapshot = os.environ.get("BENCH_MEMORY_SNAPSHOT") if cuda else None
+    at_oom = []
+    if snapshot:  # where each live block was allocated, for the tensors alive at the end or at an OOM
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=1)
+        torch._C._cuda_attach_out_of_memory_observer(
+            lambda *_: at_oom.append(live_blocks(torch.cuda.memory._snapshot())) if not at_oom else None)
     oom = False
     t0 = time.perf_counter()
     step_marks.append(t0)
@@ -347,6 +355,10 @@ def child(a):
         rec["error"] = f"{type(e).__name__}: {str(e)[:800]}"  # the node's message ends with the plan
         import traceback
         rec["traceback"] = traceback.format_exc()[-2000:]  # for an OOM: where it ran out
+    if snapshot:
+        rec["live_blocks"] = at_oom[0] if at_oom else live_blocks(torch.cuda.memory._snapshot())
+        rec["live_blocks_at"] = "out of memory" if at_oom else "end"
+        torch.cuda.memory._record_memory_history(enabled=None)
     rec["sample_s"] = round(time.perf_counter() - t0, 2)
     rec["oom"] = oom
     rec["ok"] = "error" not in rec
@@ -373,6 +385,20 @@ def child(a):
     rec["host_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 3)
     del dummy
     return rec
+
+
+def live_blocks(snap, min_bytes=256 << 20, frames=8):
+    """The PyTorch allocator's live blocks of at least ``min_bytes`` in a memory snapshot, each with the
+    innermost python frames of its allocation (file:line function), largest first."""
+    out = []
+    for seg in snap.get("segments", []):
+        for blk in seg.get("blocks", []):
+            if blk.get("state") != "active_allocated" or blk.get("size", 0) < min_bytes:
+                continue
+            stack = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in blk.get("frames", [])
+                     if f.get("filename", "").endswith(".py")][:frames]
+            out.append({"gib": round(blk["size"] / GIB, 3), "stack": stack})
+    return sorted(out, key=lambda b: -b["gib"])
 
 
 def aimdo_usage_gb(comfy_aimdo):
