@@ -396,7 +396,7 @@ def live_blocks(snap, min_bytes=256 << 20, frames=8):
             if blk.get("state") != "active_allocated" or blk.get("size", 0) < min_bytes:
                 continue
             stack = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in blk.get("frames", [])
-                     if f.get("filename", "").endswith(".py")][:frames]
+                     if f.get("filename", "").endswith(".py") and "/torch/" not in f["filename"]][:frames]
             out.append({"gib": round(blk["size"] / GIB, 3), "stack": stack})
     return sorted(out, key=lambda b: -b["gib"])
 
