@@ -387,18 +387,21 @@ def child(a):
     return rec
 
 
-def live_blocks(snap, min_bytes=256 << 20, frames=8):
-    """The PyTorch allocator's live blocks of at least ``min_bytes`` in a memory snapshot, each with the
-    innermost python frames of its allocation (file:line function), largest first."""
-    out = []
+def live_blocks(snap, frames=8, most=40):
+    """The PyTorch allocator's live blocks in a memory snapshot, summed by where they were allocated (the
+    innermost python frames outside torch, file:line function), largest sums first."""
+    sums = {}
     for seg in snap.get("segments", []):
         for blk in seg.get("blocks", []):
-            if blk.get("state") != "active_allocated" or blk.get("size", 0) < min_bytes:
+            if blk.get("state") != "active_allocated":
                 continue
-            stack = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in blk.get("frames", [])
-                     if f.get("filename", "").endswith(".py") and "/torch/" not in f["filename"]][:frames]
-            out.append({"gib": round(blk["size"] / GIB, 3), "stack": stack})
-    return sorted(out, key=lambda b: -b["gib"])
+            stack = " | ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in blk.get("frames", [])
+                               if f.get("filename", "").endswith(".py") and "/torch/" not in f["filename"])
+            stack = " | ".join(stack.split(" | ")[:frames])
+            n, size = sums.get(stack, (0, 0))
+            sums[stack] = (n + 1, size + blk.get("size", 0))
+    rows = sorted(sums.items(), key=lambda kv: -kv[1][1])[:most]
+    return [{"gib": round(size / GIB, 3), "blocks": n, "stack": stack.split(" | ")} for stack, (n, size) in rows]
 
 
 def aimdo_usage_gb(comfy_aimdo):
