@@ -52,15 +52,25 @@ CUDA_CONTEXT_BYTES = int(0.52 * GIB)
 # NCCL's buffers for an all-to-all, per peer: not measured here (no machine with several GPUs); NVIDIA/nccl#1685
 # reports 3.28 GB more on each of 8 H100s after the first all_to_all_single (32 channels a pair), 0.47 GiB a peer
 NCCL_PEER_BYTES = int(0.47 * GIB)
-# the lean attention (lean_attention.py): no rotary tables, norms, rotation, attention output and the square
-# output projections in place, so the attention phase holds x, its norm, q, k and v of the local tokens ...
+# the lean attention (lean_attention.py): no rotary tables; norms, rotation, attention output and the square
+# output projections in place. Measured in ComfyUI's process on one H100 (8 layers fp8, 24 GiB emulated,
+# 2026-12-06, bench/results/2026-12-06-h100-comfy_long_video-lean-*): at 8,301 frames 768x512 it ran out of
+# memory making video self-attention's v, with x, its norm, q and k alive (the allocator's live blocks), so
+# the attention phase holds x, its norm, q, k and v of the local tokens ...
 LEAN_ATTENTION_VECTORS = 5.0
-# ... and with gated attention (LTX-2.3) the gated output, a new tensor ComfyUI makes
+# ... and with gated attention (LTX-2.3) the gated output, a new tensor ComfyUI makes (not measured) ...
 LEAN_GATED_VECTORS = 1.0
 # ... and over several ranks Ulysses' send buffer and the other ranks' blocks' output and its reshaped copy
+# (not measured: no run of several workers with the lean attention yet) ...
 LEAN_EXCHANGE_VECTORS = 1.5
 # ... and one range's temporaries (rotary rows and rotation, or a query range's output and its copy)
 LEAN_RANGE_BYTES = int(0.25 * GIB)
+# ComfyUI's sampler keeps nine float32 copies of the packed latent through the forward (calc_cond_batch's
+# input and its parts, the noise, the latent and the step's x: the live blocks at 8,301 frames)
+LEAN_SAMPLER_COPIES = 9
+# the allocator's pool above PyTorch's peak (0.6 to 1.25 GiB in the one-GPU runs): planned with the lean
+# attention, whose longest clips lie far beyond stock's, so the margin refuses nothing stock runs
+ALLOCATOR_POOL_BYTES = int(1.25 * GIB)
 # weights streamed by DynamicVRAM (see the module docstring): blocks resident as stored, and blocks'
 # linears cast to the compute dtype in PyTorch's pool when stored in another dtype (measured 3.7)
 STREAMED_RESIDENT_BLOCKS = 2
@@ -227,13 +237,13 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
     parts = {
         "weights": dims.streamed_weight_bytes if streaming else dims.weight_bytes,
         "weight casts": dims.streamed_cast_bytes if streaming else dims.cast_bytes,
-        "fixed": FIXED_BYTES + (LEAN_RANGE_BYTES if lean else 0),
+        "fixed": FIXED_BYTES + (LEAN_RANGE_BYTES + ALLOCATOR_POOL_BYTES if lean else 0),
         "exchange buffers": nccl_peers * NCCL_PEER_BYTES,
         "video tokens": int(batch * max(attention, ffn)),
         "audio tokens": int(batch * clip.audio_tokens * ATTENTION_VECTORS * audio_vec),
     }
     if sampler:  # noise, latent, denoised and the step's x in float32, whole on every rank
-        parts["sampler state"] = 4 * 4 * (n * 128 + clip.audio_tokens * 128)
+        parts["sampler state"] = (LEAN_SAMPLER_COPIES if lean else 4) * 4 * (n * 128 + clip.audio_tokens * 128)
     return Estimate(parts)
 
 

@@ -108,7 +108,8 @@ def real_path_rows(in_process=False):
     which also holds what DynamicVRAM keeps of the weights. Clips whose peak is under 1 GiB (the
     host-memory runs' 97 frames) are left out: there the weights, not the activations, decide what fits."""
     for path, row in jsonl_rows("*-comfy_long_video*.jsonl"):
-        if "before" in path.stem or "expandable-segments" in path.stem:  # code that has changed since
+        # code that has changed since; the lean attention's runs have their own checks (lean_rows)
+        if "before" in path.stem or "expandable-segments" in path.stem or "-lean-" in path.stem:
             continue
         if (row.get("kind") == "run" and row.get("ok") and row.get("planned_parts_gib")
                 and bool(row.get("in_comfyui_process")) == in_process
@@ -169,12 +170,13 @@ def checkpoint_dims(comfy):
     return {"fp8": dims("fp8"), "bf16": dims("bf16")}
 
 
-def plan_of(row, dims, chunker=True):
-    """The current planner's figure for a run, as the node plans gpus=1 in ComfyUI's process at cfg 1."""
+def plan_of(row, dims, chunker=True, lean=False):
+    """The current planner's figure for a run, as the node plans gpus=1 in ComfyUI's process at cfg 1
+    (``lean``: with the lean attention, the node's default; the runs before it were planned without)."""
     w, h = (int(v) for v in row["res"].split("x"))
     clip = mp.Clip(row["latent_frames"], h // 32, w // 32, row["audio_tokens"])
     return mp.estimate(dims, clip, ffn_chunks=None if chunker else 1, sampler=True, per_token_timesteps=True,
-                       streaming=True)
+                       streaming=True, lean=lean)
 
 
 def check_plan_matches_streamed_run(row, est):
@@ -338,3 +340,46 @@ def test_readme_lists_every_environment_variable(pack):
     assert envs.table_markdown() in readme
     changed = envs.table_markdown().replace("| 600 |", "| 601 |")
     assert changed != envs.table_markdown() and changed not in readme
+
+
+def lean_rows():
+    """The parallel sampler's runs in ComfyUI's process with the lean attention (gpus=1, 8 and 48 layers),
+    at the current code: files named ``-lean-`` without an earlier commit in their name."""
+    for path, row in jsonl_rows("*-comfy_long_video-lean-*.jsonl"):
+        if row.get("kind") == "run" and row["variant"] == "parallel-chunker" and "-402d28f" not in path.stem:
+            yield row
+
+
+def test_lean_plan_matches_its_runs_and_refuses_what_ran_out_of_memory(checkpoint_dims):
+    """With the lean attention (one H100, 24 GiB emulated, fp8): where a clip ran, the planner's figure
+    less what lives outside PyTorch's allocator (the streamed blocks, the allocator's pool) is within 10%
+    of PyTorch's peak; every clip that ran out of memory (8,301 frames at 768x512, 1,601 at 1920x1088)
+    is refused against the free memory it had, and every clip that ran is accepted."""
+    rows = list(lean_rows())
+    assert {r["ok"] for r in rows} == {True, False} and {r["res"] for r in rows} == {"768x512", "1920x1088"}
+    for row in rows:
+        est = plan_of(row, checkpoint_dims[row["weights"]], lean=True)
+        free = row["at_sampling_start"]["device_free_gb"]
+        if row["ok"]:
+            in_torch = (est.total - est.parts["weights"] - mp.ALLOCATOR_POOL_BYTES) / mp.GIB
+            assert abs(in_torch - row["torch_max_allocated_gb"]) <= 0.10 * row["torch_max_allocated_gb"], (
+                row["frames"], est.describe())
+            assert est.total / mp.GIB <= free, (row["frames"], est.describe())
+        else:
+            assert est.total / mp.GIB > free, (row["frames"], row["res"], est.describe())
+
+
+def test_lean_plan_check_catches_the_plan_without_the_lean_attention(checkpoint_dims):
+    """The twin: the same runs planned with ComfyUI's own attention memory (rotary tables, new outputs)
+    miss the peak of the clip that ran by more than 10%."""
+    row = next(r for r in lean_rows() if r["ok"])
+    est = plan_of(row, checkpoint_dims[row["weights"]], lean=False)
+    in_torch = (est.total - est.parts["weights"]) / mp.GIB
+    assert abs(in_torch - row["torch_max_allocated_gb"]) > 0.10 * row["torch_max_allocated_gb"]
+
+
+def test_lean_plan_refusal_needs_the_pool_allowance(checkpoint_dims):
+    """The twin: without the allocator's pool the planner would accept 8,301 frames, which ran out of memory."""
+    row = next(r for r in lean_rows() if not r["ok"] and r["res"] == "768x512")
+    est = plan_of(row, checkpoint_dims[row["weights"]], lean=True)
+    assert (est.total - mp.ALLOCATOR_POOL_BYTES) / mp.GIB <= row["at_sampling_start"]["device_free_gb"]
