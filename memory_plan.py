@@ -68,9 +68,13 @@ LEAN_RANGE_BYTES = int(0.25 * GIB)
 # ComfyUI's sampler keeps nine float32 copies of the packed latent through the forward (calc_cond_batch's
 # input and its parts, the noise, the latent and the step's x: the live blocks at 8,301 frames)
 LEAN_SAMPLER_COPIES = 9
-# the allocator's pool above PyTorch's peak (0.6 to 1.25 GiB in the one-GPU runs): planned with the lean
-# attention, whose longest clips lie far beyond stock's, so the margin refuses nothing stock runs
-ALLOCATOR_POOL_BYTES = int(1.25 * GIB)
+# the allocator's pool beyond PyTorch's peak: with the lean attention a clip's largest tensors are whole
+# hidden states, and the pool must find room for one more while the others are live. 7,401 frames ran and
+# 7,801 ran out of memory making v (PyTorch's peak 19.18 GiB and >= 19.88 GiB, 23.41 GiB free, comfy-aimdo
+# 0.85): the plans leave 2.66 and 1.76 GiB, 0.98 and 0.62 of a hidden vector; counted as 0.75 of one.
+# Planned only with the lean attention, whose longest clips lie far beyond stock's, so it refuses nothing
+# stock runs
+LEAN_POOL_VECTORS = 0.75
 # weights streamed by DynamicVRAM (see the module docstring): blocks resident as stored, and blocks'
 # linears cast to the compute dtype in PyTorch's pool when stored in another dtype (measured 3.7)
 STREAMED_RESIDENT_BLOCKS = 2
@@ -237,7 +241,8 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
     parts = {
         "weights": dims.streamed_weight_bytes if streaming else dims.weight_bytes,
         "weight casts": dims.streamed_cast_bytes if streaming else dims.cast_bytes,
-        "fixed": FIXED_BYTES + (LEAN_RANGE_BYTES + ALLOCATOR_POOL_BYTES if lean else 0),
+        "fixed": FIXED_BYTES + (LEAN_RANGE_BYTES if lean else 0),
+        "allocator pool": int(LEAN_POOL_VECTORS * local * vec) if lean else 0,
         "exchange buffers": nccl_peers * NCCL_PEER_BYTES,
         "video tokens": int(batch * max(attention, ffn)),
         "audio tokens": int(batch * clip.audio_tokens * ATTENTION_VECTORS * audio_vec),
