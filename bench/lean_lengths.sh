@@ -29,6 +29,13 @@ case $call in
     LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b l8-7401 $L8 --frames 7401,7801 --variants parallel-chunker --timeout 100
     [ -n "${W2:-}" ] && LTXAV_PARALLEL_WORKERS_PER_GPU=2 LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2-l8-11001 $L8 --gpus 2 --frames 11001 --variants parallel-chunker --timeout 300
     ;;
+  workers-2)  # issue 38: two workers sharing one H100 (24 GiB each, gloo), 8 layers, the planner checked
+    LTXAV_PARALLEL_WORKERS_PER_GPU=2 b w2-768 $L8 --gpus 2 --frames 9401,11001,12601 --variants parallel-chunker --timeout 280
+    LTXAV_PARALLEL_WORKERS_PER_GPU=2 LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2-768-past $L8 --gpus 2 --frames 13401 --variants parallel-chunker --timeout 280
+    ;;
+  workers-4)  # issue 38: four workers sharing one H200 (24 GiB each), 8 layers
+    LTXAV_PARALLEL_WORKERS_PER_GPU=4 b w4-768 $L8 --gpus 4 --frames 14401,18001 --variants parallel-chunker --timeout 280
+    ;;
   *) echo "unknown call $call"; exit 2 ;;
 esac
 tail -n 3 "$out"/*.log | cut -c1-400
