@@ -78,7 +78,7 @@ def gguf_file(patcher, node: str) -> str:
 
     base = patcher.model
     hit = _GGUF_FILES.get(id(base))
-    if hit is not None and hit[0]() is base and _stat(hit[1]) == hit[2]:
+    if hit is not None and hit[0]() is base and hit[2] is not None and _stat(hit[1]) == hit[2]:
         return hit[1]
     module = sys.modules[type(patcher).__module__]
     weights = {k: p for k, p in base.diffusion_model.named_parameters() if getattr(p, "tensor_type", None) is not None}
@@ -96,8 +96,12 @@ def gguf_file(patcher, node: str) -> str:
                      "samples in ComfyUI's process.")
 
 
-def _stat(path: str) -> tuple:
-    st = os.stat(path)
+def _stat(path: str) -> tuple | None:
+    """A file's size and time (None once it is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
     return st.st_size, st.st_mtime_ns
 
 

@@ -1,8 +1,9 @@
 """Models and patches from other node packs on 2 CPU workers (real Ray actors, gloo), against the stock
 samplers on the same inputs: ComfyUI-GGUF's loaders (Q8_0 and Q4_0, LTX-2 and LTX-2.3, LoRA, file and
 model reuse), Lightricks' ComfyUI-LTXVideo (MultimodalGuider with STG and modality guidance, STGGuider,
-the per-step statistics normalisation) and a stand-in pack whose patch cannot be rebuilt on a worker.
-The node packs are the test host's (installed by .ci/setup_env.sh), loaded as ComfyUI loads them."""
+the per-step statistics normalisation) and a stand-in pack whose patch cannot be rebuilt on a worker;
+and both packs in a headless ComfyUI server through POST /prompt. The node packs are the test host's
+(installed by .ci/setup_env.sh), loaded as ComfyUI loads them."""
 import importlib
 import logging
 import re
@@ -376,3 +377,50 @@ def test_model_without_load_recipe_is_refused(pack, tiny_model, tiny_ckpt):
     with pytest.raises(ValueError, match=r"Node: the MODEL has no load recipe: .*'Load Diffusion Model'.*"
                                          r"ComfyUI-GGUF's 'Unet Loader \(GGUF\)'.*gpus=1"):
         transfer.model_spec(built, node="Node")
+
+
+# --------------------------------------------------------------------------- POST /prompt
+
+def test_gguf_and_ltxvideo_patch_through_post_prompt(gguf_pack, ltxvideo, gguf_files, tiny_ckpts,
+                                                     tmp_path_factory):
+    """A headless ComfyUI with both packs in its custom_nodes: UnetLoaderGGUF (Q8_0) -> the statistics
+    normalisation patch -> LTXAV Parallel KSampler (2 workers) through POST /prompt equals the same
+    workflow with the stock KSampler; nothing dropped."""
+    import os
+    import shutil
+
+    from helpers.comfy_server import ComfyServer, t2v_prompt, t2v_reference, write_inputs
+    from helpers.node_packs import CUSTOM_NODES
+    from helpers.tiny_gguf import float64_twin, load_gguf
+
+    name, path, config = gguf_files["2", "Q8_0"]
+    srv = ComfyServer(tmp_path_factory.mktemp("comfy_packs"))
+    for folder in (GGUF, LTXVIDEO):
+        os.symlink(CUSTOM_NODES / folder, srv.base / "custom_nodes" / folder, target_is_directory=True)
+    shutil.copy(path, srv.base / "models" / "diffusion_models" / name)
+    srv.dataset = write_inputs(srv.base, config["caption_channels"], length=25)
+    norm = {"class_type": "LTXVPerStepStatNormPatcher",
+            "inputs": {"factors": "0.9, 0.5", "target_mean": 0.0, "target_std": 1.0, "percentile": 100.0,
+                       "clip_outliers": False}}
+    loader = {"1": {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": name}}}
+    try:
+        srv.start()
+        stock = srv.run(t2v_prompt(name, srv.dataset, steps=STEPS, model_node=norm, extra=loader, prefix="stock"))
+        prompt = t2v_prompt(name, srv.dataset, steps=STEPS, model_node=norm, extra=loader, prefix="par")
+        prompt["6"] = {"class_type": "LTXAVParallelKSampler",
+                       "inputs": {**prompt["6"]["inputs"], "gpus": 2, "ulysses_degree": 0, "ring_degree": 1,
+                                  "ray_address": "local", "cfg_parallel": "off"}}
+        par = srv.run(prompt)
+        assert stock["status"]["status_str"] == par["status"]["status_str"] == "success", (stock["status"],
+                                                                                          par["status"])
+        log = srv.log()
+    finally:
+        srv.stop()
+    assert "dropped on the workers" not in log and "not reproduced on the workers" not in log
+    patch = submodule(ltxvideo, "latent_norm").LTXVPerStepStatNormPatcher()
+    model = load_gguf(submodule(gguf_pack, "nodes").UnetLoaderGGUF, name)
+    reference_model = patch.patch_model(float64_twin(model, path), "0.9, 0.5", 0.0, 1.0, 100.0, False)[0]
+    reference = t2v_reference(reference_model, srv.base, srv.dataset, steps=STEPS)
+    want, got = srv.saved_latents(stock), srv.saved_latents(par)
+    for k in ("8", "9"):
+        assert_matches(got[k], want[k], reference[k], f"SaveLatent {k}")
