@@ -21,6 +21,20 @@ HIGH_PRECISION = ("scale_shift_table",)
 NOT_QUANTIZED = ("adaln_single.", "caption_projection.", "patchify_proj.", "proj_out.", "scale_shift_table")
 
 
+def tensor_type(key: str, shape, qtype: str) -> str:
+    """The GGUF type ComfyUI-GGUF's tools give a tensor of a float checkpoint (its name and shape), with the
+    large weights quantized to ``qtype``: F32, F16 or ``qtype`` (F16 then stands in when a row does not
+    fill whole blocks)."""
+    size = 1
+    for n in shape:
+        size *= n
+    if len(shape) == 1 or size <= QUANTIZATION_THRESHOLD or any(k in key for k in HIGH_PRECISION):
+        return "F32"
+    if len(shape) == 2 and key.endswith(".weight") and not any(k in key for k in NOT_QUANTIZED):
+        return qtype
+    return "F16"
+
+
 def write_tiny_gguf(safetensors_path, path, qtype="Q8_0"):
     """Write the tiny safetensors checkpoint at ``safetensors_path`` (``tiny_ltxav.write_tiny_ltxav``) as a
     GGUF file with its large tensors in ``qtype`` (a ``gguf.GGMLQuantizationType`` name: Q8_0, Q4_0, ...);
@@ -28,7 +42,6 @@ def write_tiny_gguf(safetensors_path, path, qtype="Q8_0"):
     import gguf
     from safetensors import safe_open
 
-    target = gguf.GGMLQuantizationType[qtype]
     writer = gguf.GGUFWriter(path=None, arch="ltxv")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "Q8_0" else gguf.LlamaFileType.MOSTLY_Q4_0)
@@ -37,11 +50,7 @@ def write_tiny_gguf(safetensors_path, path, qtype="Q8_0"):
         config = json.loads(f.metadata()["config"])
         for key in f.keys():
             data = f.get_tensor(key).to(torch.float32).numpy()
-            qt = gguf.GGMLQuantizationType.F16
-            if data.ndim == 1 or data.size <= QUANTIZATION_THRESHOLD or any(k in key for k in HIGH_PRECISION):
-                qt = gguf.GGMLQuantizationType.F32
-            elif data.ndim == 2 and key.endswith(".weight") and not any(k in key for k in NOT_QUANTIZED):
-                qt = target
+            qt = gguf.GGMLQuantizationType[tensor_type(key, data.shape, qtype)]
             try:
                 raw = gguf.quants.quantize(data, qt)
             except (AttributeError, gguf.QuantError):  # rows that do not fill whole blocks: F16, as convert.py
