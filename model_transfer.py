@@ -89,7 +89,8 @@ def dumps(obj, refs: dict) -> bytes:
 
 def loads(data: bytes, refs: dict):
     """Inverse of ``dumps``: names resolve to the objects in ``refs``, custom node modules import under
-    ComfyUI's names (``node_packs.PathNamedModules``)."""
+    ComfyUI's names (``node_packs.PathNamedModules``), their packs' ``__init__`` not run; where that fails
+    (something defined there, or set up there for the pack's modules), once more after running them."""
     n = int.from_bytes(data[-8:], "little")
     roots = pickle.loads(data[-8 - n:-8])
     if roots:
@@ -99,15 +100,12 @@ def loads(data: bytes, refs: dict):
         def persistent_load(self, pid):
             return refs[pid]
 
-        def find_class(self, module, name):
-            try:
-                return super().find_class(module, name)
-            except AttributeError:  # defined in a node pack's __init__, which was not run: run it
-                if node_packs.complete(module):
-                    return super().find_class(module, name)
-                raise
-
-    return RefUnpickler(io.BytesIO(data)).load()
+    try:
+        return RefUnpickler(io.BytesIO(data)).load()
+    except (ImportError, AttributeError):
+        if not [name for name in roots if node_packs.complete(name)]:
+            raise
+        return RefUnpickler(io.BytesIO(data)).load()
 
 
 def modules_of(data: bytes) -> list[str]:

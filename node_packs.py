@@ -11,8 +11,8 @@ cluster: the same install).
 
 A pack's top-level module is made without running its ``__init__`` (node registration, server routes
 that need ComfyUI's server, every node's imports), as the worker makes this pack's own: a submodule runs
-only its own code and what it imports. Only when something defined in the ``__init__`` itself is asked
-for does it run (``complete``), as ComfyUI runs it.
+only its own code and what it imports. Only when that is not enough (something defined in the ``__init__``
+itself, or set up there for the pack's modules) does it run (``complete``), as ComfyUI runs it.
 """
 from __future__ import annotations
 
@@ -84,8 +84,7 @@ class PathNamedModules(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(name, location)
 
     def complete(self, name: str) -> bool:
-        """Run a top-level package's ``__init__`` that was deferred (something defined there is asked
-        for); whether it ran."""
+        """Run a top-level package's ``__init__`` that was deferred; whether it ran (its errors raise)."""
         module = sys.modules.get(name)
         if name not in self.deferred or module is None:
             return False

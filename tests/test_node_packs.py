@@ -12,7 +12,7 @@ import uuid
 import pytest
 import torch
 
-from helpers.comfy_host import make_latent
+from helpers.comfy_host import ROOT, make_latent
 from helpers.node_packs import GGUF, LTXVIDEO, load_node_pack, submodule, write_standin_pack
 from helpers.numerics import assert_matches, mismatches
 from helpers.sampler_cases import (
@@ -361,6 +361,60 @@ def test_patch_no_worker_can_rebuild_is_dropped_with_a_warning(ps, nodes_mod, st
     assert [i["pid"] for i in worker_infos(ps)] == pids
     got, _ = parallel_ksampler(nodes_mod, tiny_model, cc, steps=STEPS)
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc, steps=STEPS)
+
+
+PACK_INIT = """\
+import os
+
+from .sub import InSub  # noqa: F401
+
+open(os.path.join(os.path.dirname(__file__), f"init_ran_in_{os.getpid()}"), "w").close()
+NODE_CLASS_MAPPINGS = {}
+
+
+class InInit:
+    pass
+"""
+UNPICKLE = """\
+import importlib, sys
+from helpers.comfy_host import import_pack
+import_pack(run_init=False)
+transfer = importlib.import_module("ltxav_pack.model_transfer")
+print(type(transfer.loads(open(sys.argv[1], "rb").read(), {})).__name__)
+"""
+
+
+@pytest.mark.quick
+def test_a_worker_imports_a_pack_under_comfyuis_name_running_its_init_only_when_needed(comfy, pack, tmp_path):
+    """In a fresh process, as in a worker: an object of a node pack's submodule unpickles under the module
+    name ComfyUI gave the pack, without running the pack's __init__; one defined in the __init__ runs it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers.node_packs import CUSTOM_NODES
+
+    transfer = importlib.import_module("ltxav_pack.model_transfer")
+    name = f"ltxav_init_{uuid.uuid4().hex[:8]}"
+    folder = CUSTOM_NODES / name
+    folder.mkdir()
+    try:
+        (folder / "__init__.py").write_text(PACK_INIT)
+        (folder / "sub.py").write_text("class InSub:\n    pass\n")
+        module = load_node_pack(name)
+        assert transfer.modules_of(transfer.dumps(module.InInit(), {})) == [name]
+        seen = []
+        for obj, kind in ((submodule(module, "sub").InSub(), "InSub"), (module.InInit(), "InInit")):
+            (tmp_path / "obj.pkl").write_bytes(transfer.dumps(obj, {}))
+            out = subprocess.run([sys.executable, "-c", UNPICKLE, str(tmp_path / "obj.pkl")], capture_output=True,
+                                 text=True, cwd=str(ROOT / "tests"),
+                                 env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+            assert out.returncode == 0 and out.stdout.strip() == kind, out.stderr[-2000:]
+            seen.append(sorted(f for f in os.listdir(folder) if f.startswith("init_ran_in_")))
+        assert len(seen[0]) == 1 and len(seen[1]) == 2  # the test process's; then the second process's too
+    finally:
+        shutil.rmtree(folder)
 
 
 @pytest.mark.quick
