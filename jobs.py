@@ -126,7 +126,8 @@ class WorkerMemory:
 @dataclasses.dataclass
 class SampleResult:
     """One worker's sampling run (``passes``: the model passes it evaluated; with CFG-parallel its group's
-    share): rank 0's also carries the samples and the last denoised estimate."""
+    share): rank 0's also carries the samples and the last denoised estimate. ``error``: why the job
+    could not be rebuilt on the workers (nothing was sampled)."""
 
     interrupted: bool
     step: int
@@ -135,6 +136,7 @@ class SampleResult:
     passes: int = 0
     samples: Any = None
     x0: Any = None
+    error: str | None = None
 
 
 @dataclasses.dataclass

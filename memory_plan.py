@@ -19,7 +19,8 @@ fp8, 48-layer, 24 GB runs of ``bench/long_video.py``:
   q/k/v, which q/k/v's own buffers now receive, and the measured peaks did not change);
 * FFN phase: 3.5 vectors per local token kept, plus one FFN chunk's two 4x-wide tensors;
 * per-token timesteps (image-to-video, guides): 0.5 more (the per-token adaLN values);
-* fp8 (or any cast) weights: one block linear cast to the compute dtype at a time;
+* fp8 (or any cast) weights: one block linear cast to the compute dtype at a time; GGUF weights count
+  as stored (quantized), their casts by their elements, with ComfyUI-GGUF's float16 dequantization;
 * audio tokens cost the same number of vectors of ``audio_dim``;
 * weights: all of them, unless ComfyUI streams them (DynamicVRAM, its default on NVIDIA): then only
   what is on the GPU at the peak, the block running and the next one arriving, as stored; the parts
@@ -121,7 +122,9 @@ class ModelDims:
     @classmethod
     def of(cls, diffusion_model, compute_dtype=None) -> ModelDims:
         """From an ``LTXAVModel`` (ComfyUI's ``diffusion_model``); ``compute_dtype``: the dtype it
-        runs in (ComfyUI's ``get_dtype_inference()``), default its weights' dtype."""
+        runs in (ComfyUI's ``get_dtype_inference()``), default its weights' dtype. Weights count as
+        stored (a GGUF weight's quantized blocks); casts by their elements (a GGUF weight's logical
+        shape), see ``cast_bytes``."""
         import torch
 
         params = list(diffusion_model.parameters()) + list(diffusion_model.buffers())
@@ -130,15 +133,12 @@ class ModelDims:
         linears = [m.weight for m in blocks.modules() if isinstance(m, torch.nn.Linear)]
         compute_dtype = compute_dtype or (linears[0].dtype if linears else torch.float32)
         compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
-        largest = max(linears, key=lambda w: w.numel()) if linears else None
-        cast = 0
-        if largest is not None and largest.dtype != compute_dtype:
-            cast = largest.numel() * compute_bytes
+        cast = max((cast_bytes(w, compute_dtype, compute_bytes) for w in linears), default=0)
         audio_dim = getattr(diffusion_model, "audio_inner_dim", 0) or 0
         block_list = list(getattr(diffusion_model, "transformer_blocks", []))
         block_sizes = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in block_list]
-        block_casts = [sum(m.weight.numel() * compute_bytes for m in b.modules()
-                           if isinstance(m, torch.nn.Linear) and m.weight.dtype != compute_dtype) for b in block_list]
+        block_casts = [sum(cast_bytes(m.weight, compute_dtype, compute_bytes) for m in b.modules()
+                           if isinstance(m, torch.nn.Linear)) for b in block_list]
         gated = any(getattr(getattr(b, "attn1", None), "to_gate_logits", None) is not None for b in block_list)
         return cls(video_dim=diffusion_model.inner_dim, audio_dim=audio_dim, weight_bytes=weight_bytes,
                    cast_bytes=cast, compute_bytes=compute_bytes, block_bytes=max(block_sizes, default=0),
@@ -152,6 +152,29 @@ class ModelDims:
     def ffn_bytes_per_token(self) -> int:
         """One token's FFN activations at their peak: the 4x projection and its GELU."""
         return 2 * self.ffn_mult * self.vector
+
+
+def cast_bytes(weight, compute_dtype, compute_bytes: int) -> int:
+    """Bytes ComfyUI allocates to run a linear whose ``weight`` is stored in another dtype than
+    ``compute_dtype`` (0 when it is stored in it): the weight in the compute dtype, by its elements (a
+    GGUF weight's ``shape`` is its logical one; ``numel`` counts its stored bytes). ComfyUI-GGUF
+    dequantizes a quantized weight to float16 first (its blocks' scales are float16), then casts: both
+    are held at the cast (dequant.py, ``dequantize_tensor``)."""
+    if weight.dtype == compute_dtype:
+        return 0
+    elements = math.prod(weight.shape)
+    return elements * (compute_bytes + (GGUF_DEQUANT_BYTES if gguf_quantized(weight) else 0))
+
+
+GGUF_DEQUANT_BYTES = 2  # ComfyUI-GGUF's dequantized weight before its cast: float16
+# ComfyUI-GGUF's tensor types that torch holds as they are (gguf.GGMLQuantizationType F32 and F16)
+GGUF_PLAIN_TYPES = (0, 1)
+
+
+def gguf_quantized(weight) -> bool:
+    """A ComfyUI-GGUF weight in a quantized type (read by attribute: ComfyUI-GGUF is not imported)."""
+    t = getattr(weight, "tensor_type", None)
+    return t is not None and int(t) not in GGUF_PLAIN_TYPES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,13 +2,24 @@
 workers.
 
 Anything pickled with ``dumps`` that refers to the driver's MODEL (its ModelPatcher, model_options,
-BaseModel or diffusion model) is sent as a reference and resolves, in ``loads``, to the worker's own
-copy, so guiders and model options travel without the weights. ``model_spec`` is the MODEL's load
-recipe (``cached_patcher_init``, set by ComfyUI's loaders) plus its weight patches (LoRA), object
-patches and options. Two keys, made from content (``content_digest``), decide what a worker redoes:
-the file key (the recipe: file, dtype, loader options; and the file's size and time) rebuilds the
-model from disk; the model key (file key + patches, object patches, options) only makes a new clone
-of the loaded model with the new patches.
+BaseModel, or any module, parameter or buffer of it by its path) is sent as a reference and resolves, in
+``loads``, to the worker's own copy, so guiders, model options and block patches travel without the
+weights. A pickle also carries where the custom node modules it refers to live (``node_packs``), so a
+worker imports them under ComfyUI's names.
+
+``model_spec`` splits the MODEL three ways:
+
+* its load recipe (``model_recipes``: ComfyUI's ``cached_patcher_init``, or ComfyUI-GGUF's loader) and the
+  file key made from it (and the file's size and time): a new file key reads the file again;
+* its weight patches (LoRA) and the model key (file key + patches): a new model key re-applies patches on
+  the loaded weights;
+* its options (``Option``: model options, transformer options down to each block patch, wrappers,
+  callbacks, object patches), which travel with every job in the job's own pickle (``job_payload``), so
+  an object the options and the job share (a guider's flag its block patches read) stays one object on
+  the worker. Each option is also pickled alone, for the check that every worker can rebuild it
+  (``check_parts``) before anything samples.
+
+Keys are made from content (``content_digest``), not identity.
 """
 from __future__ import annotations
 
@@ -25,100 +36,200 @@ import weakref
 
 import torch
 
+from . import model_recipes, node_packs
+
 MODEL_REF_NAMES = ("patcher", "model_options", "base_model", "diffusion_model")
+# parts of a ModelPatcher that do not travel (a warning names those in use): other models, ComfyUI's
+# hooks and the patcher-level extensions few nodes use
+NOT_SENT = ("additional_models", "attachments", "injections", "hook_patches", "weight_wrapper_patches")
 
 
 def model_refs(patcher) -> dict:
-    """The objects that stand for the model in anything sent to workers."""
-    return {"patcher": patcher, "model_options": patcher.model_options, "base_model": patcher.model,
-            "diffusion_model": patcher.model.diffusion_model}
+    """The objects that stand for the model in anything sent to workers: the patcher, its options, the
+    BaseModel and its diffusion model, and every module, parameter and buffer of the BaseModel by path."""
+    base = patcher.model
+    refs = {"patcher": patcher, "model_options": patcher.model_options, "base_model": base,
+            "diffusion_model": base.diffusion_model}
+    for kind, named in (("module", base.named_modules()), ("parameter", base.named_parameters()),
+                        ("buffer", base.named_buffers())):
+        for name, obj in named:
+            if name:
+                refs.setdefault(f"{kind}:{name}", obj)
+    return refs
 
 
 def dumps(obj, refs: dict) -> bytes:
-    """cloudpickle ``obj``, sending the objects in ``refs`` by name."""
+    """cloudpickle ``obj``, sending the objects in ``refs`` by name; after it, the custom node modules it
+    refers to (``node_packs.roots``) and that part's length."""
     from ray import cloudpickle
 
-    by_id = {id(v): k for k, v in refs.items()}
+    by_id = {}
+    for k, v in refs.items():
+        by_id.setdefault(id(v), k)
+    modules = set()
 
     class RefPickler(cloudpickle.Pickler):
         def persistent_id(self, o):
             return by_id.get(id(o))
 
+        def reducer_override(self, o):
+            if isinstance(o, types.ModuleType):
+                modules.add(o.__name__)
+            elif isinstance(o, (type, types.FunctionType, types.BuiltinFunctionType)):
+                modules.add(getattr(o, "__module__", None) or "")
+            return super().reducer_override(o)
+
     buf = io.BytesIO()
     RefPickler(buf, protocol=5).dump(obj)
+    roots = pickle.dumps(node_packs.roots(modules))
+    buf.write(roots)
+    buf.write(len(roots).to_bytes(8, "little"))
     return buf.getvalue()
 
 
 def loads(data: bytes, refs: dict):
-    """Inverse of ``dumps``: names resolve to the objects in ``refs``."""
+    """Inverse of ``dumps``: names resolve to the objects in ``refs``, custom node modules import under
+    ComfyUI's names (``node_packs.PathNamedModules``), their packs' ``__init__`` not run; where that fails
+    (something defined there, or set up there for the pack's modules), once more after running them."""
+    n = int.from_bytes(data[-8:], "little")
+    roots = pickle.loads(data[-8 - n:-8])
+    if roots:
+        node_packs.finder().add(roots)
 
     class RefUnpickler(pickle.Unpickler):
         def persistent_load(self, pid):
             return refs[pid]
 
-    return RefUnpickler(io.BytesIO(data)).load()
+    try:
+        return RefUnpickler(io.BytesIO(data)).load()
+    except (ImportError, AttributeError):
+        if not [name for name in roots if node_packs.complete(name)]:
+            raise
+        return RefUnpickler(io.BytesIO(data)).load()
+
+
+def modules_of(data: bytes) -> list[str]:
+    """The node packs (folder names) whose modules a ``dumps`` pickle refers to."""
+    n = int.from_bytes(data[-8:], "little")
+    return sorted({node_packs.pack_name(m) for m in pickle.loads(data[-8 - n:-8])})
+
+
+OPTION_KINDS = {"model_options": "model option", "transformer_options": "transformer option", "wrappers": "wrapper",
+                "callbacks": "callback", "object_patches": "object patch"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option of a MODEL: where it goes (``path``: ``("model_options", key)``, ``("transformer_options",
+    key, ...)``, ``("wrappers", kind, key)``, ``("callbacks", kind, key)`` or ``("object_patches", name)``)
+    and its value (a list of functions for wrappers and callbacks)."""
+
+    path: tuple
+    value: object
+
+    @property
+    def name(self) -> str:
+        head, *rest = self.path
+        return f"{OPTION_KINDS[head]} {'/'.join(map(str, rest))}"
+
+    def apply(self, patcher) -> None:
+        head, *rest = self.path
+        if head == "model_options":
+            patcher.model_options[rest[0]] = self.value
+        elif head == "transformer_options":
+            d = patcher.model_options.setdefault("transformer_options", {})
+            for k in rest[:-1]:
+                d = d.setdefault(k, {})
+            d[rest[-1]] = self.value
+        elif head == "wrappers":
+            for fn in self.value:
+                patcher.add_wrapper_with_key(rest[0], rest[1], fn)
+        elif head == "callbacks":
+            for fn in self.value:
+                patcher.add_callback_with_key(rest[0], rest[1], fn)
+        else:
+            patcher.add_object_patch(rest[0], self.value)
+
+
+# transformer options split one level further: the block patches of several nodes live side by side there
+SPLIT_TRANSFORMER_OPTIONS = {"patches": 1, "patches_replace": 2}
+
+
+def options_of(patcher, own_keys=()) -> list[Option]:
+    """``patcher``'s options as they travel (the pack's own wrappers, keyed ``own_keys``, stay behind: the
+    worker adds its own)."""
+    out = [Option(("model_options", k), v) for k, v in patcher.model_options.items() if k != "transformer_options"]
+
+    def split(path, value, depth):
+        if depth and isinstance(value, dict):
+            for k, v in value.items():
+                split((*path, k), v, depth - 1)
+        else:
+            out.append(Option(path, value))
+
+    for k, v in patcher.model_options.get("transformer_options", {}).items():
+        if k != "wrappers":  # ComfyUI's sampler puts the patcher's wrappers there for a run
+            split(("transformer_options", k), v, SPLIT_TRANSFORMER_OPTIONS.get(k, 0))
+    for head, by_kind in (("wrappers", patcher.wrappers), ("callbacks", patcher.callbacks)):
+        for kind, by_key in by_kind.items():
+            out += [Option((head, kind, key), list(fns)) for key, fns in by_key.items() if fns and key not in own_keys]
+    out += [Option(("object_patches", k), v) for k, v in patcher.object_patches.items()]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """What a worker needs to rebuild a MODEL: ``recipe`` and ``spec`` (pickled), ``skipped`` (the names
-    of the parts that cannot travel), ``file_key`` (what decides the weights read from disk) and
-    ``key`` (that plus everything applied on them)."""
+    """What a worker needs to rebuild a MODEL: ``recipe`` (pickled), its weight ``patches`` (pickled when
+    first asked for, ``spec``: workers that hold ``key`` need none), its ``options`` with each one's pickle
+    (those that cannot be pickled are left out and named in ``skipped``; ``not_sent``: the patcher's parts
+    in use that do not travel), ``file_key`` (what decides the weights read from disk) and ``key`` (that
+    plus the weight patches)."""
 
     recipe: bytes
-    spec: bytes
+    patches: dict = dataclasses.field(repr=False)
+    refs: dict = dataclasses.field(repr=False)
+    options: dict = dataclasses.field(repr=False)  # name -> (Option, its pickle)
     skipped: list
+    not_sent: list
     file_key: str
     key: str
 
+    @functools.cached_property
+    def spec(self) -> bytes:
+        return dumps(self.patches, self.refs)
 
-def model_spec(patcher, own_keys=()) -> ModelSpec:
-    """What a worker needs to rebuild ``patcher``'s model: its load recipe, its patches and options
-    (pickled with model references), the names of the parts that cannot travel (left out), and the
-    content keys that decide whether a worker reloads the file or only re-applies patches."""
-    from ray import cloudpickle
+    def job_payload(self, job, dropped=()) -> bytes:
+        """The options (but ``dropped``) and ``job`` in one pickle: what they share stays one object."""
+        options = [o for name, (o, _) in self.options.items() if name not in dropped]
+        return dumps({"options": options, "job": job}, self.refs)
 
-    if patcher.cached_patcher_init is None:
-        raise ValueError("the MODEL has no load recipe (ComfyUI records one in UNETLoader 'Load Diffusion "
-                         "Model' and CheckpointLoaderSimple 'Load Checkpoint'); load the model with one of those")
+    def check_parts(self) -> dict:
+        """Each option's own pickle, by name, for the workers' check."""
+        return {name: data for name, (_, data) in self.options.items()}
+
+
+def model_spec(patcher, own_keys=(), node: str = "LTXAV Parallel Sampler") -> ModelSpec:
+    """What a worker needs to rebuild ``patcher``'s model (see the module docstring); ValueError (naming
+    ``node``) for a MODEL with no load recipe."""
+    recipe = model_recipes.recipe_of(patcher, node)
+    if recipe is None:
+        raise ValueError(f"{node}: the MODEL has no load recipe: the workers load it from its file, and only "
+                         "ComfyUI's 'Load Diffusion Model' (UNETLoader) and 'Load Checkpoint', and ComfyUI-GGUF's "
+                         "'Unet Loader (GGUF)' (and Advanced) say which file it is; load it with one of those, or "
+                         "use gpus=1, which samples in ComfyUI's process.")
     refs = model_refs(patcher)
-    skipped = []
-
-    def keep(name, value):
+    skipped, options = [], {}
+    for option in options_of(patcher, own_keys):
         try:
-            dumps(value, refs)
-            return True
+            options[option.name] = (option, dumps(option.value, refs))
         except Exception:  # noqa: BLE001 - anything unpicklable stays behind, named in the warning
-            skipped.append(name)
-            return False
-
-    options = {}
-    for k, v in patcher.model_options.items():
-        if k == "transformer_options":
-            continue
-        if keep(f"model_options[{k!r}]", v):
-            options[k] = v
-    to = {}
-    for k, v in patcher.model_options.get("transformer_options", {}).items():
-        if k == "wrappers":
-            continue
-        if keep(f"transformer_options[{k!r}]", v):
-            to[k] = v
-    wrappers = {}
-    for kind, by_key in patcher.wrappers.items():
-        for key, fns in by_key.items():
-            if key in own_keys:
-                continue
-            if keep(f"wrapper {kind}/{key}", fns):
-                wrappers.setdefault(kind, {})[key] = list(fns)
-    object_patches = {k: v for k, v in patcher.object_patches.items() if keep(f"object patch {k!r}", v)}
-    spec = {"patches": {k: list(v) for k, v in patcher.patches.items()}, "object_patches": object_patches,
-            "model_options": options, "transformer_options": to, "wrappers": wrappers}
-    recipe = patcher.cached_patcher_init
+            skipped.append(option.name)
+    not_sent = [name for name in NOT_SENT if getattr(patcher, name, None)]
+    patches = {k: list(v) for k, v in patcher.patches.items()}
     file_key = content_digest({"recipe": recipe, "files": _file_stats(recipe[1])})
-    key = content_digest({"file": file_key, "spec": spec}, refs)
-    return ModelSpec(recipe=cloudpickle.dumps(recipe), spec=dumps(spec, refs), skipped=skipped, file_key=file_key,
-                     key=key)
+    key = content_digest({"file": file_key, "patches": patches}, refs)
+    return ModelSpec(recipe=dumps(recipe, {}), patches=patches, refs=refs, options=options, skipped=skipped,
+                     not_sent=not_sent, file_key=file_key, key=key)
 
 
 def _file_stats(args) -> list:

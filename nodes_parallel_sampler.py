@@ -87,9 +87,10 @@ class LTXAVParallelKSampler(io.ComfyNode):
                          "the video's activations."),
             search_aliases=["multi gpu ksampler", "ltx parallel", "sequence parallel", "xdit", "ray"],
             inputs=[
-                io.Model.Input("model", tooltip="An LTX-2 audio-video MODEL from 'Load Diffusion Model' or 'Load "
-                               "Checkpoint', after LoRA loaders and the LTX FFN Chunker if used: the workers "
-                               "rebuild it from the same file and apply the same patches. " + WORKERS_COST),
+                io.Model.Input("model", tooltip="An LTX-2 audio-video MODEL from 'Load Diffusion Model', 'Load "
+                               "Checkpoint' or ComfyUI-GGUF's 'Unet Loader (GGUF)', after LoRA loaders, the LTX FFN "
+                               "Chunker and other model patches: the workers rebuild it from the same file and "
+                               "apply the same patches. " + WORKERS_COST),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The noise seed, as in KSampler. " + SEED_COST),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps; time grows linearly."),

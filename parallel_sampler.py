@@ -449,10 +449,11 @@ class ParallelSampler:
         total_steps = job.total_steps
         t_prepare = time.perf_counter()
         own_keys = (ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY, cfg_parallel.WRAPPER_KEY)
-        model = model_transfer.model_spec(patcher, own_keys=own_keys)
+        model = model_transfer.model_spec(patcher, own_keys=own_keys, node=NODE)
         if model.skipped:
-            log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, ", ".join(model.skipped))
-        job_bytes = model_transfer.dumps(job, model_transfer.model_refs(patcher))
+            log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, short_names(model.skipped))
+        if model.not_sent:
+            log.warning("%s: not reproduced on the workers (not sent): the MODEL's %s", NODE, ", ".join(model.not_sent))
         comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
         comfy.model_management.soft_empty_cache()
         prepare_s = time.perf_counter() - t_prepare
@@ -474,7 +475,8 @@ class ParallelSampler:
                 log.info("%s: cfg-parallel not used (the video fits only with each pass split over all %d GPUs)",
                          NODE, world)
                 self.regroup(group, split_all)
-            streamed = "; weights streamed from host memory (DynamicVRAM)" if streams_weights(group.infos) else ""
+            streams = model_streams(patcher, group.infos)
+            streamed = "; weights streamed from host memory (DynamicVRAM)" if streams else ""
             log.info("%s: planned peak %.2f GiB per worker of %.2f GiB free (%s; %s%s)", NODE,
                      est.total / memory_plan.GIB, min(budgets) / memory_plan.GIB, est.note, est.describe(), streamed)
         if group.file_key != model.file_key:
@@ -482,7 +484,9 @@ class ParallelSampler:
         elif group.model_key != model.key:
             self.status(f"applying changed patches (LoRA) on {world} workers, without reading the file again")
         t0 = time.perf_counter()
-        recipe_ref, spec_ref = ray.put(model.recipe), ray.put(model.spec)
+        # workers that hold this model already get no copy of its patches (a LoRA can be GBs)
+        recipe_ref = ray.put(model.recipe)
+        spec_ref = ray.put(model.spec) if group.model_key != model.key else None
         loads = self._wait([a.load.remote(model.file_key, model.key, recipe_ref, spec_ref) for a in group.actors],
                            "model load", envs.LOAD_S.number())
         load_s = time.perf_counter() - t0
@@ -492,6 +496,10 @@ class ParallelSampler:
             log.info("%s: model %s on %d workers in %.1f s", NODE,
                      "loaded" if action == "read" else "patches re-applied", world, load_s)
         group.file_key, group.model_key = model.file_key, model.key
+        dropped = self.rebuild_check(group, model)
+        t_payload = time.perf_counter()
+        job_bytes = model.job_payload(job, dropped)
+        prepare_s += time.perf_counter() - t_payload
         self.status(f"sampling on {world} workers")
 
         t0 = time.perf_counter()
@@ -500,27 +508,58 @@ class ParallelSampler:
                              pbar=comfy.utils.ProgressBar(total_steps))
         sample_s = time.perf_counter() - t0
         first = results[0]
+        if first.error:  # nothing sampled, the workers stay
+            packs = ", ".join(model_transfer.modules_of(job_bytes)) or "no node pack"
+            raise ValueError(f"{NODE}: the workers cannot rebuild the sampler's inputs (they refer to {packs}): "
+                             f"{first.error}. Whatever the guider or conditioning refers to must import in the "
+                             "workers as in ComfyUI (on other machines of a Ray cluster: the same node packs at the "
+                             "same paths); gpus=1 samples in ComfyUI's process.")
         marks = first.step_times
         memory = [r.memory for r in results]
         if first.interrupted:
             log.info("%s: interrupted at step %d; the workers stay loaded", NODE, first.step)
             comfy.model_management.interrupt_current_processing(False)
             raise comfy.model_management.InterruptProcessingException()
-        # prepare: the model spec and job pickled here; outside_steps: the sampling call's time beyond the
-        # workers' own marks (their sampling's start to its last step): job and result transfer, Ray's
-        # scheduling and the workers' tear-down
+        # prepare: the model spec and the job with the model's options pickled here; outside_steps: the
+        # sampling call's time beyond the workers' own marks (their sampling's start to its last step): job
+        # and result transfer, Ray's scheduling and the workers' tear-down
         timings = {"ray_start_s": round(start_s, 2), "model_load_s": round(load_s, 2),
                    "sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, total_steps), 4),
                    "prepare_s": round(prepare_s, 3), "job_mb": round(len(job_bytes) / 1e6, 1),
                    "outside_steps_s": round(sample_s - (marks[-1] - marks[0]), 3) if len(marks) > 1 else None,
                    **step_timings(marks)}
         passes = [r.passes for r in results]
-        text = summary(group, memory, timings, load, passes)
+        text = summary(group, memory, timings, load, passes, streamed_model=patcher.is_dynamic())
         log.info("%s", text)
         return jobs.RunResult(samples=first.samples, x0=first.x0, memory=memory, timings=timings, model_load=load,
                               planned_peak_gib=None if est is None else jobs.gib(est.total), summary=text,
                               step_times=marks, passes=passes,
                               planned_parts_gib=None if est is None else {k: jobs.gib(v) for k, v in est.parts.items()})
+
+    def rebuild_check(self, group: _Group, model: model_transfer.ModelSpec) -> set[str]:
+        """Before sampling: every worker rebuilds each of the model's options on its own. Those that fail
+        on any worker are dropped with a warning naming them, their node packs and the error (their names
+        are returned); the workers stay. (A job that cannot be rebuilt is refused by the workers before
+        they sample: ``LTXAVWorker._rebuilt``.)"""
+        import ray
+
+        parts = model.check_parts()
+        if not parts:
+            return set()
+        parts_ref = ray.put(parts)
+        errors: dict[str, str] = {}
+        for found in self._wait([a.check.remote(parts_ref) for a in group.actors], "model load",
+                                envs.LOAD_S.number()):
+            for name, error in found.items():
+                errors.setdefault(name, error)
+        by_cause: dict[tuple, list] = {}
+        for name, error in errors.items():
+            packs = ", ".join(model_transfer.modules_of(parts[name])) or "ComfyUI"
+            by_cause.setdefault((packs, error), []).append(name)
+        for (packs, error), names in by_cause.items():
+            log.warning("%s: dropped on the workers (%s cannot be rebuilt there: %s): %s; the run goes on without "
+                        "them", NODE, packs, error, short_names(names))
+        return set(errors)
 
     def run_here(self, patcher, job: jobs.KSamplerJob | jobs.GuiderJob) -> jobs.RunResult:
         """Sample ``job`` in ComfyUI's process, as ComfyUI's own sampler nodes do (its model management,
@@ -531,7 +570,7 @@ class ParallelSampler:
         device = patcher.load_device
         cuda = device.type == "cuda"
         info = {"device": f"{torch.cuda.get_device_name(device)} ({device})" if cuda else str(device),
-                "dynamic_vram": ray_worker.dynamic_vram_enabled()}
+                "dynamic_vram": ray_worker.dynamic_vram_enabled() and patcher.is_dynamic()}
         est = None
         if not envs.SKIP_MEMORY_CHECK.on():
             budget = here_budget(device)
@@ -641,6 +680,26 @@ class ParallelSampler:
         return results
 
 
+SHOWN_NAMES = 3  # of the options sharing a prefix (a block patch per block), the first ones a log line names
+
+
+def short_names(names) -> str:
+    """Option names for a log line: those that differ only in their last part (one patch per block)
+    as one prefix with the first SHOWN_NAMES last parts and a count of the rest."""
+    groups: dict[str, list] = {}
+    for name in names:
+        prefix, _, last = name.rpartition("/")
+        groups.setdefault(prefix, []).append(last if prefix else name)
+    out = []
+    for prefix, lasts in groups.items():
+        if not prefix or len(lasts) == 1:
+            out += [f"{prefix}/{last}" if prefix else last for last in lasts]
+            continue
+        more = f" and {len(lasts) - SHOWN_NAMES} more" if len(lasts) > SHOWN_NAMES else ""
+        out.append(f"{prefix}/[{', '.join(lasts[:SHOWN_NAMES])}{more}]")
+    return ", ".join(out)
+
+
 def one_gpu_here(settings: ParallelSettings, cpu: bool, cuda_devices: int) -> bool:
     """Whether a run samples in ComfyUI's own process: one GPU of the local cluster (``gpus`` 1, or 0 on a
     machine with one), nothing else asked of the degrees, one worker a GPU. A worker there would split
@@ -705,6 +764,13 @@ def streams_weights(infos) -> bool:
     return any(i.get("dynamic_vram") for i in infos)
 
 
+def model_streams(patcher, infos) -> bool:
+    """Whether ``patcher``'s weights stream from host memory on the workers (``infos``): they run DynamicVRAM
+    and its patcher is ComfyUI's streaming one (ComfyUI-GGUF's is not: its model loads whole, or partly as
+    ComfyUI's lowvram mode loads it)."""
+    return streams_weights(infos) and patcher.is_dynamic()
+
+
 def passes_per_forward(patcher, clip: memory_plan.Clip, batch: int, share: int, budget: float) -> int:
     """Guidance passes one worker's forward holds. ComfyUI's calc_cond_batch batches a step's passes (with
     CFG-parallel, the group's ``share`` of them) into one forward when its own estimate for the batch
@@ -734,8 +800,8 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
     chunking = ffn_chunking.ChunkSettings.from_options(patcher.model_options.get("transformer_options"))
     ffn = 1 if chunking is None else None if chunking.auto else chunking.num_chunks  # None: auto
     # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them;
-    # workers that run DynamicVRAM keep only the blocks in use on the GPU
-    streaming = streams_weights(infos)
+    # workers that stream the weights keep only the blocks in use on the GPU
+    streaming = model_streams(patcher, infos)
     share = cfg_parallel.largest_share(max(1, passes), degrees.cfg)  # the wrapper's split of the passes
     per_forward = passes_per_forward(patcher, clip, batch, share, budget)
     # NCCL's buffers: one set per peer the worker exchanges with (gloo's stay in host memory)
@@ -837,9 +903,10 @@ MODEL_ACTIONS = {"read": "read from file", "repatched": "patches re-applied, fil
 
 
 def summary(group: _Group, memory: list[jobs.WorkerMemory], timings: dict, load: jobs.LoadResult | None = None,
-            passes: list[int] | None = None) -> str:
+            passes: list[int] | None = None, streamed_model: bool = True) -> str:
     """The time and per-worker memory lines shown in the log and on the node (GiB); ``passes``: the
-    model passes each worker evaluated."""
+    model passes each worker evaluated; ``streamed_model``: the model's patcher streams its weights where
+    the workers run DynamicVRAM (not ComfyUI-GGUF's)."""
     loading = f"model load {timings['model_load_s']} s"
     if load:
         loading += (f" ({MODEL_ACTIONS[load.action]}; file reads {load.loads}, patch changes {load.repatches} on "
@@ -854,7 +921,7 @@ def summary(group: _Group, memory: list[jobs.WorkerMemory], timings: dict, load:
         if m.peak_gib is None:
             lines.append(f"  worker {m.rank} ({info['device']}): no GPU memory figures on CPU{host}")
         else:
-            streamed = " (streamed: DynamicVRAM)" if info.get("dynamic_vram") else ""
+            streamed = " (streamed: DynamicVRAM)" if info.get("dynamic_vram") and streamed_model else ""
             lines.append(f"  worker {m.rank} ({info['device']}): peak {m.peak_gib} GiB above the forward's start "
                          f"(PE {m.pe_gib} GiB, blocks {m.blocks_gib} GiB); {m.allocated_gib} GiB allocated; "
                          f"weights on the GPU {m.weights_gib} GiB{streamed}{host}")

@@ -4,9 +4,11 @@ sequence-parallel forward, running ComfyUI's own sampler.
 Every worker runs the same sampling loop on the same inputs; only the diffusion-model forward is
 split (``xdit_context_parallel``) and its output gathered, so all ranks stay in step and rank 0's
 result is the answer. The worker rebuilds the model from what ``model_transfer.model_spec`` sent:
-the file is read only when the file key changes; for a changed model key (patches, options) it
+the file is read only when the file key changes; for a changed model key (weight patches) it
 clones the loaded model with the new patches, and ComfyUI's patcher restores the original weights
 from its backup before applying them, as it does in its own process when a LoRA strength changes.
+Each job comes with the model's options (wrappers, block patches, callbacks, object patches) in its own
+pickle and samples on a fresh clone that carries them, as each sampler node's MODEL in ComfyUI is one.
 
 This module is sent to Ray workers by value (ComfyUI imports custom nodes under a path-like module
 name that other processes cannot import); it imports the rest of the pack at run time, under the
@@ -19,7 +21,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import pickle
 import socket
 import sys
 import threading
@@ -126,6 +127,12 @@ def _import_pack(pack_dir: str, pack_name: str) -> types.ModuleType:
     return sys.modules[pack_name]
 
 
+def _error_text(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(e).splitlines()[0][:300] if str(e) else ""
+    return f"{type(e).__name__}: {text}"
+
+
 def _fault(spec: str, rank: int, step: int) -> str | None:
     """The fault the test hook ``spec`` ("oom:RANK:STEP") injects at this rank and step, if any."""
     parts = spec.split(":")
@@ -161,7 +168,8 @@ class LTXAVWorker:
         self.busy = threading.Lock()
         self.base = None  # the model as read from its file: the patcher every patch set is cloned from
         self.file_key = None
-        self.patcher = None  # base's clone with the current patches, object patches and options
+        self.weights = None  # base's clone with the current weight patches: every job's patcher is cloned from it
+        self.patcher = None  # the last job's patcher (weights' clone with the job's options)
         self.model_key = None
         self.loads = 0  # file reads
         self.repatches = 0  # patch sets applied to the loaded weights without reading the file
@@ -190,6 +198,7 @@ class LTXAVWorker:
         flags = {k: getattr(comfy.cli_args.args, k, None) for k in MEMORY_FLAGS}
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": name,
                 "loads": self.loads, "repatches": self.repatches, "ffn_chunking": ffn,
+                "patcher": None if self.weights is None else type(self.weights).__name__,
                 "dynamic_vram": dynamic_vram_enabled(), "memory_flags": flags, "backend": self.backend,
                 "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
@@ -203,8 +212,8 @@ class LTXAVWorker:
         budget = free + torch.cuda.memory_reserved()
         if self.held is not None:  # the held rest of the card sits in PyTorch's cache: not this worker's
             budget -= self.held.numel()
-        if dynamic_vram_enabled() and self.patcher is not None:
-            budget += self.patcher.loaded_size()
+        if dynamic_vram_enabled() and self.weights is not None:
+            budget += self.weights.loaded_size()
         cap = self.cap
         if cap and self.held is not None:  # an emulated card: its share also holds this process's CUDA context
             cap -= self.plan.CUDA_CONTEXT_BYTES
@@ -257,15 +266,19 @@ class LTXAVWorker:
         return self.cfgp.calc_cond_batch_wrapper(executor, *args, **kwargs)
 
     # -- model ------------------------------------------------------------------
-    def load(self, file_key: str, key: str, recipe_bytes: bytes, spec_bytes: bytes):
-        """Hold the model ``key``: read the file only when ``file_key`` differs from the loaded one;
-        otherwise clone the loaded model with the new patches (ComfyUI's patcher puts the original
-        weights back from its backup before applying them). Returns a ``jobs.LoadResult``."""
+    def load(self, file_key: str, key: str, recipe_bytes: bytes, spec_bytes: bytes | None):
+        """Hold the model ``key`` (its file and weight patches): read the file only when ``file_key``
+        differs from the loaded one; otherwise clone the loaded model with the new patches (ComfyUI's
+        patcher puts the original weights back from its backup before applying them). Returns a
+        ``jobs.LoadResult``. The model's options come with each job (``sample``)."""
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
         if key == self.model_key:
             return self._loaded("kept", 0.0)
+        if spec_bytes is None:  # the driver sends the patches only to workers that lack this model
+            raise RuntimeError("the model's patches were not sent: this worker holds another model than the "
+                               "driver recorded")
         t0 = time.perf_counter()
-        self.patcher = None
+        self.weights = self.patcher = None
         self.model_key = None
         read = file_key != self.file_key
         if read:
@@ -274,36 +287,49 @@ class LTXAVWorker:
             gc.collect()
             if self.cuda:
                 torch.cuda.empty_cache()
-            fn, args = pickle.loads(recipe_bytes)
+            fn, args = self.transfer.loads(recipe_bytes, {})
             self.base = fn(*args)
             self.file_key = file_key
             self.loads += 1
         else:
             self.repatches += 1
+        weights = self.base.clone()
+        patches = self.transfer.loads(spec_bytes, self.transfer.model_refs(weights))
+        weights.patches = {k: list(v) for k, v in patches.items()}
+        weights.patches_uuid = uuid.uuid4()  # a new patch set: ComfyUI's loader unpatches and patches again
+        self.models.family_of(weights.model.diffusion_model, "LTXAV Parallel Sampler")
+        self.weights = weights
+        self.model_key = key
+        return self._loaded("read" if read else "repatched", time.perf_counter() - t0)
+
+    def check(self, parts: dict) -> dict:
+        """Which of ``parts`` (name -> ``model_transfer.dumps`` pickle of one of the model's options) this
+        worker cannot rebuild: name -> the error. Nothing is kept."""
+        refs = self.transfer.model_refs(self.weights.clone())
+        errors = {}
+        for name, data in parts.items():
+            try:
+                self.transfer.loads(data, refs)
+            except Exception as e:  # noqa: BLE001 - any failure to rebuild is reported, the option dropped
+                errors[name] = _error_text(e)
+        return errors
+
+    def _job(self, payload: bytes):
+        """This job's patcher (a clone of the loaded weights with the job's options, the FFN Chunker's and
+        the pack's wrappers) and the job, rebuilt from one pickle: what they share stays one object."""
         import comfy.patcher_extension
 
-        patcher = self.base.clone()
-        spec = self.transfer.loads(spec_bytes, self.transfer.model_refs(patcher))
-        patcher.patches = {k: list(v) for k, v in spec["patches"].items()}
-        patcher.patches_uuid = uuid.uuid4()  # a new patch set: ComfyUI's loader unpatches and patches again
-        for k, v in spec["object_patches"].items():
-            patcher.add_object_patch(k, v)
-        patcher.model_options.update(spec["model_options"])
-        patcher.model_options.setdefault("transformer_options", {}).update(spec["transformer_options"])
-        for kind, by_key in spec["wrappers"].items():
-            for key_, fns in by_key.items():
-                for fn_ in fns:
-                    patcher.add_wrapper_with_key(kind, key_, fn_)
+        patcher = self.weights.clone()
+        parts = self.transfer.loads(payload, self.transfer.model_refs(patcher))
+        for option in parts["options"]:
+            option.apply(patcher)
         # the FFN Chunker's wrappers are the pack's own (not sent): add them again from its settings
         self.ffn.set_wrappers(patcher, self.ffn.ChunkSettings.from_options(patcher.model_options["transformer_options"])
                               is not None)
         wrappers = comfy.patcher_extension.WrappersMP
         patcher.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY, self.diffusion_model_wrapper)
         patcher.add_wrapper_with_key(wrappers.CALC_COND_BATCH, self.cfgp_mod.WRAPPER_KEY, self.calc_cond_batch_wrapper)
-        self.models.family_of(patcher.model.diffusion_model, "LTXAV Parallel Sampler")
-        self.patcher = patcher
-        self.model_key = key
-        return self._loaded("read" if read else "repatched", time.perf_counter() - t0)
+        return patcher, parts["job"]
 
     def _loaded(self, action: str, seconds: float):
         return self.jobs.LoadResult(action, round(seconds, 3), self.loads, self.repatches)
@@ -332,19 +358,36 @@ class LTXAVWorker:
         if flag.item():
             raise comfy.model_management.InterruptProcessingException()
 
-    def sample(self, job_bytes: bytes):
-        """Run the pickled job (``jobs.KSamplerJob`` or ``jobs.GuiderJob``); a ``jobs.SampleResult``."""
+    def sample(self, payload: bytes):
+        """Run the job in ``payload`` (``model_transfer.ModelSpec.job_payload``: the model's options and a
+        ``jobs.KSamplerJob`` or ``jobs.GuiderJob``); a ``jobs.SampleResult``."""
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
-        if self.patcher is None:
+        if self.weights is None:
             raise RuntimeError("no model loaded")
         if not self.busy.acquire(blocking=False):  # two jobs would interleave their collectives
             raise RuntimeError("this worker is still running the previous job")
         try:
-            return self._sample(job_bytes)
+            return self._sample(payload)
         finally:
             self.busy.release()
 
-    def _sample(self, job_bytes: bytes):
+    def _rebuilt(self, payload: bytes):
+        """``_job(payload)``, or the error that stopped it; every rank learns whether all rebuilt theirs
+        (a rank that samples alone would wait in its collectives)."""
+        import torch.distributed as dist
+
+        try:
+            patcher, job, error = *self._job(payload), None
+        except Exception as e:  # noqa: BLE001 - reported to the driver; the workers stay
+            patcher = job = None
+            error = _error_text(e)
+        flag = torch.tensor([0 if error else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        if error is None and not flag.item():
+            error = "another worker could not rebuild the job"
+        return patcher, job, error
+
+    def _sample(self, payload: bytes):
         import comfy.model_management
 
         self.step = 0
@@ -352,7 +395,10 @@ class LTXAVWorker:
         self.stop.clear()
         self.last_x0 = None
         x0 = None
-        job = self.transfer.loads(job_bytes, self.transfer.model_refs(self.patcher))
+        patcher, job, error = self._rebuilt(payload)
+        if error:
+            return self.jobs.SampleResult(interrupted=False, step=0, memory=self.memory(), error=error)
+        self.patcher = patcher
         self.sp.reset_stats()
         self.cfgp.reset()
         try:
@@ -377,8 +423,8 @@ class LTXAVWorker:
         if self.cuda:
             gpu = {f"{name}_gib": gib(stats[name]) for name in ("peak", "pe", "blocks") if name in stats}
             gpu["allocated_gib"] = gib(torch.cuda.memory_allocated())
-            if self.patcher is not None:  # with DynamicVRAM the rest of the weights waits in host memory
-                gpu["weights_gib"] = gib(self.patcher.loaded_size())
+            if self.weights is not None:  # with DynamicVRAM the rest of the weights waits in host memory
+                gpu["weights_gib"] = gib(self.weights.loaded_size())
         return self.jobs.WorkerMemory(rank=self.rank, **gpu, **host_memory(gib))
 
 

@@ -44,6 +44,12 @@ if [ -f "$host/comfy/ldm/lightricks/av_model.py" ]; then
   # when torchvision is first imported (test environment only, never part of the pack).
   cp "$here/.ci/torchvision_shim.py" "$site/_ltxav_tv_shim.py"
   echo "import _ltxav_tv_shim" > "$site/_ltxav_tv_shim.pth"
+  # tiny GGUF checkpoints carry their config for ComfyUI's model detection (tests/helpers/tiny_gguf.py):
+  # every process of the venv (tests, ComfyUI servers, Ray workers) hands it over, as safetensors metadata
+  cp "$here/.ci/tiny_gguf_shim.py" "$site/_ltxav_tiny_gguf_shim.py"
+  echo "import _ltxav_tiny_gguf_shim" > "$site/_ltxav_tiny_gguf_shim.pth"
+  # the node packs the tests load as ComfyUI loads custom nodes (ComfyUI-GGUF, ComfyUI-LTXVideo)
+  bash "$here/.ci/nodepacks.sh" "$host" || true
 else
   echo "setup_env: no ComfyUI host at $host (COMFYUI_PATH): host tests will skip" >&2
 fi

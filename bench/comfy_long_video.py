@@ -4,7 +4,8 @@ the checkpoint is loaded with ``comfy.sd.load_diffusion_model`` (the UNETLoader 
 ``comfy.sample.sample`` (what KSampler calls), with DynamicVRAM started as ComfyUI's main.py starts it.
 
 Usage: python bench/comfy_long_video.py --comfy PATH [--ckpt /tmp/ltx2.safetensors] [--layers 48]
-          [--weights fp8|bf16] [--card-gb 24] [--frames 897,1329,2577] [--variants stock,ffn-chunker]
+          [--weights fp8|bf16] [--gguf Q8_0|Q4_0] [--gguf-pack PATH] [--card-gb 24] [--frames 897,1329,2577]
+          [--variants stock,ffn-chunker]
           [--ffn-chunker] [--steps 1] [--res 768x512] [--ctx-len 1024] [--legacy] [--no-cuda-malloc]
           [--cfg 1.0] [--guider ksampler|cfg] [--gpus 1] [--cfg-parallel auto|on|off]
           [--timeout 300] [--commit SHA] [--out results.jsonl]
@@ -15,6 +16,11 @@ its own estimate for the batch fits, else runs them one after the other);
 send a GuiderJob) instead of KSampler's ``comfy.sample.sample``. The parallel variants run the node's
 ``POOL.run`` with ``--gpus`` Ray workers (one per GPU; ``LTXAV_PARALLEL_WORKERS_PER_GPU=2`` puts two on each, over gloo) and ``--cfg-parallel``;
 at ``--gpus 1`` the node samples in this process (no workers) unless ``LTXAV_PARALLEL_ONE_GPU_IN_PROCESS=0``.
+--gguf Q8_0 (or Q4_0) writes a GGUF checkpoint instead (``write_gguf``: the same model, its tensors typed as
+ComfyUI-GGUF's tools type them, the quantized ones random blocks) and every variant loads it with ComfyUI-GGUF's
+``UnetLoaderGGUF`` (--gguf-pack, loaded as ComfyUI loads custom nodes; it imports ComfyUI's ``nodes``, which
+needs PyAV). --tiny: tiny dims, a smoke run on the CPU (CPU workers; with --gguf in the test venv, whose shim
+hands ComfyUI's detection a tiny GGUF's config).
 
 1. Writes --ckpt once (kept if it is there with the same layers and weights): the LTX-2 diffusion
    model's real key names (``model.diffusion_model.*``, from ComfyUI's LTXAVModel built on the meta
@@ -75,11 +81,18 @@ SAFETENSORS_DTYPE = {"float8_e4m3fn": "F8_E4M3", "bfloat16": "BF16", "float32": 
 
 # ----------------------------------------------------------------------------- checkpoint
 
-def transformer_config(layers):
-    return dict(LTX2_TRANSFORMER, num_layers=layers)
+# --tiny (a CPU smoke run): the benchmarks' tiny dims, real options
+TINY_TRANSFORMER = dict(num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
+                        audio_num_attention_heads=4, audio_attention_head_dim=4, audio_cross_attention_dim=16,
+                        caption_channels=16, connector_num_attention_heads=2, connector_attention_head_dim=8,
+                        in_channels=128, audio_in_channels=128, rope_type="split", frequencies_precision="float64")
 
 
-def write_checkpoint(path, layers, weights, seed=0):
+def transformer_config(layers, tiny=False):
+    return dict(TINY_TRANSFORMER if tiny else LTX2_TRANSFORMER, num_layers=layers)
+
+
+def write_checkpoint(path, layers, weights, seed=0, tiny=False):
     """Stream a safetensors file tensor by tensor (header first: shapes come from the meta model)."""
     import torch
     import comfy.cli_args
@@ -88,7 +101,7 @@ def write_checkpoint(path, layers, weights, seed=0):
     import comfy.ops
     from comfy.ldm.lightricks.av_model import LTXAVModel
 
-    cfg = transformer_config(layers)
+    cfg = transformer_config(layers, tiny)
     kw = {k: v for k, v in cfg.items()}
     model = LTXAVModel(dtype=torch.bfloat16, device=torch.device("meta"),
                        operations=comfy.ops.disable_weight_init, **kw)
@@ -110,7 +123,7 @@ def write_checkpoint(path, layers, weights, seed=0):
         plan.append((name, tuple(t.shape), dt))
         offset += n
     header["__metadata__"] = {"config": json.dumps({"transformer": cfg}),
-                              "bench": json.dumps({"layers": layers, "weights": weights, "seed": seed})}
+                              "bench": json.dumps({"layers": layers, "weights": weights, "seed": seed, "tiny": tiny})}
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,10 +142,89 @@ def write_checkpoint(path, layers, weights, seed=0):
     return dict(tensors=len(plan), data_bytes=offset, write_s=round(time.perf_counter() - t0, 1))
 
 
-def checkpoint_matches(path, layers, weights):
+GGUF_BENCH_KEY = "ltxav.bench"
+# random quantized blocks: a block's float16 scale, then random codes (uniform int8 for Q8_0, 4-bit codes
+# less 8 for Q4_0): the scale that gives the codes' spread a standard deviation of 0.02, as the other weights
+GGUF_CODE_STD = {"Q8_0": 73.9, "Q4_0": 4.61}
+
+
+def write_gguf(path, layers, quant, seed=0, tiny=False):
+    """A GGUF checkpoint of the same model (real key names, ComfyUI's defaults for every size but layers and
+    head width, which is what ComfyUI-GGUF's loader gives ComfyUI's detection), written tensor by tensor
+    (infos first) with the ``gguf`` package: each tensor typed as ComfyUI-GGUF's tools type it
+    (tests/helpers/tiny_gguf.py ``tensor_type``); quantized ones are random blocks (no quantizing of 19B
+    values), the others random values of std 0.02. ``tiny``: the tiny dims, with their config in the tensor
+    the tests' detection shim reads (.ci/tiny_gguf_shim.py: the test venv only)."""
+    import gguf
+    import numpy as np
+    import torch
+    import comfy.cli_args
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import comfy.ops
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+
+    tiny_gguf = bench_common().test_helper("tiny_gguf")
+    cfg = transformer_config(layers, tiny)
+    model = LTXAVModel(dtype=torch.bfloat16, device=torch.device("meta"), operations=comfy.ops.disable_weight_init,
+                       **cfg)
+    writer = gguf.GGUFWriter(path=None, arch="ltxv")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string(GGUF_BENCH_KEY, json.dumps({"layers": layers, "quant": quant, "seed": seed, "tiny": tiny}))
+    marker = np.frombuffer(json.dumps({"transformer": cfg}).encode(), dtype=np.int8).copy() if tiny else None
+    if tiny:
+        writer.add_tensor_info(tiny_gguf.CONFIG_KEY, marker.shape, marker.dtype, marker.nbytes)
+    plan, total = [], 0
+    for key, t in model.state_dict().items():
+        shape = tuple(t.shape)
+        kind = tiny_gguf.tensor_type(key, shape, quant)
+        if kind == quant and shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant]][0]:
+            kind = "F16"  # rows that do not fill whole blocks, as the tools fall back
+        qt = gguf.GGMLQuantizationType[kind]
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        if kind == quant:  # stored as bytes: each row's blocks
+            stored, dtype = (*shape[:-1], shape[-1] // block * size), np.uint8
+        else:
+            stored, dtype = shape, {"F32": np.float32, "F16": np.float16}[kind]
+        nbytes = int(np.prod(stored)) * np.dtype(dtype).itemsize
+        writer.add_tensor_info(key, stored, np.dtype(dtype), nbytes, raw_dtype=qt)
+        plan.append((shape, stored, kind, dtype, size))
+        total += nbytes
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator(device=dev).manual_seed(seed)
+    t0 = time.perf_counter()
+    writer.write_header_to_file(path=Path(str(path) + ".part"))
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    if tiny:
+        writer.write_tensor_data(marker)
+    for shape, stored, kind, dtype, size in plan:
+        if kind == quant:
+            blocks = torch.randint(0, 256, (int(np.prod(stored)) // size, size), generator=g, device=dev,
+                                   dtype=torch.uint8)
+            scale = torch.full((blocks.shape[0],), 0.02 / GGUF_CODE_STD[quant], dtype=torch.float16, device=dev)
+            blocks[:, :2] = scale.view(torch.uint8).reshape(-1, 2)
+            data = blocks.reshape(stored)
+        else:
+            data = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).mul_(0.02)
+        writer.write_tensor_data(data.cpu().numpy().astype(dtype, copy=False))
+        del data
+    writer.close()
+    os.replace(str(path) + ".part", path)
+    log.info("wrote %s: %d tensors, %.2f GB, %.1f s", path, len(plan), total / 1e9, time.perf_counter() - t0)
+    return dict(tensors=len(plan), data_bytes=total, write_s=round(time.perf_counter() - t0, 1))
+
+
+def checkpoint_matches(path, layers, weights, quant=None, tiny=False):
     p = Path(path)
     if not p.is_file():
         return False
+    if quant:
+        import gguf
+
+        field = gguf.GGUFReader(str(p)).get_field(GGUF_BENCH_KEY)
+        b = json.loads(bytes(field.parts[field.data[-1]]).decode()) if field is not None else {}
+        return b.get("layers") == layers and b.get("quant") == quant and b.get("tiny", False) == tiny
     with open(p, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         meta = json.loads(f.read(n)).get("__metadata__", {})
@@ -140,7 +232,7 @@ def checkpoint_matches(path, layers, weights):
         b = json.loads(meta.get("bench", "{}"))
     except ValueError:
         return False
-    return b.get("layers") == layers and b.get("weights") == weights
+    return b.get("layers") == layers and b.get("weights") == weights and b.get("tiny", False) == tiny
 
 
 # ----------------------------------------------------------------------------- one run (child)
@@ -195,7 +287,8 @@ def rss_gb():
 
 def child(a):
     """One length, one variant, in this process. Returns the run record."""
-    rec = dict(kind="run", frames=a.frames_one, variant=a.variant, layers=a.layers, weights=a.weights,
+    rec = dict(kind="run", frames=a.frames_one, variant=a.variant, layers=a.layers, weights=a.gguf or a.weights,
+               gguf=a.gguf, tiny=a.tiny,
                steps=a.steps, res=a.res, card_gb=a.card_gb, dynamic_vram=not a.legacy, cfg=a.cfg, guider=a.guider,
                gpus=a.gpus if a.variant.startswith("parallel") else 1, cfg_parallel=a.cfg_parallel)
     sys.path.insert(0, str(Path(a.comfy).resolve()))
@@ -227,7 +320,7 @@ def child(a):
     if cuda:
         torch.cuda.init()
         free, total = torch.cuda.mem_get_info()
-        card = int(a.card_gb * GIB)
+        card = int(a.card_gb * GIB) or total  # 0: the whole card
         if workers and card < total:  # the worker holds the rest of the card (LTXAV_PARALLEL_MEMORY_CAP_GIB)
             os.environ["LTXAV_PARALLEL_MEMORY_CAP_GIB"] = f"{card / GIB:.6f}"
         elif card < total:
@@ -266,7 +359,7 @@ def child(a):
     import comfy.nested_tensor
 
     t0 = time.perf_counter()
-    model = comfy.sd.load_diffusion_model(a.ckpt)
+    model = load_gguf(a) if a.gguf else comfy.sd.load_diffusion_model(a.ckpt)
     rec["load_s"] = round(time.perf_counter() - t0, 2)
     rec["patcher"] = type(model).__name__
     rec["weight_dtype"] = str(model.model.get_dtype())
@@ -286,9 +379,10 @@ def child(a):
     latent = comfy.nested_tensor.NestedTensor((video, audio))
     rec.update(latent_frames=fl, video_tokens=fl * (h // 32) * (w // 32), audio_tokens=t_audio)
     g = torch.Generator().manual_seed(1)
-    pos = [[torch.randn(1, a.ctx_len, 3840, generator=g),
+    caption = transformer_config(a.layers, a.tiny)["caption_channels"]
+    pos = [[torch.randn(1, a.ctx_len, caption, generator=g),
             {"pooled_output": None, "unprocessed_ltxav_embeds": True, "frame_rate": 25.0}]]
-    neg = [[torch.randn(1, a.ctx_len, 3840, generator=g),
+    neg = [[torch.randn(1, a.ctx_len, caption, generator=g),
             {"pooled_output": None, "unprocessed_ltxav_embeds": True, "frame_rate": 25.0}]]
     noise = comfy.sample.prepare_noise(latent, 0)
 
@@ -402,6 +496,24 @@ def live_blocks(snap, frames=8, most=40):
             sums[stack] = (n + 1, size + blk.get("size", 0))
     rows = sorted(sums.items(), key=lambda kv: -kv[1][1])[:most]
     return [{"gib": round(size / GIB, 3), "blocks": n, "stack": stack.split(" | ")} for stack, (n, size) in rows]
+
+
+def load_gguf(a):
+    """ComfyUI-GGUF's UnetLoaderGGUF on --ckpt, the pack (--gguf-pack) loaded as ComfyUI loads custom nodes."""
+    import asyncio
+    import importlib.util
+
+    if importlib.util.find_spec("av") is None:
+        raise RuntimeError("ComfyUI-GGUF imports ComfyUI's nodes module, which needs PyAV (av): install or carry it")
+    import folder_paths
+    import nodes
+
+    pack = Path(a.gguf_pack).resolve()
+    name = str(pack).replace(".", "_x_")  # the module name ComfyUI gives a custom node folder
+    if name not in sys.modules and not asyncio.run(nodes.load_custom_node(str(pack))):
+        raise RuntimeError(f"ComfyUI could not load {pack}")
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(a.ckpt).resolve().parent), is_default=True)
+    return sys.modules[f"{name}.nodes"].UnetLoaderGGUF().load_unet(Path(a.ckpt).name)[0]
 
 
 def aimdo_usage_gb(comfy_aimdo):
@@ -549,9 +661,15 @@ def device_name():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"), help="ComfyUI host folder")
-    p.add_argument("--ckpt", default="/tmp/ltx2_bench.safetensors")
+    p.add_argument("--ckpt", default=None, help="default /tmp/ltx2_bench.safetensors, with --gguf "
+                   "/tmp/ltx2_bench_QUANT.gguf")
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--weights", choices=["fp8", "bf16"], default="fp8")
+    p.add_argument("--gguf", choices=["Q8_0", "Q4_0"], default=None,
+                   help="a GGUF checkpoint in this quantization, loaded with ComfyUI-GGUF's UnetLoaderGGUF")
+    p.add_argument("--gguf-pack", default=None, help="the ComfyUI-GGUF folder (default: COMFY/custom_nodes/ComfyUI-GGUF)")
+    p.add_argument("--tiny", action="store_true", help="tiny dims, for a CPU smoke run (with --gguf: in the test "
+                   "venv, whose shim hands ComfyUI's detection the tiny config)")
     p.add_argument("--card-gb", type=float, default=24.0, help="emulated card size, GiB (0: the whole card)")
     p.add_argument("--frames", default="897,1329,2577")
     p.add_argument("--variants", default="stock",
@@ -577,6 +695,8 @@ def main(argv=None):
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--save-out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.ckpt = a.ckpt or (f"/tmp/ltx2_bench_{a.gguf}.gguf" if a.gguf else "/tmp/ltx2_bench.safetensors")
+    a.gguf_pack = a.gguf_pack or str(Path(a.comfy) / "custom_nodes" / "ComfyUI-GGUF")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {'child' if a.child else 'main'} %(name)s: %(message)s",
                         stream=sys.stderr)
 
@@ -612,25 +732,29 @@ def main(argv=None):
 
     sys.path.insert(0, str(Path(a.comfy).resolve()))
     ck = None
-    if checkpoint_matches(a.ckpt, a.layers, a.weights):
-        log.info("checkpoint %s already written (%d layers, %s)", a.ckpt, a.layers, a.weights)
+    kind = a.gguf or a.weights
+    if checkpoint_matches(a.ckpt, a.layers, a.weights, a.gguf, a.tiny):
+        log.info("checkpoint %s already written (%d layers, %s)", a.ckpt, a.layers, kind)
     else:
+        write = f"b.write_gguf({a.ckpt!r}, {a.layers}, {a.gguf!r}, tiny={a.tiny})" if a.gguf else \
+            f"b.write_checkpoint({a.ckpt!r}, {a.layers}, {a.weights!r}, tiny={a.tiny})"
         # in a subprocess, so its CUDA context (random weights drawn on the GPU) is gone before the runs
         r = subprocess.run([sys.executable, "-c",
                             "import sys, json, logging; logging.basicConfig(level=logging.INFO); "
                             f"sys.path.insert(0, {str(Path(a.comfy).resolve())!r}); sys.path.insert(0, {str(ROOT / 'bench')!r}); "
                             "import comfy_long_video as b; "
-                            f"print(json.dumps(b.write_checkpoint({a.ckpt!r}, {a.layers}, {a.weights!r})))"],
+                            f"print(json.dumps({write}))"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             log.error("checkpoint write failed:\n%s", r.stderr[-3000:])
             emit(dict(kind="checkpoint", ok=False, error=r.stderr[-1000:]))
             return 1
         ck = json.loads(r.stdout.strip().splitlines()[-1])
-        emit(dict(kind="checkpoint", ok=True, path=a.ckpt, layers=a.layers, weights=a.weights,
+        emit(dict(kind="checkpoint", ok=True, path=a.ckpt, layers=a.layers, weights=kind,
                   bytes=os.path.getsize(a.ckpt), **ck))
 
     argv_base = ["--comfy", a.comfy, "--ckpt", a.ckpt, "--layers", str(a.layers), "--weights", a.weights,
+                 *(["--gguf", a.gguf, "--gguf-pack", a.gguf_pack] if a.gguf else []), *(["--tiny"] if a.tiny else []),
                  "--card-gb", str(a.card_gb), "--steps", str(a.steps), "--res", a.res, "--ctx-len", str(a.ctx_len),
                  "--cfg", str(a.cfg), "--guider", a.guider, "--gpus", str(a.gpus), "--cfg-parallel", a.cfg_parallel]
     if a.legacy:

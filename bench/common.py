@@ -32,21 +32,22 @@ def multicast_off():
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 
-def _load_numerics():
-    """tests/helpers/numerics.py, loaded from its file (bench/ and tests/ are script folders, not
-    packages of one import root): the one relative-error definition the tests and benchmarks share."""
-    name = "ltxav_test_numerics"
+def test_helper(module: str):
+    """A module of tests/helpers/, loaded from its file (bench/ and tests/ are script folders, not packages
+    of one import root): what the tests and benchmarks share (numerics: the relative error; tiny_gguf: the
+    GGUF types ComfyUI-GGUF's tools give a checkpoint's tensors)."""
+    name = f"ltxav_test_{module}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "helpers" / "numerics.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "helpers" / f"{module}.py")
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[name] = loaded
+        spec.loader.exec_module(loaded)
     return sys.modules[name]
 
 
 def rel_l2(got, want) -> float:
     """Relative L2 error of ``got`` against ``want`` (float64 arithmetic), as the tests measure it."""
-    return _load_numerics().rel_l2(got, want)
+    return test_helper("numerics").rel_l2(got, want)
 
 
 def import_comfy(path):

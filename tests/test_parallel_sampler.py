@@ -435,11 +435,12 @@ def test_memory_flags_reach_the_workers(ps, nodes_mod, tiny_model, tiny_model_f6
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
 
 
-def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp_path, caplog):
+def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp_path, caplog, monkeypatch):
     """A 6-layer model: with DynamicVRAM on the workers only two blocks of weights count, so a budget
     between the streamed and the whole-weights estimate is refused without streaming and accepted with
     it; a budget below the streamed estimate is refused either way, naming what does not fit. A plan
-    accepted within memory_plan.EDGE_BYTES of the budget logs the card's-edge warning; one with room does not."""
+    accepted within memory_plan.EDGE_BYTES of the budget logs the card's-edge warning; one with room does not.
+    A model whose patcher does not stream (ComfyUI-GGUF's) counts every weight, DynamicVRAM or not."""
     from helpers.tiny_ltxav import write_tiny_ltxav
 
     groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
@@ -448,6 +449,10 @@ def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp
     model = comfy.sd.load_diffusion_model(str(path))
     latent = make_latent(**LATENT)["samples"]
     streaming, whole = [{"device": "cpu", "dynamic_vram": True}], [{"device": "cpu", "dynamic_vram": False}]
+    unstreamed = ps.check_memory(model, latent, groups.Degrees(2), 10**12, streaming)  # a patcher that keeps all
+    assert unstreamed.parts["weights"] == ps.check_memory(model, latent, groups.Degrees(2), 10**12, whole).parts[
+        "weights"]
+    monkeypatch.setattr(model, "is_dynamic", lambda: True)  # ComfyUI's streaming patcher (DynamicVRAM, on a GPU)
     big = 10**12
     with caplog.at_level(logging.WARNING, logger=ps.log.name):
         streamed = ps.check_memory(model, latent, groups.Degrees(2), big, streaming)
