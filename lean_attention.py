@@ -30,7 +30,7 @@ from .patching import instance_attrs, may_overwrite
 WRAPPER_KEY = "ltxav_lean_attention"
 # queries an attention call takes at a time: its output and ComfyUI's reshaped copy of it are two of
 # these ranges (~0.25 GiB at 4096 wide), and a range still fills a GPU's attention kernel
-QUERY_CHUNK_TOKENS = 16384
+QUERY_CHUNK_TOKENS = 16384  # memory_plan.LEAN_RANGE_TOKENS
 # tokens the output projection takes at a time (its output range: ~0.06 GiB at 4096 wide)
 PROJECTION_CHUNK_TOKENS = 8192
 

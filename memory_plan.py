@@ -64,8 +64,10 @@ LEAN_GATED_VECTORS = 1.0
 # ... and over several ranks Ulysses' send buffer and the other ranks' blocks' output and its reshaped copy
 # (not measured: no run of several workers with the lean attention yet) ...
 LEAN_EXCHANGE_VECTORS = 1.5
-# ... and one range's temporaries (rotary rows and rotation, or a query range's output and its copy)
-LEAN_RANGE_BYTES = int(0.25 * GIB)
+# ... and one range's temporaries (a query range's output and its reshaped copy; the rotary rows and
+# rotation of a range are smaller): two hidden vectors of up to LEAN_RANGE_TOKENS local tokens
+LEAN_RANGE_VECTORS = 2.0
+LEAN_RANGE_TOKENS = 16384  # lean_attention.QUERY_CHUNK_TOKENS
 # ComfyUI's sampler keeps nine float32 copies of the packed latent through the forward (calc_cond_batch's
 # input and its parts, the noise, the latent and the step's x: the live blocks at 8,301 frames)
 LEAN_SAMPLER_COPIES = 9
@@ -264,7 +266,7 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
     parts = {
         "weights": dims.streamed_weight_bytes if streaming else dims.weight_bytes,
         "weight casts": dims.streamed_cast_bytes if streaming else dims.cast_bytes,
-        "fixed": FIXED_BYTES + (LEAN_RANGE_BYTES if lean else 0),
+        "fixed": FIXED_BYTES + (int(LEAN_RANGE_VECTORS * min(local, LEAN_RANGE_TOKENS) * vec) if lean else 0),
         "allocator pool": int(LEAN_POOL_VECTORS * local * vec) if lean else 0,
         "exchange buffers": nccl_peers * NCCL_PEER_BYTES,
         "video tokens": int(batch * max(attention, ffn)),

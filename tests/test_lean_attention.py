@@ -228,3 +228,10 @@ def test_attention_into_query_writes_the_query_buffer(lean, monkeypatch):
     a, b, c = shared.split(12, dim=-1)
     out = lean.attention_into_query(attention_basic, a, b, c, 3)
     assert out.data_ptr() not in {a.data_ptr(), b.data_ptr(), c.data_ptr()}
+
+
+@pytest.mark.quick
+def test_planner_counts_the_query_range_the_attention_uses(lean):
+    """The planner's range term is the attention's query range (a change to one without the other fails)."""
+    mp = importlib.import_module("ltxav_pack.memory_plan")
+    assert mp.LEAN_RANGE_TOKENS == lean.QUERY_CHUNK_TOKENS
