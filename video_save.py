@@ -245,6 +245,7 @@ def save(vae, audio_vae, video: torch.Tensor, audio_latent: torch.Tensor | None,
     except ValueError as e:
         raise ValueError(f"{node}: input 'vae' is {e}; connect the LTX-2 checkpoint's VAE (Load Checkpoint) or "
                          "use VAEDecodeTiled for other VAEs.") from None
+    world, cpu = workers_for(settings.gpus, node)
     audio = None
     t0 = time.perf_counter()
     if audio_latent is not None:
@@ -254,7 +255,6 @@ def save(vae, audio_vae, video: torch.Tensor, audio_latent: torch.Tensor | None,
                              "LTXVSeparateAVLatent's video output to save the video without sound.")
         with torch.inference_mode():
             audio = decode_audio(audio_vae, audio_latent)
-    world, cpu = workers_for(settings.gpus, node)
     where = "in ComfyUI's process" if not world else f"on {world} {'CPU ' if cpu else ''}workers"
     log.info("%s: decoding %d frames %dx%d (%s tiles x %d latent frames a step) %s", node, plan.frames,
              plan.width, plan.height, "no" if plan.whole else f"{len(plan.time.tiles)} x {len(plan.spatial_tiles)}",
@@ -310,7 +310,7 @@ def save_on_workers(vae, video: torch.Tensor, plan: video_decode.Plan, fps: floa
     from . import model_transfer
     from .parallel_sampler import POOL
 
-    group = workers(world, cpu)
+    group = workers(world, cpu, node)
     comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
     comfy.model_management.soft_empty_cache()
     key = vae_key(vae)
@@ -337,15 +337,23 @@ def save_on_workers(vae, video: torch.Tensor, plan: video_decode.Plan, fps: floa
     return parts
 
 
-def workers(world: int, cpu: bool):
+def workers(world: int, cpu: bool, node: str = NODE):
     """The parallel sampler's worker group when it has ``world`` workers; else a new one of that size (a
     later sampling run then restarts its own)."""
+    import ray
+
     from .parallel_sampler import POOL, WorkerFault, _heartbeat_of, _TaskFailed
     from .sequence_parallel.groups import Degrees
 
     POOL.connect(POOL.address or "local")
-    g = POOL.group
     per_gpu = 1 if cpu else envs.workers_per_gpu()
+    kind = "CPU" if cpu else "GPU"
+    available = int(ray.cluster_resources().get(kind, 0)) * per_gpu
+    if world > available:
+        raise ValueError(f"{node}: input 'gpus' asks for {world} {'CPU workers' if cpu else 'GPUs'} but the Ray "
+                         f"cluster at {POOL.address!r} has {available}; use gpus <= {available} (0: every GPU, 1: "
+                         "ComfyUI's process).")
+    g = POOL.group
     if g and (g.world, g.address, g.cpu, g.per_gpu) == (world, POOL.address, cpu, per_gpu):
         try:
             _heartbeat_of(g, "start")

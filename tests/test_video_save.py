@@ -365,6 +365,9 @@ def test_two_workers_decode_parts_that_equal_stock(ps, video_mod, vaes, tmp_path
     assert_levels(got, as_saved(images), "the workers' frames")
     key = vs.vae_key(vae)
     assert ps.POOL._wait([a.load_vae.remote(key) for a in ps.POOL.group.actors], "test", 60) == [True, True]
+    with pytest.raises(ValueError, match=r"LTXAV Save Video: input 'gpus' asks for 99 CPU workers but the Ray cluster"):
+        vs.save_on_workers(vae, video, plan, 25.0, 99, True, writer)
+    assert len(ps.POOL.group.actors) == 2  # the workers are still there
 
     with torch.inference_mode():
         out = nodes_video.LTXAVSaveVideo.execute(av_latent(video, audio), vae, 25.0, "video/ltxav", "auto", "auto", 2,
