@@ -372,7 +372,7 @@ class _Run:
                 del self.pending[key]
 
     def frames_of(self, key, f0: int, f1: int) -> tuple[int, torch.Tensor] | None:
-        """The kept frames of tile ``key`` that fall in [f0, f1), as (first frame, [1, 3, t, h, w] float32)."""
+        """The kept frames of tile ``key`` that fall in [f0, f1), as (first frame, [1, 3, t, h, w])."""
         parts, first = [], None
         for lo, piece in self.pending.get(key, []):
             a, b = max(lo, f0), min(lo + piece.shape[2], f1)
@@ -381,7 +381,8 @@ class _Run:
                 parts.append(piece[:, :, a - lo:b - lo])
         if not parts:
             return None
-        return first, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).to(torch.float32)
+        # as VAE.decode_tiled's decode_fn converts a tile's frames (float32 unless ComfyUI's intermediates differ)
+        return first, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).to(self.decoder.vae.vae_output_dtype())
 
     def blend(self, f0: int, f1: int) -> torch.Tensor:
         """Frames [f0, f1), blended from every tile that produced them, as tiled_scale_multidim does, then
