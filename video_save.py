@@ -65,10 +65,14 @@ def clip_of(latent: dict, audio_latent: dict | None, node: str = NODE) -> tuple[
     return video, audio
 
 
-def decode_audio(audio_vae, audio_latent: torch.Tensor) -> dict:
-    """The waveform, as LTXVAudioVAEDecode decodes it."""
-    audio = audio_vae.decode(audio_latent).movedim(-1, 1).to(audio_latent.device)
-    return {"waveform": audio, "sample_rate": int(audio_vae.first_stage_model.output_sample_rate)}
+def decode_audio(audio_vae, audio_latent: torch.Tensor, node: str = NODE) -> dict:
+    """The waveform: ComfyUI's LTXVAudioVAEDecode node run on it."""
+    from comfy.ldm.lightricks.vae.audio_vae import AudioVAE
+    from comfy_extras.nodes_lt_audio import LTXVAudioVAEDecode
+
+    if not isinstance(getattr(audio_vae, "first_stage_model", None), AudioVAE):
+        raise ValueError(f"{node}: input 'audio_vae' is not an LTX-2 audio VAE: connect 'LTXV Audio VAE Loader'.")
+    return LTXVAudioVAEDecode.execute({"samples": audio_latent}, audio_vae).result[0]
 
 
 def plan_for(vae, video: torch.Tensor, settings: Settings) -> video_decode.Plan:
@@ -254,7 +258,7 @@ def save(vae, audio_vae, video: torch.Tensor, audio_latent: torch.Tensor | None,
                              "'LTXV Audio VAE Loader' (the checkpoint's audio VAE), or connect only "
                              "LTXVSeparateAVLatent's video output to save the video without sound.")
         with torch.inference_mode():
-            audio = decode_audio(audio_vae, audio_latent)
+            audio = decode_audio(audio_vae, audio_latent, node)
     where = "in ComfyUI's process" if not world else f"on {world} {'CPU ' if cpu else ''}workers"
     log.info("%s: decoding %d frames %dx%d (%s tiles x %d latent frames a step) %s", node, plan.frames,
              plan.width, plan.height, "no" if plan.whole else f"{len(plan.time.tiles)} x {len(plan.spatial_tiles)}",

@@ -322,6 +322,8 @@ def test_bad_inputs_name_the_node_and_the_input(video_mod, vaes, tmp_path, monke
         save({"samples": audio}, vae, 25.0, "v", "auto", "auto", 1)
     with pytest.raises(ValueError, match=r"LTXAV Save Video: input 'vae' is not an LTX video VAE \(AudioVAE\)"):
         save({"samples": video}, audio_vae, 25.0, "v", "auto", "auto", 1)
+    with pytest.raises(ValueError, match=r"LTXAV Save Video: input 'audio_vae' is not an LTX-2 audio VAE"):
+        save(av_latent(video, audio), vae, 25.0, "v", "auto", "auto", 1, audio_vae=vae)
     with pytest.raises(ValueError, match=r"LTXAV Save Video: input 'gpus' is -1"):
         save({"samples": video}, vae, 25.0, "v", "auto", "auto", -1)
     assert not list(tmp_path.rglob("*.mp4"))
