@@ -12,10 +12,11 @@ else:
 
     from .nodes_ltx_ffn_chunker import NODES as _FFN_NODES
     from .nodes_parallel_sampler import NODES as _SAMPLER_NODES
+    from .nodes_video import NODES as _VIDEO_NODES
 
     class LTXAVParallelExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:
-            return [*_FFN_NODES, *_SAMPLER_NODES]
+            return [*_FFN_NODES, *_SAMPLER_NODES, *_VIDEO_NODES]
 
     async def comfy_entrypoint() -> LTXAVParallelExtension:
         from .parallel_sampler import install_signal_handlers

@@ -623,8 +623,9 @@ class ParallelSampler:
                               summary=text, step_times=marks, passes=[job.passes],
                               planned_parts_gib=None if est is None else {k: jobs.gib(v) for k, v in est.parts.items()})
 
-    def _wait(self, refs, what, stall_s, heartbeat=True, pbar=None):
-        """Results of ``refs`` (one per worker, in rank order), watching the workers meanwhile."""
+    def _wait(self, refs, what, stall_s, heartbeat=True, pbar=None, node=NODE):
+        """Results of ``refs`` (one per worker, in rank order), watching the workers meanwhile; errors
+        name ``node``."""
         import comfy.model_management
         import ray
 
@@ -662,16 +663,16 @@ class ParallelSampler:
                         a.interrupt.remote()
         except Exception as e:
             if self._stopping:  # the workers are gone because ComfyUI is stopping, not by a fault
-                raise RuntimeError(f"{NODE}: stopped during {what}: {self._stopping}, ComfyUI is shutting "
+                raise RuntimeError(f"{node}: stopped during {what}: {self._stopping}, ComfyUI is shutting "
                                    "down.") from None
             if isinstance(e, _TaskFailed):
                 rank, error = _root_cause(group, e.rank, e.error)
                 self.stop_group()
-                raise RuntimeError(f"{NODE}: {_describe(error, rank, what, group)}. The workers were stopped; the "
+                raise RuntimeError(f"{node}: {_describe(error, rank, what, group)}. The workers were stopped; the "
                                    "next prompt starts new ones.") from None
             self.stop_group()
             if isinstance(e, WorkerFault):
-                raise RuntimeError(f"{NODE}: {e}. The workers were stopped; the next prompt starts new "
+                raise RuntimeError(f"{node}: {e}. The workers were stopped; the next prompt starts new "
                                    "ones.") from None
             raise
         except BaseException:

@@ -180,6 +180,8 @@ class LTXAVWorker:
         self.cpu_group = None
         self.cuda = torch.cuda.is_available()
         self.step_times: list[float] = []
+        self.vae = None  # the video VAE a save node sent (video_save.vae_bytes), and its key
+        self.vae_key = None
         if self.cap and self.cuda and self.held is None:
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap / total))
@@ -415,6 +417,46 @@ class LTXAVWorker:
         return self.jobs.SampleResult(interrupted=False, step=self.step, memory=self.memory(),
                                       step_times=self.step_times, samples=samples if first else None,
                                       x0=x0 if first else None, passes=self.cfgp.passes)
+
+    # -- video ----------------------------------------------------------------------
+    def load_vae(self, key: str, data: bytes | None = None) -> bool:
+        """Hold the video VAE ``key``, built from ``data`` (``video_save.vae_bytes``) unless held already;
+        False when it is not held and no data came (the driver then sends it)."""
+        _select_gpu()
+        if key == self.vae_key:
+            return True
+        if data is None:
+            return False
+        self.vae = self.vae_key = None
+        self.vae = importlib.import_module(f"{self.pack_name}.video_save").vae_from_bytes(data)
+        self.vae_key = key
+        return True
+
+    def decode_part(self, job_bytes: bytes, start: int, stop: int):
+        """Decode and encode frames [start, stop) of the pickled ``video_save.PartJob`` with the VAE held; a
+        ``video_save.PartResult``. ``progress`` answers the frames done meanwhile, ``interrupt`` stops it."""
+        _select_gpu()
+        if self.vae is None:
+            raise RuntimeError("no VAE loaded")
+        if not self.busy.acquire(blocking=False):
+            raise RuntimeError("this worker is still running the previous job")
+        try:
+            self.step = 0
+            self.stop.clear()
+            video_save = importlib.import_module(f"{self.pack_name}.video_save")
+            return video_save.decode_part(self.vae, self.transfer.loads(job_bytes, {}), (start, stop),
+                                          check=self._check_stop, progress=self._frames_done, host_memory=host_memory)
+        finally:
+            self.busy.release()
+
+    def _check_stop(self) -> None:
+        import comfy.model_management
+
+        if self.stop.is_set():
+            raise comfy.model_management.InterruptProcessingException()
+
+    def _frames_done(self, n: int) -> None:
+        self.step = n
 
     def memory(self):
         """This worker's ``jobs.WorkerMemory`` after a run (GPU figures None on CPU)."""

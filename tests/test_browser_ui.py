@@ -26,7 +26,8 @@ WORKFLOWS = ROOT / "example_workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))  # API-format copies are in api/, out of the Templates browser
 CATEGORY = "LTXAV Multi-GPU"
 DISPLAY_NAMES = {"LTXFFNChunker": "LTX FFN Chunker", "LTXAVParallelKSampler": "LTXAV Parallel KSampler",
-                 "LTXAVParallelSamplerCustomAdvanced": "LTXAV Parallel SamplerCustomAdvanced"}
+                 "LTXAVParallelSamplerCustomAdvanced": "LTXAV Parallel SamplerCustomAdvanced",
+                 "LTXAVSaveVideo": "LTXAV Save Video", "LTXAVDecodeVideo": "LTXAV Decode Video"}
 WRITE_SCREENSHOTS = os.environ.get("LTXAV_WRITE_SCREENSHOTS", "") not in ("", "0")
 THUMBNAIL_MAX_BYTES = 300_000
 # Every input's tooltip says what it costs: one of these words (case-insensitive) shows it does

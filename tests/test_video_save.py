@@ -1,0 +1,409 @@
+"""LTXAV Save Video and LTXAV Decode Video against stock ComfyUI on a tiny LTX-2 / LTX-2.3 checkpoint's
+VAEs (tests/helpers/tiny_vae.py): the streamed decode's frames against VAEDecodeTiled's with the same
+tiles (float frames by the float64-reference rule, 8-bit frames at most one level off on a small
+fraction), the audio against LTXVAudioVAEDecode's, the file against Save Video's (frames, rate,
+durations), the parts two CPU workers decode against the whole decode, bad inputs and Interrupt."""
+import io
+import math
+import os
+from fractions import Fraction
+
+import pytest
+import torch
+
+from helpers.numerics import assert_matches, mismatches
+
+pytestmark = pytest.mark.usefixtures("ray_stopped_after_module")
+
+LATENT_FRAMES, HEIGHT, WIDTH = 12, 3, 5  # latent: 89 frames of 160x96
+TILED = (128, 32, 48, 16)  # VAEDecodeTiled settings: 2 spatial tiles, 3 temporal tiles with a 9-frame feather
+WHOLE = (0, 64, 0, 8)  # the node's defaults: one tile
+LEVEL_FRACTION = 1e-3  # 8-bit frames: at most one level off on at most this share of the values
+
+
+@pytest.fixture(scope="module", autouse=True)
+def caches_emptied_after_module():
+    """The stock results and latents kept for the module's tests go with it (not at interpreter exit,
+    when ComfyUI's patchers can no longer detach)."""
+    yield
+    _STOCK.clear()
+    _LATENTS.clear()
+
+
+@pytest.fixture(scope="module")
+def ckpts(comfy, tmp_path_factory):
+    """{version: checkpoint path} with transformer, video VAE and audio VAE."""
+    from helpers.tiny_vae import write_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("vae_ckpt")
+    out = {}
+    for version in ("2", "2.3"):
+        out[version] = folder / f"tiny_ltxav_vae_{version}.safetensors"
+        write_tiny_checkpoint(out[version], version)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vaes(ckpts):
+    """{version: (video VAE float32, video VAE float64, audio VAE)}, loaded as the stock loaders load them."""
+    from helpers.tiny_vae import load_vaes
+
+    out = {}
+    for version, path in ckpts.items():
+        video, audio = load_vaes(path)
+        out[version] = (video, load_vaes(path, dtype=torch.float64)[0], audio)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def three_latent_frames_a_step(video_mod, monkeypatch):
+    """Decode steps of 3 latent frames (the tiny frames would take a whole tile a step): several steps a tile,
+    ending at other places than the tiles do."""
+    vd = video_mod[0]
+    monkeypatch.setattr(vd, "STEP_BYTES", 3 * vd.TIME_SCALE * vd.SPACE_SCALE ** 2 * HEIGHT * WIDTH * 3)
+
+
+@pytest.fixture(scope="module")
+def video_mod(pack):
+    import importlib
+
+    return (importlib.import_module("ltxav_pack.video_decode"), importlib.import_module("ltxav_pack.video_save"),
+            importlib.import_module("ltxav_pack.video_file"), importlib.import_module("ltxav_pack.nodes_video"))
+
+
+_LATENTS = {}
+
+
+def latents(frames=LATENT_FRAMES, height=HEIGHT, width=WIDTH, seed=0):
+    """A video latent and its audio latent (as LTXVEmptyLatentAudio sizes it for 25 fps), random; the same
+    tensors for the same arguments."""
+    key = (frames, height, width, seed)
+    if key not in _LATENTS:
+        _LATENTS[key] = _latents(*key)
+    return _LATENTS[key]
+
+
+def _latents(frames, height, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(1, 128, frames, height, width, generator=g)
+    audio = torch.randn(1, 8, math.ceil(((frames - 1) * 8 + 1) / 25 * 25), 16, generator=g)
+    return video, audio
+
+
+def av_latent(video, audio):
+    from comfy_extras.nodes_lt import LTXVConcatAVLatent
+
+    return LTXVConcatAVLatent.execute({"samples": video}, {"samples": audio, "type": "audio"})[0]
+
+
+_STOCK = {}
+
+
+def stock_frames(vae, video, settings):
+    """VAEDecodeTiled's IMAGE for the node's tile settings (0: as large as the frame / clip); kept for the
+    module's other tests of the same VAE, latent and settings."""
+    key = (id(vae), video.data_ptr(), tuple(video.shape), settings)
+    if key not in _STOCK:
+        _STOCK[key] = (vae, video, _stock_frames(vae, video, settings))
+    return _STOCK[key][2]
+
+
+def _stock_frames(vae, video, settings):
+    import nodes
+
+    tile, overlap, temporal, temporal_overlap = settings
+    tile = tile or 32 * max(video.shape[-2:])
+    temporal = temporal or 8 * video.shape[2]
+    with torch.inference_mode():
+        return nodes.VAEDecodeTiled().decode(vae, {"samples": video}, tile, overlap, temporal, temporal_overlap)[0]
+
+
+def as_saved(images):
+    """Frames as Save Video converts them before encoding."""
+    return (images * 255).clamp(0, 255).byte()
+
+
+def assert_levels(got, want, what=""):
+    """8-bit frames: same shape, at most one level apart, on at most LEVEL_FRACTION of the values."""
+    assert got.shape == want.shape and got.dtype == want.dtype == torch.uint8, (got.shape, want.shape)
+    diff = (got.int() - want.int()).abs()
+    off = (diff > 0).float().mean().item()
+    assert diff.max().item() <= 1 and off <= LEVEL_FRACTION, \
+        f"{what}: {diff.max().item()} levels apart at most, {off:.2e} of the values differ"
+
+
+def streamed(video_mod, vae, video, settings, frames=None, as_uint8=False, halo=None):
+    vd, vs, _, _ = video_mod
+    plan = vs.plan_for(vae, video, vs.Settings(25.0, *settings))
+    if halo is not None:
+        import dataclasses
+
+        plan = dataclasses.replace(plan, halo=halo)
+    with torch.inference_mode():
+        vs.load_vae_here(vae, plan)
+        return torch.cat(list(vd.decode_chunks(vae, video, plan, frames, as_uint8=as_uint8))), plan
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("settings", [WHOLE, TILED, (256, 64, 32, 8), (64, 0, 4096, 8)],
+                         ids=["whole", "tiled", "time-tiles", "no-overlap"])
+def test_plan_places_tiles_as_vaedecodetiled(video_mod, vaes, settings, monkeypatch):
+    """The plan's tiles are where stock VAEDecodeTiled decodes them (its decode recorded, not run)."""
+    vd, vs, _, _ = video_mod
+    vae = vaes["2"][0]
+    video = torch.zeros(1, 128, LATENT_FRAMES, HEIGHT, WIDTH)
+    for i, n in enumerate(video.shape[2:]):  # each latent position's coordinates, read back by the recorder
+        video[:, i] = torch.arange(n, dtype=torch.float32).view([-1 if d == i else 1 for d in range(3)])
+    seen = []
+
+    def record(x, **kw):
+        seen.append((int(x[0, 0, 0, 0, 0]), x.shape[2], int(x[0, 1, 0, 0, 0]), x.shape[3], int(x[0, 2, 0, 0, 0]),
+                     x.shape[4]))
+        return torch.zeros(vae.first_stage_model.decode_output_shape(x.shape))
+
+    monkeypatch.setattr(vae.first_stage_model, "decode", record)
+    stock_frames(vae, video, settings)
+    plan = vs.plan_for(vae, video, vs.Settings(25.0, *settings))
+    want = [(t, tn, y, h, x, w) for t, tn in plan.time.tiles for (y, h), (x, w) in plan.spatial_tiles]
+    assert seen == want
+    assert plan.whole == (len(want) == 1)
+
+
+@pytest.mark.parametrize("version", ["2", "2.3"], ids=["ltx2", "ltx23"])
+@pytest.mark.parametrize("settings", [WHOLE, TILED], ids=["whole", "tiled"])
+def test_streamed_decode_equals_vaedecodetiled(video_mod, vaes, version, settings):
+    """The frames, decoded a few latent frames at a time, equal VAEDecodeTiled's with the same tiles: the
+    float frames by the float64-reference rule, the 8-bit frames Save Video would encode at most one level
+    off on a small fraction of the values."""
+    vae, vae64, _ = vaes[version]
+    video, _ = latents()
+    got, plan = streamed(video_mod, vae, video, settings)
+    assert plan.whole == (settings == WHOLE) and plan.step == 3
+    want = stock_frames(vae, video, settings)
+    assert_matches(got, want, stock_frames(vae64, video, settings), f"{version} {settings}")
+    assert_levels(as_saved(got), as_saved(want), f"{version} {settings}")
+
+
+@pytest.mark.quick
+def test_parts_with_context_equal_the_whole_decode(video_mod, vaes):
+    """A worker's share (a frame range, decoded with the decoder's receptive radius of context on both
+    sides) is the same as those frames of the whole decode: three parts put together equal stock."""
+    vae, vae64, _ = vaes["2"]
+    video, _ = latents()
+    plan = streamed(video_mod, vae, video, TILED, frames=(0, 1))[1]
+    parts = plan.split(3)
+    assert len(parts) == 3 and parts[0][0] == 0 and parts[-1][1] == plan.frames
+    got = torch.cat([streamed(video_mod, vae, video, TILED, frames=p)[0] for p in parts])
+    assert_matches(got, stock_frames(vae, video, TILED), stock_frames(vae64, video, TILED), "parts")
+
+
+def test_parts_without_context_differ(video_mod, vaes):
+    """The twin: parts decoded with one latent frame of context instead of the receptive radius fail the
+    same checks (the decoder sees the part's ends as the clip's)."""
+    vae, vae64, _ = vaes["2"]
+    video, _ = latents()
+    plan = streamed(video_mod, vae, video, TILED, frames=(0, 1))[1]
+    assert plan.halo > 1
+    parts = plan.split(3)
+    got = torch.cat([streamed(video_mod, vae, video, TILED, frames=p, halo=1)[0] for p in parts])
+    want = stock_frames(vae, video, TILED)
+    assert mismatches(got, want, stock_frames(vae64, video, TILED))
+    with pytest.raises(AssertionError, match="levels apart"):
+        assert_levels(as_saved(got), as_saved(want), "parts without context")
+
+
+def saved_file(entry_ui, folder):
+    item = entry_ui["images"][0]
+    return os.path.join(folder, item["subfolder"], item["filename"]), item
+
+
+def read_video(path):
+    """(frames, frame rate, video seconds, audio seconds, audio sample rate, decoded frames) of an MP4."""
+    import av
+
+    with av.open(str(path)) as c:
+        v, a = c.streams.video[0], (c.streams.audio[0] if c.streams.audio else None)
+        out = (v.frames, v.average_rate, float(v.duration * v.time_base),
+               float(a.duration * a.time_base) if a else None, a.sample_rate if a else None)
+        decoded = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in c.decode(video=0)])
+    return (*out, decoded)
+
+
+def stock_save(vae, audio_vae, video, audio, settings, path, fps=25.0):
+    """VAEDecodeTiled -> LTXVAudioVAEDecode -> CreateVideo -> SaveVideo's file (Save Video's own writer);
+    returns the IMAGE and AUDIO."""
+    from comfy_api.latest import InputImpl, Types
+    from comfy_extras.nodes_lt_audio import LTXVAudioVAEDecode
+
+    images = stock_frames(vae, video, settings)
+    with torch.inference_mode():
+        sound = LTXVAudioVAEDecode.execute({"samples": audio}, audio_vae).result[0]
+    InputImpl.VideoFromComponents(Types.VideoComponents(images=images, audio=sound, frame_rate=Fraction(fps))).save_to(
+        str(path))
+    return images, sound
+
+
+def assert_frames_in_order(decoded, sent):
+    """Each frame read back from the file is nearer the frame sent at its place than its neighbours (the
+    parts are joined in order, none lost or repeated)."""
+    assert decoded.shape == sent.shape
+    err = lambda i, j: (decoded[i].float() - sent[j].float()).abs().mean().item()  # noqa: E731
+    for i in range(len(sent)):
+        near = [j for j in (i - 1, i + 1) if 0 <= j < len(sent)]
+        assert all(err(i, i) < err(i, j) for j in near), f"frame {i} of the file is not the frame sent there"
+
+
+@pytest.mark.parametrize("version", ["2", "2.3"], ids=["ltx2", "ltx23"])
+def test_save_node_in_comfyuis_process_equals_stock_chain(video_mod, vaes, version, tmp_path, monkeypatch):
+    """gpus=1: the frames handed to the encoder equal stock's 8-bit frames, the audio LTXVAudioVAEDecode's,
+    and the file has Save Video's frame count, rate and durations (audio cut to the video's length)."""
+    import folder_paths
+
+    _, vs, vf, nodes_video = video_mod
+    vae, _, audio_vae = vaes[version]
+    video, audio = latents()
+    sent, audio_sent = [], []
+    real_add, real_init = vf.VideoWriter.add_frames, vf.VideoWriter.__init__
+
+    def add_frames(self, frames):
+        sent.append(frames.clone())
+        return real_add(self, frames)
+
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        audio_sent.append(self.audio)
+
+    monkeypatch.setattr(vf.VideoWriter, "add_frames", add_frames)
+    monkeypatch.setattr(vf.VideoWriter, "__init__", init)
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    with torch.inference_mode():
+        out = nodes_video.LTXAVSaveVideo.execute(av_latent(video, audio), vae, 25.0, "video/ltxav", "auto", "auto", 1,
+                                                 audio_vae=audio_vae)
+    path, item = saved_file(out.ui.as_dict(), tmp_path)
+    assert item["type"] == "output" and item["subfolder"] == "video" and item["filename"].endswith(".mp4")
+    images, sound = stock_save(vae, audio_vae, video, audio, WHOLE, tmp_path / "stock.mp4")
+    got = torch.cat(sent)
+    assert_levels(got, as_saved(images), "frames sent to the encoder")
+    waveform, rate, _ = audio_sent[0]
+    want = sound["waveform"][0, :, :math.ceil(sound["sample_rate"] / Fraction(25) * images.shape[0])]
+    assert rate == sound["sample_rate"] and torch.equal(waveform, want)
+    mine, stock = read_video(path), read_video(tmp_path / "stock.mp4")
+    assert mine[:5] == stock[:5]
+    assert mine[0] == images.shape[0] == 89 and mine[1] == 25 and mine[2] == pytest.approx(89 / 25)
+    assert mine[3] == pytest.approx(89 / 25, abs=0.05) and mine[4] == {"2": 24000, "2.3": 48000}[version]
+    assert_frames_in_order(mine[5], got)
+
+
+def test_decode_node_equals_vaedecodetiled(video_mod, vaes):
+    """LTXAV Decode Video's IMAGE is VAEDecodeTiled's (same tiles), by the float64-reference rule."""
+    nodes_video = video_mod[3]
+    vae, vae64, _ = vaes["2"]
+    video, audio = latents()
+    with torch.inference_mode():
+        got = nodes_video.LTXAVDecodeVideo.execute(av_latent(video, audio), vae, *TILED).result[0]
+    assert got.dtype == torch.float32
+    assert_matches(got, stock_frames(vae, video, TILED), stock_frames(vae64, video, TILED), "decode node")
+
+
+@pytest.mark.quick
+def test_bad_inputs_name_the_node_and_the_input(video_mod, vaes, tmp_path, monkeypatch):
+    import folder_paths
+
+    nodes_video = video_mod[3]
+    vae, _, audio_vae = vaes["2"]
+    video, audio = latents(frames=2)
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    save = nodes_video.LTXAVSaveVideo.execute
+    with pytest.raises(ValueError, match=r"LTXAV Save Video: the latent has audio, but input 'audio_vae' is not"):
+        save(av_latent(video, audio), vae, 25.0, "v", "auto", "auto", 1)
+    with pytest.raises(ValueError, match=r"LTXAV Save Video: input 'latent' holds 2 clips"):
+        save({"samples": video.repeat(2, 1, 1, 1, 1)}, vae, 25.0, "v", "auto", "auto", 1)
+    with pytest.raises(ValueError, match=r"LTXAV Save Video: input 'latent' holds a \[1, 8, 9, 16\] tensor"):
+        save({"samples": audio}, vae, 25.0, "v", "auto", "auto", 1)
+    with pytest.raises(ValueError, match=r"LTXAV Save Video: input 'vae' is not an LTX video VAE \(AudioVAE\)"):
+        save({"samples": video}, audio_vae, 25.0, "v", "auto", "auto", 1)
+    with pytest.raises(ValueError, match=r"LTXAV Save Video: input 'audio_vae' is not an LTX-2 audio VAE"):
+        save(av_latent(video, audio), vae, 25.0, "v", "auto", "auto", 1, audio_vae=vae)
+    with pytest.raises(ValueError, match=r"LTXAV Save Video: input 'gpus' is -1"):
+        save({"samples": video}, vae, 25.0, "v", "auto", "auto", -1)
+    assert not list(tmp_path.rglob("*.mp4"))
+
+
+def test_interrupt_leaves_no_file(video_mod, vaes, tmp_path, monkeypatch):
+    """Interrupt stops the decode at its next step; the half-written file is removed."""
+    import comfy.model_management
+    import folder_paths
+
+    nodes_video = video_mod[3]
+    vae, _, audio_vae = vaes["2"]
+    video, audio = latents()
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
+            nodes_video.LTXAVSaveVideo.execute(av_latent(video, audio), vae, 25.0, "v", "auto", "auto", 1,
+                                               audio_vae=audio_vae)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not list(tmp_path.rglob("*.mp4"))
+
+
+def test_two_workers_decode_parts_that_equal_stock(ps, video_mod, vaes, tmp_path, monkeypatch):
+    """gpus=2 on CPU workers: each worker decodes and encodes one part; their frames equal stock's, the
+    file joins the parts in order with the audio, and the VAE is sent once."""
+    import folder_paths
+
+    _, vs, vf, nodes_video = video_mod
+    vae, vae64, audio_vae = vaes["2"]
+    video, audio = latents()
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    # the frames each worker sends to its encoder: the same call, returning frames instead
+    plan = vs.plan_for(vae, video, vs.Settings(25.0, *TILED))
+    writer = vf.VideoWriter(io.BytesIO(), 25.0, plan.width, plan.height)
+    parts = vs.save_on_workers(vae, video, plan, 25.0, 2, True, writer, frames=True)
+    assert [(p.start, p.stop) for p in parts] == plan.split(2) and len(ps.POOL.group.actors) == 2
+    got = torch.cat([p.images for p in parts])
+    images = stock_frames(vae, video, TILED)
+    assert_levels(got, as_saved(images), "the workers' frames")
+    key = vs.vae_key(vae)
+    assert ps.POOL._wait([a.load_vae.remote(key) for a in ps.POOL.group.actors], "test", 60) == [True, True]
+    with pytest.raises(ValueError, match=r"LTXAV Save Video: input 'gpus' asks for 99 CPU workers but the Ray cluster"):
+        vs.save_on_workers(vae, video, plan, 25.0, 99, True, writer)
+    assert len(ps.POOL.group.actors) == 2  # the workers are still there
+
+    with torch.inference_mode():
+        out = nodes_video.LTXAVSaveVideo.execute(av_latent(video, audio), vae, 25.0, "video/ltxav", "auto", "auto", 2,
+                                                 *TILED, audio_vae=audio_vae)
+    path, _ = saved_file(out.ui.as_dict(), tmp_path)
+    stock_save(vae, audio_vae, video, audio, TILED, tmp_path / "stock.mp4")
+    mine, stock = read_video(path), read_video(tmp_path / "stock.mp4")
+    assert mine[:5] == stock[:5]
+    assert_frames_in_order(mine[5], got)
+
+
+def test_save_node_through_the_server(server, ckpts):
+    """POST /prompt: Load Checkpoint + LTXV Audio VAE Loader + empty latents -> LTXAV Save Video saves an
+    MP4 in the output folder and reports it in the UI output as Save Video does."""
+    import shutil
+
+    (server.base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ckpts["2"], server.base / "models" / "checkpoints" / "tiny_ltxav_vae.safetensors")
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_ltxav_vae.safetensors"}},
+        "2": {"class_type": "LTXVAudioVAELoader", "inputs": {"ckpt_name": "tiny_ltxav_vae.safetensors"}},
+        "3": {"class_type": "EmptyLTXVLatentVideo", "inputs": {"width": 128, "height": 96, "length": 33,
+                                                             "batch_size": 1}},
+        "4": {"class_type": "LTXVEmptyLatentAudio", "inputs": {"frames_number": 33, "frame_rate": 25,
+                                                             "batch_size": 1, "audio_vae": ["2", 0]}},
+        "5": {"class_type": "LTXVConcatAVLatent", "inputs": {"video_latent": ["3", 0], "audio_latent": ["4", 0]}},
+        "6": {"class_type": "LTXAVSaveVideo", "inputs": {"latent": ["5", 0], "vae": ["1", 2], "audio_vae": ["2", 0],
+                                                       "fps": 25.0, "filename_prefix": "video/server",
+                                                       "format": "auto", "codec": "auto", "gpus": 0}},
+    }
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    item = entry["outputs"]["6"]["images"][0]
+    assert item["type"] == "output" and item["subfolder"] == "video" and entry["outputs"]["6"]["animated"] == [True]
+    frames, rate, seconds, audio_seconds, _, _ = read_video(server.base / "output" / "video" / item["filename"])
+    assert (frames, rate) == (33, 25) and seconds == pytest.approx(33 / 25)
+    assert audio_seconds == pytest.approx(33 / 25, abs=0.05)

@@ -1,0 +1,367 @@
+"""An LTXAV latent saved as a video file, in bounded memory: the audio decoded as LTXVAudioVAEDecode
+decodes it, the video decoded a few frames at a time (``video_decode``) and encoded as it comes
+(``video_file``). On one GPU this runs in ComfyUI's process; with several, the frames are split into
+one contiguous part per Ray worker of the parallel sampler: each worker decodes its part (with the
+decoder's receptive radius of context on both sides, so its frames are those of the whole decode) and
+encodes it to an MP4 in memory, and ComfyUI's process copies the parts' packets into the file in
+order, with the audio. The video VAE reaches the workers as its decoder's weights and config (sent once
+per VAE, kept by each worker).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+import weakref
+
+import torch
+
+from . import envs, jobs, video_decode, video_file
+
+log = logging.getLogger(__name__)
+NODE = "LTXAV Save Video"
+_VAE_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VAE object -> key the workers know it by
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The save node's choices: frame rate, tiles (VAEDecodeTiled's inputs; 0 = the whole frame / clip),
+    and ``gpus`` (0: every GPU; one GPU, or 1: ComfyUI's process)."""
+
+    fps: float = 25.0
+    tile_size: int = 0
+    overlap: int = 64
+    temporal_size: int = 0
+    temporal_overlap: int = 8
+    gpus: int = 0
+
+
+def clip_of(latent: dict, audio_latent: dict | None, node: str = NODE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The video latent [1, 128, T, H, W] and the audio latent [1, 8, T', 16] (or None) of the node's inputs:
+    a video + audio latent (LTXVConcatAVLatent's, the samplers'), or LTXVSeparateAVLatent's two outputs."""
+    samples = latent["samples"]
+    parts = list(samples.unbind()) if getattr(samples, "is_nested", False) else [samples]
+    video = parts[0]
+    audio = parts[1] if len(parts) > 1 else None
+    if audio_latent is not None:
+        a = audio_latent["samples"]
+        audio = a.unbind()[-1] if getattr(a, "is_nested", False) else a
+    if video.ndim != 5 or video.shape[1] != 128:
+        raise ValueError(f"{node}: input 'latent' holds a {list(video.shape)} tensor, not an LTX-2 video latent "
+                         "[1, 128, frames, height, width]: connect the parallel sampler's LATENT (or KSampler's), or "
+                         "LTXVSeparateAVLatent's video output.")
+    if video.shape[0] != 1:
+        raise ValueError(f"{node}: input 'latent' holds {video.shape[0]} clips; it saves one: pick one with "
+                         "'Latent From Batch'.")
+    if audio is not None and (audio.ndim != 4 or audio.shape[0] != 1):
+        raise ValueError(f"{node}: the audio latent is {list(audio.shape)}, not an LTX-2 audio latent [1, 8, T, 16]: "
+                         "connect LTXVSeparateAVLatent's audio output to input 'audio_latent'.")
+    return video, audio
+
+
+def decode_audio(audio_vae, audio_latent: torch.Tensor, node: str = NODE) -> dict:
+    """The waveform: ComfyUI's LTXVAudioVAEDecode node run on it."""
+    from comfy.ldm.lightricks.vae.audio_vae import AudioVAE
+    from comfy_extras.nodes_lt_audio import LTXVAudioVAEDecode
+
+    if not isinstance(getattr(audio_vae, "first_stage_model", None), AudioVAE):
+        raise ValueError(f"{node}: input 'audio_vae' is not an LTX-2 audio VAE: connect 'LTXV Audio VAE Loader'.")
+    return LTXVAudioVAEDecode.execute({"samples": audio_latent}, audio_vae).result[0]
+
+
+def plan_for(vae, video: torch.Tensor, settings: Settings) -> video_decode.Plan:
+    return video_decode.Plan.tiled(video.shape, settings.tile_size, settings.overlap, settings.temporal_size,
+                                   settings.temporal_overlap, halo=video_decode.receptive_radius(vae))
+
+
+def load_vae_here(vae, plan: video_decode.Plan) -> None:
+    """The VAE on its device, with room for a decode step of the largest tile (ComfyUI's own estimate)."""
+    import comfy.model_management
+
+    h = max(n for _, n in plan.rows.tiles)
+    w = max(n for _, n in plan.cols.tiles)
+    step = (1, 128, plan.step + 2, h, w)
+    comfy.model_management.load_models_gpu([vae.patcher], memory_required=vae.memory_used_decode(step, vae.vae_dtype),
+                                           force_full_load=vae.disable_offload)
+
+
+# ----------------------------------------------------------------------------- the workers' part
+
+@dataclasses.dataclass
+class PartJob:
+    """What a worker decodes: the video latent, the plan, the frame rate; ``frames``: return the uint8
+    frames instead of an encoded MP4 (for tests and short clips)."""
+
+    latent: torch.Tensor
+    plan: video_decode.Plan
+    fps: float
+    frames: bool = False
+
+
+@dataclasses.dataclass
+class PartResult:
+    """A worker's part: frames [start, stop) as an MP4 (``data``) or uint8 frames (``images``); its decode
+    seconds, GPU peak above the start (GiB; None on CPU) and host memory (``ray_worker.host_memory``)."""
+
+    start: int
+    stop: int
+    interrupted: bool = False
+    data: bytes | None = None
+    images: torch.Tensor | None = None
+    seconds: float = 0.0
+    peak_gib: float | None = None
+    host: dict = dataclasses.field(default_factory=dict)
+
+
+def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None, progress=None, host_memory=None) -> PartResult:
+    """Decode frames [start, stop) of ``job`` with ``vae`` and encode them (a worker's share; it runs where
+    it is called). ``check`` raises ComfyUI's InterruptProcessingException to stop."""
+    import comfy.model_management
+
+    start, stop = frames
+    cuda = vae.device.type == "cuda"
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        load_vae_here(vae, job.plan)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(vae.device)
+            base = torch.cuda.memory_allocated(vae.device)
+        batches = video_decode.decode_chunks(vae, job.latent, job.plan, frames, check=check, progress=progress)
+        result = PartResult(start, stop)
+        try:
+            if job.frames:
+                result.images = torch.cat(list(batches))
+            else:
+                buffer = io.BytesIO()
+                writer = video_file.VideoWriter(buffer, job.fps, job.plan.width, job.plan.height)
+                video_file.encode_in_background(writer, batches)
+                writer.close()
+                result.data = buffer.getvalue()
+        except comfy.model_management.InterruptProcessingException:
+            result.interrupted = True
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(f"out of GPU memory decoding frames {start}..{stop} ({str(e).splitlines()[0][:200]}): "
+                               "use tiles (input 'tile_size' 512) or free the GPU") from None
+    result.seconds = round(time.perf_counter() - t0, 3)
+    if cuda:
+        result.peak_gib = jobs.gib(torch.cuda.max_memory_allocated(vae.device) - base)
+    result.host = host_memory(jobs.gib) if host_memory else {}
+    return result
+
+
+def vae_bytes(vae) -> bytes:
+    """What a worker builds the video VAE from: its decoder's weights (and latent statistics) with the
+    config and dtype, as a safetensors file in memory. The encoder stays behind (decoding does not use it)."""
+    from safetensors.torch import save
+
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in vae.get_sd().items()
+          if k.startswith(("decoder.", "per_channel_statistics."))}
+    config = {**vae.first_stage_model.config, "encoder_blocks": []}  # a stub encoder there: nothing to load
+    meta = {"config": json.dumps({"vae": config}), "dtype": str(vae.vae_dtype)}
+    return save(sd, metadata=meta)
+
+
+def vae_from_bytes(data: bytes):
+    """``vae_bytes``'s VAE, built by ComfyUI (``comfy.sd.VAE``, as the loaders build it) on this process's
+    device, in the sender's dtype."""
+    import comfy.sd
+    from safetensors.torch import load
+
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    meta = header.get("__metadata__", {})
+    dtype = getattr(torch, meta["dtype"].removeprefix("torch."))
+    with _without_encoder_warning():
+        return comfy.sd.VAE(sd=load(data), metadata={"config": meta["config"]}, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _without_encoder_warning():
+    """ComfyUI warns of the missing keys when a VAE is built without its encoder: here that is on purpose."""
+
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return not str(record.getMessage()).startswith("Missing VAE keys")
+
+    f = Drop()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
+
+
+def vae_key(vae) -> str:
+    """The key the workers hold ``vae`` under (one per VAE object: ComfyUI keeps a loader's output)."""
+    key = _VAE_KEYS.get(vae)
+    if key is None:
+        key = _VAE_KEYS[vae] = uuid.uuid4().hex
+    return key
+
+
+# ----------------------------------------------------------------------------- ComfyUI's process
+
+@dataclasses.dataclass
+class Saved:
+    """A saved clip: its file, frames, the seconds the decode and encode took, where (``workers``: 0 in
+    ComfyUI's process), each worker's part (None in ComfyUI's process), and the summary line."""
+
+    path: str
+    frames: int
+    seconds: float
+    workers: int
+    parts: list[PartResult] | None
+    summary: str
+
+
+def workers_for(gpus: int, node: str = NODE) -> tuple[int, bool]:
+    """(Ray workers to decode on, 0: ComfyUI's process; whether they are CPU processes) for input ``gpus``:
+    1 (or 0 with one GPU, or ComfyUI on --cpu): this process; else that many workers (0: every GPU)."""
+    from . import parallel_sampler as ps
+
+    if gpus < 0:
+        raise ValueError(f"{node}: input 'gpus' is {gpus}; use 0 for every GPU, 1 for ComfyUI's process, or a count.")
+    cpu = ps._cpu_mode()
+    if cpu:
+        return (0 if gpus <= 1 else gpus), True
+    per_gpu = envs.workers_per_gpu()
+    if gpus == 0:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            gpus = int(ray.cluster_resources().get("GPU", 0)) * per_gpu
+        else:
+            gpus = torch.cuda.device_count() * per_gpu
+    if gpus <= 1 and per_gpu == 1 and envs.ONE_GPU_IN_PROCESS.on():
+        return 0, False
+    return max(1, gpus), False
+
+
+def save(vae, audio_vae, video: torch.Tensor, audio_latent: torch.Tensor | None, settings: Settings, path: str,
+         metadata: dict | None = None, node: str = NODE) -> Saved:
+    """Write ``video`` (and the audio of ``audio_latent``) to the MP4 ``path``; see the module's docstring."""
+    try:
+        plan = plan_for(vae, video, settings)
+    except ValueError as e:
+        raise ValueError(f"{node}: input 'vae' is {e}; connect the LTX-2 checkpoint's VAE (Load Checkpoint) or "
+                         "use VAEDecodeTiled for other VAEs.") from None
+    world, cpu = workers_for(settings.gpus, node)
+    audio = None
+    t0 = time.perf_counter()
+    if audio_latent is not None:
+        if audio_vae is None:
+            raise ValueError(f"{node}: the latent has audio, but input 'audio_vae' is not connected: connect "
+                             "'LTXV Audio VAE Loader' (the checkpoint's audio VAE), or connect only "
+                             "LTXVSeparateAVLatent's video output to save the video without sound.")
+        with torch.inference_mode():
+            audio = decode_audio(audio_vae, audio_latent, node)
+    where = "in ComfyUI's process" if not world else f"on {world} {'CPU ' if cpu else ''}workers"
+    log.info("%s: decoding %d frames %dx%d (%s tiles x %d latent frames a step) %s", node, plan.frames,
+             plan.width, plan.height, "no" if plan.whole else f"{len(plan.time.tiles)} x {len(plan.spatial_tiles)}",
+             plan.step, where)
+    writer = video_file.VideoWriter(path, settings.fps, plan.width, plan.height, audio, metadata, plan.frames)
+    parts = None
+    try:
+        if world:
+            parts = save_on_workers(vae, video, plan, settings.fps, world, cpu, writer, node)
+        else:
+            save_here(vae, video, plan, writer)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+    seconds = round(time.perf_counter() - t0, 2)
+    sound = f", audio {audio['waveform'].shape[-1] / audio['sample_rate']:.2f} s" if audio else ", no audio"
+    text = (f"{node}: {os.path.basename(path)}: {writer.frames} frames {plan.width}x{plan.height} at "
+            f"{float(writer.rate):g} fps{sound}; decoded and encoded {where} in {seconds} s")
+    if parts:
+        text += "".join(f"\n  worker {i}: frames {p.start}-{p.stop - 1} in {p.seconds} s"
+                        + (f", GPU peak {p.peak_gib} GiB above its start" if p.peak_gib is not None else "")
+                        + (f", host memory {p.host['host_rss_gib']} GiB resident" if "host_rss_gib" in p.host else "")
+                        for i, p in enumerate(parts))
+    log.info("%s", text)
+    return Saved(path, writer.frames, seconds, world, parts, text)
+
+
+def save_here(vae, video: torch.Tensor, plan: video_decode.Plan, writer: video_file.VideoWriter) -> None:
+    """Decode in this process and encode as the frames come (the encoder in a thread of its own)."""
+    import comfy.model_management
+    import comfy.utils
+
+    pbar = comfy.utils.ProgressBar(plan.frames)
+    with torch.inference_mode():
+        load_vae_here(vae, plan)
+        batches = video_decode.decode_chunks(
+            vae, video, plan, check=comfy.model_management.throw_exception_if_processing_interrupted,
+            progress=lambda n: pbar.update_absolute(n, plan.frames))
+        video_file.encode_in_background(writer, batches)
+
+
+def save_on_workers(vae, video: torch.Tensor, plan: video_decode.Plan, fps: float, world: int, cpu: bool,
+                    writer: video_file.VideoWriter, node: str = NODE, frames: bool = False) -> list[PartResult]:
+    """Each of ``world`` workers decodes and encodes one contiguous part of the frames; the parts are then
+    written into ``writer`` in order. ``frames``: the workers return uint8 frames instead (tests)."""
+    import comfy.model_management
+    import comfy.utils
+    import ray
+
+    from . import model_transfer
+    from .parallel_sampler import POOL
+
+    group = workers(world, cpu, node)
+    comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
+    comfy.model_management.soft_empty_cache()
+    key = vae_key(vae)
+    held = POOL._wait([a.load_vae.remote(key) for a in group.actors], "loading the VAE", envs.LOAD_S.number(),
+                      node=node)
+    if not all(held):
+        data = ray.put(vae_bytes(vae))
+        POOL._wait([a.load_vae.remote(key, data) for a in group.actors], "loading the VAE", envs.LOAD_S.number(),
+                   node=node)
+        del data
+    ranges = plan.split(world)
+    POOL.status(f"decoding {plan.frames} frames on {len(ranges)} workers")
+    job = ray.put(model_transfer.dumps(PartJob(video.detach().cpu(), plan, fps, frames), {}))
+    refs = [a.decode_part.remote(job, start, stop) for a, (start, stop) in zip(group.actors, ranges)]
+    first = ranges[0][1] - ranges[0][0]
+    parts = POOL._wait(refs, "decoding", envs.STALL_S.number(), pbar=comfy.utils.ProgressBar(first), node=node)
+    if any(p.interrupted for p in parts):
+        comfy.model_management.interrupt_current_processing(False)
+        raise comfy.model_management.InterruptProcessingException()
+    for p in parts:
+        if p.data is not None:
+            writer.add_segment(p.data, p.start)
+            p.data = None
+    return parts
+
+
+def workers(world: int, cpu: bool, node: str = NODE):
+    """The parallel sampler's worker group when it has ``world`` workers; else a new one of that size (a
+    later sampling run then restarts its own)."""
+    import ray
+
+    from .parallel_sampler import POOL, WorkerFault, _heartbeat_of, _TaskFailed
+    from .sequence_parallel.groups import Degrees
+
+    POOL.connect(POOL.address or "local")
+    per_gpu = 1 if cpu else envs.workers_per_gpu()
+    kind = "CPU" if cpu else "GPU"
+    available = int(ray.cluster_resources().get(kind, 0)) * per_gpu
+    if world > available:
+        raise ValueError(f"{node}: input 'gpus' asks for {world} {'CPU workers' if cpu else 'GPUs'} but the Ray "
+                         f"cluster at {POOL.address!r} has {available}; use gpus <= {available} (0: every GPU, 1: "
+                         "ComfyUI's process).")
+    g = POOL.group
+    if g and (g.world, g.address, g.cpu, g.per_gpu) == (world, POOL.address, cpu, per_gpu):
+        try:
+            _heartbeat_of(g, "start")
+            return g
+        except (WorkerFault, _TaskFailed):
+            log.warning("%s: a worker of the previous group is gone; starting new workers", NODE)
+    return POOL.ensure_group(world, Degrees(world), cpu)[0]
