@@ -63,13 +63,19 @@ def loads(data: bytes, refs: dict):
 class ModelSpec:
     """What a worker needs to rebuild a MODEL: ``recipe`` and ``spec`` (pickled), ``skipped`` (the names
     of the parts that cannot travel), ``file_key`` (what decides the weights read from disk) and
-    ``key`` (that plus everything applied on them)."""
+    ``key`` (that plus everything applied on them). ``spec`` is pickled when first asked for: workers
+    that hold ``key`` already need no copy of the patches (a LoRA's tensors)."""
 
     recipe: bytes
-    spec: bytes
+    parts: dict = dataclasses.field(repr=False)
+    refs: dict = dataclasses.field(repr=False)
     skipped: list
     file_key: str
     key: str
+
+    @functools.cached_property
+    def spec(self) -> bytes:
+        return dumps(self.parts, self.refs)
 
 
 def model_spec(patcher, own_keys=()) -> ModelSpec:
@@ -117,7 +123,7 @@ def model_spec(patcher, own_keys=()) -> ModelSpec:
     recipe = patcher.cached_patcher_init
     file_key = content_digest({"recipe": recipe, "files": _file_stats(recipe[1])})
     key = content_digest({"file": file_key, "spec": spec}, refs)
-    return ModelSpec(recipe=cloudpickle.dumps(recipe), spec=dumps(spec, refs), skipped=skipped, file_key=file_key,
+    return ModelSpec(recipe=cloudpickle.dumps(recipe), parts=spec, refs=refs, skipped=skipped, file_key=file_key,
                      key=key)
 
 
@@ -198,15 +204,18 @@ def content_digest(obj, refs: dict | None = None) -> str:
             return put(b"id", f"{type(o).__qualname__}:{id(o)}:{uuid.uuid4()}".encode())
 
     def tensor(t: torch.Tensor) -> None:
-        put(b"tensor", f"{type(t).__qualname__}:{t.dtype}:{tuple(t.shape)}".encode())
+        put(b"tensor", f"{type(t).__module__}.{type(t).__qualname__}:{t.dtype}:{tuple(t.shape)}".encode())
         try:
-            put(b"data", _tensor_bytes_digest(t))
-        except Exception:  # noqa: BLE001 - quantized or subclassed tensors without plain bytes
-            state = _attributes(t)
-            if state:
-                walk(state)
-            else:
-                put(b"id", f"{id(t)}:{uuid.uuid4()}".encode())
+            data = _tensor_bytes_digest(t)  # None: no bytes of its own (a wrapper subclass, a meta tensor)
+        except Exception:  # noqa: BLE001 - a kind of tensor not foreseen: read by its fields or identity
+            data = None
+        if data is not None:
+            put(b"data", data)
+        state = _tensor_state(t)  # a subclass's own fields: quantization type, scales, inner tensors
+        if state:
+            walk(state)
+        elif data is None:  # nothing to read: identity (a change forces re-applying, never a wrong reuse)
+            put(b"id", f"{id(t)}:{uuid.uuid4()}".encode())
 
     try:
         walk(obj)
@@ -215,22 +224,80 @@ def content_digest(obj, refs: dict | None = None) -> str:
     return h.hexdigest()
 
 
-# tensor id -> (weak reference, version, data pointer, digest of its bytes): a LoRA's tensors stay the
-# same objects from prompt to prompt (ComfyUI caches the loader's output), so their bytes are hashed
-# once; an in-place change bumps the version, and a dead tensor's entry goes with it
+# tensor id -> (weak reference, state, digest of its bytes): a LoRA's tensors stay the same objects from
+# prompt to prompt (ComfyUI caches the loader's output), so their bytes are hashed once, and again only
+# when ``_cache_state`` changes; a dead tensor's entry goes with it
 _TENSOR_DIGESTS: dict[int, tuple] = {}
+SAMPLED_ELEMENTS = 64  # elements of an inference tensor compared on each use (it has no version counter)
 
 
-def _tensor_bytes_digest(t: torch.Tensor) -> bytes:
-    state = (t._version, t.data_ptr())
+def _plain(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s own bytes as a plain tensor (a quantized tensor's integers; a subclass with storage, such as
+    ComfyUI-GGUF's GGMLTensor, as its raw data); None when it holds none (a wrapper subclass such as
+    comfy-kitchen's QuantizedTensor keeps its data in inner tensors; a meta tensor has none)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t) or t.is_meta or t.layout != torch.strided:
+        return None
+    if t.is_quantized:
+        return t.int_repr()
+    return t if type(t) is torch.Tensor else torch.Tensor.as_subclass(t, torch.Tensor)
+
+
+def _cache_state(t: torch.Tensor, plain: torch.Tensor) -> tuple:
+    """What must stay the same for a cached digest to hold. A tensor made outside inference mode has a
+    version counter that every in-place change bumps. One made inside (ComfyUI runs every node under
+    torch.inference_mode(): a LoRA's tensors are such) has none: there a sample of its elements stands in,
+    which every whole-tensor in-place change (scale, fill, copy_) alters. ComfyUI's nodes never change
+    their inputs in place, so a LoRA's tensors are read once."""
+    layout = (t.data_ptr(), tuple(plain.shape), plain.stride(), plain.dtype)
+    if not t.is_inference():
+        return (t._version, *layout)
+    n = plain.numel()
+    idx = torch.linspace(0, n - 1, min(n, SAMPLED_ELEMENTS)).round().long()
+    with torch.no_grad():
+        sample = plain[torch.unravel_index(idx, plain.shape)] if plain.dim() else plain.reshape(1)
+    return ("sampled", bytes(sample.cpu().contiguous().view(torch.uint8).numpy()), *layout)
+
+
+def _tensor_bytes_digest(t: torch.Tensor) -> bytes | None:
+    """A digest of ``t``'s bytes (``_plain``), cached while ``_cache_state`` holds; None when it holds none.
+    Any view, stride, device and tensor made inside or outside inference mode."""
+    plain = _plain(t)
+    if plain is None:
+        return None
+    state = _cache_state(t, plain)
     hit = _TENSOR_DIGESTS.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1:3] == state:
-        return hit[3]
-    data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
-    digest = hashlib.blake2b(memoryview(data.numpy()), digest_size=16).digest()
+    if hit is not None and hit[0]() is t and hit[1] == state:
+        return hit[2]
+    with torch.no_grad():
+        data = plain.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+        digest = hashlib.blake2b(memoryview(data.numpy()), digest_size=16).digest()
     key = id(t)
-    _TENSOR_DIGESTS[key] = (weakref.ref(t, lambda _, key=key: _TENSOR_DIGESTS.pop(key, None)), *state, digest)
+    _TENSOR_DIGESTS[key] = (weakref.ref(t, lambda _, key=key: _TENSOR_DIGESTS.pop(key, None)), state, digest)
     return digest
+
+
+def _tensor_state(t: torch.Tensor) -> dict | None:
+    """A tensor's fields beyond its bytes: a quantized tensor's scheme and scales; a subclass's own
+    attributes (GGMLTensor: its quantization type and logical shape) or, for a wrapper subclass, its
+    inner tensors and metadata (``__tensor_flatten__``)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    state = {}
+    if t.is_quantized:
+        if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            state["quant"] = (str(t.qscheme()), t.q_scale(), t.q_zero_point())
+        else:
+            state["quant"] = (str(t.qscheme()), t.q_per_channel_scales(), t.q_per_channel_zero_points(),
+                              t.q_per_channel_axis())
+    if is_traceable_wrapper_subclass(t):
+        names, ctx = t.__tensor_flatten__()
+        state["inner"] = {name: getattr(t, name) for name in names}
+        state["ctx"] = ctx
+    elif type(t) is not torch.Tensor:
+        state.update(vars(t))
+    return state or None
 
 
 def _cell_set(cell) -> bool:

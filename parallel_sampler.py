@@ -481,7 +481,9 @@ class ParallelSampler:
         elif group.model_key != model.key:
             self.status(f"applying changed patches (LoRA) on {world} workers, without reading the file again")
         t0 = time.perf_counter()
-        recipe_ref, spec_ref = ray.put(model.recipe), ray.put(model.spec)
+        # workers that hold this model already get no copy of its patches (a LoRA can be GBs)
+        recipe_ref = ray.put(model.recipe)
+        spec_ref = ray.put(model.spec) if group.model_key != model.key else None
         loads = self._wait([a.load.remote(model.file_key, model.key, recipe_ref, spec_ref) for a in group.actors],
                            "model load", envs.LOAD_S.number())
         load_s = time.perf_counter() - t0

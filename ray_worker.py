@@ -253,13 +253,16 @@ class LTXAVWorker:
         return self.cfgp.calc_cond_batch_wrapper(executor, *args, **kwargs)
 
     # -- model ------------------------------------------------------------------
-    def load(self, file_key: str, key: str, recipe_bytes: bytes, spec_bytes: bytes):
+    def load(self, file_key: str, key: str, recipe_bytes: bytes, spec_bytes: bytes | None):
         """Hold the model ``key``: read the file only when ``file_key`` differs from the loaded one;
         otherwise clone the loaded model with the new patches (ComfyUI's patcher puts the original
         weights back from its backup before applying them). Returns a ``jobs.LoadResult``."""
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
         if key == self.model_key:
             return self._loaded("kept", 0.0)
+        if spec_bytes is None:  # the driver sends the patches only to workers that lack this model
+            raise RuntimeError("the model's patches were not sent: this worker holds another model than the "
+                               "driver recorded")
         t0 = time.perf_counter()
         self.patcher = None
         self.model_key = None
