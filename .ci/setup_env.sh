@@ -40,6 +40,22 @@ if [ -f "$host/comfy/ldm/lightricks/av_model.py" ]; then
     "${pip[@]}" --no-deps torchaudio==2.11.0
     rm -f "$site"/torchaudio/lib/*.so
   fi
+  # Node packs users run beside this one (../shared/nodepacks/<pack>-<commit>.tar.xz), in the test host's
+  # custom_nodes with their requirements: tests load them into their own processes and servers
+  # (tests/helpers/node_packs.py). ComfyUI-LTXVideo: its MultimodalGuider (tests/test_guidance_passes.py).
+  for archive in "$here"/../shared/nodepacks/ComfyUI-LTXVideo-*.tar.xz; do
+    [ -f "$archive" ] || continue
+    stem=$(basename "$archive" .tar.xz)
+    dest="$host/custom_nodes/${stem%-*}"
+    if [ ! -f "$dest/.unpacked-$stem" ]; then
+      rm -rf "$dest" "$dest.tmp" && mkdir -p "$dest.tmp"
+      tar -xJf "$archive" -C "$dest.tmp"
+      mv "$dest.tmp/${stem%-*}" "$dest" && rm -rf "$dest.tmp" && touch "$dest/.unpacked-$stem"
+    fi
+    if ! "$venv/bin/python" -c 'import diffusers, timm, einops, huggingface_hub, ninja' 2>/dev/null; then
+      "${pip[@]}" -r "$dest/requirements.txt" -c "$here/.ci/constraints.txt"
+    fi
+  done
   # PyPI's torchvision does not find its C++ ops beside CPU torch 2.13; declare their schemas
   # when torchvision is first imported (test environment only, never part of the pack).
   cp "$here/.ci/torchvision_shim.py" "$site/_ltxav_tv_shim.py"
