@@ -154,7 +154,7 @@ class _Recorder:
 
 
 def dry_run(patcher, job_bytes: bytes) -> Passes:
-    """Count the passes of the pickled job (``model_transfer.dumps(job, model_refs(patcher))``) by running
+    """Count the passes of the pickled job (``model_transfer.dumps_job(job, patcher)``) by running
     its sampler and guider on a stand-in for ``patcher``'s model."""
     import comfy.patcher_extension
 

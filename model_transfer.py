@@ -2,8 +2,10 @@
 workers.
 
 Anything pickled with ``dumps`` that refers to the driver's MODEL (its ModelPatcher, model_options,
-BaseModel or diffusion model) is sent as a reference and resolves, in ``loads``, to the worker's own
-copy, so guiders and model options travel without the weights. ``model_spec`` is the MODEL's load
+BaseModel, diffusion model or any module in it) is sent as a reference and resolves, in ``loads``, to the
+worker's own copy, so guiders and model options travel without the weights; a job (``dumps_job``) also
+refers to what the MODEL's options hold by its path there, so what a guider shares with a patch stays
+shared on the worker. ``model_spec`` is the MODEL's load
 recipe (``cached_patcher_init``, set by ComfyUI's loaders) plus its weight patches (LoRA), object
 patches and options. Two keys, made from content (``content_digest``), decide what a worker redoes:
 the file key (the recipe: file, dtype, loader options; and the file's size and time) rebuilds the
@@ -34,11 +36,13 @@ def model_refs(patcher) -> dict:
             "diffusion_model": patcher.model.diffusion_model}
 
 
-def dumps(obj, refs: dict) -> bytes:
-    """cloudpickle ``obj``, sending the objects in ``refs`` by name."""
+def dumps(obj, refs: dict, options: bool = False) -> bytes:
+    """cloudpickle ``obj``, sending the objects in ``refs`` by name and the model's submodules by their
+    names in it; with ``options`` also every object inside the MODEL's options by its path there
+    (``shared_ids``)."""
     from ray import cloudpickle
 
-    by_id = {id(v): k for k, v in refs.items()}
+    by_id = shared_ids(refs, options)
 
     class RefPickler(cloudpickle.Pickler):
         def persistent_id(self, o):
@@ -49,14 +53,76 @@ def dumps(obj, refs: dict) -> bytes:
     return buf.getvalue()
 
 
+def dumps_job(job, patcher) -> bytes:
+    """A sampling job (``jobs.KSamplerJob`` / ``jobs.GuiderJob``) for workers holding ``patcher``'s model:
+    the model, its submodules and what its options hold, by reference."""
+    return dumps(job, model_refs(patcher), options=True)
+
+
 def loads(data: bytes, refs: dict):
-    """Inverse of ``dumps``: names resolve to the objects in ``refs``."""
+    """Inverse of ``dumps``: names, submodule names and option paths resolve in ``refs``."""
 
     class RefUnpickler(pickle.Unpickler):
         def persistent_load(self, pid):
-            return refs[pid]
+            return resolve(pid, refs)
 
     return RefUnpickler(io.BytesIO(data)).load()
+
+
+def shared_ids(refs: dict, options: bool = False) -> dict:
+    """id -> persistent id of what stands for the model: the objects in ``refs`` (their names); every
+    submodule of its BaseModel (``("module", name)``: a node pack's patch that holds a transformer block,
+    such as ComfyUI-LTXVideo's STGBlockWrapper, refers to the worker's own block instead of carrying a
+    copy of its weights); with ``options``, every object inside the MODEL's options but its wrappers
+    (``("option", path)``), for a job unpickled after them: an object a guider shares with a patch in the
+    options (MultimodalGuider's STG flag, which its patches read) is then the worker's one too."""
+    by_id = {id(v): k for k, v in refs.items()}
+    base = refs.get("base_model")
+    if isinstance(base, torch.nn.Module):
+        for name, module in base.named_modules():
+            by_id.setdefault(id(module), ("module", name))
+
+    def walk(o, path, depth):
+        if (depth > 16 or isinstance(o, (str, bytes, int, float, complex, bool, type(None), torch.Tensor,
+                                         torch.nn.Module, type, types.FunctionType, types.MethodType,
+                                         types.BuiltinFunctionType, functools.partial, enum.Enum))):
+            return
+        if path and not isinstance(o, (tuple, frozenset)):
+            if id(o) in by_id:
+                return
+            by_id[id(o)] = ("option", path)
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if not (depth == 1 and k == "wrappers"):  # the workers make their own wrappers lists
+                    walk(v, (*path, ("item", k)), depth + 1)
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, (*path, ("item", i)), depth + 1)
+        elif hasattr(o, "__dict__"):
+            for k, v in vars(o).items():
+                walk(v, (*path, ("attr", k)), depth + 1)
+
+    if options and "model_options" in refs:
+        walk(refs["model_options"], (), 0)
+    return by_id
+
+
+def resolve(pid, refs: dict):
+    """The object a persistent id of ``shared_ids`` names, in ``refs``."""
+    if isinstance(pid, str):
+        return refs[pid]
+    kind, where = pid
+    if kind == "module":
+        return refs["base_model"].get_submodule(where)
+    o = refs["model_options"]
+    try:
+        for how, key in where:
+            o = o[key] if how == "item" else getattr(o, key)
+    except (KeyError, IndexError, AttributeError, TypeError) as e:
+        steps = "".join(f"[{k!r}]" if how == "item" else f".{k}" for how, k in where)
+        raise RuntimeError(f"the job refers to model_options{steps}, which this worker's MODEL lacks (a part of "
+                           "the MODEL that could not be sent?)") from e
+    return o
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +209,10 @@ def _file_stats(args) -> list:
 def content_digest(obj, refs: dict | None = None) -> str:
     """A hash of what ``obj`` holds (tensor bytes, numbers, strings, the attributes of objects), not of
     where it lives: the same LoRA loaded twice gives the same digest, a changed strength another.
-    The objects in ``refs`` count by name. What cannot be read this way (no attributes, no pickle)
-    counts by identity, so at worst a worker re-applies patches it could have kept."""
+    The objects in ``refs`` and the model's submodules count by name. What cannot be read this way (no
+    attributes, no pickle) counts by identity, so at worst a worker re-applies patches it could have kept."""
     h = hashlib.blake2b(digest_size=16)
-    names = {id(v): k for k, v in (refs or {}).items()}
+    names = {i: repr(pid) for i, pid in shared_ids(refs or {}).items()}  # submodules by name, not their weights
     seen: dict[int, tuple[int, object]] = {}  # id -> (position, the object: kept alive so ids stay unique)
 
     def put(tag: bytes, data: bytes = b"") -> None:

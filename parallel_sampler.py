@@ -449,7 +449,7 @@ class ParallelSampler:
         self.connect(settings.ray_address)  # first: it decides how Ray is imported
         import ray
         t_prepare = time.perf_counter()
-        job_bytes = model_transfer.dumps(job, model_transfer.model_refs(patcher))
+        job_bytes = model_transfer.dumps_job(job, patcher)
         passes = guidance_passes.count(patcher, job, job_bytes, NODE)
         world, degrees, cpu = self.resolve(settings, family.video_heads(dm), passes)
         total_steps = job.total_steps
@@ -544,7 +544,7 @@ class ParallelSampler:
         info = {"device": f"{torch.cuda.get_device_name(device)} ({device})" if cuda else str(device),
                 "dynamic_vram": ray_worker.dynamic_vram_enabled()}
         est = None
-        job_bytes = model_transfer.dumps(job, model_transfer.model_refs(patcher))
+        job_bytes = model_transfer.dumps_job(job, patcher)
         passes = guidance_passes.count(patcher, job, job_bytes, NODE)
         if not envs.SKIP_MEMORY_CHECK.on():
             budget = here_budget(device)

@@ -178,6 +178,15 @@ def test_identity_pass_in_a_call_of_its_own(ps, nodes_mod, tiny_model, tiny_mode
     assert_matches(got[1], want[1], reference[1], f"{mode} denoised_output")
 
 
+def test_a_count_the_workers_did_not_run_is_logged(ps, nodes_mod, tiny_model, tiny_ckpt, monkeypatch, caplog_info):
+    """The twin of every check that the counted passes are the workers': a count that is not what they ran
+    (one pass a step for KSampler at cfg 3) is logged as a WARNING naming both."""
+    gp = importlib.import_module("ltxav_pack.guidance_passes")
+    monkeypatch.setattr(gp, "count", lambda patcher, job, job_bytes, node: gp.Passes.uniform((1,), job.total_steps))
+    parallel_ksampler(nodes_mod, tiny_model, tiny_ckpt[1]["caption_channels"], cfg_parallel="auto")
+    assert f"{NODE}: the workers ran [6, 6] model passes where [3, 3] were counted" in caplog_info.text
+
+
 def test_cfg_1_falls_back_to_sequence_parallel_on_the_same_workers(ps, nodes_mod, tiny_model, tiny_model_f64,
                                                                     tiny_ckpt, caplog_info):
     cc = tiny_ckpt[1]["caption_channels"]
@@ -305,3 +314,38 @@ def test_four_workers_cfg_with_ulysses_or_ring(ps, nodes_mod, tiny_model, tiny_m
                                 cfg_parallel="auto", cfg=cfg, sampler=sampler)
     assert f"{NODE}: 4 workers, {label}" in ui.value and worker_passes(ui) == [3, 3, 3, 3], ui.value
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc, latent=latent, cfg=cfg, sampler=sampler)
+
+
+def test_multimodal_guider_equals_stock(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, caplog_info):
+    """ComfyUI-LTXVideo's MultimodalGuider (positive, negative, perturbed (STG) and modality-isolated
+    passes, each in a call of its own with other transformer_options) on 2 workers equals stock; auto keeps
+    sequence parallel and says why, and the counted passes are those the workers ran; the STG flag the
+    guider sets is the one the workers' block patches read. The node pack's code must reach the workers
+    (issue 33): until it does, the workers cannot unpickle the guider and this test is an expected failure
+    that says so (with its code pickled by value it passed, 2026-12-06)."""
+    from helpers.node_packs import LTXVIDEO, missing
+
+    if missing(LTXVIDEO):
+        pytest.skip(missing(LTXVIDEO))
+    cc = tiny_ckpt[1]["caption_channels"]
+    latent = make_latent(**LATENT)
+    sigmas = ltxv_sigmas(latent, steps=2)
+    want = stock_custom_advanced("multimodal", tiny_model, cc, latent, sigmas)
+    reference = stock_custom_advanced("multimodal", tiny_model_f64, cc, latent, sigmas)
+    # the twin: the perturbed pass unperturbed (what workers whose STG flag is a copy of the guider's
+    # would run: their patches never see it set) fails the check
+    assert mismatches(stock_custom_advanced("multimodal unperturbed", tiny_model, cc, latent, sigmas)[0], want[0],
+                      reference[0])
+    try:
+        *got, ui = parallel_custom_advanced(nodes_mod, "multimodal", tiny_model, cc, latent, sigmas,
+                                            cfg_parallel="auto")
+    except RuntimeError as e:
+        if "No module named" in str(e):
+            pytest.xfail(f"the node pack's code does not reach the workers yet (issue 33): {e}")
+        raise
+    assert f"{NODE}: 2 workers, Ulysses 2 x ring 1; 4 guidance passes a step (calls of 1 + 1 + 1 + 1)" in ui.value
+    assert f"{NODE}: cfg-parallel not used (MultimodalGuider makes its 4 passes a step in separate calls" in \
+        caplog_info.text
+    assert worker_passes(ui) == [8, 8] and "were counted" not in caplog_info.text
+    assert_matches(got[0], want[0], reference[0], "output")
+    assert_matches(got[1], want[1], reference[1], "denoised_output")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from helpers.comfy_host import make_conditioning, make_latent
-from helpers.node_packs import LTXVIDEO, load, missing
-from helpers.sampler_cases import LATENT, conds, ltxv_sigmas, reference_audio
+from helpers.node_packs import LTXVIDEO, missing
+from helpers.sampler_cases import LATENT, conds, ltxv_sigmas, multimodal, reference_audio
 
 NODE = "LTXAV Parallel Sampler"
 
@@ -64,17 +64,6 @@ class CountingStock:
             for kind in (wrappers.PREDICT_NOISE, wrappers.CALC_COND_BATCH):
                 patcher.remove_wrappers_with_key(kind, "test_count")
         return tuple(tuple(ev) for ev in self.evaluations if ev)
-
-
-def multimodal(model, cc, video=(3.0, 1.0, 2.0), audio=(3.0, 1.0, 2.0), skip_blocks="1"):
-    """ComfyUI-LTXVideo's MultimodalGuider node: per modality (cfg, stg, modality_scale)."""
-    node_classes = load(LTXVIDEO)
-    params = None
-    for modality, (cfg, stg, modality_scale) in (("VIDEO", video), ("AUDIO", audio)):
-        params = node_classes["GuiderParameters"]().get_parameters(modality, cfg, stg, True, 0.0, modality_scale, 0,
-                                                                  True, params)[0]
-    pos, neg = conds(cc)
-    return node_classes["MultimodalGuider"]().get_guider(model, pos, neg, params, skip_blocks)[0]
 
 
 def guider_job(jobs, model, cc, kind, sampler="euler", cfg=3.0, steps=2):
@@ -155,7 +144,7 @@ def test_dry_run_counts_what_stock_comfyui_runs(gp, jobs, mt, comfy, tiny_ckpt, 
     cc = tiny_ckpt[1]["caption_channels"]
     job = build(jobs, model, cc)
     patcher = getattr(job, "guider", None) and job.guider.model_patcher or model
-    counted = gp.count(patcher, job, mt.dumps(job, mt.model_refs(patcher)), NODE)
+    counted = gp.count(patcher, job, mt.dumps_job(job, patcher), NODE)
     assert counted.how == "dry run" and counted.evaluations == want, counted
     fresh = comfy.sd.load_diffusion_model(str(tiny_ckpt[0]))
     stock = CountingStock().run(build(jobs, fresh, cc), fresh)
@@ -186,7 +175,7 @@ def test_dry_run_runs_no_forward_and_leaves_the_job_alone(gp, jobs, mt, comfy, t
     with monkeypatch.context() as m:
         m.setattr(type(patcher.model.diffusion_model), "forward", no)
         m.setattr(comfy.model_management, "load_models_gpu", no)
-        counted = gp.count(patcher, job, mt.dumps(job, mt.model_refs(patcher)), NODE)
+        counted = gp.count(patcher, job, mt.dumps_job(job, patcher), NODE)
     assert counted.evaluations == ((1, 1, 1, 1),) * 2 and counted.guider == "MultimodalGuider"
     assert job.guider.current_step == 0 and not hasattr(job.guider, "conds")
     assert CountingStock().run(job, patcher) == counted.evaluations
@@ -206,7 +195,7 @@ def test_a_guider_that_runs_the_model_itself_falls_back_to_the_rule(gp, jobs, mt
     cc = tiny_ckpt[1]["caption_channels"]
     job = guider_job(jobs, model, cc, "cfg")
     job.guider.__class__ = DirectGuider
-    counted = gp.count(model, job, mt.dumps(job, mt.model_refs(model)), NODE)
+    counted = gp.count(model, job, mt.dumps_job(job, model), NODE)
     assert counted.how.startswith("_Uncountable: the guider runs the model outside calc_cond_batch")
     assert counted.evaluations == ((2,),) * 2  # the rule: one pass per conditioning the guider holds
     assert "could not count the guidance passes by a dry run of the sampler" in caplog.text

@@ -196,6 +196,57 @@ def test_content_digest_follows_content_not_identity(pack):
     assert rw.content_digest(a.add) != rw.content_digest(b.add)  # bound to other objects
 
 
+class SkipFlag:
+    """Like ComfyUI-LTXVideo's STGFlag: set by the guider around its perturbed pass, read by the patches."""
+
+    def __init__(self):
+        self.do_skip = False
+
+
+class BlockPatch:
+    """Like ComfyUI-LTXVideo's STGBlockWrapper: a patch replacing a transformer block, holding the block
+    and the guider's flag."""
+
+    def __init__(self, block, flag):
+        self.block, self.flag = block, flag
+
+    def __call__(self, args, extra_args):
+        return extra_args["original_block"](args)
+
+
+class FlagGuider:
+    def __init__(self, patcher, flag):
+        self.model_patcher, self.model_options, self.flag = patcher, patcher.model_options, flag
+
+
+@pytest.mark.quick
+def test_patches_holding_a_block_and_a_flag_shared_with_the_guider(pack, comfy, tiny_ckpt):
+    """A node pack's block patches (ComfyUI-LTXVideo's STG, under MultimodalGuider) hold a transformer block
+    of the model and a flag their guider sets: the spec sends each block as a reference to the worker's own
+    (no copy of its weights, none read for the key), and the job's guider gets the very flag the worker's
+    patches read. The twin: pickled without the options' paths, the guider's flag is a copy."""
+    mt = importlib.import_module("ltxav_pack.model_transfer")
+    driver, worker = (comfy.sd.load_diffusion_model(str(tiny_ckpt[0])) for _ in range(2))
+    flag = SkipFlag()
+    blocks = driver.get_model_object("diffusion_model.transformer_blocks")
+    for i, block in enumerate(blocks):
+        driver.set_model_patch_replace(BlockPatch(block, flag), "dit", "double_block", i)
+    spec = mt.model_spec(driver)
+    block_bytes = sum(t.numel() * t.element_size() for t in blocks[0].state_dict().values())
+    assert len(spec.spec) < block_bytes // 4, (len(spec.spec), block_bytes)
+    patched = worker.clone()  # as ray_worker.load applies a spec
+    parts = mt.loads(spec.spec, mt.model_refs(patched))
+    patched.model_options.setdefault("transformer_options", {}).update(parts["transformer_options"])
+    replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert [replaced[("double_block", i)].block for i in range(len(blocks))] == list(
+        patched.model.diffusion_model.transformer_blocks)
+    job = mt.loads(mt.dumps_job(FlagGuider(driver, flag), driver), mt.model_refs(patched))
+    assert job.model_options is patched.model_options and job.model_patcher is patched
+    assert all(replaced[("double_block", i)].flag is job.flag for i in range(len(blocks)))
+    plain = mt.loads(mt.dumps(FlagGuider(driver, flag), mt.model_refs(driver)), mt.model_refs(patched))
+    assert plain.flag is not replaced[("double_block", 0)].flag
+
+
 def test_every_socket_of_ray_and_the_workers_is_on_loopback(ps, nodes_mod, tiny_model, tiny_ckpt):
     parallel_ksampler(nodes_mod, tiny_model, tiny_ckpt[1]["caption_channels"], steps=1)
     socks = listening_sockets(process_tree(os.getpid()))

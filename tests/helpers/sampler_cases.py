@@ -34,14 +34,18 @@ def parallel_ksampler(nodes_mod, model, cc, steps=3, latent=None, gpus=2, ulysse
 
 def guider(kind, model, cc, cfg=3.0):
     """A stock guider on ``model``: ``cfg`` (CFGGuider), ``dual`` (DualCFGGuider: negative, middle and
-    positive, three passes), ``basic`` (BasicGuider, one pass) or ``reference audio`` (CFGGuider on
-    LTXVReferenceAudio's MODEL and conditioning: one more pass a step, in a call of its own)."""
+    positive, three passes), ``basic`` (BasicGuider, one pass), ``reference audio`` (CFGGuider on
+    LTXVReferenceAudio's MODEL and conditioning: one more pass a step, in a call of its own) or
+    ``multimodal`` (ComfyUI-LTXVideo's MultimodalGuider: four passes a step, each in a call of its own)."""
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Guider_Basic, Guider_DualCFG
 
     pos, neg = conds(cc)
     if kind == "reference audio":
         model, pos, neg = reference_audio(model, cc)
+    if kind.startswith("multimodal"):  # "multimodal unperturbed": STG on no block, its pass is the positive
+        return multimodal(model, cc, video=(cfg, 1.0, 2.0), audio=(cfg, 1.0, 2.0),
+                          skip_blocks="" if kind.endswith("unperturbed") else "1")
     if kind in ("cfg", "reference audio"):
         g = comfy.samplers.CFGGuider(model)
         g.set_conds(pos, neg)
@@ -72,6 +76,19 @@ def reference_audio(model, cc):
     pos, neg = conds(cc)
     audio = {"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000}
     return LTXVReferenceAudio.execute(model, pos, neg, audio, AudioVAE(), 3.0, 0.0, 1.0).args
+
+
+def multimodal(model, cc, video=(3.0, 1.0, 2.0), audio=(3.0, 1.0, 2.0), skip_blocks="1"):
+    """ComfyUI-LTXVideo's MultimodalGuider node: per modality (cfg, stg, modality_scale)."""
+    from .node_packs import LTXVIDEO, load
+
+    node_classes = load(LTXVIDEO)
+    params = None
+    for modality, (cfg, stg, modality_scale) in (("VIDEO", video), ("AUDIO", audio)):
+        params = node_classes["GuiderParameters"]().get_parameters(modality, cfg, stg, True, 0.0, modality_scale, 0,
+                                                                  True, params)[0]
+    pos, neg = conds(cc)
+    return node_classes["MultimodalGuider"]().get_guider(model, pos, neg, params, skip_blocks)[0]
 
 
 def ltxv_sigmas(latent, steps=4):
