@@ -517,15 +517,8 @@ def main(argv=None):
             commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         except OSError:
             pass
-    out = open(a.out, "a") if a.out else None
+    emit = bench_common().JsonLines(a.out, log)
     a.latents = tempfile.mkdtemp(prefix="comfy_long_video-")  # each run's latents, for rel_l2_vs_stock
-
-    def emit(rec):
-        line = json.dumps(rec)
-        log.info("%s", line)
-        if out:
-            out.write(line + "\n")
-            out.flush()
 
     sys.path.insert(0, str(Path(a.comfy).resolve()))
     ck = None
@@ -577,8 +570,7 @@ def main(argv=None):
         pass
     emit(summary)
     log.info("command: %s | card: %s | date: %s | commit: %s", command, summary["card"], summary["date"], commit)
-    if out:
-        out.close()
+    emit.close()
     shutil.rmtree(a.latents, ignore_errors=True)
     return 0
 

@@ -277,6 +277,24 @@ def write_json(path, payload):
     Path(path).write_text(json.dumps(payload, indent=1) + "\n")
 
 
+class JsonLines:
+    """A script's records as JSON lines: each logged, and appended to ``path`` when one is given."""
+
+    def __init__(self, path, log):
+        self.out, self.log = (open(path, "a") if path else None), log
+
+    def __call__(self, rec):
+        line = json.dumps(rec)
+        self.log.info("%s", line)
+        if self.out:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def close(self):
+        if self.out:
+            self.out.close()
+
+
 def free_port() -> int:
     """A free port on loopback, for single-process runs that start a process group themselves."""
     import socket

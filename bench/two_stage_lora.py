@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -221,14 +220,10 @@ def main(argv=None):
         Path(a.child_out).write_text(json.dumps(child(a)))
         return 0
 
-    out = open(a.out, "a") if a.out else None
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
 
-    def emit(rec):
-        line = json.dumps(rec)
-        log.info("%s", line)
-        if out:
-            out.write(line + "\n")
-            out.flush()
+    emit = common.JsonLines(a.out, log)
 
     command = " ".join(["python", "bench/two_stage_lora.py", *(argv if argv is not None else sys.argv[1:])])
     commit = a.commit or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
@@ -268,16 +263,10 @@ def main(argv=None):
         Path(res_path).unlink(missing_ok=True)
         rec.update(child_rc=rc, child_wall_s=round(time.perf_counter() - t0, 1), commit=commit)
         emit(rec)
-    try:
-        import torch
-
-        card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        card = "?"
-    emit(dict(kind="summary", command=command, card=card, commit=commit, python=platform.python_version(),
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
-    if out:
-        out.close()
+    info = common.device_info()
+    emit(dict(kind="summary", command=command, card=info["device"], commit=commit, torch=info["torch"],
+              python=info["python"], date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
+    emit.close()
     return 0
 
 
