@@ -64,7 +64,7 @@ class Passes:
         return max((sum(1 for n in ev if n == 1) for ev in self.evaluations), default=0)
 
     def describe(self) -> str:
-        """E.g. "2 guidance passes a step" or "4 guidance passes a step (4 calls of 1)"."""
+        """E.g. "2 guidance passes a step", "3 guidance passes a step (calls of 2 + 1)"."""
         n = self.per_step
         text = f"{n} guidance pass{'es' if n > 1 else ''} a step"
         shapes = {ev for ev in self.evaluations if ev}

@@ -215,11 +215,17 @@ def test_example_workflow_loads_clean_and_runs_from_the_run_button(ui, ui_server
     assert_clean(ui, f"{path.name} after the run")
 
 
+# Opened from the Templates browser: the pack's own examples and one official template's parallel version
+# (the others come from the same script, and tests/test_official_templates.py loads each into the page)
+TEMPLATE_BROWSER_FILES = [p for p in UI_FILES if not p.stem.startswith("video_")] + [
+    WORKFLOWS / "video_ltx2_3_t2v_parallel.json"]
+
+
 @needs_browser
 def test_template_browser_shows_thumbnails_and_opens_examples(ui):
     from PIL import Image
 
-    for path in UI_FILES:
+    for path in TEMPLATE_BROWSER_FILES:
         if not thumbnail(path).exists():
             pytest.fail(f"{thumbnail(path)} missing: run with LTXAV_WRITE_SCREENSHOTS=1")
         shown = ui.open_template(path.stem, len(json.loads(path.read_text())["nodes"]))
