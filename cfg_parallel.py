@@ -11,10 +11,13 @@ rank then returns ComfyUI the outputs of every pass, and the guidance itself (cf
 post-CFG functions) runs on all ranks alike, so they stay in step.
 
 Passes are shared in contiguous blocks of ceil(n / C) (3 passes on 2 groups: 2 and 1). A call with
-fewer than 2 passes (cfg 1, or a single extra pass such as LTXVReferenceAudio's) runs whole on every
-group. The driver picks the degree (``choose_degree``) from the node's ``cfg_parallel`` input and the
-job's pass count (``jobs.KSamplerJob.passes``, ``jobs.GuiderJob.passes``); with ``auto`` it drops to
-sequence parallel only when the memory plan fits that and not this (``ParallelSampler.run``).
+fewer than 2 passes (cfg 1, LTXVReferenceAudio's extra identity pass, or each of the separate calls
+ComfyUI-LTXVideo's MultimodalGuider makes) runs whole on every group: the passes of separate calls cannot
+be shared, as each call's outputs are needed before the guider makes the next. The driver picks the
+degree (``choose_degree``) from the node's ``cfg_parallel`` input and the job's passes as ComfyUI's own
+sampler and guider make them (``guidance_passes``); with ``auto`` it drops to sequence parallel when a
+group would run a pass another group runs too, and when the memory plan fits only that
+(``ParallelSampler.run``).
 """
 from __future__ import annotations
 
@@ -41,36 +44,57 @@ def shares(active: list[int], degree: int) -> list[list[int]]:
     return [active[g * k:(g + 1) * k] for g in range(degree)]
 
 
-def choose_degree(mode: str, passes: int, world: int, ulysses: int, ring: int, video_heads: int,
+def choose_degree(mode: str, passes, world: int, ulysses: int, ring: int, video_heads: int,
                   node: str) -> tuple[int, str]:
-    """The cfg degree for ``world`` ranks and ``passes`` guidance passes a step, and why cfg-parallel is
-    not used when it is 1. ``auto``: the largest degree that divides both the passes and the GPU count
-    (so every group runs as many passes) and leaves a valid sequence-parallel group; ``on``: the largest
-    that divides the GPU count, an uneven share allowed; ``off``: 1. ``ulysses`` 0 = whatever is left
-    over the ring; otherwise ``ulysses * ring`` must be what is left."""
+    """The cfg degree for ``world`` ranks and the job's ``passes`` (``guidance_passes.Passes``), and a
+    note: why cfg-parallel is not used when the degree is 1, what the groups run twice otherwise (empty
+    when nothing). ``auto``: the largest degree that splits every call's passes evenly (no group runs a
+    pass another runs too), divides the GPU count and leaves a valid sequence-parallel group; ``on``: the
+    largest that divides the GPU count, uneven shares and whole one-pass calls allowed; ``off``: 1.
+    ``ulysses`` 0 = whatever is left over the ring; otherwise ``ulysses * ring`` must be what is left."""
     if mode not in MODES:
         raise ValueError(f"{node}: input 'cfg_parallel' is {mode!r}; use one of {', '.join(MODES)}.")
     if mode == "off":
         return 1, "cfg_parallel is off"
-    if passes < 2:
+    largest, per_step = passes.largest_call, passes.per_step
+    if largest < 2:
+        if per_step > 1:
+            return 1, (f"{passes.guider} makes its {per_step} passes a step in separate calls of one pass each, and "
+                       "cfg-parallel shares the passes of one call: each group would run every pass whole")
         return 1, "one guidance pass a step (cfg 1 or a guider without negative): nothing to split"
     if world < 2:
         return 1, "one GPU"
-    for degree in range(min(passes, world), 1, -1):
-        if world % degree or (mode == "auto" and passes % degree):
+    for degree in range(min(largest, world), 1, -1):
+        wasted = passes.wasted(degree)
+        if world % degree or (mode == "auto" and wasted):
             continue
         sequence = world // degree
         if ulysses:
-            if ulysses * ring == sequence:
-                return degree, ""
-        elif sequence % ring == 0 and video_heads % (sequence // ring) == 0:
-            return degree, ""
+            if ulysses * ring != sequence:
+                continue
+        elif sequence % ring or video_heads % (sequence // ring):
+            continue
+        return degree, (f"each group also runs {wasted} pass{'es' if wasted > 1 else ''} a step that another group "
+                        f"runs too ({_unsplit(passes, degree)})" if wasted else "")
     if mode == "on":
-        counts = "an even gpus count" if passes == 2 else f"a gpus count divisible by one of 2 to {passes}"
-        raise ValueError(f"{node}: input 'cfg_parallel' is 'on', but the {passes} guidance passes a step cannot be "
-                         f"split over gpus={world} with ulysses_degree={ulysses} and ring_degree={ring}: use {counts} "
-                         "with ulysses_degree 0, or set cfg_parallel to 'auto' or 'off'.")
-    return 1, f"{passes} passes do not split evenly over {world} GPUs"
+        counts = "an even gpus count" if largest == 2 else f"a gpus count divisible by one of 2 to {largest}"
+        raise ValueError(f"{node}: input 'cfg_parallel' is 'on', but the {passes.describe()} cannot be split over "
+                         f"gpus={world} with ulysses_degree={ulysses} and ring_degree={ring}: use {counts} with "
+                         "ulysses_degree 0, or set cfg_parallel to 'auto' or 'off'.")
+    single = passes.single_calls
+    if single and any(world % d == 0 for d in range(2, min(largest, world) + 1)):
+        return 1, (f"{single} of the {per_step} passes a step come{'s' if single == 1 else ''} in a call of "
+                   f"{'its' if single == 1 else 'their'} own ({passes.guider} or a post-CFG function calls the model "
+                   "again), which every cfg group would run whole: each pass is split over all "
+                   f"{world} GPUs instead")
+    return 1, f"the {passes.describe()} do not split evenly over {world} GPUs"
+
+
+def _unsplit(passes, degree: int) -> str:
+    single = passes.single_calls
+    if single:
+        return f"{single} a step come{'s' if single == 1 else ''} in a call of one pass, which every group runs whole"
+    return f"{passes.largest_call} passes do not split evenly over {degree} groups"
 
 
 class CfgParallel:

@@ -5,7 +5,6 @@ worker's sampling result and memory figures, and the run's result for the nodes.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 GIB = float(1 << 30)
@@ -40,12 +39,6 @@ class KSamplerJob:
     def total_steps(self) -> int:
         return self.steps
 
-    @property
-    def passes(self) -> int:
-        """Model passes a step (ComfyUI batches them into one forward): positive and negative, or only
-        positive at cfg 1 (ComfyUI's cfg-1 shortcut)."""
-        return 1 if math.isclose(self.cfg, 1.0) else 2
-
     def sample(self, patcher, callback):
         import comfy.sample
 
@@ -71,19 +64,6 @@ class GuiderJob:
     @property
     def total_steps(self) -> int:
         return self.sigmas.shape[-1] - 1
-
-    @property
-    def passes(self) -> int:
-        """Model passes a step: for ComfyUI's CFGGuider (and guiders that keep its predict_noise, such as
-        BasicGuider) positive and negative, or positive only at cfg 1 or without a negative; for other
-        guiders (DualCFGGuider, PerpNegGuider, ...) one per conditioning they hold, at most."""
-        import comfy.samplers
-
-        guider = self.guider
-        conds = [k for k, v in getattr(guider, "original_conds", {}).items() if v]
-        if type(guider).predict_noise is comfy.samplers.CFGGuider.predict_noise:
-            return 2 if "negative" in conds and not math.isclose(getattr(guider, "cfg", 1.0), 1.0) else 1
-        return max(1, len(conds))
 
     def sample(self, patcher, callback):
         import comfy.model_management
@@ -142,8 +122,9 @@ class SampleResult:
 @dataclasses.dataclass
 class RunResult:
     """A run for the nodes: rank 0's samples and x0, every worker's memory and model passes (in ComfyUI's
-    process: its own, as rank 0), the timings, what the model load did, the planner's predicted peak per
-    worker and its parts (None when not checked), and the summary lines."""
+    process: its own, as rank 0; ``counted_passes``: what ``guidance_passes`` counted for each worker), the
+    timings, what the model load did, the planner's predicted peak per worker and its parts (None when not
+    checked), and the summary lines."""
 
     samples: Any
     x0: Any
@@ -155,3 +136,4 @@ class RunResult:
     step_times: list[float] = dataclasses.field(default_factory=list)
     passes: list[int] = dataclasses.field(default_factory=list)
     planned_parts_gib: dict | None = None
+    counted_passes: list[int] = dataclasses.field(default_factory=list)

@@ -14,10 +14,14 @@ worker imports them under ComfyUI's names.
 * its weight patches (LoRA) and the model key (file key + patches): a new model key re-applies patches on
   the loaded weights;
 * its options (``Option``: model options, transformer options down to each block patch, wrappers,
-  callbacks, object patches), which travel with every job in the job's own pickle (``job_payload``), so
-  an object the options and the job share (a guider's flag its block patches read) stays one object on
-  the worker. Each option is also pickled alone, for the check that every worker can rebuild it
-  (``check_parts``) before anything samples.
+  callbacks, object patches), which travel with every job in the job's own pickle (``job_payload``,
+  ``dumps_job``; rebuilt by ``loads_job``), so an object the options and the job share (a guider's flag
+  its block patches read) stays one object on the worker. Each option is also pickled alone, for the
+  check that every worker can rebuild it (``check_parts``) before anything samples.
+
+Weight patches are sent only to workers that lack the model key (``ModelSpec.spec`` is pickled on first
+use). The patches' identity holds under ``torch.inference_mode()`` (ComfyUI runs every node there: its
+tensors have no version counter) and for every kind of tensor a loader makes (``_tensor_bytes_digest``).
 
 Keys are made from content (``content_digest``), not identity.
 """
@@ -122,7 +126,9 @@ OPTION_KINDS = {"model_options": "model option", "transformer_options": "transfo
 class Option:
     """One option of a MODEL: where it goes (``path``: ``("model_options", key)``, ``("transformer_options",
     key, ...)``, ``("wrappers", kind, key)``, ``("callbacks", kind, key)`` or ``("object_patches", name)``)
-    and its value (a list of functions for wrappers and callbacks)."""
+    and its value (a list of functions for wrappers and callbacks). ``apply`` sets it on a patcher: one
+    cloned from the loaded weights (a worker), or from the driver's MODEL itself (the dry run of
+    ``guidance_passes``), whose own entry the rebuilt one replaces."""
 
     path: tuple
     value: object
@@ -141,10 +147,12 @@ class Option:
             for k in rest[:-1]:
                 d = d.setdefault(k, {})
             d[rest[-1]] = self.value
-        elif head == "wrappers":
+        elif head == "wrappers":  # in place of what a clone of the driver's MODEL holds under that key
+            patcher.remove_wrappers_with_key(rest[0], rest[1])
             for fn in self.value:
                 patcher.add_wrapper_with_key(rest[0], rest[1], fn)
         elif head == "callbacks":
+            patcher.remove_callbacks_with_key(rest[0], rest[1])
             for fn in self.value:
                 patcher.add_callback_with_key(rest[0], rest[1], fn)
         else:
@@ -177,6 +185,41 @@ def options_of(patcher, own_keys=()) -> list[Option]:
     return out
 
 
+def travelling_options(patcher, refs: dict, own_keys=()) -> tuple[dict, list]:
+    """``patcher``'s options that can be pickled, each with its own pickle (name -> (Option, pickle)), and
+    the names of those that cannot (they stay behind, named in a warning)."""
+    options, skipped = {}, []
+    for option in options_of(patcher, own_keys):
+        try:
+            options[option.name] = (option, dumps(option.value, refs))
+        except Exception:  # noqa: BLE001 - anything unpicklable stays behind, named in the warning
+            skipped.append(option.name)
+    return options, skipped
+
+
+def _job_pickle(job, options, refs: dict) -> bytes:
+    return dumps({"options": list(options), "job": job}, refs)
+
+
+def dumps_job(job, patcher, own_keys=()) -> bytes:
+    """A sampling job (``jobs.KSamplerJob`` / ``jobs.GuiderJob``) and ``patcher``'s options that can be
+    pickled, in one pickle (``loads_job``): an object the job and an option share (MultimodalGuider's STG
+    flag, which its block patches read) stays one object. For a MODEL with a load recipe,
+    ``ModelSpec.job_payload`` makes the same from the options it pickled already."""
+    refs = model_refs(patcher)
+    options, _ = travelling_options(patcher, refs, own_keys)
+    return _job_pickle(job, (o for o, _ in options.values()), refs)
+
+
+def loads_job(data: bytes, patcher):
+    """Inverse of ``dumps_job`` / ``ModelSpec.job_payload`` on ``patcher`` (a clone of the MODEL the job
+    was made for, or of the worker's loaded weights): the options are set on it, the job returned."""
+    parts = loads(data, model_refs(patcher))
+    for option in parts["options"]:
+        option.apply(patcher)
+    return parts["job"]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What a worker needs to rebuild a MODEL: ``recipe`` (pickled), its weight ``patches`` (pickled when
@@ -200,8 +243,7 @@ class ModelSpec:
 
     def job_payload(self, job, dropped=()) -> bytes:
         """The options (but ``dropped``) and ``job`` in one pickle: what they share stays one object."""
-        options = [o for name, (o, _) in self.options.items() if name not in dropped]
-        return dumps({"options": options, "job": job}, self.refs)
+        return _job_pickle(job, (o for name, (o, _) in self.options.items() if name not in dropped), self.refs)
 
     def check_parts(self) -> dict:
         """Each option's own pickle, by name, for the workers' check."""
@@ -218,12 +260,7 @@ def model_spec(patcher, own_keys=(), node: str = "LTXAV Parallel Sampler") -> Mo
                          "'Unet Loader (GGUF)' (and Advanced) say which file it is; load it with one of those, or "
                          "use gpus=1, which samples in ComfyUI's process.")
     refs = model_refs(patcher)
-    skipped, options = [], {}
-    for option in options_of(patcher, own_keys):
-        try:
-            options[option.name] = (option, dumps(option.value, refs))
-        except Exception:  # noqa: BLE001 - anything unpicklable stays behind, named in the warning
-            skipped.append(option.name)
+    options, skipped = travelling_options(patcher, refs, own_keys)
     not_sent = [name for name in NOT_SENT if getattr(patcher, name, None)]
     patches = {k: list(v) for k, v in patcher.patches.items()}
     file_key = content_digest({"recipe": recipe, "files": _file_stats(recipe[1])})
@@ -309,15 +346,18 @@ def content_digest(obj, refs: dict | None = None) -> str:
             return put(b"id", f"{type(o).__qualname__}:{id(o)}:{uuid.uuid4()}".encode())
 
     def tensor(t: torch.Tensor) -> None:
-        put(b"tensor", f"{type(t).__qualname__}:{t.dtype}:{tuple(t.shape)}".encode())
+        put(b"tensor", f"{type(t).__module__}.{type(t).__qualname__}:{t.dtype}:{tuple(t.shape)}".encode())
         try:
-            put(b"data", _tensor_bytes_digest(t))
-        except Exception:  # noqa: BLE001 - quantized or subclassed tensors without plain bytes
-            state = _attributes(t)
-            if state:
-                walk(state)
-            else:
-                put(b"id", f"{id(t)}:{uuid.uuid4()}".encode())
+            data = _tensor_bytes_digest(t)  # None: no bytes of its own (a wrapper subclass, a meta tensor)
+        except Exception:  # noqa: BLE001 - a kind of tensor not foreseen: read by its fields or identity
+            data = None
+        if data is not None:
+            put(b"data", data)
+        state = _tensor_state(t)  # a subclass's own fields: quantization type, scales, inner tensors
+        if state:
+            walk(state)
+        elif data is None:  # nothing to read: identity (a change forces re-applying, never a wrong reuse)
+            put(b"id", f"{id(t)}:{uuid.uuid4()}".encode())
 
     try:
         walk(obj)
@@ -326,22 +366,80 @@ def content_digest(obj, refs: dict | None = None) -> str:
     return h.hexdigest()
 
 
-# tensor id -> (weak reference, version, data pointer, digest of its bytes): a LoRA's tensors stay the
-# same objects from prompt to prompt (ComfyUI caches the loader's output), so their bytes are hashed
-# once; an in-place change bumps the version, and a dead tensor's entry goes with it
+# tensor id -> (weak reference, state, digest of its bytes): a LoRA's tensors stay the same objects from
+# prompt to prompt (ComfyUI caches the loader's output), so their bytes are hashed once, and again only
+# when ``_cache_state`` changes; a dead tensor's entry goes with it
 _TENSOR_DIGESTS: dict[int, tuple] = {}
+SAMPLED_ELEMENTS = 64  # elements of an inference tensor compared on each use (it has no version counter)
 
 
-def _tensor_bytes_digest(t: torch.Tensor) -> bytes:
-    state = (t._version, t.data_ptr())
+def _plain(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s own bytes as a plain tensor (a quantized tensor's integers; a subclass with storage, such as
+    ComfyUI-GGUF's GGMLTensor, as its raw data); None when it holds none (a wrapper subclass such as
+    comfy-kitchen's QuantizedTensor keeps its data in inner tensors; a meta tensor has none)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t) or t.is_meta or t.layout != torch.strided:
+        return None
+    if t.is_quantized:
+        return t.int_repr()
+    return t if type(t) is torch.Tensor else torch.Tensor.as_subclass(t, torch.Tensor)
+
+
+def _cache_state(t: torch.Tensor, plain: torch.Tensor) -> tuple:
+    """What must stay the same for a cached digest to hold. A tensor made outside inference mode has a
+    version counter that every in-place change bumps. One made inside (ComfyUI runs every node under
+    torch.inference_mode(): a LoRA's tensors are such) has none: there a sample of its elements stands in,
+    which every whole-tensor in-place change (scale, fill, copy_) alters. ComfyUI's nodes never change
+    their inputs in place, so a LoRA's tensors are read once."""
+    layout = (t.data_ptr(), tuple(plain.shape), plain.stride(), plain.dtype)
+    if not t.is_inference():
+        return (t._version, *layout)
+    n = plain.numel()
+    idx = torch.linspace(0, n - 1, min(n, SAMPLED_ELEMENTS)).round().long()
+    with torch.no_grad():
+        sample = plain[torch.unravel_index(idx, plain.shape)] if plain.dim() else plain.reshape(1)
+    return ("sampled", bytes(sample.cpu().contiguous().view(torch.uint8).numpy()), *layout)
+
+
+def _tensor_bytes_digest(t: torch.Tensor) -> bytes | None:
+    """A digest of ``t``'s bytes (``_plain``), cached while ``_cache_state`` holds; None when it holds none.
+    Any view, stride, device and tensor made inside or outside inference mode."""
+    plain = _plain(t)
+    if plain is None:
+        return None
+    state = _cache_state(t, plain)
     hit = _TENSOR_DIGESTS.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1:3] == state:
-        return hit[3]
-    data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
-    digest = hashlib.blake2b(memoryview(data.numpy()), digest_size=16).digest()
+    if hit is not None and hit[0]() is t and hit[1] == state:
+        return hit[2]
+    with torch.no_grad():
+        data = plain.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+        digest = hashlib.blake2b(memoryview(data.numpy()), digest_size=16).digest()
     key = id(t)
-    _TENSOR_DIGESTS[key] = (weakref.ref(t, lambda _, key=key: _TENSOR_DIGESTS.pop(key, None)), *state, digest)
+    _TENSOR_DIGESTS[key] = (weakref.ref(t, lambda _, key=key: _TENSOR_DIGESTS.pop(key, None)), state, digest)
     return digest
+
+
+def _tensor_state(t: torch.Tensor) -> dict | None:
+    """A tensor's fields beyond its bytes: a quantized tensor's scheme and scales; a subclass's own
+    attributes (GGMLTensor: its quantization type and logical shape) or, for a wrapper subclass, its
+    inner tensors and metadata (``__tensor_flatten__``)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    state = {}
+    if t.is_quantized:
+        if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            state["quant"] = (str(t.qscheme()), t.q_scale(), t.q_zero_point())
+        else:
+            state["quant"] = (str(t.qscheme()), t.q_per_channel_scales(), t.q_per_channel_zero_points(),
+                              t.q_per_channel_axis())
+    if is_traceable_wrapper_subclass(t):
+        names, ctx = t.__tensor_flatten__()
+        state["inner"] = {name: getattr(t, name) for name in names}
+        state["ctx"] = ctx
+    elif type(t) is not torch.Tensor:
+        state.update(vars(t))
+    return state or None
 
 
 def _cell_set(cell) -> bool:

@@ -63,7 +63,9 @@ def parallel_inputs():
                                 "evenly over the groups and the GPU count allows, and off for a video that fits only "
                                 "with every pass split over all GPUs (long clips, whose passes ComfyUI runs one after "
                                 "the other); on: also an uneven share (3 passes on 2 groups); off: sequence parallel "
-                                "only. At cfg 1 (one pass) it is not used.")),
+                                "only. At cfg 1 ComfyUI runs one pass, unless the sampler turns that shortcut off "
+                                "(*_cfg_pp samplers: two); a pass a guider makes in a call of its own "
+                                "(LTXVReferenceAudio, MultimodalGuider) runs whole on every group.")),
     ]
 
 

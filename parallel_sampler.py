@@ -31,6 +31,7 @@ from . import (
     cfg_parallel,
     envs,
     ffn_chunking,
+    guidance_passes,
     instrumentation,
     jobs,
     lean_attention,
@@ -49,6 +50,8 @@ POLL_S = 0.25
 # the cores (slow, but they run)
 LOCAL_CPU_SLOTS = 8
 STOP_S = 5.0  # the time Ray's processes get to end (a failed start, SIGTERM/SIGINT) before those left are killed
+# the pack's own wrappers: not sent with the MODEL's options (each worker adds its own)
+OWN_KEYS = (ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY, cfg_parallel.WRAPPER_KEY)
 
 
 class WorkerFault(RuntimeError):
@@ -324,9 +327,10 @@ class ParallelSampler:
         return self._remote_cls
 
     # -- the worker group ---------------------------------------------------------
-    def resolve(self, settings: ParallelSettings, video_heads: int, passes: int = 1) -> tuple[int, Degrees, bool]:
-        """The worker count, the degrees (cfg x Ulysses x ring) for a job of ``passes`` guidance passes a
-        step, and whether the workers run on CPU."""
+    def resolve(self, settings: ParallelSettings, video_heads: int, passes=1) -> tuple[int, Degrees, bool]:
+        """The worker count, the degrees (cfg x Ulysses x ring) for a job of ``passes`` guidance passes
+        (``guidance_passes.Passes``; an int: one call of that many a step), and whether the workers run on
+        CPU."""
         import ray
 
         cpu = _cpu_mode()
@@ -343,10 +347,12 @@ class ParallelSampler:
             raise ValueError(f"{NODE}: input 'gpus' asks for {world} {'CPU workers' if cpu else 'GPUs'} but the Ray "
                              f"cluster at {self.address!r} has {available}; use gpus <= {available} (0 = all).")
         ring = max(1, settings.ring)
-        cfg, why = cfg_parallel.choose_degree(settings.cfg_parallel, passes, world, settings.ulysses, ring,
-                                              video_heads, NODE)
+        cfg, why = cfg_parallel.choose_degree(settings.cfg_parallel, guidance_passes.Passes.of(passes), world,
+                                              settings.ulysses, ring, video_heads, NODE)
         if settings.cfg_parallel != "off" and cfg == 1 and world > 1:
             log.info("%s: cfg-parallel not used (%s)", NODE, why)
+        elif why and cfg > 1:
+            log.info("%s: cfg-parallel %d: %s", NODE, cfg, why)
         if settings.ulysses == 0:
             sequence = world // cfg
             if sequence % ring:
@@ -445,15 +451,17 @@ class ParallelSampler:
             return self.run_here(patcher, job)
         self.connect(settings.ray_address)  # first: it decides how Ray is imported
         import ray
-        world, degrees, cpu = self.resolve(settings, family.video_heads(dm), job.passes)
-        total_steps = job.total_steps
         t_prepare = time.perf_counter()
-        own_keys = (ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY, cfg_parallel.WRAPPER_KEY)
-        model = model_transfer.model_spec(patcher, own_keys=own_keys, node=NODE)
+        model = model_transfer.model_spec(patcher, own_keys=OWN_KEYS, node=NODE)
         if model.skipped:
             log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, short_names(model.skipped))
         if model.not_sent:
             log.warning("%s: not reproduced on the workers (not sent): the MODEL's %s", NODE, ", ".join(model.not_sent))
+        # the passes, by a dry run of the job as the workers get it: with the MODEL's options, in one pickle
+        job_bytes = model.job_payload(job)
+        passes = guidance_passes.count(patcher, job, job_bytes, NODE)
+        world, degrees, cpu = self.resolve(settings, family.video_heads(dm), passes)
+        total_steps = job.total_steps
         comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
         comfy.model_management.soft_empty_cache()
         prepare_s = time.perf_counter() - t_prepare
@@ -464,14 +472,14 @@ class ParallelSampler:
         est = None
         if budgets and not envs.SKIP_MEMORY_CHECK.on():
             try:
-                est = check_memory(patcher, job.latent, group.degrees, min(budgets), group.infos, job.passes)
+                est = check_memory(patcher, job.latent, group.degrees, min(budgets), group.infos, passes)
             except ValueError:
                 if settings.cfg_parallel != "auto" or group.degrees.cfg == 1:
                     raise
                 # auto: where the passes run one after the other, splitting each over every GPU needs less
                 _, split_all, _ = self.resolve(dataclasses.replace(settings, cfg_parallel="off"),
-                                               family.video_heads(dm), job.passes)
-                est = check_memory(patcher, job.latent, split_all, min(budgets), group.infos, job.passes)
+                                               family.video_heads(dm), passes)
+                est = check_memory(patcher, job.latent, split_all, min(budgets), group.infos, passes)
                 log.info("%s: cfg-parallel not used (the video fits only with each pass split over all %d GPUs)",
                          NODE, world)
                 self.regroup(group, split_all)
@@ -497,9 +505,10 @@ class ParallelSampler:
                      "loaded" if action == "read" else "patches re-applied", world, load_s)
         group.file_key, group.model_key = model.file_key, model.key
         dropped = self.rebuild_check(group, model)
-        t_payload = time.perf_counter()
-        job_bytes = model.job_payload(job, dropped)
-        prepare_s += time.perf_counter() - t_payload
+        if dropped:  # the options no worker can rebuild stay behind (the count above included them)
+            t_payload = time.perf_counter()
+            job_bytes = model.job_payload(job, dropped)
+            prepare_s += time.perf_counter() - t_payload
         self.status(f"sampling on {world} workers")
 
         t0 = time.perf_counter()
@@ -528,12 +537,17 @@ class ParallelSampler:
                    "prepare_s": round(prepare_s, 3), "job_mb": round(len(job_bytes) / 1e6, 1),
                    "outside_steps_s": round(sample_s - (marks[-1] - marks[0]), 3) if len(marks) > 1 else None,
                    **step_timings(marks)}
-        passes = [r.passes for r in results]
-        text = summary(group, memory, timings, load, passes, streamed_model=patcher.is_dynamic())
+        ran = [r.passes for r in results]
+        counted = passes.per_worker(group.degrees)
+        if ran != counted:  # the plan and the cfg-parallel degree were made for the counted passes
+            log.warning("%s: the workers ran %s model passes where %s were counted (%s, %s): the memory plan and "
+                        "the cfg-parallel choice assumed the counted ones", NODE, ran, counted, passes.guider,
+                        passes.how)
+        text = summary(group, memory, timings, load, ran, passes.describe(), streamed_model=patcher.is_dynamic())
         log.info("%s", text)
         return jobs.RunResult(samples=first.samples, x0=first.x0, memory=memory, timings=timings, model_load=load,
                               planned_peak_gib=None if est is None else jobs.gib(est.total), summary=text,
-                              step_times=marks, passes=passes,
+                              step_times=marks, passes=ran, counted_passes=counted,
                               planned_parts_gib=None if est is None else {k: jobs.gib(v) for k, v in est.parts.items()})
 
     def rebuild_check(self, group: _Group, model: model_transfer.ModelSpec) -> set[str]:
@@ -572,9 +586,10 @@ class ParallelSampler:
         info = {"device": f"{torch.cuda.get_device_name(device)} ({device})" if cuda else str(device),
                 "dynamic_vram": ray_worker.dynamic_vram_enabled() and patcher.is_dynamic()}
         est = None
+        passes = guidance_passes.count(patcher, job, model_transfer.dumps_job(job, patcher, OWN_KEYS), NODE)
         if not envs.SKIP_MEMORY_CHECK.on():
             budget = here_budget(device)
-            est = check_memory(patcher, job.latent, Degrees(1), budget, [info], job.passes)
+            est = check_memory(patcher, job.latent, Degrees(1), budget, [info], passes)
             streamed = "; weights streamed from host memory (DynamicVRAM)" if info["dynamic_vram"] else ""
             log.info("%s: planned peak %.2f GiB of %.2f GiB free (in ComfyUI's process, one GPU; %s%s)", NODE,
                      est.total / memory_plan.GIB, budget / memory_plan.GIB, est.describe(), streamed)
@@ -620,7 +635,7 @@ class ParallelSampler:
         x0 = last.get("x0")
         return jobs.RunResult(samples=samples, x0=None if x0 is None else x0.cpu(), memory=memory, timings=timings,
                               model_load=None, planned_peak_gib=None if est is None else jobs.gib(est.total),
-                              summary=text, step_times=marks, passes=[job.passes],
+                              summary=text, step_times=marks, passes=[sum(passes.calls)],
                               planned_parts_gib=None if est is None else {k: jobs.gib(v) for k, v in est.parts.items()})
 
     def _wait(self, refs, what, stall_s, heartbeat=True, pbar=None, node=NODE):
@@ -785,15 +800,15 @@ def passes_per_forward(patcher, clip: memory_plan.Clip, batch: int, share: int, 
     return 1
 
 
-def plan_setting(degrees: Degrees, passes: int, per_forward: int) -> str:
+def plan_setting(degrees: Degrees, passes, per_forward: int) -> str:
     """The degrees and the passes a forward holds, as the planner's log line and refusal say them."""
-    return (f"{degrees.describe()}; {passes} guidance pass{'es' if passes > 1 else ''} a step, {per_forward} in "
-            "each worker's forward")
+    return f"{degrees.describe()}; {passes.describe()}, {per_forward} in each worker's forward"
 
 
 def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory_plan.Estimate:
     """Refuse a run on ``latent`` whose predicted per-worker peak exceeds ``budget`` bytes, saying what
-    would fit. ``passes``: the job's guidance passes a step (a worker's forward holds its share of them)."""
+    would fit. ``passes``: the job's guidance passes (``guidance_passes.Passes``; an int: one call of that
+    many a step): a worker's forward holds its share of the largest call."""
     dm = patcher.get_model_object("diffusion_model")
     family = models.family_of(dm, NODE)
     dims = family.plan_dims(dm, compute_dtype=patcher.model.get_dtype_inference())
@@ -803,7 +818,8 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
     # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them;
     # workers that stream the weights keep only the blocks in use on the GPU
     streaming = model_streams(patcher, infos)
-    share = cfg_parallel.largest_share(max(1, passes), degrees.cfg)  # the wrapper's split of the passes
+    passes = guidance_passes.Passes.of(passes)
+    share = passes.largest_share(degrees.cfg)  # the wrapper's split of the largest call
     per_forward = passes_per_forward(patcher, clip, batch, share, budget)
     # NCCL's buffers: one set per peer the worker exchanges with (gloo's stay in host memory)
     nccl_peers = degrees.world - 1 if any(i.get("backend") == "nccl" for i in infos) else 0
@@ -904,15 +920,16 @@ MODEL_ACTIONS = {"read": "read from file", "repatched": "patches re-applied, fil
 
 
 def summary(group: _Group, memory: list[jobs.WorkerMemory], timings: dict, load: jobs.LoadResult | None = None,
-            passes: list[int] | None = None, streamed_model: bool = True) -> str:
+            passes: list[int] | None = None, guidance: str = "", streamed_model: bool = True) -> str:
     """The time and per-worker memory lines shown in the log and on the node (GiB); ``passes``: the
-    model passes each worker evaluated; ``streamed_model``: the model's patcher streams its weights where
-    the workers run DynamicVRAM (not ComfyUI-GGUF's)."""
+    model passes each worker evaluated; ``guidance``: the job's passes (``guidance_passes.Passes.describe``);
+    ``streamed_model``: the model's patcher streams its weights where the workers run DynamicVRAM (not
+    ComfyUI-GGUF's)."""
     loading = f"model load {timings['model_load_s']} s"
     if load:
         loading += (f" ({MODEL_ACTIONS[load.action]}; file reads {load.loads}, patch changes {load.repatches} on "
                     "these workers)")
-    lines = [f"{NODE}: {group.world} workers, {group.degrees.describe()}; "
+    lines = [f"{NODE}: {group.world} workers, {group.degrees.describe()}; {guidance + '; ' if guidance else ''}"
              f"sampling {timings['sampling_s']} s ({timings.get('worker_s_per_step', timings['s_per_step'])} s/step on "
              f"the workers), {loading}, Ray start {timings['ray_start_s']} s"]
     passes = passes or [None] * len(memory)

@@ -322,16 +322,14 @@ class LTXAVWorker:
         import comfy.patcher_extension
 
         patcher = self.weights.clone()
-        parts = self.transfer.loads(payload, self.transfer.model_refs(patcher))
-        for option in parts["options"]:
-            option.apply(patcher)
+        job = self.transfer.loads_job(payload, patcher)
         # the FFN Chunker's wrappers are the pack's own (not sent): add them again from its settings
         self.ffn.set_wrappers(patcher, self.ffn.ChunkSettings.from_options(patcher.model_options["transformer_options"])
                               is not None)
         wrappers = comfy.patcher_extension.WrappersMP
         patcher.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY, self.diffusion_model_wrapper)
         patcher.add_wrapper_with_key(wrappers.CALC_COND_BATCH, self.cfgp_mod.WRAPPER_KEY, self.calc_cond_batch_wrapper)
-        return patcher, parts["job"]
+        return patcher, job
 
     def _loaded(self, action: str, seconds: float):
         return self.jobs.LoadResult(action, round(seconds, 3), self.loads, self.repatches)

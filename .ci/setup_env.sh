@@ -48,8 +48,9 @@ if [ -f "$host/comfy/ldm/lightricks/av_model.py" ]; then
   # every process of the venv (tests, ComfyUI servers, Ray workers) hands it over, as safetensors metadata
   cp "$here/.ci/tiny_gguf_shim.py" "$site/_ltxav_tiny_gguf_shim.py"
   echo "import _ltxav_tiny_gguf_shim" > "$site/_ltxav_tiny_gguf_shim.pth"
-  # the node packs the tests load as ComfyUI loads custom nodes (ComfyUI-GGUF, ComfyUI-LTXVideo)
-  bash "$here/.ci/nodepacks.sh" "$host" || true
+  # the node packs the tests load as ComfyUI loads custom nodes (ComfyUI-GGUF, ComfyUI-LTXVideo), with
+  # their requirements
+  bash "$here/.ci/nodepacks.sh" "$host" "$venv" || true
 else
   echo "setup_env: no ComfyUI host at $host (COMFYUI_PATH): host tests will skip" >&2
 fi

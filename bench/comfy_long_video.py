@@ -76,7 +76,6 @@ LTX2_TRANSFORMER = dict(num_attention_heads=32, attention_head_dim=128, cross_at
                         audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048,
                         caption_channels=3840, in_channels=128, audio_in_channels=128,
                         rope_type="split", frequencies_precision="float64")
-SAFETENSORS_DTYPE = {"float8_e4m3fn": "F8_E4M3", "bfloat16": "BF16", "float32": "F32"}
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -93,53 +92,10 @@ def transformer_config(layers, tiny=False):
 
 
 def write_checkpoint(path, layers, weights, seed=0, tiny=False):
-    """Stream a safetensors file tensor by tensor (header first: shapes come from the meta model)."""
-    import torch
-    import comfy.cli_args
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    import comfy.ops
-    from comfy.ldm.lightricks.av_model import LTXAVModel
-
-    cfg = transformer_config(layers, tiny)
-    kw = {k: v for k, v in cfg.items()}
-    model = LTXAVModel(dtype=torch.bfloat16, device=torch.device("meta"),
-                       operations=comfy.ops.disable_weight_init, **kw)
-    sd = model.state_dict()
-    fp8 = weights == "fp8"
-
-    def stored_dtype(key, t):
-        if fp8 and key.startswith("transformer_blocks.") and key.endswith(".weight") and t.dim() == 2:
-            return torch.float8_e4m3fn
-        return torch.bfloat16
-
-    header, offset, plan = {}, 0, []
-    for key, t in sd.items():
-        dt = stored_dtype(key, t)
-        n = t.numel() * torch.empty((), dtype=dt).element_size()
-        name = "model.diffusion_model." + key
-        header[name] = {"dtype": SAFETENSORS_DTYPE[str(dt).split(".")[1]], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
-        plan.append((name, tuple(t.shape), dt))
-        offset += n
-    header["__metadata__"] = {"config": json.dumps({"transformer": cfg}),
-                              "bench": json.dumps({"layers": layers, "weights": weights, "seed": seed, "tiny": tiny})}
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    g = torch.Generator(device=dev).manual_seed(seed)
-    tmp = Path(str(path) + ".part")
-    t0 = time.perf_counter()
-    with open(tmp, "wb") as f:
-        f.write(len(hb).to_bytes(8, "little"))
-        f.write(hb)
-        for name, shape, dt in plan:
-            x = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).mul_(0.02).to(dt)
-            f.write(x.reshape(-1).view(torch.uint8).cpu().numpy().tobytes() if x.numel() else b"")
-            del x
-    os.replace(tmp, path)
-    log.info("wrote %s: %d tensors, %.2f GB, %.1f s", path, len(plan), offset / 1e9, time.perf_counter() - t0)
-    return dict(tensors=len(plan), data_bytes=offset, write_s=round(time.perf_counter() - t0, 1))
+    """Stream a safetensors file tensor by tensor (``common.stream_checkpoint``)."""
+    return bench_common().stream_checkpoint(path, transformer_config(layers, tiny), weights,
+                                            {"layers": layers, "weights": weights, "seed": seed, "tiny": tiny},
+                                            seed=seed)
 
 
 GGUF_BENCH_KEY = "ltxav.bench"
@@ -225,13 +181,7 @@ def checkpoint_matches(path, layers, weights, quant=None, tiny=False):
         field = gguf.GGUFReader(str(p)).get_field(GGUF_BENCH_KEY)
         b = json.loads(bytes(field.parts[field.data[-1]]).decode()) if field is not None else {}
         return b.get("layers") == layers and b.get("quant") == quant and b.get("tiny", False) == tiny
-    with open(p, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n)).get("__metadata__", {})
-    try:
-        b = json.loads(meta.get("bench", "{}"))
-    except ValueError:
-        return False
+    b = bench_common().checkpoint_bench_meta(p) or {}
     return b.get("layers") == layers and b.get("weights") == weights and b.get("tiny", False) == tiny
 
 
@@ -720,15 +670,8 @@ def main(argv=None):
             commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         except OSError:
             pass
-    out = open(a.out, "a") if a.out else None
+    emit = bench_common().JsonLines(a.out, log)
     a.latents = tempfile.mkdtemp(prefix="comfy_long_video-")  # each run's latents, for rel_l2_vs_stock
-
-    def emit(rec):
-        line = json.dumps(rec)
-        log.info("%s", line)
-        if out:
-            out.write(line + "\n")
-            out.flush()
 
     sys.path.insert(0, str(Path(a.comfy).resolve()))
     ck = None
@@ -784,8 +727,7 @@ def main(argv=None):
         pass
     emit(summary)
     log.info("command: %s | card: %s | date: %s | commit: %s", command, summary["card"], summary["date"], commit)
-    if out:
-        out.close()
+    emit.close()
     shutil.rmtree(a.latents, ignore_errors=True)
     return 0
 

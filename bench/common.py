@@ -132,6 +132,73 @@ def write_checkpoint(path, layers, tiny):
     return config
 
 
+SAFETENSORS_DTYPE = {"float8_e4m3fn": "F8_E4M3", "bfloat16": "BF16", "float32": "F32"}
+
+
+def stream_checkpoint(path, transformer, weights, bench_meta, seed=0, std=0.02, prefix="model.diffusion_model."):
+    """Write an LTXAV checkpoint tensor by tensor (host memory stays low; the shapes come from ComfyUI's
+    LTXAVModel built on the meta device, so every key name is real): random weights (std ``std``, drawn on
+    the GPU when there is one), the blocks' linear weights as fp8 e4m3 (``weights`` "fp8") or bf16, the rest
+    bf16; metadata ``config = {"transformer": transformer}`` (ComfyUI detects LTXAV from it) and
+    ``bench = bench_meta``. Returns the tensor count, data bytes and seconds."""
+    import time
+
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import comfy.ops
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+
+    model = LTXAVModel(dtype=torch.bfloat16, device=torch.device("meta"), operations=comfy.ops.disable_weight_init,
+                       **transformer)
+    fp8 = weights == "fp8"
+
+    def stored_dtype(key, t):
+        if fp8 and key.startswith("transformer_blocks.") and key.endswith(".weight") and t.dim() == 2:
+            return torch.float8_e4m3fn
+        return torch.bfloat16
+
+    header, offset, plan = {}, 0, []
+    for key, t in model.state_dict().items():
+        dt = stored_dtype(key, t)
+        n = t.numel() * torch.empty((), dtype=dt).element_size()
+        header[prefix + key] = {"dtype": SAFETENSORS_DTYPE[str(dt).split(".")[1]], "shape": list(t.shape),
+                                "data_offsets": [offset, offset + n]}
+        plan.append((prefix + key, tuple(t.shape), dt))
+        offset += n
+    header["__metadata__"] = {"config": json.dumps({"transformer": transformer}), "bench": json.dumps(bench_meta)}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator(device=dev).manual_seed(seed)
+    tmp = Path(str(path) + ".part")
+    t0 = time.perf_counter()
+    with open(tmp, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for _, shape, dt in plan:
+            x = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).mul_(std).to(dt)
+            f.write(x.reshape(-1).view(torch.uint8).cpu().numpy().tobytes() if x.numel() else b"")
+            del x
+    os.replace(tmp, path)
+    return dict(tensors=len(plan), data_bytes=offset, write_s=round(time.perf_counter() - t0, 1))
+
+
+def checkpoint_bench_meta(path):
+    """The ``bench`` metadata ``stream_checkpoint`` wrote into ``path`` (None when there is no such file)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n)).get("__metadata__", {})
+    try:
+        return json.loads(meta.get("bench", "{}"))
+    except ValueError:
+        return None
+
+
 def sample_inputs(case, caption_channels):
     """What ``comfy.sample.sample`` takes for a `frames x width x height` clip with audio: an empty AV
     latent, its noise, a positive and a negative Gemma-free conditioning; and the video token count."""
@@ -209,6 +276,24 @@ def sync():
 def write_json(path, payload):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+class JsonLines:
+    """A script's records as JSON lines: each logged, and appended to ``path`` when one is given."""
+
+    def __init__(self, path, log):
+        self.out, self.log = (open(path, "a") if path else None), log
+
+    def __call__(self, rec):
+        line = json.dumps(rec)
+        self.log.info("%s", line)
+        if self.out:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def close(self):
+        if self.out:
+            self.out.close()
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 """Writes the example workflows in both formats from one description per workflow and ComfyUI's node
 definitions: UI format for the editor (example_workflows/<name>.json, listed in the Templates browser) and
-API format for POST /prompt (example_workflows/api/<name>_api.json).
+API format for POST /prompt (example_workflows/api/<name>_api.json); then the parallel versions of
+ComfyUI's official LTX-2 templates (from_templates.py).
 
 Usage: python example_workflows/generate.py OBJECT_INFO_JSON
 (OBJECT_INFO_JSON: what GET /object_info of a ComfyUI with this pack returns.)
@@ -179,6 +180,9 @@ def main(object_info_path):
     for name, nodes in (("ltxav_t2v_parallel", T2V), ("ltxav_i2v_parallel", I2V)):
         (HERE / f"{name}.json").write_text(json.dumps(ui(nodes, info), indent=1) + "\n")
         (API_DIR / f"{name}_api.json").write_text(json.dumps(api(nodes), indent=1) + "\n")
+    import from_templates  # beside this file
+
+    from_templates.main(object_info_path)
 
 
 if __name__ == "__main__":

@@ -84,13 +84,16 @@ def ltx(request, comfy, tiny_ckpts):
 
 @pytest.fixture(scope="session")
 def server(comfy, tiny_ckpt, tmp_path_factory):
-    """One headless ComfyUI (--cpu) on 127.0.0.1 with this pack in custom_nodes, the tiny checkpoint in
-    models/diffusion_models and the conditioning/audio-latent dataset the test workflows load."""
+    """One headless ComfyUI (--cpu) on 127.0.0.1 with this pack in custom_nodes (and the test-only float64
+    loader), the tiny checkpoint in models/diffusion_models and the conditioning/audio-latent dataset the
+    test workflows load."""
     import shutil
 
-    from helpers.comfy_server import ComfyServer, write_inputs
+    from helpers.comfy_server import FLOAT64_NODES, ComfyServer, write_inputs
 
     srv = ComfyServer(tmp_path_factory.mktemp("comfy_base"))
+    # the test-only loader of whole-workflow float64 references (tests/helpers/float64_nodes)
+    (srv.base / "custom_nodes" / "ltxav_test_float64_nodes").symlink_to(FLOAT64_NODES, target_is_directory=True)
     shutil.copy(tiny_ckpt[0], srv.base / "models" / "diffusion_models" / "tiny_ltxav.safetensors")
     srv.dataset = write_inputs(srv.base, tiny_ckpt[1]["caption_channels"], length=25)
     srv.start()

@@ -20,6 +20,7 @@ import pytest
 
 from helpers.browser_ui import UI_SETTINGS, ComfyPage, launch, skip_reason
 from helpers.comfy_server import PACK_FOLDER
+from helpers.official_templates import files_of, write_audio
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "example_workflows"
@@ -32,10 +33,6 @@ WRITE_SCREENSHOTS = os.environ.get("LTXAV_WRITE_SCREENSHOTS", "") not in ("", "0
 THUMBNAIL_MAX_BYTES = 300_000
 # Every input's tooltip says what it costs: one of these words (case-insensitive) shows it does
 COST_WORDS = ("memory", "time", "cost", "slow", "fast", "longer", "second")
-# Model files the example workflows name, by loader: (widget index, models folder)
-MODEL_WIDGETS = {"CheckpointLoaderSimple": [(0, "checkpoints")],
-                 "LTXAVTextEncoderLoader": [(0, "text_encoders"), (1, "checkpoints")],
-                 "LTXVAudioVAELoader": [(0, "checkpoints")]}
 
 SKIP = skip_reason()
 needs_browser = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
@@ -90,23 +87,23 @@ def test_pack_nodes_display_names_and_input_tooltips(server, pack, info):
 @pytest.fixture(scope="module")
 def ui_server(server):
     """The shared server, plus what a user of the example workflows has and the test host lacks:
-    placeholder files under the model names the workflows load (so the front end reports no missing
-    model; the run swaps them for the tiny checkpoint) and an example.png for the i2v LoadImage.
-    Front-end settings for a predictable page (UI_SETTINGS). Placeholders are removed afterwards."""
+    placeholder files under the model names the workflows load (also inside the official templates'
+    subgraphs; so the front end reports no missing model; the run swaps them for the tiny checkpoint),
+    the images they load (example.png for the i2v LoadImage) and their audio. Front-end settings for a
+    predictable page (UI_SETTINGS). Placeholders are removed afterwards."""
     status, _ = server.post("/settings", UI_SETTINGS)
     assert status == 200
     made = []
     for path in UI_FILES:
-        for node in json.loads(path.read_text())["nodes"]:
-            for index, folder in MODEL_WIDGETS.get(node["type"], []):
-                made.append(server.base / "models" / folder / node["widgets_values"][index])
-            if node["type"] == "LoadImage":
-                made.append(server.base / "input" / node["widgets_values"][0])
+        for folder, names in files_of(json.loads(path.read_text())).items():
+            made += [server.base / ("input" if folder == "input" else f"models/{folder}") / name for name in names]
     made = [p for p in dict.fromkeys(made) if not p.exists()]
     for p in made:
         p.parent.mkdir(parents=True, exist_ok=True)
         if p.suffix == ".png":
             example_image().save(p)
+        elif p.suffix == ".mp3":
+            write_audio(p)
         else:
             p.write_bytes(b"")
     yield server
@@ -219,11 +216,17 @@ def test_example_workflow_loads_clean_and_runs_from_the_run_button(ui, ui_server
     assert_clean(ui, f"{path.name} after the run")
 
 
+# Opened from the Templates browser: the pack's own examples and one official template's parallel version
+# (the others come from the same script, and tests/test_official_templates.py loads each into the page)
+TEMPLATE_BROWSER_FILES = [p for p in UI_FILES if not p.stem.startswith("video_")] + [
+    WORKFLOWS / "video_ltx2_3_t2v_parallel.json"]
+
+
 @needs_browser
 def test_template_browser_shows_thumbnails_and_opens_examples(ui):
     from PIL import Image
 
-    for path in UI_FILES:
+    for path in TEMPLATE_BROWSER_FILES:
         if not thumbnail(path).exists():
             pytest.fail(f"{thumbnail(path)} missing: run with LTXAV_WRITE_SCREENSHOTS=1")
         shown = ui.open_template(path.stem, len(json.loads(path.read_text())["nodes"]))

@@ -11,7 +11,6 @@ from helpers.numerics import assert_matches, mismatches
 from helpers.sampler_cases import (
     LATENT,
     assert_equals_stock,
-    guider,
     ltxv_sigmas,
     parallel_custom_advanced,
     parallel_ksampler,
@@ -29,6 +28,11 @@ pytestmark = pytest.mark.usefixtures("ray_stopped_after_module")
 @pytest.fixture(scope="module")
 def cfgp(pack):
     return importlib.import_module("ltxav_pack.cfg_parallel")
+
+
+@pytest.fixture(scope="module")
+def gp(pack):
+    return importlib.import_module("ltxav_pack.guidance_passes")
 
 
 def worker_passes(ui) -> list[int]:
@@ -62,8 +66,8 @@ def test_shares(cfgp):
     ("auto", 2, 1, 0, 1, 1),
     ("off", 2, 2, 0, 1, 1),
 ])
-def test_choose_degree(cfgp, mode, passes, world, ulysses, ring, want):
-    assert cfgp.choose_degree(mode, passes, world, ulysses, ring, 12, NODE)[0] == want
+def test_choose_degree(cfgp, gp, mode, passes, world, ulysses, ring, want):
+    assert cfgp.choose_degree(mode, gp.Passes.of(passes), world, ulysses, ring, 12, NODE)[0] == want
 
 
 @pytest.mark.quick
@@ -74,25 +78,9 @@ def test_choose_degree(cfgp, mode, passes, world, ulysses, ring, want):
     ("on", 2, 4, 4, r"input .* cannot be split over gpus=4 with ulysses_degree=4"),
     ("sideways", 2, 2, 0, r"input 'cfg_parallel' is 'sideways'; use one of auto, on, off"),
 ])
-def test_bad_cfg_parallel_settings(cfgp, mode, passes, world, ulysses, msg):
+def test_bad_cfg_parallel_settings(cfgp, gp, mode, passes, world, ulysses, msg):
     with pytest.raises(ValueError, match=f"{NODE}: {msg}"):
-        cfgp.choose_degree(mode, passes, world, ulysses, 1, 12, NODE)
-
-
-def test_passes_of_jobs(comfy, pack, tiny_model, tiny_ckpt):
-    import torch
-
-    jobs = importlib.import_module("ltxav_pack.jobs")
-    cc = tiny_ckpt[1]["caption_channels"]
-
-    def ks(cfg):
-        return jobs.KSamplerJob(None, None, None, 0, 1, cfg, "euler", "simple", None, None)
-
-    def gj(kind, cfg=3.0):
-        return jobs.GuiderJob(None, None, None, 0, guider(kind, tiny_model, cc, cfg), None, torch.zeros(2))
-
-    assert (ks(3.0).passes, ks(1.0).passes) == (2, 1)
-    assert (gj("cfg").passes, gj("cfg", 1.0).passes, gj("basic").passes, gj("dual").passes) == (2, 1, 1, 3)
+        cfgp.choose_degree(mode, gp.Passes.of(passes), world, ulysses, 1, 12, NODE)
 
 
 def test_planner_counts_each_workers_share_of_the_passes(ps, tiny_model, monkeypatch):
@@ -148,6 +136,55 @@ def test_two_workers_one_pass_each_equal_stock(ps, nodes_mod, tiny_model, tiny_m
     assert worker_passes(ui) == [3, 3]
     assert_matches(got, want, reference)
     assert mismatches(stock_ksampler(tiny_model, cc, swap=True), want, reference)
+
+
+def test_cfg_1_with_a_cfg_pp_sampler_runs_two_passes_one_per_worker(ps, nodes_mod, tiny_model, tiny_model_f64,
+                                                                     tiny_ckpt, caplog_info):
+    """The LTX-2.3 templates' setting: cfg 1 with a *_cfg_pp sampler, which turns ComfyUI's cfg-1 shortcut
+    off: two passes a step, so auto runs them on the two workers, one each; the counted passes are those
+    the workers ran, and the result equals stock's. The twin: the cfg-1 shortcut's result (what workers
+    that skipped the negative would return) fails the check."""
+    cc = tiny_ckpt[1]["caption_channels"]
+    want, reference = (stock_ksampler(m, cc, cfg=1.0, sampler="euler_cfg_pp") for m in (tiny_model, tiny_model_f64))
+    got, ui = parallel_ksampler(nodes_mod, tiny_model, cc, cfg=1.0, sampler="euler_cfg_pp", cfg_parallel="auto")
+    assert f"{NODE}: 2 workers, cfg 2 x Ulysses 1 x ring 1; 2 guidance passes a step" in ui.value
+    assert worker_passes(ui) == [3, 3] and "were counted" not in caplog_info.text
+    assert_matches(got, want, reference)
+    assert mismatches(stock_ksampler(tiny_model, cc, cfg=1.0, sampler="euler"), want, reference)
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_identity_pass_in_a_call_of_its_own(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, caplog_info, mode):
+    """LTXVReferenceAudio (the ID-LoRA template) adds a pass a step in a call of its own, after the
+    positive/negative pair: auto keeps sequence parallel on 2 workers (cfg groups would both run it) and
+    says why; 'on' splits the pair and runs the identity pass on both. Both equal stock; the workers ran
+    the counted passes."""
+    cc = tiny_ckpt[1]["caption_channels"]
+    latent = make_latent(**LATENT)
+    sigmas = ltxv_sigmas(latent, steps=3)
+    kw = dict(cfg=1.0, sampler="euler_cfg_pp")
+    want = stock_custom_advanced("reference audio", tiny_model, cc, latent, sigmas, **kw)
+    reference = stock_custom_advanced("reference audio", tiny_model_f64, cc, latent, sigmas, **kw)
+    assert mismatches(stock_custom_advanced("cfg", tiny_model, cc, latent, sigmas, **kw)[0], want[0], reference[0])
+    *got, ui = parallel_custom_advanced(nodes_mod, "reference audio", tiny_model, cc, latent, sigmas,
+                                        cfg_parallel=mode, **kw)
+    label, passes = {"auto": ("Ulysses 2 x ring 1", [9, 9]), "on": ("cfg 2 x Ulysses 1 x ring 1", [6, 6])}[mode]
+    assert f"{NODE}: 2 workers, {label}; 3 guidance passes a step (calls of 2 + 1)" in ui.value, ui.value
+    assert worker_passes(ui) == passes and "were counted" not in caplog_info.text
+    why = {"auto": f"{NODE}: cfg-parallel not used (1 of the 3 passes a step comes in a call of its own",
+           "on": f"{NODE}: cfg-parallel 2: each group also runs 1 pass a step that another group runs too"}[mode]
+    assert why in caplog_info.text
+    assert_matches(got[0], want[0], reference[0], f"{mode} output")
+    assert_matches(got[1], want[1], reference[1], f"{mode} denoised_output")
+
+
+def test_a_count_the_workers_did_not_run_is_logged(ps, nodes_mod, tiny_model, tiny_ckpt, monkeypatch, caplog_info):
+    """The twin of every check that the counted passes are the workers': a count that is not what they ran
+    (one pass a step for KSampler at cfg 3) is logged as a WARNING naming both."""
+    gp = importlib.import_module("ltxav_pack.guidance_passes")
+    monkeypatch.setattr(gp, "count", lambda patcher, job, job_bytes, node: gp.Passes.uniform((1,), job.total_steps))
+    parallel_ksampler(nodes_mod, tiny_model, tiny_ckpt[1]["caption_channels"], cfg_parallel="auto")
+    assert f"{NODE}: the workers ran [6, 6] model passes where [3, 3] were counted" in caplog_info.text
 
 
 def test_cfg_1_falls_back_to_sequence_parallel_on_the_same_workers(ps, nodes_mod, tiny_model, tiny_model_f64,
@@ -254,14 +291,16 @@ def test_three_workers_one_pass_each_dual_cfg(ps, nodes_mod, tiny_model, tiny_mo
     assert_matches(got[1], want[1], reference[1])
 
 
-FOUR = [(0, 1, "cfg 2 x Ulysses 2 x ring 1"), (1, 2, "cfg 2 x Ulysses 1 x ring 2")]
+FOUR = [(0, 1, "cfg 2 x Ulysses 2 x ring 1", 3.0, "euler"), (1, 2, "cfg 2 x Ulysses 1 x ring 2", 3.0, "euler"),
+        (0, 1, "cfg 2 x Ulysses 2 x ring 1", 1.0, "euler_cfg_pp")]
 
 
-@pytest.mark.parametrize("ulysses,ring,label", FOUR, ids=["cfg2-ulysses2", "cfg2-ring2"])
+@pytest.mark.parametrize("ulysses,ring,label,cfg,sampler", FOUR, ids=["cfg2-ulysses2", "cfg2-ring2", "cfg1-cfg_pp"])
 def test_four_workers_cfg_with_ulysses_or_ring(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, ulysses, ring,
-                                               label):
-    """4 workers: two groups of two, each pass split over its group by Ulysses or by the ring (the second
-    case reuses the first's workers with other groups). Image-to-video: per-token timesteps."""
+                                               label, cfg, sampler):
+    """4 workers: two groups of two, each pass split over its group by Ulysses or by the ring (the later
+    cases reuse the first's workers with other groups); at cfg 3, and at cfg 1 with a *_cfg_pp sampler
+    (the LTX-2.3 templates). Image-to-video: per-token timesteps."""
     import torch
     from comfy_extras.nodes_lt import LTXVConcatAVLatent
 
@@ -272,6 +311,34 @@ def test_four_workers_cfg_with_ulysses_or_ring(ps, nodes_mod, tiny_model, tiny_m
     video["noise_mask"] = mask
     latent = LTXVConcatAVLatent.execute(video, {"samples": torch.zeros(1, 8, 26, 16), "type": "audio"})[0]
     got, ui = parallel_ksampler(nodes_mod, tiny_model, cc, latent=latent, gpus=4, ulysses=ulysses, ring=ring,
-                                cfg_parallel="auto")
+                                cfg_parallel="auto", cfg=cfg, sampler=sampler)
     assert f"{NODE}: 4 workers, {label}" in ui.value and worker_passes(ui) == [3, 3, 3, 3], ui.value
-    assert_equals_stock(got, tiny_model, tiny_model_f64, cc, latent=latent)
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc, latent=latent, cfg=cfg, sampler=sampler)
+
+
+def test_multimodal_guider_equals_stock(ps, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, caplog_info):
+    """ComfyUI-LTXVideo's MultimodalGuider (positive, negative, perturbed (STG) and modality-isolated
+    passes, each in a call of its own with other transformer_options) on 2 workers equals stock; auto keeps
+    sequence parallel and says why, and the counted passes are those the workers ran; the STG flag the
+    guider sets is the one the workers' block patches read (the node pack's code reaches the workers under
+    ComfyUI's module names: node_packs)."""
+    from helpers.node_packs import LTXVIDEO, load_node_pack, not_installed
+
+    if load_node_pack(LTXVIDEO) is None:
+        pytest.skip(not_installed(LTXVIDEO))
+    cc = tiny_ckpt[1]["caption_channels"]
+    latent = make_latent(**LATENT)
+    sigmas = ltxv_sigmas(latent, steps=2)
+    want = stock_custom_advanced("multimodal", tiny_model, cc, latent, sigmas)
+    reference = stock_custom_advanced("multimodal", tiny_model_f64, cc, latent, sigmas)
+    # the twin: the perturbed pass unperturbed (what workers whose STG flag is a copy of the guider's
+    # would run: their patches never see it set) fails the check
+    assert mismatches(stock_custom_advanced("multimodal unperturbed", tiny_model, cc, latent, sigmas)[0], want[0],
+                      reference[0])
+    *got, ui = parallel_custom_advanced(nodes_mod, "multimodal", tiny_model, cc, latent, sigmas, cfg_parallel="auto")
+    assert f"{NODE}: 2 workers, Ulysses 2 x ring 1; 4 guidance passes a step (calls of 1 + 1 + 1 + 1)" in ui.value
+    assert f"{NODE}: cfg-parallel not used (MultimodalGuider makes its 4 passes a step in separate calls" in \
+        caplog_info.text
+    assert worker_passes(ui) == [8, 8] and "were counted" not in caplog_info.text
+    assert_matches(got[0], want[0], reference[0], "output")
+    assert_matches(got[1], want[1], reference[1], "denoised_output")

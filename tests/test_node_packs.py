@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from helpers.comfy_host import ROOT, make_latent
-from helpers.node_packs import GGUF, LTXVIDEO, load_node_pack, submodule, write_standin_pack
+from helpers.node_packs import GGUF, LTXVIDEO, load_node_pack, not_installed, submodule, write_standin_pack
 from helpers.numerics import assert_matches, mismatches
 from helpers.sampler_cases import (
     LATENT,
     assert_equals_stock,
     conds,
     ltxv_sigmas,
+    multimodal,
     parallel_ksampler,
     stock_ksampler,
     worker_infos,
@@ -32,8 +33,7 @@ STEPS = 2
 def node_pack(name):
     pack = load_node_pack(name)
     if pack is None:
-        pytest.skip(f"node pack {name} is not in the test host's custom_nodes (.ci/nodepacks.sh installs it from "
-                    "../shared/nodepacks)")
+        pytest.skip(not_installed(name))
     return pack
 
 
@@ -196,13 +196,7 @@ def ltx23(comfy, tiny_ckpts):
 def multimodal_guider(ltxvideo, model, cc, stg=1.0):
     """MultimodalGuider as its LTX-2.3 example workflows set it: cfg, STG on block 1 (perturbed self
     attention) and modality guidance, for video and audio."""
-    params = submodule(ltxvideo, "guiders.parameters")
-    guiders = submodule(ltxvideo, "guiders.multimodal_guider")
-    video = params.GuiderParameters(cfg_scale=3.0, stg_scale=stg, modality_scale=2.0, rescale_scale=0.0)
-    audio = params.GuiderParameters(cfg_scale=2.0, stg_scale=stg, modality_scale=1.5, rescale_scale=0.0)
-    parameters = {params.Modality.VIDEO.value: video, params.Modality.AUDIO.value: audio}
-    pos, neg = conds(cc)
-    return guiders.MultimodalGuiderNode().get_guider(model, pos, neg, parameters, "1")[0]
+    return multimodal(model, cc, video=(3.0, stg, 2.0), audio=(2.0, stg, 1.5))
 
 
 def stg_guider(ltxvideo, model, cc, stg=1.0):

@@ -69,6 +69,9 @@ def test_same_file_loaded_twice_is_not_reloaded(ps, nodes_mod, comfy, tiny_model
 
 def test_lora_strength_change_reapplies_patches_without_reading_the_file(ps, nodes_mod, tiny_model, tiny_model_f64,
                                                                           tiny_ckpt, tmp_path):
+    """As ComfyUI runs nodes (under torch.inference_mode(): the LoRA's tensors are inference tensors, which
+    have no version counter): the same LoRA loaded again is kept on the workers, another strength is
+    applied to the loaded weights without reading the file, and removing it brings the weights back."""
     import folder_paths
     import nodes
 
@@ -80,27 +83,96 @@ def test_lora_strength_change_reapplies_patches_without_reading_the_file(ps, nod
     cc = tiny_ckpt[1]["caption_channels"]
 
     def lora(strength, model=tiny_model):  # a new loader each time: the LoRA file is read again, same content
-        return nodes.LoraLoaderModelOnly().load_lora_model_only(model, "strength_lora.safetensors", strength)[0]
+        with torch.inference_mode():
+            return nodes.LoraLoaderModelOnly().load_lora_model_only(model, "strength_lora.safetensors", strength)[0]
+
+    def parallel(model):
+        with torch.inference_mode():
+            return parallel_ksampler(nodes_mod, model, cc)
 
     full, full_ref = stock_ksampler(lora(1.0), cc), stock_ksampler(lora(1.0, tiny_model_f64), cc)
-    got, _ = parallel_ksampler(nodes_mod, lora(1.0), cc)
+    first = lora(1.0)
+    assert next(iter(first.patches.values()))[0][1].weights[0].is_inference()  # what ComfyUI hands the sampler
+    got, _ = parallel(first)
     assert_matches(got, full, full_ref)
     start = worker_infos(ps)
-    got, ui = parallel_ksampler(nodes_mod, lora(1.0), cc)  # the same LoRA loaded again: nothing to redo
+    got, ui = parallel(first)  # the same MODEL again (a second stage, or a new seed): nothing to redo
+    assert_matches(got, full, full_ref)
+    assert "(kept;" in ui.value and worker_infos(ps) == start
+    got, ui = parallel(lora(1.0))  # the same LoRA loaded again: nothing to redo
     assert_matches(got, full, full_ref)
     assert "(kept;" in ui.value and worker_infos(ps) == start
     half, half_ref = stock_ksampler(lora(0.5), cc), stock_ksampler(lora(0.5, tiny_model_f64), cc)
     assert mismatches(full, half, half_ref)  # the strength matters: workers that kept 1.0 would fail the check
-    got, ui = parallel_ksampler(nodes_mod, lora(0.5), cc)
+    got, ui = parallel(lora(0.5))
     assert_matches(got, half, half_ref)
     infos = worker_infos(ps)
     assert [i["loads"] for i in infos] == [i["loads"] for i in start]  # the file was not read again
     assert [i["repatches"] for i in infos] == [i["repatches"] + 1 for i in start]
     assert re.search(r"model load \d+\.\d+ s \(patches re-applied, file not read; file reads \d+, patch changes "
                      r"\d+ on these workers\)", ui.value), ui.value
-    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc)  # the LoRA removed: the original weights are back
+    got, _ = parallel(tiny_model)  # the LoRA removed: the original weights are back
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
     assert [i["loads"] for i in worker_infos(ps)] == [i["loads"] for i in start]
+
+
+class RawQuantized(torch.Tensor):
+    """Like ComfyUI-GGUF's GGMLTensor: a tensor subclass whose storage holds quantized bytes, with the
+    quantization type and logical shape as attributes."""
+
+    @staticmethod
+    def __new__(cls, data, tensor_type, tensor_shape):
+        t = data.as_subclass(cls)
+        t.tensor_type, t.tensor_shape = tensor_type, tensor_shape
+        return t
+
+
+@pytest.mark.quick
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_content_digest_holds_for_every_tensor_kind_comfyui_hands_a_node(pack, comfy, monkeypatch):
+    """A LoRA's patches give the same digest call after call and file read after file read, whatever kind
+    of tensor holds them: made under torch.inference_mode() as ComfyUI runs nodes (no version counter),
+    views, non-contiguous, quantized, a subclass with storage (GGUF-like) or a wrapper subclass
+    (comfy-kitchen's fp8 QuantizedTensor); another strength or other bytes give another. The twin: the
+    rule before (the tensor's version counter) fails the first check for inference tensors."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    mt = importlib.import_module("ltxav_pack.model_transfer")
+    digest = mt.content_digest
+
+    def kinds(seed):  # what a LoRA loader would make from one file: equal bytes for equal seeds
+        g = torch.Generator().manual_seed(seed)
+        up, down, raw = torch.randn(8, 4, generator=g), torch.randn(4, 8, generator=g), torch.randn(8, 8, generator=g)
+        fp8 = "TensorCoreFP8E4M3Layout"
+        with torch.inference_mode():
+            made = {"inference": up.clone(), "inference view": up.clone()[2:], "non-contiguous": up.clone().t(),
+                    "strided": up.clone()[:, ::2], "inference fp8": QuantizedTensor.from_float(raw, fp8)}
+        made |= {"plain": up.clone(), "quantized": torch.quantize_per_tensor(raw, 0.1, 0, torch.qint8),
+                 "GGUF-like": RawQuantized(raw.view(torch.uint8), "Q8_0", (8, 4)),
+                 "fp8": QuantizedTensor.from_float(raw, fp8)}
+        return {k: (t, down) for k, t in made.items()}
+
+    def patches(t, down, strength=1.0):
+        return {"diffusion_model.x.weight": [(strength, LoRAAdapter(set(), (t, down, 2.0, None, None, None)), 1.0, None,
+                                              None)]}
+
+    first, again, other = kinds(1), kinds(1), kinds(2)
+    for kind, (t, down) in first.items():
+        assert digest(patches(t, down)) == digest(patches(t, down)), f"{kind}: another digest on the next call"
+        assert digest(patches(t, down)) == digest(patches(*again[kind])), f"{kind}: the file read again differs"
+        assert digest(patches(t, down, 0.5)) != digest(patches(t, down)), f"{kind}: another strength not seen"
+        assert digest(patches(*other[kind])) != digest(patches(t, down)), f"{kind}: other bytes not seen"
+    t, down = first["GGUF-like"]
+    assert digest(patches(RawQuantized(t.as_subclass(torch.Tensor), "Q4_0", (8, 4)), down)) != digest(patches(t, down))
+    with torch.inference_mode():  # an in-place change of a whole tensor is seen without a version counter
+        t, down = kinds(3)["inference"]
+        before = digest(patches(t, down))
+        t.mul_(2)
+        assert digest(patches(t, down)) != before
+    monkeypatch.setattr(mt, "_cache_state", lambda t, plain: (t._version, t.data_ptr()))  # the rule before
+    t, down = first["inference"]
+    assert digest(patches(t, down)) != digest(patches(t, down))
 
 
 def test_content_digest_follows_content_not_identity(pack):
@@ -122,6 +194,63 @@ def test_content_digest_follows_content_not_identity(pack):
     assert rw.content_digest(twice) != rw.content_digest(thrice)
     a, b = torch.ones(2), torch.zeros(2)
     assert rw.content_digest(a.add) != rw.content_digest(b.add)  # bound to other objects
+
+
+class SkipFlag:
+    """Like ComfyUI-LTXVideo's STGFlag: set by the guider around its perturbed pass, read by the patches."""
+
+    def __init__(self):
+        self.do_skip = False
+
+
+class BlockPatch:
+    """Like ComfyUI-LTXVideo's STGBlockWrapper: a patch replacing a transformer block, holding the block
+    and the guider's flag."""
+
+    def __init__(self, block, flag):
+        self.block, self.flag = block, flag
+
+    def __call__(self, args, extra_args):
+        return extra_args["original_block"](args)
+
+
+class FlagGuider:
+    def __init__(self, patcher, flag):
+        self.model_patcher, self.model_options, self.flag = patcher, patcher.model_options, flag
+
+
+@pytest.mark.quick
+def test_patches_holding_a_block_and_a_flag_shared_with_the_guider(pack, comfy, tiny_ckpt):
+    """A node pack's block patches (ComfyUI-LTXVideo's STG, under MultimodalGuider) hold a transformer block
+    of the model and a flag their guider sets: each patch travels with a reference to the worker's own block
+    (no copy of its weights) and leaves the model key alone (nothing of them read for it), and the job's
+    guider, in the same pickle as the patches, gets the very flag the worker's patches read; so does the
+    dry run's copy (``dumps_job``). The twin: pickled apart, the guider's flag is a copy."""
+    mt = importlib.import_module("ltxav_pack.model_transfer")
+    jobs = importlib.import_module("ltxav_pack.jobs")
+    driver, worker = (comfy.sd.load_diffusion_model(str(tiny_ckpt[0])) for _ in range(2))
+    plain_key = mt.model_spec(driver.clone()).key
+    flag = SkipFlag()
+    blocks = driver.get_model_object("diffusion_model.transformer_blocks")
+    for i, block in enumerate(blocks):
+        driver.set_model_patch_replace(BlockPatch(block, flag), "dit", "double_block", i)
+    spec = mt.model_spec(driver)
+    assert spec.key == plain_key
+    block_bytes = sum(t.numel() * t.element_size() for t in blocks[0].state_dict().values())
+    job = jobs.GuiderJob(noise=None, latent=None, noise_mask=None, seed=0, guider=FlagGuider(driver, flag),
+                         sampler=None, sigmas=None)
+    payload = spec.job_payload(job)
+    assert len(payload) < block_bytes // 4, (len(payload), block_bytes)
+    for data in (payload, mt.dumps_job(job, driver)):
+        patched = worker.clone()  # as ray_worker rebuilds a job: a clone of its loaded weights
+        got = mt.loads_job(data, patched).guider
+        replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+        assert [replaced[("double_block", i)].block for i in range(len(blocks))] == list(
+            patched.model.diffusion_model.transformer_blocks)
+        assert got.model_options is patched.model_options and got.model_patcher is patched
+        assert all(replaced[("double_block", i)].flag is got.flag for i in range(len(blocks)))
+    apart = mt.loads(mt.dumps(FlagGuider(driver, flag), mt.model_refs(driver)), mt.model_refs(patched))
+    assert apart.flag is not replaced[("double_block", 0)].flag
 
 
 def test_every_socket_of_ray_and_the_workers_is_on_loopback(ps, nodes_mod, tiny_model, tiny_ckpt):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from .comfy_host import COMFYUI_PATH, ROOT
 
 PACK_FOLDER = "ComfyUI-LTXAV-Parallel"
+FLOAT64_NODES = Path(__file__).resolve().parent / "float64_nodes"  # a test-only custom node
 
 
 def free_port() -> int:

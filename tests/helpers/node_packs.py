@@ -3,6 +3,7 @@ written by the test."""
 import asyncio
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from .comfy_host import COMFYUI_PATH
@@ -26,9 +27,20 @@ def load_node_pack(name: str):
     if not (folder / "__init__.py").is_file():
         return None
     if module_name(folder) not in sys.modules:
-        if not asyncio.run(nodes.load_custom_node(str(folder))):
+        box = {}
+        # in a thread of its own: the caller may run an event loop (Playwright's sync API does)
+        t = threading.Thread(target=lambda: box.update(ok=asyncio.run(nodes.load_custom_node(str(folder)))))
+        t.start()
+        t.join()
+        if not box.get("ok"):
             raise RuntimeError(f"ComfyUI could not load {folder} (see the log)")
     return sys.modules[module_name(folder)]
+
+
+def not_installed(name: str) -> str:
+    """Why a test that needs the node pack ``name`` skips (with CI=true a skip fails the run)."""
+    return (f"node pack {name} is not in the test host's custom_nodes (.ci/nodepacks.sh installs it from "
+            "../shared/nodepacks)")
 
 
 def submodule(pack, name: str):
