@@ -9,13 +9,13 @@ are applied to the loaded weights), send the sampling job, then watch: the progr
 answering ends the run with an error within seconds; the whole group is then killed (its peers would
 wait in collectives forever) and the next prompt starts a new one.
 
-A local cluster (``local``, or a head on 127.0.0.1) keeps every socket on loopback: Ray's own
-processes, the workers' process-group store, gloo's and NCCL's sockets. SIGTERM and SIGINT to ComfyUI
-stop the workers and every Ray process the pack started before ComfyUI's own handling goes on.
+The Ray connection itself (the private ``local`` cluster, joins, what a failed join says) is
+``ray_cluster``'s. A cluster on loopback keeps every socket on 127.0.0.1: Ray's own processes, the
+workers' process-group store, gloo's and NCCL's sockets. SIGTERM and SIGINT to ComfyUI stop the workers
+and every Ray process the pack started before ComfyUI's own handling goes on.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -36,6 +36,7 @@ from . import (
     memory_plan,
     model_transfer,
     models,
+    ray_cluster,
     ray_worker,
     xdit_context_parallel,
 )
@@ -47,7 +48,6 @@ POLL_S = 0.25
 # Ray CPU slots of a local cluster: each worker takes one, and CPU workers (ComfyUI on --cpu) may outnumber
 # the cores (slow, but they run)
 LOCAL_CPU_SLOTS = 8
-STOP_S = 5.0  # the time Ray's processes get to end (a failed start, SIGTERM/SIGINT) before those left are killed
 
 
 class WorkerFault(RuntimeError):
@@ -85,91 +85,6 @@ class _Group:
     model_key: str | None = None
 
 
-def _probe(address: str, timeout: float = 10.0) -> None:
-    """Fail fast when nothing listens at a host:port Ray address."""
-    import socket
-
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError("expected 'local', 'auto' or host:port")
-    with socket.create_connection((host, int(port)), timeout=timeout):
-        pass
-
-
-def _is_loopback(address: str) -> bool:
-    """``local`` or a head on this machine's loopback: the cluster stays on 127.0.0.1."""
-    return address == "local" or address.removeprefix("ray://").rpartition(":")[0] in ("127.0.0.1", "localhost")
-
-
-@contextlib.contextmanager
-def _ray_node_address(loopback: bool):
-    """Ray's choice of this node's address during one ``ray.init``. Ray swaps a loopback node address
-    for the machine's network address, and its processes then listen on every interface, unless its
-    cluster mode is off; it reads that mode from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is
-    first imported, so whatever imported Ray first (a failed attempt at another address, another custom
-    node) would decide. The mode is set here for this attempt only and put back after it."""
-    import ray._private.ray_constants as ray_constants
-
-    before = ray_constants.ENABLE_RAY_CLUSTER
-    if loopback:
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
-
-
-@contextlib.contextmanager
-def _without_crash_handler():
-    """No Ray crash handler in ComfyUI's process: Ray's driver installs one that takes SIGTERM for a
-    crash and logs a stack trace for it. Ray reads the setting when ray.init makes this process's
-    core worker; Ray's own processes and the workers keep theirs."""
-    import ray._private.ray_constants as ray_constants
-
-    before = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
-    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-    try:
-        yield
-    finally:
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = before
-
-
-def _loopback_interface() -> str:
-    """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux)."""
-    import psutil
-
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address == "127.0.0.1" for a in addrs):
-            return name
-    return "lo"
-
-
-def _descendants(procs) -> list:
-    """``procs`` and all their children, those still running."""
-    import psutil
-
-    out = {}
-    for p in procs:
-        try:
-            if p.is_running():
-                out[p.pid] = p
-                out.update((c.pid, c) for c in p.children(recursive=True))
-        except psutil.Error:
-            pass
-    return list(out.values())
-
-
-def _reap(procs, timeout: float) -> None:
-    """Wait up to ``timeout`` s for ``procs`` to end, then kill those left."""
-    import psutil
-
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=2.0)
-
-
 def _executing_node_id() -> str | None:
     from comfy_execution.utils import get_executing_context
 
@@ -202,12 +117,8 @@ class ParallelSampler:
 
     def __init__(self):
         self.group: _Group | None = None
-        self.address: str | None = None
-        self.loopback = True
+        self.cluster = ray_cluster.Cluster(NODE, self.status)
         self._remote_cls = None
-        self._ray_processes: list = []  # the processes ray.init started here (a local cluster's roots)
-        self._lock = threading.Lock()  # one shutdown at a time (a signal may arrive during another)
-        self._stopping: str | None = None  # why Ray is being stopped (a run then fails saying so)
 
     def status(self, text: str) -> None:
         """Tell the user what the node is doing: on the node (ComfyUI's progress text) and in the log."""
@@ -222,96 +133,31 @@ class ParallelSampler:
                 log.debug("%s: progress text not sent", NODE, exc_info=True)
 
     # -- Ray --------------------------------------------------------------------
+    @property
+    def address(self) -> str | None:
+        """The ``ray_address`` this process connected with (None before the first run)."""
+        return self.cluster.address
+
     def connect(self, address: str) -> None:
+        """This process in the Ray cluster ``address`` names (``ray_cluster``): once; another address later
+        needs a restart (Ray cannot move a process to another cluster)."""
         address = (address or "local").strip()
         ray = sys.modules.get("ray")  # not imported before it is needed: a bad address never imports it
         connected = ray is not None and ray.is_initialized()
         if connected and self.address == address:
             return
-        if address not in ("local", "auto"):
-            try:
-                _probe(address)  # ray.init itself retries an unreachable head for minutes
-            except (OSError, ValueError) as e:
-                raise self._unreachable(address, e) from None
+        if address not in ("local", "auto"):  # a malformed or dead address says so first, without importing Ray
+            ray_cluster.reachable(ray_cluster.target(address, NODE), NODE)
         if connected:
             raise ValueError(f"{NODE}: input 'ray_address' changed from {self.address!r} to {address!r}, but this "
                              "ComfyUI process is already part of a Ray cluster and Ray cannot move it to another "
                              "one: restart ComfyUI to use the new address, or set it back.")
-        import psutil
-        import ray
-
-        loopback = _is_loopback(address)
-        self.status({"local": "starting Ray (a private cluster on 127.0.0.1)",
-                     "auto": "connecting to the Ray cluster `ray start` runs here"}.get(
-                         address, f"connecting to Ray at {address}"))
-        # no job-wide env: each worker group gets the LTXAV_PARALLEL_* etc. variables of its own start
-        kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
-        if loopback:
-            kwargs["_node_ip_address"] = "127.0.0.1"
-        if address == "local":
-            kwargs["num_gpus"] = 0 if _cpu_mode() else torch.cuda.device_count()
-            kwargs["num_cpus"] = max(os.cpu_count() or 1, LOCAL_CPU_SLOTS, kwargs["num_gpus"])
-        me = psutil.Process()
-        children = {p.pid for p in me.children()}
-        environ = dict(os.environ)
-        try:
-            with _ray_node_address(loopback), _without_crash_handler():
-                ray.init(address=address, **kwargs)
-        except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, ValueError, RuntimeError...
-            self._undo_init([p for p in me.children() if p.pid not in children], environ)
-            raise self._unreachable(address, e) from None
-        self.address, self.loopback, self._stopping = address, loopback, None
-        self._ray_processes = [p for p in me.children() if p.pid not in children] if address == "local" else []
-        log.info("%s: connected to Ray (%s): %s", NODE, address, ray.cluster_resources())
-
-    @staticmethod
-    def _undo_init(started: list, environ: dict) -> None:
-        """After a failed ray.init: leave nothing that would change the next attempt (Ray's globals,
-        the variables it set in this process's environment, processes it started)."""
-        import ray
-
-        procs = _descendants(started)
-        with contextlib.suppress(Exception):
-            ray.shutdown()
-        for k in set(os.environ) - set(environ):
-            del os.environ[k]
-        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
-        for p in procs:
-            with contextlib.suppress(Exception):
-                p.terminate()
-        _reap(procs, STOP_S)
+        num_gpus = 0 if _cpu_mode() else torch.cuda.device_count()
+        self.cluster.connect(address, num_gpus, max(os.cpu_count() or 1, LOCAL_CPU_SLOTS, num_gpus))
 
     def shutdown(self, why: str) -> None:
-        """Stop the workers and Ray in this process; when the pack started a local cluster, every process
-        of it (within about STOP_S seconds: Ray's own stop first, then what is left is killed)."""
-        ray = sys.modules.get("ray")
-        if ray is None or not ray.is_initialized() or not self._lock.acquire(blocking=False):
-            return
-        try:
-            self._stopping = why
-            procs = _descendants(self._ray_processes)
-            log.info("%s: %s: stopping the workers and Ray (%d processes started here)", NODE, why, len(procs))
-
-            def stop():
-                with contextlib.suppress(Exception):
-                    self.stop_group()
-                ray.shutdown()
-
-            # a thread: the signal may have interrupted this thread inside a Ray call; Ray's stop is bounded
-            deadline = time.monotonic() + STOP_S
-            t = threading.Thread(target=stop, name="ltxav-ray-stop", daemon=True)
-            t.start()
-            t.join(STOP_S)
-            _reap(procs, max(0.5, deadline - time.monotonic()))
-            self._ray_processes = []
-        finally:
-            self._lock.release()
-
-    @staticmethod
-    def _unreachable(address, e):
-        return ValueError(f"{NODE}: cannot connect to the Ray cluster at ray_address={address!r}: "
-                          f"{type(e).__name__}: {e}. Use 'local' for a private cluster on this machine, 'auto' for "
-                          "the one `ray start` made here, or the head's host:port.")
+        """Stop the workers and Ray in this process; a private cluster's processes and folder too."""
+        self.cluster.shutdown(why, self.stop_group)
 
     def _worker_class(self):
         if self._remote_cls is None:
@@ -389,10 +235,10 @@ class ParallelSampler:
         env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": alloc,
                             **{k: "" for k in envs.WORKER_VARS}, **_passthrough_env(),
                             "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
-        if self.loopback:
+        if self.cluster.loopback:
             # a cluster on loopback: gloo's and NCCL's own sockets there too (by default they take the
             # address the host name resolves to, or the first network interface)
-            lo = _loopback_interface()
+            lo = ray_cluster.loopback_interface()
             env["env_vars"].update(GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)
         actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
             rank, world, comfy_path, pack_dir, __package__, _host_args(), ray_worker.dynamic_vram_enabled())
@@ -405,7 +251,7 @@ class ParallelSampler:
         group.infos = self._wait([a.info.remote() for a in actors], "start", envs.START_S.number(), heartbeat=False)
         seconds = time.perf_counter() - t0
         log.info("%s: started %d workers (%s) in %.1f s: %s", NODE, world, degrees.describe(), seconds,
-                 ", ".join(f"{i['rank']}: {i['device']} pid {i['pid']} on {i['node']}" for i in group.infos))
+                 ", ".join(f"{i['rank']}: {i['device']} pid {i['pid']} on {node_label(i)}" for i in group.infos))
         return group, seconds
 
     def regroup(self, group: _Group, degrees: Degrees) -> float:
@@ -618,8 +464,8 @@ class ParallelSampler:
                     for a in group.actors:
                         a.interrupt.remote()
         except Exception as e:
-            if self._stopping:  # the workers are gone because ComfyUI is stopping, not by a fault
-                raise RuntimeError(f"{NODE}: stopped during {what}: {self._stopping}, ComfyUI is shutting "
+            if self.cluster.stopping:  # the workers are gone because ComfyUI is stopping, not by a fault
+                raise RuntimeError(f"{NODE}: stopped during {what}: {self.cluster.stopping}, ComfyUI is shutting "
                                    "down.") from None
             if isinstance(e, _TaskFailed):
                 rank, error = _root_cause(group, e.rank, e.error)
@@ -635,6 +481,12 @@ class ParallelSampler:
             self.stop_group()  # never leave workers running a job nobody waits for
             raise
         return results
+
+
+def node_label(info: dict) -> str:
+    """A worker's node as the log names it: host name, node address and Ray's node id (nodes on one
+    machine share the first two)."""
+    return f"{info.get('host', '?')} ({info['node']}, Ray node {info.get('node_id', '?')[:8]})"
 
 
 def one_gpu_here(settings: ParallelSettings, cpu: bool, cuda_devices: int) -> bool:

@@ -187,7 +187,8 @@ class LTXAVWorker:
         import comfy.cli_args
 
         flags = {k: getattr(comfy.cli_args.args, k, None) for k in MEMORY_FLAGS}
-        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": name,
+        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "device": name,
                 "loads": self.loads, "repatches": self.repatches, "ffn_chunking": ffn,
                 "dynamic_vram": dynamic_vram_enabled(), "memory_flags": flags,
                 "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
