@@ -444,11 +444,17 @@ class Cluster:
         process of it (within about STOP_S seconds: Ray's own stop first, then what is left is killed), and
         its folder."""
         ray = sys.modules.get("ray")
-        if ray is None or not ray.is_initialized() or not self._lock.acquire(blocking=False):
+        connected = ray is not None and ray.is_initialized()
+        if not (connected or self.folder or self.processes) or not self._lock.acquire(blocking=False):
             return
         try:
             self.stopping = why
             procs = descendants(self.processes)
+            if not connected:  # Ray was stopped without the pack (ray.shutdown()): what it left of the cluster
+                reap(procs, STOP_S)
+                self.processes = []
+                self._remove_folder()
+                return
             log.info("%s: %s: stopping the workers and Ray (%d processes started here)", self.node, why, len(procs))
 
             def stop():
@@ -464,8 +470,11 @@ class Cluster:
             t.join(STOP_S)
             reap(procs, max(0.5, deadline - time.monotonic()))
             self.processes = []
-            if self.folder:
-                shutil.rmtree(self.folder, ignore_errors=True)
-                self.folder = None
+            self._remove_folder()
         finally:
             self._lock.release()
+
+    def _remove_folder(self) -> None:
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
