@@ -42,7 +42,7 @@ def shares(active: list[int], degree: int) -> list[list[int]]:
 
 
 def choose_degree(mode: str, passes: int, world: int, ulysses: int, ring: int, video_heads: int,
-                  node: str) -> tuple[int, str]:
+                  node: str, unit: str = "GPUs") -> tuple[int, str]:
     """The cfg degree for ``world`` ranks and ``passes`` guidance passes a step, and why cfg-parallel is
     not used when it is 1. ``auto``: the largest degree that divides both the passes and the GPU count
     (so every group runs as many passes) and leaves a valid sequence-parallel group; ``on``: the largest
@@ -55,7 +55,7 @@ def choose_degree(mode: str, passes: int, world: int, ulysses: int, ring: int, v
     if passes < 2:
         return 1, "one guidance pass a step (cfg 1 or a guider without negative): nothing to split"
     if world < 2:
-        return 1, "one GPU"
+        return 1, f"one {unit[:-1]}"  # one GPU, one CPU worker
     for degree in range(min(passes, world), 1, -1):
         if world % degree or (mode == "auto" and passes % degree):
             continue
@@ -70,7 +70,7 @@ def choose_degree(mode: str, passes: int, world: int, ulysses: int, ring: int, v
         raise ValueError(f"{node}: input 'cfg_parallel' is 'on', but the {passes} guidance passes a step cannot be "
                          f"split over gpus={world} with ulysses_degree={ulysses} and ring_degree={ring}: use {counts} "
                          "with ulysses_degree 0, or set cfg_parallel to 'auto' or 'off'.")
-    return 1, f"{passes} passes do not split evenly over {world} GPUs"
+    return 1, f"{passes} passes do not split evenly over {world} {unit}"
 
 
 class CfgParallel:

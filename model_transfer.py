@@ -62,14 +62,16 @@ def loads(data: bytes, refs: dict):
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What a worker needs to rebuild a MODEL: ``recipe`` and ``spec`` (pickled), ``skipped`` (the names
-    of the parts that cannot travel), ``file_key`` (what decides the weights read from disk) and
-    ``key`` (that plus everything applied on them)."""
+    of the parts that cannot travel), ``file_key`` (what decides the weights read from disk),
+    ``key`` (that plus everything applied on them) and ``part_keys`` (each applied part's own key,
+    named as ``changed_parts`` reports it)."""
 
     recipe: bytes
     spec: bytes
     skipped: list
     file_key: str
     key: str
+    part_keys: dict = dataclasses.field(default_factory=dict)  # part name -> its content key: what changed
 
 
 def model_spec(patcher, own_keys=()) -> ModelSpec:
@@ -116,9 +118,13 @@ def model_spec(patcher, own_keys=()) -> ModelSpec:
             "model_options": options, "transformer_options": to, "wrappers": wrappers}
     recipe = patcher.cached_patcher_init
     file_key = content_digest({"recipe": recipe, "files": _file_stats(recipe[1])})
-    key = content_digest({"file": file_key, "spec": spec}, refs)
+    parts = {"patches": spec["patches"], "object patches": object_patches, "wrappers": wrappers,
+             **{f"model_options[{k!r}]": v for k, v in options.items()},
+             **{f"transformer_options[{k!r}]": v for k, v in to.items()}}
+    part_keys = {name: content_digest(v, refs) for name, v in parts.items()}
+    key = content_digest({"file": file_key, "parts": part_keys})
     return ModelSpec(recipe=cloudpickle.dumps(recipe), spec=dumps(spec, refs), skipped=skipped, file_key=file_key,
-                     key=key)
+                     key=key, part_keys=part_keys)
 
 
 def _file_stats(args) -> list:
@@ -251,3 +257,8 @@ def _attributes(o) -> dict | None:
     if not state and not hasattr(o, "__dict__"):
         return None
     return state
+
+
+def changed_parts(before: dict, after: dict) -> list[str]:
+    """The names of the parts whose content keys differ between two ``ModelSpec.part_keys``."""
+    return [name for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]

@@ -16,6 +16,7 @@ and every Ray process the pack started before ComfyUI's own handling goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -33,6 +34,7 @@ from . import (
     ffn_chunking,
     instrumentation,
     jobs,
+    log_relay,
     memory_plan,
     model_transfer,
     models,
@@ -40,7 +42,9 @@ from . import (
     ray_worker,
     xdit_context_parallel,
 )
+from .errors import clause
 from .sequence_parallel.groups import Degrees, check_degrees
+from .sequence_parallel.layout import ShardLayout
 
 log = logging.getLogger(__name__)
 NODE = "LTXAV Parallel Sampler"
@@ -83,6 +87,7 @@ class _Group:
     per_gpu: int = 1  # workers sharing each GPU (envs.WORKERS_PER_GPU)
     file_key: str | None = None
     model_key: str | None = None
+    part_keys: dict = dataclasses.field(default_factory=dict)  # model_transfer.ModelSpec.part_keys
 
 
 def _executing_node_id() -> str | None:
@@ -110,6 +115,41 @@ def _passthrough_env() -> dict:
 
 def _cause(err: BaseException) -> BaseException:
     return getattr(err, "cause", None) or err
+
+
+def unit(cpu: bool) -> str:
+    """What a worker is, as the messages count them."""
+    return "CPU workers" if cpu else "GPUs"
+
+
+def describe_changes(parts: list[str]) -> str:
+    """The changed parts of a MODEL (``model_transfer.changed_parts``) as the node's progress text names them."""
+    names = {"patches": "weight patches (LoRA)",
+             f"transformer_options[{ffn_chunking.CHUNKING_KEY!r}]": "LTX FFN Chunker settings"}
+    return ", ".join(names.get(p, p) for p in parts) or "options"
+
+
+class StepProgress:
+    """ComfyUI's progress bar for a run on the workers, through every step in order to the last: the
+    driver polls rank 0's step and may see 2, then 5 (each step passes ComfyUI's hook, and Interrupt)."""
+
+    def __init__(self, total: int):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(total)
+        self.shown = 0
+
+    def to(self, step: int) -> None:
+        import comfy.model_management
+
+        while self.shown < step:
+            self.shown += 1
+            try:
+                self.bar.update_absolute(self.shown)
+            except comfy.model_management.InterruptProcessingException:
+                # the server's progress hook raises on Interrupt and clears the flag: set it again so
+                # the run's check tells the workers
+                comfy.model_management.interrupt_current_processing(True)
 
 
 class ParallelSampler:
@@ -185,11 +225,17 @@ class ParallelSampler:
                              "(e.g. 2); 0 (= all GPUs) has no meaning without GPUs.")
         world = settings.gpus or available
         if world < 1 or world > available:
-            raise ValueError(f"{NODE}: input 'gpus' asks for {world} {'CPU workers' if cpu else 'GPUs'} but the Ray "
-                             f"cluster at {self.address!r} has {available}; use gpus <= {available} (0 = all).")
+            if cpu:
+                offers = (f"offers {available} CPU slots (one a worker; more workers than this machine's "
+                          f"{os.cpu_count()} cores run, slowly)") if self.address == "local" else \
+                    f"has {available} CPU slots (one a worker)"
+                raise ValueError(f"{NODE}: input 'gpus' asks for {world} CPU workers, but the Ray cluster at "
+                                 f"{self.address!r} {offers}; use gpus <= {available}.")
+            raise ValueError(f"{NODE}: input 'gpus' asks for {world} GPUs, but the Ray cluster at {self.address!r} "
+                             f"has {available}; use gpus <= {available} (0 = all).")
         ring = max(1, settings.ring)
         cfg, why = cfg_parallel.choose_degree(settings.cfg_parallel, passes, world, settings.ulysses, ring,
-                                              video_heads, NODE)
+                                              video_heads, NODE, unit=unit(cpu))
         if settings.cfg_parallel != "off" and cfg == 1 and world > 1:
             log.info("%s: cfg-parallel not used (%s)", NODE, why)
         if settings.ulysses == 0:
@@ -200,7 +246,7 @@ class ParallelSampler:
             degrees = Degrees(sequence // ring, ring, cfg)
         else:
             degrees = Degrees(settings.ulysses, settings.ring, cfg)
-        check_degrees(degrees, world, video_heads, NODE)
+        check_degrees(degrees, world, video_heads, NODE, unit=unit(cpu))
         return world, degrees, cpu
 
     def ensure_group(self, world, degrees, cpu) -> tuple[_Group, float]:
@@ -291,6 +337,8 @@ class ParallelSampler:
         self.connect(settings.ray_address)  # first: it decides how Ray is imported
         import ray
         world, degrees, cpu = self.resolve(settings, family.video_heads(dm), job.passes)
+        # before any worker starts: a worker would find it only in its first forward
+        ShardLayout(latent_clip(job.latent)[0].video_tokens, degrees.sequence, 0).check(NODE, unit(cpu))
         total_steps = job.total_steps
         t_prepare = time.perf_counter()
         own_keys = (ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY, cfg_parallel.WRAPPER_KEY)
@@ -325,7 +373,8 @@ class ParallelSampler:
         if group.file_key != model.file_key:
             self.status(f"loading the model on {world} workers")
         elif group.model_key != model.key:
-            self.status(f"applying changed patches (LoRA) on {world} workers, without reading the file again")
+            what = describe_changes(model_transfer.changed_parts(group.part_keys, model.part_keys))
+            self.status(f"applying the MODEL's changed {what} on {world} workers, without reading the file again")
         t0 = time.perf_counter()
         recipe_ref, spec_ref = ray.put(model.recipe), ray.put(model.spec)
         loads = self._wait([a.load.remote(model.file_key, model.key, recipe_ref, spec_ref) for a in group.actors],
@@ -336,15 +385,17 @@ class ParallelSampler:
         if action != "kept":
             log.info("%s: model %s on %d workers in %.1f s", NODE,
                      "loaded" if action == "read" else "patches re-applied", world, load_s)
-        group.file_key, group.model_key = model.file_key, model.key
+        group.file_key, group.model_key, group.part_keys = model.file_key, model.key, model.part_keys
         self.status(f"sampling on {world} workers")
 
         t0 = time.perf_counter()
         job_ref = ray.put(job_bytes)
+        progress = StepProgress(total_steps)
         results = self._wait([a.sample.remote(job_ref) for a in group.actors], "sampling", envs.STALL_S.number(),
-                             pbar=comfy.utils.ProgressBar(total_steps))
+                             progress=progress)
         sample_s = time.perf_counter() - t0
         first = results[0]
+        progress.to(first.step)  # the steps the last polls did not see
         marks = first.step_times
         memory = [r.memory for r in results]
         if first.interrupted:
@@ -426,7 +477,7 @@ class ParallelSampler:
                               summary=text, step_times=marks, passes=[job.passes],
                               planned_parts_gib=None if est is None else {k: jobs.gib(v) for k, v in est.parts.items()})
 
-    def _wait(self, refs, what, stall_s, heartbeat=True, pbar=None):
+    def _wait(self, refs, what, stall_s, heartbeat=True, progress: StepProgress | None = None):
         """Results of ``refs`` (one per worker, in rank order), watching the workers meanwhile."""
         import comfy.model_management
         import ray
@@ -450,13 +501,8 @@ class ParallelSampler:
                     steps = _heartbeat_of(group, what)
                     if steps[0] != step:
                         step, moved = steps[0], time.monotonic()
-                        if pbar is not None:
-                            try:
-                                pbar.update_absolute(step)
-                            except comfy.model_management.InterruptProcessingException:
-                                # the server's progress hook raises on Interrupt and clears the flag:
-                                # set it again so the check below tells the workers
-                                comfy.model_management.interrupt_current_processing(True)
+                        if progress is not None:
+                            progress.to(step)
                 if time.monotonic() - moved > stall_s:
                     raise WorkerFault(f"no progress for {stall_s:.0f} s during {what} (at step {step})")
                 if not interrupted and comfy.model_management.processing_interrupted():
@@ -480,6 +526,7 @@ class ParallelSampler:
         except BaseException:
             self.stop_group()  # never leave workers running a job nobody waits for
             raise
+        _relay_logs(group)
         return results
 
 
@@ -629,10 +676,11 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
 
 
 def _heartbeat_of(group, what):
-    """Every worker's step, answered by its second thread; raises for a dead or silent worker."""
+    """Every worker's step, answered by its second thread (its log lines since the last poll go to this
+    process's log); raises for a dead or silent worker."""
     import ray
 
-    refs = [a.progress.remote() for a in group.actors]
+    refs = [a.poll.remote() for a in group.actors]
     heartbeat_s = envs.HEARTBEAT_S.number()
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=heartbeat_s)
     steps = []
@@ -641,10 +689,24 @@ def _heartbeat_of(group, what):
             raise WorkerFault(f"worker {rank} stopped answering for {heartbeat_s:.0f} s during {what} "
                               "(hung, frozen or overloaded)")
         try:
-            steps.append(ray.get(ref))
+            step, lines = ray.get(ref)
         except ray.exceptions.RayError as e:
             raise _TaskFailed(rank, e) from None
+        log_relay.replay(rank, lines)
+        steps.append(step)
     return steps
+
+
+def _relay_logs(group) -> None:
+    """The workers' log lines not yet taken (a wait's last ones), as far as they answer within 2 s."""
+    import ray
+
+    refs = [a.poll.remote() for a in group.actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+    for rank, ref in enumerate(refs):
+        if ref in ready:
+            with contextlib.suppress(ray.exceptions.RayError):
+                log_relay.replay(rank, ray.get(ref)[1])
 
 
 def _root_cause(group, rank, error):
@@ -674,9 +736,9 @@ def _describe(err, rank, what, group) -> str:
         log.warning("%s: %s died: %s", NODE, who, str(err)[:2000])
         return f"{who} died during {what} (its process was killed, crashed, or ran out of host memory)"
     if isinstance(cause, torch.OutOfMemoryError) or "OutOfMemoryError" in type(cause).__name__:
-        return (f"{who} ran out of GPU memory during {what}: {str(cause).splitlines()[0][:300]}. Use more "
+        return (f"{who} ran out of GPU memory during {what}: {clause(cause, 300).partition(': ')[2]}. Use more "
                 "GPUs, the LTX FFN Chunker, or a shorter or smaller video")
-    return f"{who} failed during {what}: {type(cause).__name__}: {str(cause).splitlines()[0][:400]}"
+    return f"{who} failed during {what}: {clause(cause)}"
 
 
 MODEL_ACTIONS = {"read": "read from file", "repatched": "patches re-applied, file not read", "kept": "kept"}

@@ -146,6 +146,7 @@ class LTXAVWorker:
         def pack(name):
             return importlib.import_module(f"{pack_name}.{name}")
 
+        self.logs = pack("log_relay").WorkerLogs(pack_name)  # the pack's log lines, for ComfyUI's log
         self.envs, self.jobs, self.transfer = pack("envs"), pack("jobs"), pack("model_transfer")
         self.cap = self.envs.MEMORY_CAP_GIB.number() * self.jobs.GIB or None
         # with DynamicVRAM the cap is a held tensor: comfy-aimdo allocates outside PyTorch's allocator
@@ -308,6 +309,10 @@ class LTXAVWorker:
     # -- sampling ---------------------------------------------------------------
     def progress(self) -> int:
         return self.step
+
+    def poll(self) -> tuple[int, list]:
+        """The driver's heartbeat: this worker's step and its log lines since the last poll."""
+        return self.step, self.logs.take()
 
     def interrupt(self) -> None:
         self.stop.set()

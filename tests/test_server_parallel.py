@@ -66,6 +66,15 @@ def test_parallel_prompt_equals_stock_prompt(server, tiny_model_f64):
     assert "LTXAV Parallel Sampler: 2 workers, cfg 2 x Ulysses 1 x ring 1" in par["outputs"]["6"]["text"][0]
 
 
+def test_a_malformed_address_is_refused_at_queue_time(server):
+    """The node's queue-time check: POST /prompt answers 400 naming the input (no run, no traceback)."""
+    status, body = server.post("/prompt", {"prompt": parallel_prompt(server, address="nowhere"), "client_id": "q"})
+    assert status == 400, body
+    details = [e["details"] for e in body["node_errors"]["6"]["errors"]]
+    assert any("LTXAV Parallel Sampler: input 'ray_address' is 'nowhere'" in d for d in details), details
+    assert "Traceback" not in str(body)
+
+
 def test_interrupt_then_next_prompt(server):
     server.run(parallel_prompt(server, steps=1))  # workers up
     starts = server.log().count("LTXAV Parallel Sampler: started")
