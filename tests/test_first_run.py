@@ -47,8 +47,11 @@ def test_the_install_layout_uses_the_enclosing_comfyui_and_a_venv_outside_it(tmp
     assert dry.returncode == 0 and dry.stdout.splitlines() == [f"ComfyUI: {comfy}",
                                                                f"Python environment: {cache / 'venv'}"], dry
     assert not cache.exists() and sorted(p.name for p in (comfy / "custom_nodes").iterdir()) == [pack.name]
-    # the twin: the checkout itself (no custom_nodes above it) keeps its venv in .venv
-    assert script(ROOT / ".ci" / "venv.sh", env=env).stdout.strip() == str(ROOT / ".venv")
+    # the twin: a checkout with no custom_nodes above it keeps its venv in .venv
+    dev = tmp_path / "src" / "ComfyUI-LTXAV-Parallel"
+    dev.parent.mkdir()
+    dev.symlink_to(ROOT, target_is_directory=True)
+    assert script(dev / ".ci" / "venv.sh", env=env).stdout.strip() == str(dev / ".venv")
     # an explicit COMFYUI_PATH wins; an enclosing ComfyUI without LTX-2 audio-video is named, not passed over
     assert script(pack / ".ci" / "host.sh", env={**env, "COMFYUI_PATH": str(COMFYUI_PATH)}).stdout.strip() == \
         str(COMFYUI_PATH)
