@@ -45,13 +45,14 @@ def shares(active: list[int], degree: int) -> list[list[int]]:
 
 
 def choose_degree(mode: str, passes, world: int, ulysses: int, ring: int, video_heads: int,
-                  node: str) -> tuple[int, str]:
+                  node: str, unit: str = "GPUs") -> tuple[int, str]:
     """The cfg degree for ``world`` ranks and the job's ``passes`` (``guidance_passes.Passes``), and a
     note: why cfg-parallel is not used when the degree is 1, what the groups run twice otherwise (empty
     when nothing). ``auto``: the largest degree that splits every call's passes evenly (no group runs a
     pass another runs too), divides the GPU count and leaves a valid sequence-parallel group; ``on``: the
     largest that divides the GPU count, uneven shares and whole one-pass calls allowed; ``off``: 1.
-    ``ulysses`` 0 = whatever is left over the ring; otherwise ``ulysses * ring`` must be what is left."""
+    ``ulysses`` 0 = whatever is left over the ring; otherwise ``ulysses * ring`` must be what is left.
+    ``unit``: what a worker is, as the messages count them (GPUs, CPU workers)."""
     if mode not in MODES:
         raise ValueError(f"{node}: input 'cfg_parallel' is {mode!r}; use one of {', '.join(MODES)}.")
     if mode == "off":
@@ -63,7 +64,7 @@ def choose_degree(mode: str, passes, world: int, ulysses: int, ring: int, video_
                        "cfg-parallel shares the passes of one call: each group would run every pass whole")
         return 1, "one guidance pass a step (cfg 1 or a guider without negative): nothing to split"
     if world < 2:
-        return 1, "one GPU"
+        return 1, f"one {unit[:-1]}"  # one GPU, one CPU worker
     for degree in range(min(largest, world), 1, -1):
         wasted = passes.wasted(degree)
         if world % degree or (mode == "auto" and wasted):
@@ -86,8 +87,8 @@ def choose_degree(mode: str, passes, world: int, ulysses: int, ring: int, video_
         return 1, (f"{single} of the {per_step} passes a step come{'s' if single == 1 else ''} in a call of "
                    f"{'its' if single == 1 else 'their'} own ({passes.guider} or a post-CFG function calls the model "
                    "again), which every cfg group would run whole: each pass is split over all "
-                   f"{world} GPUs instead")
-    return 1, f"the {passes.describe()} do not split evenly over {world} GPUs"
+                   f"{world} {unit} instead")
+    return 1, f"the {passes.describe()} do not split evenly over {world} {unit}"
 
 
 def _unsplit(passes, degree: int) -> str:

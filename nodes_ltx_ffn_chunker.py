@@ -5,6 +5,7 @@ from comfy.ldm.lightricks.model import LTXBaseModel
 from comfy_api.latest import io
 
 from . import ffn_chunking, memory_plan
+from .errors import user_facing
 
 CATEGORY = "LTXAV Multi-GPU"
 
@@ -66,6 +67,7 @@ class LTXFFNChunker(io.ComfyNode):
         )
 
     @classmethod
+    @user_facing(("LTX FFN Chunker",))
     def execute(cls, model, auto: bool, num_chunks: int) -> io.NodeOutput:
         require_ltx(model, "LTX FFN Chunker")
         if not 1 <= num_chunks <= ffn_chunking.MAX_CHUNKS:

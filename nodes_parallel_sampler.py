@@ -7,10 +7,12 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io, ui
 
+from . import ray_cluster
 from .cfg_parallel import MODES as CFG_PARALLEL_MODES
+from .errors import user_facing
 from .jobs import GuiderJob, KSamplerJob
 from .nodes_ltx_ffn_chunker import CATEGORY
-from .parallel_sampler import POOL, ParallelSettings
+from .parallel_sampler import NODE, POOL, ParallelSettings
 
 # cost sentences that the two sampler nodes' tooltips share
 WORKERS_COST = ("Each worker manages the weights as ComfyUI does: with DynamicVRAM (ComfyUI's default on NVIDIA) "
@@ -77,6 +79,18 @@ def _noise_mask(latent):
     return latent.get("noise_mask")
 
 
+def validate_address(ray_address) -> bool | str:
+    """Queue-time check of input 'ray_address' (no traceback, the node marked in the UI): 'local', 'auto'
+    or host:port. A linked input (None here) is checked when the node runs."""
+    if ray_address is None or ray_address.strip() in ("local", "auto"):
+        return True
+    try:
+        ray_cluster.target(ray_address.strip(), NODE)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
 class LTXAVParallelKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -123,6 +137,11 @@ class LTXAVParallelKSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ray_address=None):
+        return validate_address(ray_address)
+
+    @classmethod
+    @user_facing((NODE,))
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 gpus, ulysses_degree, ring_degree, ray_address, cfg_parallel="auto") -> io.NodeOutput:
         latent = latent_image
@@ -168,6 +187,11 @@ class LTXAVParallelSamplerCustomAdvanced(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ray_address=None):
+        return validate_address(ray_address)
+
+    @classmethod
+    @user_facing((NODE,))
     def execute(cls, noise, guider, sampler, sigmas, latent_image, gpus, ulysses_degree, ring_degree,
                 ray_address, cfg_parallel="auto") -> io.NodeOutput:
         patcher = guider.model_patcher

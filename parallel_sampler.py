@@ -9,9 +9,10 @@ are applied to the loaded weights), send the sampling job, then watch: the progr
 answering ends the run with an error within seconds; the whole group is then killed (its peers would
 wait in collectives forever) and the next prompt starts a new one.
 
-A local cluster (``local``, or a head on 127.0.0.1) keeps every socket on loopback: Ray's own
-processes, the workers' process-group store, gloo's and NCCL's sockets. SIGTERM and SIGINT to ComfyUI
-stop the workers and every Ray process the pack started before ComfyUI's own handling goes on.
+The Ray connection itself (the private ``local`` cluster, joins, what a failed join says) is
+``ray_cluster``'s. A cluster on loopback keeps every socket on 127.0.0.1: Ray's own processes, the
+workers' process-group store, gloo's and NCCL's sockets. SIGTERM and SIGINT to ComfyUI stop the workers
+and every Ray process the pack started before ComfyUI's own handling goes on.
 """
 from __future__ import annotations
 
@@ -35,13 +36,17 @@ from . import (
     instrumentation,
     jobs,
     lean_attention,
+    log_relay,
     memory_plan,
     model_transfer,
     models,
+    ray_cluster,
     ray_worker,
     xdit_context_parallel,
 )
+from .errors import clause
 from .sequence_parallel.groups import Degrees, check_degrees
+from .sequence_parallel.layout import ShardLayout
 
 log = logging.getLogger(__name__)
 NODE = "LTXAV Parallel Sampler"
@@ -49,7 +54,6 @@ POLL_S = 0.25
 # Ray CPU slots of a local cluster: each worker takes one, and CPU workers (ComfyUI on --cpu) may outnumber
 # the cores (slow, but they run)
 LOCAL_CPU_SLOTS = 8
-STOP_S = 5.0  # the time Ray's processes get to end (a failed start, SIGTERM/SIGINT) before those left are killed
 # the pack's own wrappers: not sent with the MODEL's options (each worker adds its own)
 OWN_KEYS = (ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY, cfg_parallel.WRAPPER_KEY)
 
@@ -89,91 +93,6 @@ class _Group:
     model_key: str | None = None
 
 
-def _probe(address: str, timeout: float = 10.0) -> None:
-    """Fail fast when nothing listens at a host:port Ray address."""
-    import socket
-
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError("expected 'local', 'auto' or host:port")
-    with socket.create_connection((host, int(port)), timeout=timeout):
-        pass
-
-
-def _is_loopback(address: str) -> bool:
-    """``local`` or a head on this machine's loopback: the cluster stays on 127.0.0.1."""
-    return address == "local" or address.removeprefix("ray://").rpartition(":")[0] in ("127.0.0.1", "localhost")
-
-
-@contextlib.contextmanager
-def _ray_node_address(loopback: bool):
-    """Ray's choice of this node's address during one ``ray.init``. Ray swaps a loopback node address
-    for the machine's network address, and its processes then listen on every interface, unless its
-    cluster mode is off; it reads that mode from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is
-    first imported, so whatever imported Ray first (a failed attempt at another address, another custom
-    node) would decide. The mode is set here for this attempt only and put back after it."""
-    import ray._private.ray_constants as ray_constants
-
-    before = ray_constants.ENABLE_RAY_CLUSTER
-    if loopback:
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
-
-
-@contextlib.contextmanager
-def _without_crash_handler():
-    """No Ray crash handler in ComfyUI's process: Ray's driver installs one that takes SIGTERM for a
-    crash and logs a stack trace for it. Ray reads the setting when ray.init makes this process's
-    core worker; Ray's own processes and the workers keep theirs."""
-    import ray._private.ray_constants as ray_constants
-
-    before = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
-    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-    try:
-        yield
-    finally:
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = before
-
-
-def _loopback_interface() -> str:
-    """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux)."""
-    import psutil
-
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address == "127.0.0.1" for a in addrs):
-            return name
-    return "lo"
-
-
-def _descendants(procs) -> list:
-    """``procs`` and all their children, those still running."""
-    import psutil
-
-    out = {}
-    for p in procs:
-        try:
-            if p.is_running():
-                out[p.pid] = p
-                out.update((c.pid, c) for c in p.children(recursive=True))
-        except psutil.Error:
-            pass
-    return list(out.values())
-
-
-def _reap(procs, timeout: float) -> None:
-    """Wait up to ``timeout`` s for ``procs`` to end, then kill those left."""
-    import psutil
-
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=2.0)
-
-
 def _executing_node_id() -> str | None:
     from comfy_execution.utils import get_executing_context
 
@@ -201,17 +120,41 @@ def _cause(err: BaseException) -> BaseException:
     return getattr(err, "cause", None) or err
 
 
+def unit(cpu: bool) -> str:
+    """What a worker is, as the messages count them."""
+    return "CPU workers" if cpu else "GPUs"
+
+
+class StepProgress:
+    """ComfyUI's progress bar for a run on the workers, through every step in order to the last: the
+    driver polls rank 0's step and may see 2, then 5 (each step passes ComfyUI's hook, and Interrupt)."""
+
+    def __init__(self, total: int):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(total)
+        self.shown = 0
+
+    def to(self, step: int) -> None:
+        import comfy.model_management
+
+        while self.shown < step:
+            self.shown += 1
+            try:
+                self.bar.update_absolute(self.shown)
+            except comfy.model_management.InterruptProcessingException:
+                # the server's progress hook raises on Interrupt and clears the flag: set it again so
+                # the run's check tells the workers
+                comfy.model_management.interrupt_current_processing(True)
+
+
 class ParallelSampler:
     """The pack's one Ray worker group (per ComfyUI process)."""
 
     def __init__(self):
         self.group: _Group | None = None
-        self.address: str | None = None
-        self.loopback = True
+        self.cluster = ray_cluster.Cluster(NODE, self.status)
         self._remote_cls = None
-        self._ray_processes: list = []  # the processes ray.init started here (a local cluster's roots)
-        self._lock = threading.Lock()  # one shutdown at a time (a signal may arrive during another)
-        self._stopping: str | None = None  # why Ray is being stopped (a run then fails saying so)
 
     def status(self, text: str) -> None:
         """Tell the user what the node is doing: on the node (ComfyUI's progress text) and in the log."""
@@ -226,96 +169,31 @@ class ParallelSampler:
                 log.debug("%s: progress text not sent", NODE, exc_info=True)
 
     # -- Ray --------------------------------------------------------------------
+    @property
+    def address(self) -> str | None:
+        """The ``ray_address`` this process connected with (None before the first run)."""
+        return self.cluster.address
+
     def connect(self, address: str) -> None:
+        """This process in the Ray cluster ``address`` names (``ray_cluster``): once; another address later
+        needs a restart (Ray cannot move a process to another cluster)."""
         address = (address or "local").strip()
         ray = sys.modules.get("ray")  # not imported before it is needed: a bad address never imports it
         connected = ray is not None and ray.is_initialized()
         if connected and self.address == address:
             return
-        if address not in ("local", "auto"):
-            try:
-                _probe(address)  # ray.init itself retries an unreachable head for minutes
-            except (OSError, ValueError) as e:
-                raise self._unreachable(address, e) from None
+        if address not in ("local", "auto"):  # a malformed or dead address says so first, without importing Ray
+            ray_cluster.reachable(ray_cluster.target(address, NODE), NODE)
         if connected:
             raise ValueError(f"{NODE}: input 'ray_address' changed from {self.address!r} to {address!r}, but this "
                              "ComfyUI process is already part of a Ray cluster and Ray cannot move it to another "
                              "one: restart ComfyUI to use the new address, or set it back.")
-        import psutil
-        import ray
-
-        loopback = _is_loopback(address)
-        self.status({"local": "starting Ray (a private cluster on 127.0.0.1)",
-                     "auto": "connecting to the Ray cluster `ray start` runs here"}.get(
-                         address, f"connecting to Ray at {address}"))
-        # no job-wide env: each worker group gets the LTXAV_PARALLEL_* etc. variables of its own start
-        kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
-        if loopback:
-            kwargs["_node_ip_address"] = "127.0.0.1"
-        if address == "local":
-            kwargs["num_gpus"] = 0 if _cpu_mode() else torch.cuda.device_count()
-            kwargs["num_cpus"] = max(os.cpu_count() or 1, LOCAL_CPU_SLOTS, kwargs["num_gpus"])
-        me = psutil.Process()
-        children = {p.pid for p in me.children()}
-        environ = dict(os.environ)
-        try:
-            with _ray_node_address(loopback), _without_crash_handler():
-                ray.init(address=address, **kwargs)
-        except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, ValueError, RuntimeError...
-            self._undo_init([p for p in me.children() if p.pid not in children], environ)
-            raise self._unreachable(address, e) from None
-        self.address, self.loopback, self._stopping = address, loopback, None
-        self._ray_processes = [p for p in me.children() if p.pid not in children] if address == "local" else []
-        log.info("%s: connected to Ray (%s): %s", NODE, address, ray.cluster_resources())
-
-    @staticmethod
-    def _undo_init(started: list, environ: dict) -> None:
-        """After a failed ray.init: leave nothing that would change the next attempt (Ray's globals,
-        the variables it set in this process's environment, processes it started)."""
-        import ray
-
-        procs = _descendants(started)
-        with contextlib.suppress(Exception):
-            ray.shutdown()
-        for k in set(os.environ) - set(environ):
-            del os.environ[k]
-        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
-        for p in procs:
-            with contextlib.suppress(Exception):
-                p.terminate()
-        _reap(procs, STOP_S)
+        num_gpus = 0 if _cpu_mode() else torch.cuda.device_count()
+        self.cluster.connect(address, num_gpus, max(os.cpu_count() or 1, LOCAL_CPU_SLOTS, num_gpus))
 
     def shutdown(self, why: str) -> None:
-        """Stop the workers and Ray in this process; when the pack started a local cluster, every process
-        of it (within about STOP_S seconds: Ray's own stop first, then what is left is killed)."""
-        ray = sys.modules.get("ray")
-        if ray is None or not ray.is_initialized() or not self._lock.acquire(blocking=False):
-            return
-        try:
-            self._stopping = why
-            procs = _descendants(self._ray_processes)
-            log.info("%s: %s: stopping the workers and Ray (%d processes started here)", NODE, why, len(procs))
-
-            def stop():
-                with contextlib.suppress(Exception):
-                    self.stop_group()
-                ray.shutdown()
-
-            # a thread: the signal may have interrupted this thread inside a Ray call; Ray's stop is bounded
-            deadline = time.monotonic() + STOP_S
-            t = threading.Thread(target=stop, name="ltxav-ray-stop", daemon=True)
-            t.start()
-            t.join(STOP_S)
-            _reap(procs, max(0.5, deadline - time.monotonic()))
-            self._ray_processes = []
-        finally:
-            self._lock.release()
-
-    @staticmethod
-    def _unreachable(address, e):
-        return ValueError(f"{NODE}: cannot connect to the Ray cluster at ray_address={address!r}: "
-                          f"{type(e).__name__}: {e}. Use 'local' for a private cluster on this machine, 'auto' for "
-                          "the one `ray start` made here, or the head's host:port.")
+        """Stop the workers and Ray in this process; a private cluster's processes and folder too."""
+        self.cluster.shutdown(why, self.stop_group)
 
     def _worker_class(self):
         if self._remote_cls is None:
@@ -344,11 +222,18 @@ class ParallelSampler:
                              "(e.g. 2); 0 (= all GPUs) has no meaning without GPUs.")
         world = settings.gpus or available
         if world < 1 or world > available:
-            raise ValueError(f"{NODE}: input 'gpus' asks for {world} {'CPU workers' if cpu else 'GPUs'} but the Ray "
-                             f"cluster at {self.address!r} has {available}; use gpus <= {available} (0 = all).")
+            if cpu:
+                offers = (f"offers {available} CPU slots (one a worker; more workers than this machine's "
+                          f"{os.cpu_count()} cores run, slowly)") if self.address == "local" else \
+                    f"has {available} CPU slots (one a worker)"
+                raise ValueError(f"{NODE}: input 'gpus' asks for {world} CPU workers, but the Ray cluster at "
+                                 f"{self.address!r} {offers}; use gpus <= {available}.")
+            raise ValueError(f"{NODE}: input 'gpus' asks for {world} GPUs, but the Ray cluster at {self.address!r} "
+                             f"has {available}; use gpus <= {available} (0 = all).")
         ring = max(1, settings.ring)
         cfg, why = cfg_parallel.choose_degree(settings.cfg_parallel, guidance_passes.Passes.of(passes), world,
-                                              settings.ulysses, ring, video_heads, NODE)
+                                              settings.ulysses, ring, video_heads, NODE,
+                                              unit=unit(cpu))
         if settings.cfg_parallel != "off" and cfg == 1 and world > 1:
             log.info("%s: cfg-parallel not used (%s)", NODE, why)
         elif why and cfg > 1:
@@ -361,7 +246,7 @@ class ParallelSampler:
             degrees = Degrees(sequence // ring, ring, cfg)
         else:
             degrees = Degrees(settings.ulysses, settings.ring, cfg)
-        check_degrees(degrees, world, video_heads, NODE)
+        check_degrees(degrees, world, video_heads, NODE, unit=unit(cpu))
         return world, degrees, cpu
 
     def ensure_group(self, world, degrees, cpu) -> tuple[_Group, float]:
@@ -396,10 +281,10 @@ class ParallelSampler:
         env = {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": alloc,
                             **{k: "" for k in envs.WORKER_VARS}, **_passthrough_env(),
                             "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
-        if self.loopback:
+        if self.cluster.loopback:
             # a cluster on loopback: gloo's and NCCL's own sockets there too (by default they take the
             # address the host name resolves to, or the first network interface)
-            lo = _loopback_interface()
+            lo = ray_cluster.loopback_interface()
             env["env_vars"].update(GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)
         actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
             rank, world, comfy_path, pack_dir, __package__, _host_args(), ray_worker.dynamic_vram_enabled())
@@ -412,7 +297,7 @@ class ParallelSampler:
         group.infos = self._wait([a.info.remote() for a in actors], "start", envs.START_S.number(), heartbeat=False)
         seconds = time.perf_counter() - t0
         log.info("%s: started %d workers (%s) in %.1f s: %s", NODE, world, degrees.describe(), seconds,
-                 ", ".join(f"{i['rank']}: {i['device']} pid {i['pid']} on {i['node']}" for i in group.infos))
+                 ", ".join(f"{i['rank']}: {i['device']} pid {i['pid']} on {node_label(i)}" for i in group.infos))
         return group, seconds
 
     def regroup(self, group: _Group, degrees: Degrees) -> float:
@@ -461,6 +346,8 @@ class ParallelSampler:
         job_bytes = model.job_payload(job)
         passes = guidance_passes.count(patcher, job, job_bytes, NODE)
         world, degrees, cpu = self.resolve(settings, family.video_heads(dm), passes)
+        # before any worker starts: a worker would find it only in its first forward
+        ShardLayout(latent_clip(job.latent)[0].video_tokens, degrees.sequence, 0).check(NODE, unit(cpu))
         total_steps = job.total_steps
         comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
         comfy.model_management.soft_empty_cache()
@@ -490,7 +377,8 @@ class ParallelSampler:
         if group.file_key != model.file_key:
             self.status(f"loading the model on {world} workers")
         elif group.model_key != model.key:
-            self.status(f"applying changed patches (LoRA) on {world} workers, without reading the file again")
+            self.status(f"applying the MODEL's changed weight patches (LoRA) on {world} workers, without reading the "
+                        "file again")
         t0 = time.perf_counter()
         # workers that hold this model already get no copy of its patches (a LoRA can be GBs)
         recipe_ref = ray.put(model.recipe)
@@ -513,8 +401,9 @@ class ParallelSampler:
 
         t0 = time.perf_counter()
         job_ref = ray.put(job_bytes)
+        progress = StepProgress(total_steps)
         results = self._wait([a.sample.remote(job_ref) for a in group.actors], "sampling", envs.STALL_S.number(),
-                             pbar=comfy.utils.ProgressBar(total_steps))
+                             progress=progress)
         sample_s = time.perf_counter() - t0
         first = results[0]
         if first.error:  # nothing sampled, the workers stay
@@ -523,6 +412,7 @@ class ParallelSampler:
                              f"{first.error}. Whatever the guider or conditioning refers to must import in the "
                              "workers as in ComfyUI (on other machines of a Ray cluster: the same node packs at the "
                              "same paths); gpus=1 samples in ComfyUI's process.")
+        progress.to(first.step)  # the steps the last polls did not see
         marks = first.step_times
         memory = [r.memory for r in results]
         if first.interrupted:
@@ -638,7 +528,7 @@ class ParallelSampler:
                               summary=text, step_times=marks, passes=[sum(passes.calls)],
                               planned_parts_gib=None if est is None else {k: jobs.gib(v) for k, v in est.parts.items()})
 
-    def _wait(self, refs, what, stall_s, heartbeat=True, pbar=None, node=NODE):
+    def _wait(self, refs, what, stall_s, heartbeat=True, progress: StepProgress | None = None, node=NODE):
         """Results of ``refs`` (one per worker, in rank order), watching the workers meanwhile; errors
         name ``node``."""
         import comfy.model_management
@@ -663,13 +553,8 @@ class ParallelSampler:
                     steps = _heartbeat_of(group, what)
                     if steps[0] != step:
                         step, moved = steps[0], time.monotonic()
-                        if pbar is not None:
-                            try:
-                                pbar.update_absolute(step)
-                            except comfy.model_management.InterruptProcessingException:
-                                # the server's progress hook raises on Interrupt and clears the flag:
-                                # set it again so the check below tells the workers
-                                comfy.model_management.interrupt_current_processing(True)
+                        if progress is not None:
+                            progress.to(step)
                 if time.monotonic() - moved > stall_s:
                     raise WorkerFault(f"no progress for {stall_s:.0f} s during {what} (at step {step})")
                 if not interrupted and comfy.model_management.processing_interrupted():
@@ -677,8 +562,8 @@ class ParallelSampler:
                     for a in group.actors:
                         a.interrupt.remote()
         except Exception as e:
-            if self._stopping:  # the workers are gone because ComfyUI is stopping, not by a fault
-                raise RuntimeError(f"{node}: stopped during {what}: {self._stopping}, ComfyUI is shutting "
+            if self.cluster.stopping:  # the workers are gone because ComfyUI is stopping, not by a fault
+                raise RuntimeError(f"{node}: stopped during {what}: {self.cluster.stopping}, ComfyUI is shutting "
                                    "down.") from None
             if isinstance(e, _TaskFailed):
                 rank, error = _root_cause(group, e.rank, e.error)
@@ -693,6 +578,7 @@ class ParallelSampler:
         except BaseException:
             self.stop_group()  # never leave workers running a job nobody waits for
             raise
+        _relay_logs(group)
         return results
 
 
@@ -714,6 +600,12 @@ def short_names(names) -> str:
         more = f" and {len(lasts) - SHOWN_NAMES} more" if len(lasts) > SHOWN_NAMES else ""
         out.append(f"{prefix}/[{', '.join(lasts[:SHOWN_NAMES])}{more}]")
     return ", ".join(out)
+
+
+def node_label(info: dict) -> str:
+    """A worker's node as the log names it: host name, node address and Ray's node id (nodes on one
+    machine share the first two)."""
+    return f"{info.get('host', '?')} ({info['node']}, Ray node {info.get('node_id', '?')[:8]})"
 
 
 def one_gpu_here(settings: ParallelSettings, cpu: bool, cuda_devices: int) -> bool:
@@ -866,10 +758,11 @@ def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory
 
 
 def _heartbeat_of(group, what):
-    """Every worker's step, answered by its second thread; raises for a dead or silent worker."""
+    """Every worker's step, answered by its second thread (its log lines since the last poll go to this
+    process's log); raises for a dead or silent worker."""
     import ray
 
-    refs = [a.progress.remote() for a in group.actors]
+    refs = [a.poll.remote() for a in group.actors]
     heartbeat_s = envs.HEARTBEAT_S.number()
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=heartbeat_s)
     steps = []
@@ -878,10 +771,24 @@ def _heartbeat_of(group, what):
             raise WorkerFault(f"worker {rank} stopped answering for {heartbeat_s:.0f} s during {what} "
                               "(hung, frozen or overloaded)")
         try:
-            steps.append(ray.get(ref))
+            step, lines = ray.get(ref)
         except ray.exceptions.RayError as e:
             raise _TaskFailed(rank, e) from None
+        log_relay.replay(rank, lines)
+        steps.append(step)
     return steps
+
+
+def _relay_logs(group) -> None:
+    """The workers' log lines not yet taken (a wait's last ones), as far as they answer within 2 s."""
+    import ray
+
+    refs = [a.poll.remote() for a in group.actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+    for rank, ref in enumerate(refs):
+        if ref in ready:
+            with contextlib.suppress(ray.exceptions.RayError):
+                log_relay.replay(rank, ray.get(ref)[1])
 
 
 def _root_cause(group, rank, error):
@@ -911,9 +818,9 @@ def _describe(err, rank, what, group) -> str:
         log.warning("%s: %s died: %s", NODE, who, str(err)[:2000])
         return f"{who} died during {what} (its process was killed, crashed, or ran out of host memory)"
     if isinstance(cause, torch.OutOfMemoryError) or "OutOfMemoryError" in type(cause).__name__:
-        return (f"{who} ran out of GPU memory during {what}: {str(cause).splitlines()[0][:300]}. Use more "
+        return (f"{who} ran out of GPU memory during {what}: {clause(cause, 300).partition(': ')[2]}. Use more "
                 "GPUs, the LTX FFN Chunker, or a shorter or smaller video")
-    return f"{who} failed during {what}: {type(cause).__name__}: {str(cause).splitlines()[0][:400]}"
+    return f"{who} failed during {what}: {clause(cause)}"
 
 
 MODEL_ACTIONS = {"read": "read from file", "repatched": "patches re-applied, file not read", "kept": "kept"}

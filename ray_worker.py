@@ -153,6 +153,7 @@ class LTXAVWorker:
         def pack(name):
             return importlib.import_module(f"{pack_name}.{name}")
 
+        self.logs = pack("log_relay").WorkerLogs(pack_name)  # the pack's log lines, for ComfyUI's log
         self.envs, self.jobs, self.transfer = pack("envs"), pack("jobs"), pack("model_transfer")
         self.plan = pack("memory_plan")
         self.cap = self.envs.MEMORY_CAP_GIB.number() * self.jobs.GIB or None
@@ -198,7 +199,8 @@ class LTXAVWorker:
         import comfy.cli_args
 
         flags = {k: getattr(comfy.cli_args.args, k, None) for k in MEMORY_FLAGS}
-        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": name,
+        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "device": name,
                 "loads": self.loads, "repatches": self.repatches, "ffn_chunking": ffn,
                 "patcher": None if self.weights is None else type(self.weights).__name__,
                 "dynamic_vram": dynamic_vram_enabled(), "memory_flags": flags, "backend": self.backend,
@@ -337,6 +339,10 @@ class LTXAVWorker:
     # -- sampling ---------------------------------------------------------------
     def progress(self) -> int:
         return self.step
+
+    def poll(self) -> tuple[int, list]:
+        """The driver's heartbeat: this worker's step and its log lines since the last poll."""
+        return self.step, self.logs.take()
 
     def interrupt(self) -> None:
         self.stop.set()

@@ -308,11 +308,10 @@ def save_on_workers(vae, video: torch.Tensor, plan: video_decode.Plan, fps: floa
     """Each of ``world`` workers decodes and encodes one contiguous part of the frames; the parts are then
     written into ``writer`` in order. ``frames``: the workers return uint8 frames instead (tests)."""
     import comfy.model_management
-    import comfy.utils
     import ray
 
     from . import model_transfer
-    from .parallel_sampler import POOL
+    from .parallel_sampler import POOL, StepProgress
 
     group = workers(world, cpu, node)
     comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
@@ -330,7 +329,7 @@ def save_on_workers(vae, video: torch.Tensor, plan: video_decode.Plan, fps: floa
     job = ray.put(model_transfer.dumps(PartJob(video.detach().cpu(), plan, fps, frames), {}))
     refs = [a.decode_part.remote(job, start, stop) for a, (start, stop) in zip(group.actors, ranges)]
     first = ranges[0][1] - ranges[0][0]
-    parts = POOL._wait(refs, "decoding", envs.STALL_S.number(), pbar=comfy.utils.ProgressBar(first), node=node)
+    parts = POOL._wait(refs, "decoding", envs.STALL_S.number(), progress=StepProgress(first), node=node)
     if any(p.interrupted for p in parts):
         comfy.model_management.interrupt_current_processing(False)
         raise comfy.model_management.InterruptProcessingException()

@@ -36,15 +36,15 @@ class Degrees:
         return (f"cfg {self.cfg} x " if self.cfg > 1 else "") + f"Ulysses {self.ulysses} x ring {self.ring}"
 
 
-def check_degrees(degrees: Degrees, world: int, video_heads: int, node: str) -> None:
-    """Raise a message naming ``node`` when the degrees cannot run ``world`` ranks."""
+def check_degrees(degrees: Degrees, world: int, video_heads: int, node: str, unit: str = "GPUs") -> None:
+    """Raise a message naming ``node`` when the degrees cannot run ``world`` ranks (``unit``: what a rank is)."""
     if degrees.ulysses < 1 or degrees.ring < 1 or degrees.cfg < 1:
         raise ValueError(f"{node}: ulysses_degree, ring_degree and the cfg-parallel degree must be >= 1 "
                          f"(got {degrees.ulysses}, {degrees.ring} and {degrees.cfg}).")
     if degrees.world != world:
         cfg = f"cfg {degrees.cfg} x " if degrees.cfg > 1 else ""
         raise ValueError(f"{node}: {cfg}ulysses_degree x ring_degree = {cfg}{degrees.ulysses} x {degrees.ring} = "
-                         f"{degrees.world}, but {world} GPUs are used; pick degrees whose product is {world} "
+                         f"{degrees.world}, but {world} {unit} are used; pick degrees whose product is {world} "
                          f"(e.g. ulysses_degree={world // degrees.cfg or world}, ring_degree=1).")
     if video_heads % degrees.ulysses:
         sp = world // degrees.cfg

@@ -37,11 +37,13 @@ class ShardLayout:
     def pad(self) -> int:
         return self.local * self.world - self.total
 
-    def check(self, node: str = "Sequence parallel") -> None:
+    def check(self, node: str = "Sequence parallel", unit: str = "GPUs") -> None:
+        """A message when a rank would hold no real token; ``unit``: what the ranks are (GPUs, CPU workers)."""
         last_real = self.total - (self.world - 1) * self.local
         if last_real < 1:
-            raise ValueError(f"{node}: the video has {self.total} tokens, too few to split over {self.world} GPUs "
-                             f"(the last one would get none); use fewer GPUs or a longer/larger video.")
+            raise ValueError(f"{node}: the video has {self.total} tokens, too few to split over {self.world} {unit} "
+                             f"(the last one would get none); use fewer {unit} (input 'gpus') or a longer or larger "
+                             "video.")
 
     def take(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's slice of ``t`` along ``dim``, padded to ``local`` by repeating its last element."""

@@ -118,12 +118,13 @@ def nodes_mod(pack):
 
 @pytest.fixture(scope="module")
 def ray_stopped_after_module(ps):
-    """After the module's tests: the workers and Ray stopped (the next module starts its own)."""
+    """After the module's tests: the workers and Ray stopped, a private cluster's folder removed (the next
+    module starts its own)."""
     yield
     import ray
 
-    ps.POOL.stop_group()
-    if ray.is_initialized():
+    ps.POOL.shutdown("the test module is done")
+    if ray.is_initialized():  # joined with ray.init of the test's own
         ray.shutdown()
 
 

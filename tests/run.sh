@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The one test command: find (or unpack) the ComfyUI host, prepare the test venv (idempotent; see
+# The one test command: find (or unpack) the ComfyUI host, prepare the venv (idempotent; see
 # .ci/setup_env.sh), then run every test. Extra arguments go to pytest (e.g. `-m quick`).
-# The host: $COMFYUI_PATH, else /opt/ComfyUI, else ../shared/host's archive unpacked into a cache
-# (.ci/host.sh). With CI=true a missing host or browser fails the run instead of skipping tests.
+# The host: $COMFYUI_PATH, else the ComfyUI this pack sits in, else /opt/ComfyUI, else ../shared/host's
+# archive unpacked into a cache (.ci/host.sh); the venv: .ci/venv.sh (outside custom_nodes in the install
+# layout). With CI=true a missing host or browser fails the run instead of skipping tests.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 if host=$(bash "$here/.ci/host.sh"); then
@@ -15,4 +16,4 @@ else
 fi
 bash "$here/.ci/setup_env.sh"
 cd "$here"
-exec "${PACK_VENV:-$here/.venv}/bin/python" -m pytest tests "$@"
+exec "$(bash "$here/.ci/venv.sh")/bin/python" -m pytest tests "$@"

@@ -135,4 +135,4 @@ def test_template_parallel_equals_stock(stand_ins, page, templates, name):
         if action:
             assert f"({action}" in summary, f"stage {i + 1}: {summary}"
     if [a for _, a in EXPECTED[name]][1:] == ["kept"]:
-        assert "applying changed patches (LoRA)" not in log.split("sampling on 2 workers", 1)[1], log[-3000:]
+        assert "applying the MODEL's changed" not in log.split("sampling on 2 workers", 1)[1], log[-3000:]

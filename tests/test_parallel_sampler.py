@@ -470,8 +470,9 @@ def test_more_gpus_than_the_cluster_has(ps, nodes_mod, tiny_model, tiny_ckpt):
     parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)  # Ray up
     slots = int(ray.cluster_resources()["CPU"])
     assert slots >= ps.LOCAL_CPU_SLOTS  # a local cluster offers CPU workers beyond the cores
-    with pytest.raises(ValueError, match=rf"input 'gpus' asks for {slots + 1} CPU workers but the Ray cluster at "
-                                         rf"'local' has {slots}; use gpus <= {slots}"):
+    with pytest.raises(ValueError, match=rf"input 'gpus' asks for {slots + 1} CPU workers, but the Ray cluster at "
+                                         rf"'local' offers {slots} CPU slots \(one a worker; more workers than this "
+                                         rf"machine's {os.cpu_count()} cores run, slowly\); use gpus <= {slots}\.$"):
         parallel_ksampler(nodes_mod, tiny_model, cc, gpus=slots + 1)
 
 
@@ -487,7 +488,7 @@ def test_workers_sharing_a_gpu(ps, monkeypatch):
     monkeypatch.setattr(ps, "_cpu_mode", lambda: False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
     settings = ps.ParallelSettings(gpus=2)
-    with pytest.raises(ValueError, match=r"input 'gpus' asks for 2 GPUs but the Ray cluster at .* has 1"):
+    with pytest.raises(ValueError, match=r"input 'gpus' asks for 2 GPUs, but the Ray cluster at .* has 1"):
         ps.POOL.resolve(settings, 32)
     monkeypatch.setenv("LTXAV_PARALLEL_WORKERS_PER_GPU", "2")
     assert ps.POOL.resolve(settings, 32) == (2, ps.Degrees(2, 1, 1), False)
@@ -502,7 +503,7 @@ def test_workers_sharing_a_gpu(ps, monkeypatch):
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(gpus=0), r"ComfyUI runs on the CPU, so 'gpus' counts CPU worker processes"),
-    (dict(gpus=2, ulysses=2, ring=2), r"ulysses_degree x ring_degree = 2 x 2 = 4, but 2 GPUs"),
+    (dict(gpus=2, ulysses=2, ring=2), r"ulysses_degree x ring_degree = 2 x 2 = 4, but 2 CPU workers are used"),
     (dict(gpus=2, ulysses=0, ring=3), r"ring_degree=3 does not divide gpus=2"),
 ])
 def test_bad_parallel_settings(nodes_mod, tiny_model, tiny_ckpt, kw, msg):
@@ -529,7 +530,8 @@ def test_non_ltxav_model(comfy, nodes_mod, tiny_ckpt):
 
 
 def test_unreachable_ray_address(nodes_mod, tiny_model, tiny_ckpt):
-    with pytest.raises(ValueError, match=r"cannot connect to the Ray cluster at ray_address='127.0.0.1:1'"):
+    with pytest.raises(ValueError, match=r"cannot join the Ray cluster at 127\.0\.0\.1:1 \(given in input "
+                                         r"'ray_address'\): nothing answers there"):
         parallel_ksampler(nodes_mod, tiny_model, tiny_ckpt[1]["caption_channels"], address="127.0.0.1:1")
 
 
@@ -603,3 +605,83 @@ def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp
     with pytest.raises(ValueError, match=r"the weights ComfyUI keeps on the GPU while streaming the rest and fixed "
                                          r"buffers alone take"):
         ps.check_memory(model, latent, groups.Degrees(2), tiny_budget, streaming)
+
+
+def test_progress_reaches_every_step_in_order(nodes_mod, tiny_model, tiny_ckpt, monkeypatch):
+    """ComfyUI's progress bar is given 1, 2, ..., N: the driver polls rank 0's step (and may see 2, then 5)
+    and passes each step on, the last ones too (the workers may finish between two polls); its hook (the
+    UI's bar, which ComfyUI throttles in between) ends at N of N."""
+    import comfy.utils
+
+    given, sent = [], []
+    update = comfy.utils.ProgressBar.update_absolute
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute",
+                        lambda self, value, *a, **kw: (given.append(value), update(self, value, *a, **kw)))
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        sent.append((value, total)))
+    parallel_ksampler(nodes_mod, tiny_model, tiny_ckpt[1]["caption_channels"], steps=8)
+    assert given == list(range(1, 9)), given
+    assert sent[-1] == (8, 8) and sent == sorted(sent), sent
+
+
+def test_too_few_tokens_are_refused_before_any_worker_starts(ps, nodes_mod, tiny_model, tiny_ckpt):
+    cc = tiny_ckpt[1]["caption_channels"]
+    ps.POOL.stop_group()
+    latent = make_latent(width=32, height=32, length=9)  # 2 latent frames of 1 x 1: 2 video tokens
+    with pytest.raises(ValueError, match=r"^LTXAV Parallel Sampler: the video has 2 tokens, too few to split over 3 "
+                                         r"CPU workers \(the last one would get none\); use fewer CPU workers \(input "
+                                         r"'gpus'\) or a longer or larger video\.$"):
+        parallel_ksampler(nodes_mod, tiny_model, cc, latent=latent, gpus=3, ulysses=3)
+    assert ps.POOL.group is None  # no worker was started for it
+
+
+def test_a_changed_ffn_chunker_keeps_the_model_and_its_worker_lines_are_logged(ps, pack, nodes_mod, tiny_model,
+                                                                              tiny_ckpt, caplog_info):
+    chunker = importlib.import_module("ltxav_pack.nodes_ltx_ffn_chunker").LTXFFNChunker
+    cc = tiny_ckpt[1]["caption_channels"]
+    parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)
+    caplog_info.clear()
+    parallel_ksampler(nodes_mod, chunker.execute(tiny_model, False, 2)[0], cc, steps=1)
+    # the chunker's settings travel with the job: the workers keep the model as it is, nothing is re-applied
+    assert "sampling on 2 workers" in caplog_info.text
+    assert "applying" not in caplog_info.text and "re-applied" not in caplog_info.text, caplog_info.text
+    # the workers' own INFO lines reach this process's log, under their loggers, prefixed with the rank
+    relayed = [f"{r.name}: {r.getMessage()}" for r in caplog_info.records if "[RayWorker" in r.getMessage()]
+    for rank in (0, 1):
+        assert any(re.fullmatch(rf"ltxav_pack\.ffn_chunking: \[RayWorker {rank}\] Video FFN chunking active: 2 chunks "
+                                r"\(\d+ tokens\)", line) for line in relayed), relayed
+
+
+def test_user_errors_carry_no_frames_of_the_pack(nodes_mod, tiny_model, tiny_ckpt):
+    """ComfyUI logs every node error with its traceback: the pack's own messages reach it without the
+    pack's frames below the node's execute and without a chained cause; its queue-time check of
+    'ray_address' refuses a malformed one before anything runs. The twin: the undecorated execute."""
+    import traceback
+
+    cc = tiny_ckpt[1]["caption_channels"]
+    with pytest.raises(ValueError, match=r"input 'ray_address' is 'nowhere'") as err:
+        parallel_ksampler(nodes_mod, tiny_model, cc, address="nowhere")
+    files = [f.filename for f in traceback.extract_tb(err.value.__traceback__)]
+    assert not [f for f in files if os.path.basename(f) in ("parallel_sampler.py", "ray_cluster.py")], files
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    node = nodes_mod.LTXAVParallelKSampler
+    with pytest.raises(ValueError) as twin:
+        node.execute.__wrapped__(node, tiny_model, 42, 1, 3.0, "euler", "simple", [], [], make_latent(), 1.0, 2, 0, 1,
+                                 "nowhere")
+    assert any(os.path.basename(f.filename) == "ray_cluster.py" for f in traceback.extract_tb(twin.value.__traceback__))
+    assert node.validate_inputs(ray_address="local") is True and node.validate_inputs(ray_address="auto") is True
+    assert node.validate_inputs(ray_address=None) is True  # a linked input: checked when the node runs
+    assert node.validate_inputs(ray_address="nowhere").startswith("LTXAV Parallel Sampler: input 'ray_address' is "
+                                                                  "'nowhere'")
+
+
+@pytest.mark.quick
+def test_quoted_causes_end_no_sentence_twice(ps, pack):
+    """A worker's message ending in a period, quoted in the driver's sentence, does not read 'video.. The'."""
+    errors = importlib.import_module("ltxav_pack.errors")
+    assert errors.clause(ValueError("use a longer or larger video.")) == "ValueError: use a longer or larger video"
+    assert errors.clause(RuntimeError("")) == "RuntimeError"
+    text = ps._describe(ValueError("Sequence parallel: use fewer GPUs or a longer or larger video.\nmore"), 1,
+                        "sampling", None)
+    assert text == ("worker 1 (its device) failed during sampling: ValueError: Sequence parallel: use fewer GPUs or a "
+                    "longer or larger video")

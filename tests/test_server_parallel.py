@@ -4,6 +4,7 @@ Ray head on loopback; every socket on loopback (also after a bad address), progr
 workers start, and SIGTERM / SIGINT ending every process the pack started."""
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -65,6 +66,15 @@ def test_parallel_prompt_equals_stock_prompt(server, tiny_model_f64):
     assert "LTXAV Parallel Sampler: 2 workers, cfg 2 x Ulysses 1 x ring 1" in par["outputs"]["6"]["text"][0]
 
 
+def test_a_malformed_address_is_refused_at_queue_time(server):
+    """The node's queue-time check: POST /prompt answers 400 naming the input (no run, no traceback)."""
+    status, body = server.post("/prompt", {"prompt": parallel_prompt(server, address="nowhere"), "client_id": "q"})
+    assert status == 400, body
+    details = [e["details"] for e in body["node_errors"]["6"]["errors"]]
+    assert any("LTXAV Parallel Sampler: input 'ray_address' is 'nowhere'" in d for d in details), details
+    assert "Traceback" not in str(body)
+
+
 def test_interrupt_then_next_prompt(server):
     server.run(parallel_prompt(server, steps=1))  # workers up
     starts = server.log().count("LTXAV Parallel Sampler: started")
@@ -96,10 +106,12 @@ def test_killed_worker_is_an_error_and_the_next_prompt_works(server):
 
 
 def test_joins_an_existing_ray_head_on_loopback(comfy, tiny_ckpt, tiny_model_f64, tmp_path_factory):
+    """A head `ray start` runs with token authentication, joined as the README says: ComfyUI started with
+    RAY_AUTH_TOKEN set to the cluster's token."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     port = free_port()
-    # a head without token auth (joining a token-auth cluster needs RAY_AUTH_MODE=token in ComfyUI's env)
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     # --block keeps `ray start` as the parent of the head's processes: killing its process group stops
     # this head only (`ray stop` would stop every Ray on the machine, the other tests' server's too)
@@ -107,7 +119,7 @@ def test_joins_an_existing_ray_head_on_loopback(comfy, tiny_ckpt, tiny_model_f64
                              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
                              f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    srv = ComfyServer(tmp_path_factory.mktemp("comfy_join"), env={"RAY_AUTH_MODE": "disabled"})
+    srv = ComfyServer(tmp_path_factory.mktemp("comfy_join"), env={"RAY_AUTH_TOKEN": token})
     try:
         wait_for_port(port, head)
         shutil.copy(tiny_ckpt[0], srv.base / "models" / "diffusion_models" / "tiny_ltxav.safetensors")
@@ -116,7 +128,8 @@ def test_joins_an_existing_ray_head_on_loopback(comfy, tiny_ckpt, tiny_model_f64
         stock = srv.run(t2v_prompt("tiny_ltxav.safetensors", srv.dataset, steps=2, prefix="stock"))
         par = srv.run(parallel_prompt(srv, address=f"127.0.0.1:{port}"))
         assert par["status"]["status_str"] == "success", par["status"]
-        assert f"connected to Ray (127.0.0.1:{port})" in srv.log()
+        assert f"joined the Ray cluster at 127.0.0.1:{port} (given in input 'ray_address'; token authentication " \
+            "on, token from RAY_AUTH_TOKEN): 1 node, 0 GPUs, 2 CPU slots" in srv.log()
         want, got = srv.saved_latents(stock), srv.saved_latents(par)
         reference = t2v_reference(tiny_model_f64, srv.base, srv.dataset)
         for k in ("8", "9"):
@@ -181,7 +194,8 @@ def test_bad_address_then_local_stays_on_loopback_and_says_what_it_does(new_user
     with ProgressTexts(new_user.url) as progress:
         bad = new_user.run(parallel_prompt(new_user, address=f"{lan}:1", prefix="bad_address"))
         err = status_messages(bad).get("execution_error")
-        assert err and f"cannot connect to the Ray cluster at ray_address='{lan}:1'" in err["exception_message"]
+        assert err and f"cannot join the Ray cluster at {lan}:1 (given in input 'ray_address'): nothing answers " \
+            "there" in err["exception_message"]
         ok = new_user.run(parallel_prompt(new_user, prefix="after_bad_address"))
         assert ok["status"]["status_str"] == "success", ok["status"]
         wanted = ["starting Ray (a private cluster on 127.0.0.1)", "starting 2 workers",
@@ -210,6 +224,8 @@ def assert_signal_ends_every_process(srv, sig):
     ok = srv.run(parallel_prompt(srv, steps=1, prefix=f"before_{sig.name}"))
     assert ok["status"]["status_str"] == "success", ok["status"]
     procs = [p for p in process_tree(srv.proc.pid)[1:] if running(p)]
+    folder = re.search(r"started a private Ray cluster on 127\.0\.0\.1 .*its token in (\S+)\)", srv.log()).group(1)
+    assert os.path.isdir(folder)
     names = [p.name() for p in procs]
     assert "raylet" in names and any(n.startswith("ray::") for n in names), names
     os.kill(srv.proc.pid, sig)  # ComfyUI's process only, as `kill` or a service manager sends it
@@ -225,6 +241,7 @@ def assert_signal_ends_every_process(srv, sig):
         assert code == (0 if sig == signal.SIGINT else -sig), code
         assert f"LTXAV Parallel Sampler: {sig.name} received: stopping the workers and Ray" in srv.log()
         assert f"*** {sig.name} received" not in srv.log()  # Ray's crash handler's stack trace
+        assert not os.path.exists(folder)  # Ray's session folder, sockets and the cluster's token
         if sig == signal.SIGINT:
             assert "Stopped server" in srv.log()
     finally:

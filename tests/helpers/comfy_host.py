@@ -28,6 +28,23 @@ def import_host():
     import comfy.model_management  # noqa: F401
 
 
+def tools_module(name: str):
+    """A module of tools/ (the demo's, shared with the tests: tiny_models)."""
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
+    return importlib.import_module(name)
+
+
+def make_conditioning(caption_channels: int, tokens: int = 8, seed: int = 0):
+    """tools/tiny_models.make_conditioning: a CONDITIONING as LTXVConditioning gives, without Gemma."""
+    return tools_module("tiny_models").make_conditioning(caption_channels, tokens, seed)
+
+
+def make_latent(width=64, height=64, length=17, audio=True):
+    """tools/tiny_models.make_latent: an LTXAV LATENT from the stock nodes."""
+    return tools_module("tiny_models").make_latent(width, height, length, audio)
+
+
 def import_pack(run_init=True):
     """Import the repo as a package, the way ComfyUI imports a custom-node folder. With
     ``run_init=False`` its __init__ (node registration, which needs ComfyUI set up) does not run and
@@ -41,22 +58,3 @@ def import_pack(run_init=True):
     if run_init:
         spec.loader.exec_module(module)
     return module
-
-
-def make_conditioning(caption_channels: int, tokens: int = 8, seed: int = 0):
-    """A CONDITIONING as LTXVConditioning would pass it on, without the Gemma text encoder."""
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, tokens, caption_channels, generator=g),
-             {"pooled_output": None, "unprocessed_ltxav_embeds": True, "frame_rate": 25.0}]]
-
-
-def make_latent(width=64, height=64, length=17, audio=True):
-    """An LTXAV LATENT from the stock nodes (video via EmptyLTXVLatentVideo, audio zeros of LTX-2's
-    shape [B, 8, T, 16] with T = ceil(length / fps * 25), joined by LTXVConcatAVLatent)."""
-    from comfy_extras.nodes_lt import EmptyLTXVLatentVideo, LTXVConcatAVLatent
-
-    video = EmptyLTXVLatentVideo.execute(width, height, length, 1)[0]
-    if not audio:
-        return video
-    a = {"samples": torch.zeros(1, 8, length + 1, 16), "type": "audio"}
-    return LTXVConcatAVLatent.execute(video, a)[0]
