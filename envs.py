@@ -1,6 +1,6 @@
-"""Every environment variable the pack reads: its name, default and meaning, in one table (the
-README's table is this one). Values are read when used, so a test or a benchmark may set them
-between runs; the workers get the driver's values when they start (``PASSTHROUGH``)."""
+"""Every environment variable the pack reads: its name, default and meaning, in two tables (the users'
+in the README, the developers' in docs/development.md). Values are read when used, so a test or a
+benchmark may set them between runs; the workers get the driver's values when they start (``PASSTHROUGH``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +54,10 @@ LEAN_ATTENTION = Var("LTXAV_PARALLEL_LEAN_ATTENTION", "1", "0: the parallel samp
 FAULT = Var("LTXAV_PARALLEL_FAULT", "", "test hook: 'oom:RANK:STEP' makes that worker raise an out-of-memory "
             "error at that step")
 
-TABLE = (START_S, LOAD_S, HEARTBEAT_S, STALL_S, SKIP_MEMORY_CHECK, MEMORY_CAP_GIB, MEMORY_LOG, TRACE_DIR,
-         WORKERS_PER_GPU, ONE_GPU_IN_PROCESS, LEAN_ATTENTION, FAULT)
+USER = (START_S, LOAD_S, HEARTBEAT_S, STALL_S, SKIP_MEMORY_CHECK)  # the README's table
+DEVELOPER = (MEMORY_CAP_GIB, MEMORY_LOG, TRACE_DIR, WORKERS_PER_GPU, ONE_GPU_IN_PROCESS, LEAN_ATTENTION,
+             FAULT)  # benchmarks, tests and diagnosis: docs/development.md's table
+TABLE = USER + DEVELOPER
 # variables the workers get from the ComfyUI process: the pack's own, and those of NCCL, gloo, PyTorch's
 # symmetric memory, NVSHMEM and xfuser's log level
 PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "GLOO_", "TORCH_SYMM_MEM_", "NVSHMEM_", "LOG_LEVEL")
@@ -64,9 +66,9 @@ PASSTHROUGH = ("LTXAV_PARALLEL_", "NCCL_", "GLOO_", "TORCH_SYMM_MEM_", "NVSHMEM_
 WORKER_VARS = (FAULT.name, MEMORY_CAP_GIB.name, WORKERS_PER_GPU.name, LEAN_ATTENTION.name)
 
 
-def table_markdown() -> str:
-    """The table as the README shows it."""
-    rows = [f"| `{v.name}` | {v.default or 'unset'} | {v.meaning} |" for v in TABLE]
+def table_markdown(variables=TABLE) -> str:
+    """A table of ``variables`` as the README and docs/development.md show it."""
+    rows = [f"| `{v.name}` | {v.default or 'unset'} | {v.meaning} |" for v in variables]
     return "\n".join(["| variable | default | meaning |", "| --- | --- | --- |", *rows])
 
 

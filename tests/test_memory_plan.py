@@ -334,14 +334,18 @@ def test_streaming_accepts_weights_larger_than_the_card_and_refuses_what_activat
     assert mp.estimate(dims, too_long, streaming=True).total > budget
 
 
-def test_readme_lists_every_environment_variable(pack):
-    """The README's table is envs.TABLE, row for row; a variable added or changed in code without the
-    README (the twin: one default changed) does not match."""
+@pytest.mark.parametrize("doc,table", [("README.md", "USER"), ("docs/development.md", "DEVELOPER")])
+def test_docs_list_every_environment_variable(pack, doc, table):
+    """The README's table is envs.USER and docs/development.md's envs.DEVELOPER, row for row, and the two
+    are every variable; a variable added or changed in code without its document (the twin: one default
+    changed) does not match."""
     envs = importlib.import_module("ltxav_pack.envs")
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert envs.table_markdown() in readme
-    changed = envs.table_markdown().replace("| 600 |", "| 601 |")
-    assert changed != envs.table_markdown() and changed not in readme
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    variables = getattr(envs, table)
+    assert envs.table_markdown(variables) in text
+    assert set(envs.USER) | set(envs.DEVELOPER) == set(envs.TABLE) and len(envs.TABLE) == len(set(envs.TABLE))
+    changed = envs.table_markdown(variables).replace(f"| {variables[0].default or 'unset'} |", "| 601 |", 1)
+    assert changed != envs.table_markdown(variables) and changed not in text
 
 
 def lean_rows():
