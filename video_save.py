@@ -222,11 +222,11 @@ class Saved:
 def workers_for(gpus: int, node: str = NODE) -> tuple[int, bool]:
     """(Ray workers to decode on, 0: ComfyUI's process; whether they are CPU processes) for input ``gpus``:
     1 (or 0 with one GPU, or ComfyUI on --cpu): this process; else that many workers (0: every GPU)."""
-    from . import parallel_sampler as ps
+    from .driver.workers import cpu_mode
 
     if gpus < 0:
         raise ValueError(f"{node}: input 'gpus' is {gpus}; use 0 for every GPU, 1 for ComfyUI's process, or a count.")
-    cpu = ps._cpu_mode()
+    cpu = cpu_mode()
     if cpu:
         return (0 if gpus <= 1 else gpus), True
     per_gpu = envs.workers_per_gpu()
@@ -311,7 +311,8 @@ def save_on_workers(vae, video: torch.Tensor, plan: video_decode.Plan, fps: floa
     import ray
 
     from . import model_transfer
-    from .parallel_sampler import POOL, StepProgress
+    from .driver import POOL
+    from .driver.report import StepProgress
 
     group = workers(world, cpu, node)
     comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
@@ -345,7 +346,8 @@ def workers(world: int, cpu: bool, node: str = NODE):
     later sampling run then restarts its own)."""
     import ray
 
-    from .parallel_sampler import POOL, WorkerFault, _heartbeat_of, _TaskFailed
+    from .driver import POOL
+    from .driver.workers import WorkerFault, _heartbeat_of, _TaskFailed
     from .sequence_parallel.groups import Degrees
 
     POOL.connect(POOL.address or "local")
@@ -363,4 +365,4 @@ def workers(world: int, cpu: bool, node: str = NODE):
             return g
         except (WorkerFault, _TaskFailed):
             log.warning("%s: a worker of the previous group is gone; starting new workers", NODE)
-    return POOL.ensure_group(world, Degrees(world), cpu)[0]
+    return POOL.ensure_group(world, cpu, Degrees(world))[0]
