@@ -344,25 +344,16 @@ def save_on_workers(vae, video: torch.Tensor, plan: video_decode.Plan, fps: floa
 def workers(world: int, cpu: bool, node: str = NODE):
     """The parallel sampler's worker group when it has ``world`` workers; else a new one of that size (a
     later sampling run then restarts its own)."""
-    import ray
-
     from .driver import POOL
-    from .driver.workers import WorkerFault, _heartbeat_of, _TaskFailed
     from .sequence_parallel.groups import Degrees
 
     POOL.connect(POOL.address or "local")
-    per_gpu = 1 if cpu else envs.workers_per_gpu()
-    kind = "CPU" if cpu else "GPU"
-    available = int(ray.cluster_resources().get(kind, 0)) * per_gpu
+    available = POOL.available(cpu)
     if world > available:
         raise ValueError(f"{node}: input 'gpus' asks for {world} {'CPU workers' if cpu else 'GPUs'} but the Ray "
                          f"cluster at {POOL.address!r} has {available}; use gpus <= {available} (0: every GPU, 1: "
                          "ComfyUI's process).")
-    g = POOL.group
-    if g and (g.world, g.address, g.cpu, g.per_gpu) == (world, POOL.address, cpu, per_gpu):
-        try:
-            _heartbeat_of(g, "start")
-            return g
-        except (WorkerFault, _TaskFailed):
-            log.warning("%s: a worker of the previous group is gone; starting new workers", NODE)
-    return POOL.ensure_group(world, cpu, Degrees(world))[0]
+    group = POOL.ensure_group(world, cpu)[0]  # the running one when it answers: its degrees stay
+    if group.degrees is None:  # new workers: process groups as a sampling run's would be
+        POOL.set_degrees(group, Degrees(world))
+    return group
