@@ -19,7 +19,7 @@ else:
             return [*_FFN_NODES, *_SAMPLER_NODES, *_VIDEO_NODES]
 
     async def comfy_entrypoint() -> LTXAVParallelExtension:
-        from .parallel_sampler import install_signal_handlers
+        from .driver import install_signal_handlers
 
         install_signal_handlers()  # ComfyUI loads custom nodes in its main thread: the one signals go to
         return LTXAVParallelExtension()

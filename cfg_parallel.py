@@ -17,7 +17,7 @@ be shared, as each call's outputs are needed before the guider makes the next. T
 degree (``choose_degree``) from the node's ``cfg_parallel`` input and the job's passes as ComfyUI's own
 sampler and guider make them (``guidance_passes``); with ``auto`` it drops to sequence parallel when a
 group would run a pass another group runs too, and when the memory plan fits only that
-(``ParallelSampler.run``).
+(``driver.plan.plan``).
 """
 from __future__ import annotations
 

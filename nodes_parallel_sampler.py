@@ -9,10 +9,10 @@ from comfy_api.latest import io, ui
 
 from . import ray_cluster
 from .cfg_parallel import MODES as CFG_PARALLEL_MODES
+from .driver import NODE, POOL, ParallelSettings
 from .errors import user_facing
 from .jobs import GuiderJob, KSamplerJob
 from .nodes_ltx_ffn_chunker import CATEGORY
-from .parallel_sampler import NODE, POOL, ParallelSettings
 
 # cost sentences that the two sampler nodes' tooltips share
 WORKERS_COST = ("Each worker manages the weights as ComfyUI does: with DynamicVRAM (ComfyUI's default on NVIDIA) "

@@ -175,7 +175,7 @@ class LTXAVWorker:
         self.loads = 0  # file reads
         self.repatches = 0  # patch sets applied to the loaded weights without reading the file
         self.listener = None
-        self.backend = None
+        self.backend = backend(torch.cuda.is_available(), self.per_gpu)  # the plan counts NCCL's buffers by it
         self.sp = None  # this rank's sequence-parallel part, and its CFG-parallel part: new ones on regroup
         self.cfgp = None
         self.cpu_group = None
@@ -210,6 +210,7 @@ class LTXAVWorker:
         """Bytes this worker can use: its GPU's free memory plus what it holds already (PyTorch's cache,
         and with DynamicVRAM the weights it can page out), within the cap (``LTXAV_PARALLEL_MEMORY_CAP_GIB``);
         on CPU only the cap (None without one)."""
+        _select_gpu()
         if not self.cuda:
             return int(self.cap) if self.cap else None
         free, _ = torch.cuda.mem_get_info()
@@ -233,28 +234,28 @@ class LTXAVWorker:
         self.listener = _listen(host)
         return host, self.listener.getsockname()[1]
 
-    def init_groups(self, host: str, port: int, ulysses: int, ring: int, cfg: int = 1) -> None:
+    def init_groups(self, host: str, port: int, degrees) -> None:
+        """This rank in the process groups of ``degrees`` (``sequence_parallel.groups.Degrees``, the plan's)."""
         import torch.distributed as dist
         from torch.distributed.constants import default_pg_timeout
 
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
-        self.backend = backend(self.cuda, self.per_gpu)
         listen_fd = None
         if self.rank == 0:
             listen_fd, self.listener = self.listener.detach(), None  # the store owns the socket from here
         store = dist.TCPStore(host, port, self.world, is_master=self.rank == 0, timeout=default_pg_timeout,
                               master_listen_fd=listen_fd)
-        self.groups.init_process_groups(self.rank, self.world, self.groups.Degrees(ulysses, ring, cfg), self.backend,
-                                        f"tcp://{host}:{port}", store=store)
+        self.groups.init_process_groups(self.rank, self.world, degrees, self.backend, f"tcp://{host}:{port}",
+                                        store=store)
         self._parts()
         from xfuser.core.distributed.parallel_state import get_world_group
 
         self.cpu_group = get_world_group().cpu_group  # every rank of every group: the interrupt's agreement
 
-    def regroup(self, ulysses: int, ring: int, cfg: int) -> None:
+    def regroup(self, degrees) -> None:
         """Other degrees on the same ranks (every rank calls it): the model stays loaded."""
         _select_gpu()
-        self.groups.regroup(self.groups.Degrees(ulysses, ring, cfg), self.backend)
+        self.groups.regroup(degrees, self.backend)
         self._parts()
 
     def _parts(self) -> None:

@@ -222,11 +222,11 @@ class Saved:
 def workers_for(gpus: int, node: str = NODE) -> tuple[int, bool]:
     """(Ray workers to decode on, 0: ComfyUI's process; whether they are CPU processes) for input ``gpus``:
     1 (or 0 with one GPU, or ComfyUI on --cpu): this process; else that many workers (0: every GPU)."""
-    from . import parallel_sampler as ps
+    from .driver.workers import cpu_mode
 
     if gpus < 0:
         raise ValueError(f"{node}: input 'gpus' is {gpus}; use 0 for every GPU, 1 for ComfyUI's process, or a count.")
-    cpu = ps._cpu_mode()
+    cpu = cpu_mode()
     if cpu:
         return (0 if gpus <= 1 else gpus), True
     per_gpu = envs.workers_per_gpu()
@@ -311,7 +311,8 @@ def save_on_workers(vae, video: torch.Tensor, plan: video_decode.Plan, fps: floa
     import ray
 
     from . import model_transfer
-    from .parallel_sampler import POOL, StepProgress
+    from .driver import POOL
+    from .driver.report import StepProgress
 
     group = workers(world, cpu, node)
     comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
@@ -343,24 +344,16 @@ def save_on_workers(vae, video: torch.Tensor, plan: video_decode.Plan, fps: floa
 def workers(world: int, cpu: bool, node: str = NODE):
     """The parallel sampler's worker group when it has ``world`` workers; else a new one of that size (a
     later sampling run then restarts its own)."""
-    import ray
-
-    from .parallel_sampler import POOL, WorkerFault, _heartbeat_of, _TaskFailed
+    from .driver import POOL
     from .sequence_parallel.groups import Degrees
 
     POOL.connect(POOL.address or "local")
-    per_gpu = 1 if cpu else envs.workers_per_gpu()
-    kind = "CPU" if cpu else "GPU"
-    available = int(ray.cluster_resources().get(kind, 0)) * per_gpu
+    available = POOL.available(cpu)
     if world > available:
         raise ValueError(f"{node}: input 'gpus' asks for {world} {'CPU workers' if cpu else 'GPUs'} but the Ray "
                          f"cluster at {POOL.address!r} has {available}; use gpus <= {available} (0: every GPU, 1: "
                          "ComfyUI's process).")
-    g = POOL.group
-    if g and (g.world, g.address, g.cpu, g.per_gpu) == (world, POOL.address, cpu, per_gpu):
-        try:
-            _heartbeat_of(g, "start")
-            return g
-        except (WorkerFault, _TaskFailed):
-            log.warning("%s: a worker of the previous group is gone; starting new workers", NODE)
-    return POOL.ensure_group(world, Degrees(world), cpu)[0]
+    group = POOL.ensure_group(world, cpu)[0]  # the running one when it answers: its degrees stay
+    if group.degrees is None:  # new workers: process groups as a sampling run's would be
+        POOL.set_degrees(group, Degrees(world))
+    return group

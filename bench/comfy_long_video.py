@@ -262,7 +262,7 @@ def child(a):
     baseline_used = 0
     parallel = a.variant.startswith("parallel")
     per_gpu = int(os.environ.get("LTXAV_PARALLEL_WORKERS_PER_GPU") or 1) if parallel else 1
-    # the node's one-GPU rule (parallel_sampler.one_gpu_here) for this benchmark's settings: in this process
+    # the node's one-GPU rule (driver.plan.one_gpu_here) for this benchmark's settings: in this process
     here = (parallel and a.gpus == 1 and per_gpu == 1
             and (os.environ.get("LTXAV_PARALLEL_ONE_GPU_IN_PROCESS") or "1") not in ("0", "false", "False"))
     workers = parallel and not here
@@ -408,7 +408,7 @@ def child(a):
     rec["ok"] = "error" not in rec
     rec["forward_s"] = [round(x, 3) for x in forwards]
     steps = [b - a_ for a_, b in zip(step_marks[:-1], step_marks[1:])]
-    # as the workers' median step (parallel_sampler.step_timings): steps 2.. (the first also pages weights in)
+    # as the workers' median step (driver.report.step_timings): steps 2.. (the first also pages weights in)
     rec["s_per_step_callbacks"] = round(statistics.median(steps[1:]), 4) if len(steps) > 1 else None
     rec["s_per_step_median"] = round(statistics.median(forwards), 3) if forwards else None
     # the first forward also pulls the weights in (DynamicVRAM faults them onto the GPU on first use)
@@ -492,7 +492,7 @@ def sigmas(model, steps):
 
 
 def parallel_sample(a, model, noise, latent, pos, neg, rec):
-    """The parallel sampler nodes' path (``parallel_sampler.POOL.run`` with the job their execute builds:
+    """The parallel sampler nodes' path (``driver.POOL.run`` with the job their execute builds:
     KSampler's, or with --guider cfg a CFGGuider's): --gpus Ray workers, which load the checkpoint
     themselves, with DynamicVRAM when this process runs it; each holds the rest of its card
     (LTXAV_PARALLEL_MEMORY_CAP_GIB)."""
@@ -500,7 +500,7 @@ def parallel_sample(a, model, noise, latent, pos, neg, rec):
     import dataclasses
 
     import comfy.samplers
-    from ltxav_pack import jobs, parallel_sampler
+    from ltxav_pack import driver, jobs
 
     if a.guider == "cfg":
         job = jobs.GuiderJob(noise=noise, latent=latent, noise_mask=None, seed=0, guider=cfg_guider(model, pos, neg, a.cfg),
@@ -508,19 +508,19 @@ def parallel_sample(a, model, noise, latent, pos, neg, rec):
     else:
         job = jobs.KSamplerJob(noise=noise, latent=latent, noise_mask=None, seed=0, steps=a.steps, cfg=a.cfg,
                                sampler_name="euler", scheduler="simple", positive=pos, negative=neg)
-    settings = parallel_sampler.ParallelSettings(gpus=a.gpus, cfg_parallel=a.cfg_parallel)
-    res = parallel_sampler.POOL.run(model, job, settings)
+    settings = driver.ParallelSettings(gpus=a.gpus, cfg_parallel=a.cfg_parallel)
+    res = driver.POOL.run(model, job, settings)
     rec["timings"] = res.timings
     rec["worker_memory"] = [dataclasses.asdict(m) for m in res.memory]
     rec["summary_text"] = res.summary
     rec["planned_peak_gib"] = res.planned_peak_gib
     rec["planned_parts_gib"] = res.planned_parts_gib
     rec["worker_passes"] = res.passes
-    group = parallel_sampler.POOL.group
+    group = driver.POOL.group
     rec["degrees"] = group.degrees.describe() if group else "in ComfyUI's process"
     rec["host_after_sampling"] = host_memory_record()
     rec["s_per_step_worker"] = res.timings.get("worker_s_per_step")
-    parallel_sampler.POOL.stop_group()
+    driver.POOL.stop_group()
     return res.samples
 
 

@@ -78,7 +78,7 @@ def main():
     import comfy.sd
 
     common.import_pack(root=a.pack)
-    from ltxav_pack import parallel_sampler
+    from ltxav_pack import driver
     from ltxav_pack import xdit_context_parallel as xsp
     from ltxav_pack.sequence_parallel import groups
 
@@ -130,7 +130,7 @@ def main():
                    syncs_per_run=round(sum(per_run.values()), 2),
                    per_step={k: v for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]) if v},
                    per_run={k: v for k, v in sorted(per_run.items(), key=lambda kv: -kv[1]) if v},
-                   **parallel_sampler.step_timings(marks), step_s=[round(s, 4) for s in steps],
+                   **driver.report.step_timings(marks), step_s=[round(s, 4) for s in steps],
                    rel_l2_vs_stock=round(err, 5), video_tokens=tokens, bench="host_syncs", case=a.case,
                    layers=a.layers, ffn=a.ffn, pack=a.pack or "this checkout", **info, command=command)
         print(json.dumps(row), flush=True)

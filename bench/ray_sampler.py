@@ -132,7 +132,7 @@ def main():
     import comfy.sd
 
     common.import_pack()
-    from ltxav_pack import envs, jobs, parallel_sampler
+    from ltxav_pack import driver, envs, jobs
 
     info = common.device_info()
     command = "python bench/ray_sampler.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items()
@@ -181,14 +181,14 @@ def main():
     _, t2 = timed(lambda: stock(s2))
     peak = (torch.cuda.max_memory_allocated() - base) / common.GB if torch.cuda.is_available() else None
     stock_step = slope(t1, t2)["s_per_step"]
-    stock_median = parallel_sampler.step_timings(marks)["worker_s_per_step"]  # the workers' statistic
+    stock_median = driver.report.step_timings(marks)["worker_s_per_step"]  # the workers' statistic
     emit(dict(world=1, mode="stock comfy.sample.sample", **slope(t1, t2), step_median_s=stock_median,
               step_s=[round(b - a, 4) for a, b in zip(marks[:-1], marks[1:])], video_tokens=tokens,
               peak_over_start_gb=None if peak is None else round(peak, 3)))
     mm.unload_all_models()
     mm.soft_empty_cache()
 
-    pool = parallel_sampler.POOL
+    pool = driver.POOL
 
     def job(steps):
         return jobs.KSamplerJob(noise=noise, latent=latent, noise_mask=None, seed=0, steps=steps, cfg=1.0,
@@ -196,7 +196,7 @@ def main():
 
     worlds = [int(w) for w in a.worlds.split(",")]
     for world in worlds:
-        settings = parallel_sampler.ParallelSettings(gpus=world)
+        settings = driver.ParallelSettings(gpus=world)
         first = pool.run(patcher, job(s1), settings)
         r1, t1 = timed(lambda: pool.run(patcher, job(s1), settings))
         r2, t2 = timed(lambda: pool.run(patcher, job(s2), settings))
@@ -234,7 +234,7 @@ def main():
             Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return
     world = worlds[-1]
-    settings = parallel_sampler.ParallelSettings(gpus=world)
+    settings = driver.ParallelSettings(gpus=world)
     pids = [i["pid"] for i in pool.group.infos]
     after_first = process_used_mb(pids)
     for _ in range(a.prompts - 1):

@@ -264,7 +264,7 @@ def child(a):
         key = video_save.vae_key(vae)
         import ray
 
-        from ltxav_pack.parallel_sampler import POOL
+        from ltxav_pack.driver import POOL
         data = ray.put(video_save.vae_bytes(vae))
         POOL._wait([x.load_vae.remote(key, data) for x in group.actors], "setup", 600)
         del data
@@ -334,7 +334,7 @@ def child(a):
         import numpy as np
         np.savez(np_path, **{str(k): v for k, v in sampled.items()})
     if workers:
-        from ltxav_pack.parallel_sampler import POOL
+        from ltxav_pack.driver import POOL
         POOL.shutdown("benchmark run done")
     shutil.rmtree(out_dir, ignore_errors=True)
     del dummy

@@ -113,7 +113,7 @@ def child(a):
     import comfy.utils
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
-    from ltxav_pack import jobs, model_transfer, parallel_sampler
+    from ltxav_pack import driver, jobs, model_transfer
 
     if a.before_fix:  # the LoRA identity before the fix: the version counter, which inference tensors lack
         model_transfer._cache_state = lambda t, plain: (t._version, t.data_ptr())
@@ -140,7 +140,7 @@ def child(a):
         pos, neg = cond(1), cond(2)
         fl = (a.frames - 1) // 8 + 1
         audio = torch.zeros(1, 8, math.ceil(a.frames / 25 * 25), 16)
-        settings = parallel_sampler.ParallelSettings(gpus=1 if a.variant == "gpus1" else 2)
+        settings = driver.ParallelSettings(gpus=1 if a.variant == "gpus1" else 2)
 
         def stage(prompt, index, latent, sampler_name, sigmas_text):
             guider = comfy.samplers.CFGGuider(model)
@@ -159,7 +159,7 @@ def child(a):
             else:
                 job = jobs.GuiderJob(noise=noise.generate_noise({"samples": latent}), latent=latent, noise_mask=None,
                                      seed=noise.seed, guider=guider, sampler=sampler, sigmas=sigmas)
-                res = parallel_sampler.POOL.run(model, job, settings)
+                res = driver.POOL.run(model, job, settings)
                 out = res.samples
                 rec.update(model_load=res.model_load and res.model_load.action, timings=res.timings,
                            worker_passes=res.passes, counted_passes=res.counted_passes, summary=res.summary)
@@ -176,7 +176,7 @@ def child(a):
             v, aud = out.unbind()
             v = torch.nn.functional.interpolate(v, scale_factor=(1, 2, 2), mode="nearest")
             stage(prompt, 2, comfy.nested_tensor.NestedTensor((v, aud)), "euler_cfg_pp", STAGE2_SIGMAS)
-    parallel_sampler.POOL.shutdown("benchmark done")
+    driver.POOL.shutdown("benchmark done")
     return dict(kind="variant", variant=a.variant, before_fix=a.before_fix, load_s=round(load_s, 2), cuda=cuda,
                 dynamic_vram=bool(comfy.memory_management.aimdo_enabled), stages=recs)
 

@@ -103,10 +103,10 @@ def server(comfy, tiny_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ps(pack):
-    """The parallel sampler's driver module (its POOL is the one worker group of this process)."""
+    """The parallel sampler's driver package (its POOL is the one worker group of this process)."""
     import importlib
 
-    return importlib.import_module("ltxav_pack.parallel_sampler")
+    return importlib.import_module("ltxav_pack.driver")
 
 
 @pytest.fixture(scope="module")

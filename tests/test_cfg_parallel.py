@@ -89,18 +89,18 @@ def test_planner_counts_each_workers_share_of_the_passes(ps, tiny_model, monkeyp
     groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
     latent = make_latent(**LATENT)["samples"]
     big = 10**12
-    one = ps.check_memory(tiny_model, latent, groups.Degrees(2), big, passes=1)
-    two = ps.check_memory(tiny_model, latent, groups.Degrees(2), big, passes=2)
-    split = ps.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), big, passes=2)
-    uneven = ps.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), big, passes=3)
-    alone = ps.check_memory(tiny_model, latent, groups.Degrees(1), big, passes=1)
+    one = ps.plan.check_memory(tiny_model, latent, groups.Degrees(2), big, passes=1)
+    two = ps.plan.check_memory(tiny_model, latent, groups.Degrees(2), big, passes=2)
+    split = ps.plan.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), big, passes=2)
+    uneven = ps.plan.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), big, passes=3)
+    alone = ps.plan.check_memory(tiny_model, latent, groups.Degrees(1), big, passes=1)
     assert two.parts["video tokens"] == 2 * one.parts["video tokens"]
     assert split.parts["video tokens"] == alone.parts["video tokens"]  # one pass of the whole video a worker
     assert uneven.parts["video tokens"] == 2 * alone.parts["video tokens"]  # the larger share: 2 of 3
     monkeypatch.setattr(tiny_model.model, "memory_required", lambda shape, cond_shapes=None: 0)  # batching fits
     with pytest.raises(ValueError, match=r"needs about .* GiB per worker \(cfg 2 x Ulysses 1 x ring 1; 3 guidance "
                                          r"passes a step, 2 in each worker's forward: weights"):
-        ps.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), uneven.total - 1, passes=3)
+        ps.plan.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), uneven.total - 1, passes=3)
 
 
 def test_planner_batches_passes_as_comfyui_does(ps, tiny_model, monkeypatch):
@@ -115,9 +115,9 @@ def test_planner_batches_passes_as_comfyui_does(ps, tiny_model, monkeypatch):
         asked.append(list(shape))
         return budget if shape[0] > 1 else 1
 
-    one = ps.check_memory(tiny_model, latent, groups.Degrees(2), budget, passes=1)
+    one = ps.plan.check_memory(tiny_model, latent, groups.Degrees(2), budget, passes=1)
     monkeypatch.setattr(tiny_model.model, "memory_required", memory_required)
-    two = ps.check_memory(tiny_model, latent, groups.Degrees(2), budget, passes=2)
+    two = ps.plan.check_memory(tiny_model, latent, groups.Degrees(2), budget, passes=2)
     assert two.parts == one.parts and "2 guidance passes a step, 1 in each worker's forward" in two.note
     elements = 128 * 4 * 3 * 4 + 8 * 26 * 16  # the video and audio latents as ComfyUI packs them
     assert asked == [[2, 1, elements], [1, 1, elements]]
@@ -225,8 +225,8 @@ def test_auto_splits_every_pass_over_all_workers_when_only_that_fits(ps, nodes_m
     cc = tiny_ckpt[1]["caption_channels"]
     latent = make_latent(**LATENT)["samples"]
     probe = 2**30 // 8  # small enough that ComfyUI's estimate for two passes does not fit: one a forward
-    split = ps.check_memory(tiny_model, latent, groups.Degrees(2), probe, passes=2)
-    whole = ps.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), probe, passes=2)
+    split = ps.plan.check_memory(tiny_model, latent, groups.Degrees(2), probe, passes=2)
+    whole = ps.plan.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), probe, passes=2)
     assert "1 in each worker's forward" in split.note and split.total < whole.total
     ps.POOL.stop_group()
     monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GIB", f"{(split.total + whole.total) / 2 / 2**30:.12f}")

@@ -253,9 +253,9 @@ def test_planner_holds_the_largest_calls_share(ps, gp, tiny_model):
     latent = make_latent(**LATENT)["samples"]
     big = 10**12
     id_lora = gp.Passes.uniform((2, 1), steps=2)
-    sp = ps.check_memory(tiny_model, latent, groups.Degrees(2), big, passes=id_lora)
-    assert sp.parts == ps.check_memory(tiny_model, latent, groups.Degrees(2), big, passes=2).parts
+    sp = ps.plan.check_memory(tiny_model, latent, groups.Degrees(2), big, passes=id_lora)
+    assert sp.parts == ps.plan.check_memory(tiny_model, latent, groups.Degrees(2), big, passes=2).parts
     assert "3 guidance passes a step (calls of 2 + 1), 2 in each worker's forward" in sp.note
-    split = ps.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), big, passes=id_lora)
-    assert split.parts == ps.check_memory(tiny_model, latent, groups.Degrees(1), big, passes=1).parts
+    split = ps.plan.check_memory(tiny_model, latent, groups.Degrees(1, 1, 2), big, passes=id_lora)
+    assert split.parts == ps.plan.check_memory(tiny_model, latent, groups.Degrees(1), big, passes=1).parts
     assert "1 in each worker's forward" in split.note

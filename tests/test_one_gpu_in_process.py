@@ -1,7 +1,7 @@
 """gpus=1 on one local GPU: the sampler nodes sample in ComfyUI's own process (no Ray workers, no second
 CUDA context on the card), equal to the stock samplers on the same tiny checkpoint; the decision, the
 planner's refusal, an out-of-memory error and Interrupt there. Under ComfyUI's --cpu the pack runs CPU
-workers instead, so these tests take the CPU mode out of the decision (``_cpu_mode``)."""
+workers instead, so these tests take the CPU mode out of the decision (``driver.workers.cpu_mode``)."""
 import dataclasses
 import threading
 import time
@@ -28,7 +28,7 @@ HERE = "LTXAV Parallel Sampler: in ComfyUI's process (one GPU: no workers)"
 def here(ps, monkeypatch):
     """The driver as on a machine with a GPU: the one-GPU decision applies; no workers left running."""
     ps.POOL.stop_group()
-    monkeypatch.setattr(ps, "_cpu_mode", lambda: False)
+    monkeypatch.setattr(ps.workers, "cpu_mode", lambda: False)
     return ps
 
 
@@ -48,7 +48,7 @@ def here(ps, monkeypatch):
 def test_which_runs_sample_in_comfyuis_process(ps, monkeypatch, settings, cpu, devices, env, want):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    assert ps.one_gpu_here(ps.ParallelSettings(**settings), cpu, devices) is want
+    assert ps.plan.one_gpu_here(ps.plan.ParallelSettings(**settings), cpu, devices) is want
 
 
 @pytest.mark.quick
@@ -165,5 +165,5 @@ def test_one_gpu_summary_says_the_peak_only_when_counted(ps, peak, want):
     jobs = __import__("ltxav_pack.jobs", fromlist=["x"])
     m = jobs.WorkerMemory(rank=0, peak_gib=peak, allocated_gib=3.5, weights_gib=0.0)
     info = {"device": "cuda:0 (NVIDIA X)", "dynamic_vram": True}
-    text = ps.summary_here(info, m, {"sampling_s": 1.0, "s_per_step": 1.0})
+    text = ps.report.summary_here(info, m, {"sampling_s": 1.0, "s_per_step": 1.0})
     assert text.splitlines()[1].strip() == want

@@ -437,9 +437,9 @@ def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tin
     latent = make_latent(**LATENT)["samples"]
     # KSampler at cfg 3, but at these budgets ComfyUI's estimate for two passes (memory_required) is over
     # the free memory: it runs them one after the other, one a forward
-    est = ps.check_memory(tiny_model, latent, groups.Degrees(2), budget=2**30 // 8, passes=2)  # fits: the estimate
+    est = ps.plan.check_memory(tiny_model, latent, groups.Degrees(2), budget=2**30 // 8, passes=2)  # fits: the estimate
     assert "2 guidance passes a step, 1 in each worker's forward" in est.note
-    clip, batch = ps.latent_clip(latent)
+    clip, batch = ps.plan.latent_clip(latent)
     assert clip.latent_frames == 4 and batch == 1 and est.parts["weights"] > 0
     dims = mp.ModelDims.of(tiny_model.model.diffusion_model, compute_dtype=torch.float32)
     kw = dict(world=2, ffn_chunks=1, sampler=True)
@@ -469,7 +469,7 @@ def test_more_gpus_than_the_cluster_has(ps, nodes_mod, tiny_model, tiny_ckpt):
     cc = tiny_ckpt[1]["caption_channels"]
     parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)  # Ray up
     slots = int(ray.cluster_resources()["CPU"])
-    assert slots >= ps.LOCAL_CPU_SLOTS  # a local cluster offers CPU workers beyond the cores
+    assert slots >= ps.workers.LOCAL_CPU_SLOTS  # a local cluster offers CPU workers beyond the cores
     with pytest.raises(ValueError, match=rf"input 'gpus' asks for {slots + 1} CPU workers, but the Ray cluster at "
                                          rf"'local' offers {slots} CPU slots \(one a worker; more workers than this "
                                          rf"machine's {os.cpu_count()} cores run, slowly\); use gpus <= {slots}\.$"):
@@ -485,20 +485,21 @@ def test_workers_sharing_a_gpu(ps, monkeypatch):
     import ray
 
     worker = importlib.import_module("ltxav_pack.ray_worker")
-    monkeypatch.setattr(ps, "_cpu_mode", lambda: False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
-    settings = ps.ParallelSettings(gpus=2)
+    settings = ps.plan.ParallelSettings(gpus=2)
     with pytest.raises(ValueError, match=r"input 'gpus' asks for 2 GPUs, but the Ray cluster at .* has 1"):
-        ps.POOL.resolve(settings, 32)
+        ps.plan.world_of(settings, ps.POOL.available(cpu=False), False, ps.POOL.address)
     monkeypatch.setenv("LTXAV_PARALLEL_WORKERS_PER_GPU", "2")
-    assert ps.POOL.resolve(settings, 32) == (2, ps.Degrees(2, 1, 1), False)
+    assert ps.plan.world_of(settings, ps.POOL.available(cpu=False), False, ps.POOL.address) == 2
+    assert ps.plan.degrees_of(settings, 2, 1, 32, False) == importlib.import_module(
+        "ltxav_pack.sequence_parallel.groups").Degrees(2, 1, 1)
     assert (worker.backend(True), worker.backend(True, 2), worker.backend(False)) == ("nccl", "gloo", "gloo")
     # a 100-byte GPU, 24 bytes a worker: one worker holds 76, each of two 26, of five none (too small)
     assert [worker.held_bytes(100, 24, n) for n in (1, 2, 5)] == [76, 26, 0]
     for bad in ("0", "1.5"):
         monkeypatch.setenv("LTXAV_PARALLEL_WORKERS_PER_GPU", bad)
         with pytest.raises(ValueError, match=rf"LTXAV_PARALLEL_WORKERS_PER_GPU='{re.escape(bad)}' is not a whole"):
-            ps.POOL.resolve(settings, 32)
+            ps.POOL.available(cpu=False)
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -580,31 +581,31 @@ def test_planner_counts_streamed_weights_only_when_workers_stream(ps, comfy, tmp
     model = comfy.sd.load_diffusion_model(str(path))
     latent = make_latent(**LATENT)["samples"]
     streaming, whole = [{"device": "cpu", "dynamic_vram": True}], [{"device": "cpu", "dynamic_vram": False}]
-    unstreamed = ps.check_memory(model, latent, groups.Degrees(2), 10**12, streaming)  # a patcher that keeps all
-    assert unstreamed.parts["weights"] == ps.check_memory(model, latent, groups.Degrees(2), 10**12, whole).parts[
+    unstreamed = ps.plan.check_memory(model, latent, groups.Degrees(2), 10**12, streaming)  # a patcher that keeps all
+    assert unstreamed.parts["weights"] == ps.plan.check_memory(model, latent, groups.Degrees(2), 10**12, whole).parts[
         "weights"]
     monkeypatch.setattr(model, "is_dynamic", lambda: True)  # ComfyUI's streaming patcher (DynamicVRAM, on a GPU)
     big = 10**12
-    with caplog.at_level(logging.WARNING, logger=ps.log.name):
-        streamed = ps.check_memory(model, latent, groups.Degrees(2), big, streaming)
+    with caplog.at_level(logging.WARNING, logger=ps.plan.log.name):
+        streamed = ps.plan.check_memory(model, latent, groups.Degrees(2), big, streaming)
     assert "card's edge" not in caplog.text
     mp = importlib.import_module("ltxav_pack.memory_plan")
-    with caplog.at_level(logging.WARNING, logger=ps.log.name):
-        ps.check_memory(model, latent, groups.Degrees(2), streamed.total + mp.EDGE_BYTES // 2, streaming)
+    with caplog.at_level(logging.WARNING, logger=ps.plan.log.name):
+        ps.plan.check_memory(model, latent, groups.Degrees(2), streamed.total + mp.EDGE_BYTES // 2, streaming)
     assert re.search(r"LTXAV Parallel Sampler: the plan \(\d+\.\d\d GiB\) leaves 0\.75 GiB of the \d+\.\d\d GiB free: "
                      r"at the card's edge.*shorten input 'latent_image' or raise input 'gpus'", caplog.text)
-    full = ps.check_memory(model, latent, groups.Degrees(2), big, whole)
+    full = ps.plan.check_memory(model, latent, groups.Degrees(2), big, whole)
     assert streamed.parts["weights"] < full.parts["weights"] and streamed.total < full.total
     budget = (streamed.total + full.total) // 2
-    assert ps.check_memory(model, latent, groups.Degrees(2), budget, streaming).total == streamed.total
+    assert ps.plan.check_memory(model, latent, groups.Degrees(2), budget, streaming).total == streamed.total
     with pytest.raises(ValueError, match=r"LTXAV Parallel Sampler: a 25-frame 128x96 video needs about .* GiB per "
                                          r"worker \(Ulysses 2 x ring 1; 1 guidance pass a step, 1 in each worker's "
                                          r"forward: weights"):
-        ps.check_memory(model, latent, groups.Degrees(2), budget, whole)
+        ps.plan.check_memory(model, latent, groups.Degrees(2), budget, whole)
     tiny_budget = streamed.parts["weights"] // 2
     with pytest.raises(ValueError, match=r"the weights ComfyUI keeps on the GPU while streaming the rest and fixed "
                                          r"buffers alone take"):
-        ps.check_memory(model, latent, groups.Degrees(2), tiny_budget, streaming)
+        ps.plan.check_memory(model, latent, groups.Degrees(2), tiny_budget, streaming)
 
 
 def test_progress_reaches_every_step_in_order(nodes_mod, tiny_model, tiny_ckpt, monkeypatch):
@@ -662,7 +663,9 @@ def test_user_errors_carry_no_frames_of_the_pack(nodes_mod, tiny_model, tiny_ckp
     with pytest.raises(ValueError, match=r"input 'ray_address' is 'nowhere'") as err:
         parallel_ksampler(nodes_mod, tiny_model, cc, address="nowhere")
     files = [f.filename for f in traceback.extract_tb(err.value.__traceback__)]
-    assert not [f for f in files if os.path.basename(f) in ("parallel_sampler.py", "ray_cluster.py")], files
+    pack_frames = [f for f in files if os.path.basename(os.path.dirname(f)) == "driver"
+                   or os.path.basename(f) == "ray_cluster.py"]
+    assert not pack_frames, files
     assert err.value.__cause__ is None and err.value.__suppress_context__
     node = nodes_mod.LTXAVParallelKSampler
     with pytest.raises(ValueError) as twin:
@@ -681,7 +684,7 @@ def test_quoted_causes_end_no_sentence_twice(ps, pack):
     errors = importlib.import_module("ltxav_pack.errors")
     assert errors.clause(ValueError("use a longer or larger video.")) == "ValueError: use a longer or larger video"
     assert errors.clause(RuntimeError("")) == "RuntimeError"
-    text = ps._describe(ValueError("Sequence parallel: use fewer GPUs or a longer or larger video.\nmore"), 1,
-                        "sampling", None)
+    text = ps.workers._describe(ValueError("Sequence parallel: use fewer GPUs or a longer or larger video.\nmore"),
+                                1, "sampling", None)
     assert text == ("worker 1 (its device) failed during sampling: ValueError: Sequence parallel: use fewer GPUs or a "
                     "longer or larger video")

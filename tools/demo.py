@@ -50,7 +50,7 @@ def import_pack():
     sys.modules[PACK] = module
     spec.loader.exec_module(module)
     nodes_mod = importlib.import_module(f"{PACK}.nodes_parallel_sampler")
-    return nodes_mod, importlib.import_module(f"{PACK}.parallel_sampler")
+    return nodes_mod, importlib.import_module(f"{PACK}.driver")
 
 
 def show_pack_log():
@@ -94,7 +94,7 @@ def run(version, args, folder, nodes_mod, ps, numerics, tiny) -> bool:
         print(f"  plan and run: {line.removeprefix('LTXAV Parallel Sampler: ').strip()}")
     group = ps.POOL.group
     if group is not None:
-        est = ps.check_memory(model, latent["samples"], group.degrees, 1 << 50, group.infos, 2)
+        est = ps.plan.check_memory(model, latent["samples"], group.degrees, 1 << 50, group.infos, 2)
         print(f"  planner: {est.total / 2**20:.1f} MiB per worker at this size ({est.note})")
     ok = True
     for part, (e_got, e_stock, bound) in zip(("video", "audio"), numerics.errors(got, stock, reference)):
