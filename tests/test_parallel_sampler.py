@@ -441,7 +441,8 @@ def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tin
     assert "2 guidance passes a step, 1 in each worker's forward" in est.note
     clip, batch = ps.latent_clip(latent)
     assert clip.latent_frames == 4 and batch == 1 and est.parts["weights"] > 0
-    dims = mp.ModelDims.of(tiny_model.model.diffusion_model, compute_dtype=torch.float32)
+    dm = tiny_model.model.diffusion_model
+    dims = importlib.import_module("ltxav_pack.models").family_of(dm, "test").plan_dims(dm, compute_dtype=torch.float32)
     kw = dict(world=2, ffn_chunks=1, sampler=True)
     small = mp.estimate(dims, clip.with_latent_frames(2), **kw).total
     assert small < est.total
