@@ -138,8 +138,8 @@ def test_content_digest_holds_for_every_tensor_kind_comfyui_hands_a_node(pack, c
     from comfy.weight_adapter.lora import LoRAAdapter
     from comfy_kitchen.tensor import QuantizedTensor
 
-    mt = importlib.import_module("ltxav_pack.model_transfer")
-    digest = mt.content_digest
+    keys = importlib.import_module("ltxav_pack.content_keys")
+    digest = keys.content_digest
 
     def kinds(seed):  # what a LoRA loader would make from one file: equal bytes for equal seeds
         g = torch.Generator().manual_seed(seed)
@@ -170,13 +170,13 @@ def test_content_digest_holds_for_every_tensor_kind_comfyui_hands_a_node(pack, c
         before = digest(patches(t, down))
         t.mul_(2)
         assert digest(patches(t, down)) != before
-    monkeypatch.setattr(mt, "_cache_state", lambda t, plain: (t._version, t.data_ptr()))  # the rule before
+    monkeypatch.setattr(keys, "_cache_state", lambda t, plain: (t._version, t.data_ptr()))  # the rule before
     t, down = first["inference"]
     assert digest(patches(t, down)) != digest(patches(t, down))
 
 
 def test_content_digest_follows_content_not_identity(pack):
-    rw = importlib.import_module("ltxav_pack.model_transfer")
+    rw = importlib.import_module("ltxav_pack.content_keys")
     import threading as th
 
     def patches(strength=1.0, t=None):
