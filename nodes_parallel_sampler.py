@@ -39,7 +39,7 @@ def parallel_inputs():
                               "ComfyUI on --cpu: the number of CPU worker processes.")),
         io.Int.Input("ulysses_degree", default=0, min=0, max=64,
                      tooltip=("GPUs that split attention heads with all-to-all (Ulysses); 0 = gpus / ring_degree. "
-                              f"Must divide the model's attention heads ({models.heads_note()}). The fastest and "
+                              f"Must divide the model's attention heads: {models.heads_note()}. The fastest and "
                               "leanest choice: keep ring at 1 when it divides.")),
         io.Int.Input("ring_degree", default=1, min=1, max=64,
                      tooltip=("GPUs that pass key/value blocks around a ring; ulysses x ring = gpus. Use it only "
