@@ -23,7 +23,8 @@ import logging
 import torch
 
 from . import memory_plan
-from .patching import instance_attrs, may_overwrite, transformer_options_of
+from .models.ltxav import TRANSFORMER_OPTIONS_ARG
+from .patching import instance_attrs, may_overwrite, transformer_options_at
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +143,14 @@ def installed(diffusion_model: torch.nn.Module, settings: ChunkSettings, free_by
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
     """ComfyUI DIFFUSION_MODEL wrapper: chunk the FFNs for this forward if the options ask for it."""
-    settings = ChunkSettings.from_options(transformer_options_of(args, kwargs))
+    settings = ChunkSettings.from_options(transformer_options_at(TRANSFORMER_OPTIONS_ARG, args, kwargs))
     if settings is None:
         return executor(*args, **kwargs)
     model = executor.class_obj
     x = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
     free = None
     if settings.auto:
-        free = transformer_options_of(args, kwargs).get(FREE_MEMORY_KEY)
+        free = transformer_options_at(TRANSFORMER_OPTIONS_ARG, args, kwargs).get(FREE_MEMORY_KEY)
         free = _free_memory(x.device) if free is None else free
     with installed(model, settings, free):
         return executor(*args, **kwargs)

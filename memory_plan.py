@@ -1,4 +1,6 @@
-"""Peak device memory of one LTXAV worker, predicted before sampling starts.
+"""Peak device memory of one worker, predicted before sampling starts: model-free arithmetic on the
+numbers a model family gives (``models``: its ``plan_dims`` with its ``Coefficients``, its
+``LatentGeometry``; LTX-2's are ``models/ltxav_plan.py``).
 
 A worker holds the model (weights are not sharded; with ComfyUI's DynamicVRAM only the blocks in use
 stay on the GPU) and, through every block, its share of the video tokens (``xdit_context_parallel``);
@@ -7,21 +9,10 @@ audio stays whole on every rank. Its peak is
     weights + cast buffer + fixed + max(attention phase, FFN phase) [+ sampler state]
 
 with per-token costs counted in *hidden vectors* (one token's ``video_dim`` activations in the
-compute dtype; 8 KB for LTX-2 in bf16). The coefficients were measured with
-``bench/sequence_parallel.py`` (H200, bf16, ComfyUI 0.20.1: stock forward, Ulysses and ring degrees,
-three sizes; ``bench/results/2026-11-28-h200x*-sequence_parallel.jsonl``) and checked against the
-fp8, 48-layer, 24 GB runs of ``bench/long_video.py``:
+compute dtype), the family's ``Coefficients``. What does not depend on the model is here:
 
-* attention phase: 8.5 vectors per local video token on one GPU (x, its norm, v, the normed q and k,
-  RoPE's output and temporary, the RoPE tables, the attention output); 8.0 with W > 1 (the output
-  goes into a q/k/v buffer, so the peak moves to RoPE), +1.0 with a ring degree (xfuser's float32
-  accumulators), and 0.06 per token of the *whole* sequence (fitted; it was a head group's gathered
-  q/k/v, which q/k/v's own buffers now receive, and the measured peaks did not change);
-* FFN phase: 3.5 vectors per local token kept, plus one FFN chunk's two 4x-wide tensors;
-* per-token timesteps (image-to-video, guides): 0.5 more (the per-token adaLN values);
 * fp8 (or any cast) weights: one block linear cast to the compute dtype at a time; GGUF weights count
   as stored (quantized), their casts by their elements, with ComfyUI-GGUF's float16 dequantization;
-* audio tokens cost the same number of vectors of ``audio_dim``;
 * weights: all of them, unless ComfyUI streams them (DynamicVRAM, its default on NVIDIA): then only
   what is on the GPU at the peak, the block running and the next one arriving, as stored; the parts
   outside the blocks (connectors, adaLN, patchify, output) stream too and run before and after the
@@ -29,7 +20,8 @@ fp8, 48-layer, 24 GB runs of ``bench/long_video.py``:
   DynamicVRAM held 0.85 GiB (fp8) and 1.57 GiB (bf16) after the longest clips, two blocks plus 0.13.
   Weights stored in another dtype than the compute dtype (fp8) add ComfyUI's casts in PyTorch's pool:
   PyTorch's peak was 2.66 GiB above bf16's for the same clip at three lengths and both card sizes,
-  3.7 blocks' linears in bf16, counted as STREAMED_CAST_BLOCKS.
+  3.7 blocks' linears in bf16, counted as STREAMED_CAST_BLOCKS;
+* the sampler's state: float32 copies of the packed latent (the family's elements a token).
 
 The FFN Chunker's ``auto`` and the parallel sampler's refusal both use this module.
 """
@@ -39,45 +31,18 @@ import dataclasses
 import math
 
 GIB = 1 << 30
-# hidden vectors per local video token (see the module docstring)
-ATTENTION_VECTORS = 8.5
-ATTENTION_OUT_IN_PLACE_VECTORS = 0.5  # sequence parallel: the attention output goes into a q/k/v buffer
-RING_VECTORS = 1.0
-FULL_SEQUENCE_VECTORS = 0.06
-FFN_KEPT_VECTORS = 3.5
-PER_TOKEN_TIMESTEP_VECTORS = 0.5
-FIXED_BYTES = int(0.055 * GIB)  # context, connector, kernels' workspaces
 # a process's CUDA context (measured 0.52 GiB, torch 2.11, H100 and H200): outside PyTorch's allocator, so a
 # card's free memory already leaves it out, but an emulated card's share (LTXAV_PARALLEL_MEMORY_CAP_GIB) holds it
 CUDA_CONTEXT_BYTES = int(0.52 * GIB)
 # NCCL's buffers for an all-to-all, per peer: not measured here (no machine with several GPUs); NVIDIA/nccl#1685
 # reports 3.28 GB more on each of 8 H100s after the first all_to_all_single (32 channels a pair), 0.47 GiB a peer
 NCCL_PEER_BYTES = int(0.47 * GIB)
-# the lean attention (lean_attention.py): no rotary tables; norms, rotation, attention output and the square
-# output projections in place. Measured in ComfyUI's process on one H100 (8 layers fp8, 24 GiB emulated,
-# 2026-12-06, bench/results/2026-12-06-h100-comfy_long_video-lean-*): at 8,301 frames 768x512 it ran out of
-# memory making video self-attention's v, with x, its norm, q and k alive (the allocator's live blocks), so
-# the attention phase holds x, its norm, q, k and v of the local tokens ...
-LEAN_ATTENTION_VECTORS = 5.0
-# ... and with gated attention (LTX-2.3) the gated output, a new tensor ComfyUI makes (not measured) ...
-LEAN_GATED_VECTORS = 1.0
-# ... and over several ranks Ulysses' send buffer and the other ranks' blocks' output and its reshaped copy
-# (not measured: no run of several workers with the lean attention yet) ...
-LEAN_EXCHANGE_VECTORS = 1.5
-# ... and one range's temporaries (a query range's output and its reshaped copy; the rotary rows and
-# rotation of a range are smaller): two hidden vectors of up to LEAN_RANGE_TOKENS local tokens
-LEAN_RANGE_VECTORS = 2.0
-LEAN_RANGE_TOKENS = 16384  # lean_attention.QUERY_CHUNK_TOKENS
-# ComfyUI's sampler keeps nine float32 copies of the packed latent through the forward (calc_cond_batch's
-# input and its parts, the noise, the latent and the step's x: the live blocks at 8,301 frames)
+LEAN_RANGE_TOKENS = 16384  # lean_attention.QUERY_CHUNK_TOKENS: the tokens of one range of the lean attention
+# ComfyUI's sampler keeps four float32 copies of the packed latent (noise, latent, denoised and the step's x) ...
+SAMPLER_COPIES = 4
+# ... and nine through the forward with the lean attention (calc_cond_batch's input and its parts, the noise,
+# the latent and the step's x: the live blocks at 8,301 frames)
 LEAN_SAMPLER_COPIES = 9
-# the allocator's pool beyond PyTorch's peak: with the lean attention a clip's largest tensors are whole
-# hidden states, and the pool must find room for one more while the others are live. 7,401 frames ran and
-# 7,801 ran out of memory making v (PyTorch's peak 19.18 GiB and >= 19.88 GiB, 23.41 GiB free, comfy-aimdo
-# 0.85): the plans leave 2.66 and 1.76 GiB, 0.98 and 0.62 of a hidden vector; counted as 0.75 of one.
-# Planned only with the lean attention, whose longest clips lie far beyond stock's, so it refuses nothing
-# stock runs
-LEAN_POOL_VECTORS = 0.75
 # weights streamed by DynamicVRAM (see the module docstring): blocks resident as stored, and blocks'
 # linears cast to the compute dtype in PyTorch's pool when stored in another dtype (measured 3.7)
 STREAMED_RESIDENT_BLOCKS = 2
@@ -94,11 +59,64 @@ FFN_MAX_CHUNKS = 128
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelDims:
-    """What the plan needs of a model."""
+class Coefficients:
+    """A family's per-token costs in hidden vectors per local video token (how they were measured: the
+    family's module, e.g. ``models/ltxav_plan.py``)."""
 
-    video_dim: int = 4096
-    audio_dim: int = 2048
+    attention: float  # the attention phase's peak on one GPU
+    attention_out_in_place: float  # less, with W > 1: the attention output goes into a q/k/v buffer
+    ring: float  # more, with a ring degree (xfuser's float32 accumulators)
+    full_sequence: float  # per token of the *whole* sequence
+    ffn_kept: float  # the FFN phase: kept beside one chunk's activations
+    per_token_timestep: float  # per-token timesteps (image-to-video, guides)
+    fixed_bytes: int  # context, connector, kernels' workspaces
+    lean_attention: float  # the attention phase with the lean attention (``lean_attention``) ...
+    lean_gated: float  # ... more with gated attention ...
+    lean_exchange: float  # ... and over several ranks ...
+    lean_range: float  # one range's temporaries, of up to LEAN_RANGE_TOKENS local tokens
+    lean_pool: float  # the allocator's pool beyond PyTorch's peak, with the lean attention
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentGeometry:
+    """How a family's latent maps to pixels and tokens."""
+
+    time_stride: int  # pixel frames a latent frame after the first
+    space_stride: int  # pixels a latent cell, each way
+    audio_per_second: float  # audio latents a second (0: no audio)
+    video_elements: int  # latent elements of a video token as the sampler holds it
+    audio_elements: int  # ... and of an audio token
+
+    def frames(self, latent_frames: int) -> int:
+        return (latent_frames - 1) * self.time_stride + 1
+
+    def clip(self, frames: int, width: int, height: int, fps: float = 25.0, audio: bool = True) -> Clip:
+        """The latent of a ``frames`` x ``width`` x ``height`` video (and its audio) at ``fps``."""
+        s = self.space_stride
+        tokens = math.ceil(round(frames * self.audio_per_second / fps, 6)) if audio else 0
+        return Clip((frames - 1) // self.time_stride + 1, height // s, width // s, tokens, geometry=self)
+
+    def latent_elements(self, clip: Clip) -> int:
+        """Elements of the sampler's packed latent for one sample of ``clip``."""
+        return self.video_elements * clip.video_tokens + self.audio_elements * clip.audio_tokens
+
+    def latent_clip(self, latent) -> tuple[Clip, int]:
+        """The planner's view of a sampler's latent ([B, C, F, H, W] video, or a nested video + audio
+        [B, C, T, ...]): its clip and batch size."""
+        parts = latent.unbind() if getattr(latent, "is_nested", False) else [latent]
+        video = parts[0]
+        audio = parts[1].shape[2] if len(parts) > 1 else 0
+        return Clip(video.shape[2], video.shape[3], video.shape[4], audio, geometry=self), video.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """What the plan needs of a model: its family's ``plan_dims`` (hidden sizes, its ``Coefficients``) and
+    its weights as ``weight_figures`` counts them."""
+
+    video_dim: int
+    audio_dim: int
+    planner: Coefficients
     ffn_mult: int = 4
     weight_bytes: int = 0  # every parameter and buffer as stored (fp8, bf16 ...)
     cast_bytes: int = 0  # a weight cast to the compute dtype on the fly: the largest block linear
@@ -120,31 +138,6 @@ class ModelDims:
     def streamed_cast_bytes(self) -> int:
         """ComfyUI's casts of streamed weights stored in another dtype (fp8) in PyTorch's pool."""
         return max(self.cast_bytes, STREAMED_CAST_BLOCKS * self.block_cast_bytes)
-
-    @classmethod
-    def of(cls, diffusion_model, compute_dtype=None) -> ModelDims:
-        """From an ``LTXAVModel`` (ComfyUI's ``diffusion_model``); ``compute_dtype``: the dtype it
-        runs in (ComfyUI's ``get_dtype_inference()``), default its weights' dtype. Weights count as
-        stored (a GGUF weight's quantized blocks); casts by their elements (a GGUF weight's logical
-        shape), see ``cast_bytes``."""
-        import torch
-
-        params = list(diffusion_model.parameters()) + list(diffusion_model.buffers())
-        weight_bytes = sum(p.numel() * p.element_size() for p in params)
-        blocks = getattr(diffusion_model, "transformer_blocks", diffusion_model)
-        linears = [m.weight for m in blocks.modules() if isinstance(m, torch.nn.Linear)]
-        compute_dtype = compute_dtype or (linears[0].dtype if linears else torch.float32)
-        compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
-        cast = max((cast_bytes(w, compute_dtype, compute_bytes) for w in linears), default=0)
-        audio_dim = getattr(diffusion_model, "audio_inner_dim", 0) or 0
-        block_list = list(getattr(diffusion_model, "transformer_blocks", []))
-        block_sizes = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in block_list]
-        block_casts = [sum(cast_bytes(m.weight, compute_dtype, compute_bytes) for m in b.modules()
-                           if isinstance(m, torch.nn.Linear)) for b in block_list]
-        gated = any(getattr(getattr(b, "attn1", None), "to_gate_logits", None) is not None for b in block_list)
-        return cls(video_dim=diffusion_model.inner_dim, audio_dim=audio_dim, weight_bytes=weight_bytes,
-                   cast_bytes=cast, compute_bytes=compute_bytes, block_bytes=max(block_sizes, default=0),
-                   blocks_bytes=sum(block_sizes), block_cast_bytes=max(block_casts, default=0), gated_attention=gated)
 
     @property
     def vector(self) -> int:
@@ -179,20 +172,38 @@ def gguf_quantized(weight) -> bool:
     return t is not None and int(t) not in GGUF_PLAIN_TYPES
 
 
+def weight_figures(model, blocks, compute_dtype=None) -> dict:
+    """``ModelDims``' weight fields of ``model`` (a torch module) whose transformer ``blocks`` (a list of
+    modules) run one after the other; ``compute_dtype``: the dtype it runs in (ComfyUI's
+    ``get_dtype_inference()``), default its blocks' linear weights' dtype. Weights count as stored (a GGUF
+    weight's quantized blocks); casts by their elements (a GGUF weight's logical shape), see ``cast_bytes``."""
+    import torch
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in list(model.parameters()) + list(model.buffers()))
+    linears = [m.weight for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    compute_dtype = compute_dtype or (linears[0].dtype if linears else torch.float32)
+    compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
+    block_sizes = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks]
+    block_casts = [sum(cast_bytes(m.weight, compute_dtype, compute_bytes) for m in b.modules()
+                       if isinstance(m, torch.nn.Linear)) for b in blocks]
+    return dict(weight_bytes=weight_bytes, compute_bytes=compute_bytes,
+                cast_bytes=max((cast_bytes(w, compute_dtype, compute_bytes) for w in linears), default=0),
+                block_bytes=max(block_sizes, default=0), blocks_bytes=sum(block_sizes),
+                block_cast_bytes=max(block_casts, default=0))
+
+
 @dataclasses.dataclass(frozen=True)
 class Clip:
-    """The latent being sampled: video [frames, height, width] in latent cells, audio length."""
+    """The latent being sampled: video [frames, height, width] in latent cells, audio length, and the
+    family's ``geometry`` (``LatentGeometry.clip`` / ``latent_clip`` give it)."""
 
     latent_frames: int
     latent_height: int
     latent_width: int
     audio_tokens: int = 0
-
-    @classmethod
-    def from_pixels(cls, frames: int, width: int, height: int, fps: float = 25.0, audio: bool = True) -> Clip:
-        """LTX-2's VAE: 8x time (plus the first frame), 32x space; audio ~25 latents a second."""
-        return cls((frames - 1) // 8 + 1, height // 32, width // 32,
-                   math.ceil(round(frames * 25 / fps, 6)) if audio else 0)
+    # a Clip(...) made without its family's geometry (the parallel sampler's ``latent_clip`` until its driver
+    # asks the family) has LTX-2's, the one family so far: tests/test_model_family.py keeps the two equal
+    geometry: LatentGeometry = LatentGeometry(8, 32, 25.0, 128, 128)
 
     @property
     def video_tokens(self) -> int:
@@ -200,7 +211,7 @@ class Clip:
 
     @property
     def frames(self) -> int:
-        return (self.latent_frames - 1) * 8 + 1
+        return self.geometry.frames(self.latent_frames)
 
     def with_latent_frames(self, latent_frames: int) -> Clip:
         """The same clip at another length (audio scaled with it)."""
@@ -240,10 +251,11 @@ def auto_ffn_chunks(tokens: int, ffn_bytes_per_token: int, free_bytes: float | N
 
 def attention_vectors(dims: ModelDims, world: int, ring: int, lean: bool) -> float:
     """Hidden vectors per local video token at the attention phase's peak."""
+    c = dims.planner
     if lean:
-        return (LEAN_ATTENTION_VECTORS + (LEAN_GATED_VECTORS if dims.gated_attention else 0)
-                + (LEAN_EXCHANGE_VECTORS if world > 1 else 0) + (RING_VECTORS if ring > 1 else 0))
-    return ATTENTION_VECTORS + (RING_VECTORS if ring > 1 else 0) - (ATTENTION_OUT_IN_PLACE_VECTORS if world > 1 else 0)
+        return (c.lean_attention + (c.lean_gated if dims.gated_attention else 0)
+                + (c.lean_exchange if world > 1 else 0) + (c.ring if ring > 1 else 0))
+    return c.attention + (c.ring if ring > 1 else 0) - (c.attention_out_in_place if world > 1 else 0)
 
 
 def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chunks: int | None = None,
@@ -257,23 +269,25 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
     n = clip.video_tokens
     local = math.ceil(n / world)
     vec = dims.vector
+    c = dims.planner
     attn = attention_vectors(dims, world, ring, lean)
     if per_token_timesteps:
-        attn += PER_TOKEN_TIMESTEP_VECTORS
+        attn += c.per_token_timestep
     audio_vec = dims.audio_dim * dims.compute_bytes
-    attention = local * attn * vec + n * FULL_SEQUENCE_VECTORS * vec
-    ffn = local * FFN_KEPT_VECTORS * vec + ffn_chunk_tokens(local, ffn_chunks) * dims.ffn_bytes_per_token
+    attention = local * attn * vec + n * c.full_sequence * vec
+    ffn = local * c.ffn_kept * vec + ffn_chunk_tokens(local, ffn_chunks) * dims.ffn_bytes_per_token
     parts = {
         "weights": dims.streamed_weight_bytes if streaming else dims.weight_bytes,
         "weight casts": dims.streamed_cast_bytes if streaming else dims.cast_bytes,
-        "fixed": FIXED_BYTES + (int(LEAN_RANGE_VECTORS * min(local, LEAN_RANGE_TOKENS) * vec) if lean else 0),
-        "allocator pool": int(LEAN_POOL_VECTORS * local * vec) if lean else 0,
+        "fixed": c.fixed_bytes + (int(c.lean_range * min(local, LEAN_RANGE_TOKENS) * vec) if lean else 0),
+        "allocator pool": int(c.lean_pool * local * vec) if lean else 0,
         "exchange buffers": nccl_peers * NCCL_PEER_BYTES,
         "video tokens": int(batch * max(attention, ffn)),
-        "audio tokens": int(batch * clip.audio_tokens * ATTENTION_VECTORS * audio_vec),
+        "audio tokens": int(batch * clip.audio_tokens * c.attention * audio_vec),
     }
-    if sampler:  # noise, latent, denoised and the step's x in float32, whole on every rank
-        parts["sampler state"] = (LEAN_SAMPLER_COPIES if lean else 4) * 4 * (n * 128 + clip.audio_tokens * 128)
+    if sampler:  # float32 copies of the packed latent, whole on every rank
+        copies = LEAN_SAMPLER_COPIES if lean else SAMPLER_COPIES
+        parts["sampler state"] = copies * 4 * clip.geometry.latent_elements(clip)
     return Estimate(parts)
 
 

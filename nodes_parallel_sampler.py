@@ -7,7 +7,7 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from . import ray_cluster
+from . import models, ray_cluster
 from .cfg_parallel import MODES as CFG_PARALLEL_MODES
 from .driver import NODE, POOL, ParallelSettings
 from .errors import user_facing
@@ -39,12 +39,12 @@ def parallel_inputs():
                               "ComfyUI on --cpu: the number of CPU worker processes.")),
         io.Int.Input("ulysses_degree", default=0, min=0, max=64,
                      tooltip=("GPUs that split attention heads with all-to-all (Ulysses); 0 = gpus / ring_degree. "
-                              "Must divide the model's 32 heads. The fastest and leanest choice: keep ring at 1 "
-                              "when it divides.")),
+                              f"Must divide the model's attention heads: {models.heads_note()}. The fastest and "
+                              "leanest choice: keep ring at 1 when it divides.")),
         io.Int.Input("ring_degree", default=1, min=1, max=64,
                      tooltip=("GPUs that pass key/value blocks around a ring; ulysses x ring = gpus. Use it only "
-                              "when the GPU count does not divide 32 (e.g. 3 or 6 GPUs): slower and more memory "
-                              "than Ulysses.")),
+                              "when the GPU count does not divide the model's heads (e.g. 3 or 6 GPUs): slower and "
+                              "more memory than Ulysses.")),
         io.String.Input("ray_address", default="local",
                         tooltip=("'local': a private Ray cluster on this machine (127.0.0.1, no dashboard, nothing "
                                  "listens beyond loopback), started on first use (a few seconds) and kept for later "

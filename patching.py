@@ -38,16 +38,16 @@ def may_overwrite(x: torch.Tensor, whole_view: bool = False) -> bool:
     return own and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())
 
 
-def transformer_options_of(args, kwargs) -> dict:
-    """``transformer_options`` of an LTX ``_forward(x, timestep, context, attention_mask, frame_rate,
-    transformer_options, ...)`` call, however it was passed."""
+def transformer_options_at(position: int, args, kwargs) -> dict:
+    """``transformer_options`` of a forward call that takes them as argument ``position`` (a model family's
+    ``TRANSFORMER_OPTIONS_ARG``), however it was passed."""
     if "transformer_options" in kwargs:
         return kwargs["transformer_options"]
-    return args[5] if len(args) > 5 else {}
+    return args[position] if len(args) > position else {}
 
 
-def with_transformer_options(args, kwargs, options: dict):
-    """``(args, kwargs)`` of the same LTX ``_forward`` call with ``options`` as its transformer_options."""
+def with_transformer_options_at(position: int, args, kwargs, options: dict):
+    """``(args, kwargs)`` of the same call with ``options`` as its transformer_options."""
     if "transformer_options" in kwargs:
         return args, {**kwargs, "transformer_options": options}
-    return (*args[:5], options, *args[6:]), kwargs
+    return (*args[:position], options, *args[position + 1:]), kwargs

@@ -17,7 +17,7 @@ forward of a registered model family (``models``) as a ``ShardedForward``:
 3. padding keys are marked NaN in self-attention and dropped by the kernel, padding queries are cut
    off at the gather, so real tokens never see padding.
 
-Adding a model family: one module in ``models`` and its name in ``models.FAMILIES``.
+Adding a model family: one module in ``models`` and its registry line (``models.register``).
 """
 from __future__ import annotations
 

@@ -44,13 +44,20 @@ def planner():
     return memory_plan
 
 
+def ltxav():
+    """The LTXAV family (its planner numbers and latent geometry)."""
+    common.import_pack()
+    from ltxav_pack.models.ltxav import LTXAV
+
+    return LTXAV()
+
+
 def plan_dims(a, device="meta"):
     """The planner's view of the benchmark model (built on the meta device: no memory)."""
-    mp = planner()
     compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = common.build_model(a.layers, tiny=a.tiny, dtype=compute, device=torch.device(device),
                                weight_dtype=DTYPES[a.weights])
-    return mp.ModelDims.of(model, compute_dtype=compute)
+    return ltxav().plan_dims(model, compute_dtype=compute)
 
 
 def profile_at_peak(snapshot, device, top=14):
@@ -126,7 +133,7 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
         compute = torch.bfloat16 if on_gpu else torch.float32
         dev = torch.device("cuda", gpu) if on_gpu else torch.device("cpu")
         model = common.build_model(a.layers, tiny=a.tiny, dtype=compute, device=dev, weight_dtype=DTYPES[a.weights])
-        dims = mp.ModelDims.of(model, compute_dtype=compute)
+        dims = ltxav().plan_dims(model, compute_dtype=compute)
         resident = list(model.transformer_blocks)  # noqa: F841 - the blocks not run stay in memory
         if a.run_blocks:
             model.transformer_blocks = torch.nn.ModuleList(resident[:a.run_blocks])
@@ -260,7 +267,7 @@ def main():
                   **info, command=command, plan_weights_gb=round(dims.weight_bytes / common.GB, 3), worlds={}, tries=[])
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(x) for x in a.worlds.split(",")):
-            clip = mp.Clip.from_pixels(121, w, h)
+            clip = ltxav().geometry.clip(121, w, h)
             predicted = mp.largest_latent_frames(int(a.cap_gb * 1e9), dims, clip, world=world)
             lengths = sorted({max(2, round(predicted * float(s))) for s in a.steps.split(",")})
             t0 = time.perf_counter()

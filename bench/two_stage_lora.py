@@ -113,10 +113,10 @@ def child(a):
     import comfy.utils
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
-    from ltxav_pack import driver, jobs, model_transfer
+    from ltxav_pack import content_keys, driver, jobs
 
     if a.before_fix:  # the LoRA identity before the fix: the version counter, which inference tensors lack
-        model_transfer._cache_state = lambda t, plain: (t._version, t.data_ptr())
+        content_keys._cache_state = lambda t, plain: (t._version, t.data_ptr())
     recs = []
     with torch.inference_mode():  # as ComfyUI runs every node
         t0 = time.perf_counter()

@@ -24,22 +24,12 @@ import functools
 import torch
 
 from .. import memory_plan
-from ..patching import instance_attrs, transformer_options_of, with_transformer_options  # noqa: F401 - the family's API
+from ..patching import instance_attrs
 from ..sequence_parallel import Role
-from . import ltx_rope
+from . import Family, ltx_rope, ltxav_plan, register
 
-NAME = "LTX-2 audio-video (LTXAV)"
-MODEL_CLASS = ("comfy.ldm.lightricks.av_model", "LTXAVModel")
-
-
-def video_heads(diffusion_model) -> int:
-    """Heads of the sharded self-attention: the Ulysses degree must divide them."""
-    return diffusion_model.num_attention_heads
-
-
-def plan_dims(diffusion_model, compute_dtype=None) -> memory_plan.ModelDims:
-    """What the memory planner needs of this model."""
-    return memory_plan.ModelDims.of(diffusion_model, compute_dtype=compute_dtype)
+# ComfyUI's LTXAVModel._forward(x, timestep, context, attention_mask, frame_rate, transformer_options, ...)
+TRANSFORMER_OPTIONS_ARG = 5
 
 
 def rotary_patches(model) -> list:
@@ -56,6 +46,17 @@ def in_place_projections(model) -> list:
     """The output projections over the video tokens whose output is as wide as their input: video
     self-attention's and the text cross-attention's."""
     return [attn.to_out for block in model.transformer_blocks for attn in (block.attn1, block.attn2)]
+
+
+def plan_dims(diffusion_model, compute_dtype=None) -> memory_plan.ModelDims:
+    """What the memory planner needs of an ``LTXAVModel``; ``compute_dtype``: the dtype it runs in
+    (ComfyUI's ``get_dtype_inference()``), default its weights' dtype."""
+    blocks = list(diffusion_model.transformer_blocks)
+    gated = any(getattr(getattr(b, "attn1", None), "to_gate_logits", None) is not None for b in blocks)
+    return memory_plan.ModelDims(video_dim=diffusion_model.inner_dim,
+                                 audio_dim=getattr(diffusion_model, "audio_inner_dim", 0) or 0,
+                                 planner=ltxav_plan.COEFFICIENTS, gated_attention=gated,
+                                 **memory_plan.weight_figures(diffusion_model, blocks, compute_dtype))
 
 
 # --------------------------------------------------------------------------- timesteps
@@ -211,3 +212,28 @@ class Hooks:
         """The output projection of every rank's tokens, gathered in order without padding."""
         y = type(self.model.proj_out).forward(self.model.proj_out, x)
         return self.fwd.gather(y)
+
+
+@register("comfy.ldm.lightricks.av_model.LTXAVModel")
+class LTXAV(Family):
+    """LTX-2 / LTX-2.3 audio-video (see the module docstring)."""
+
+    NAME = "LTX-2 audio-video (LTXAV)"
+    HEADS = 32
+    planner = ltxav_plan.COEFFICIENTS
+    geometry = ltxav_plan.GEOMETRY
+    TRANSFORMER_OPTIONS_ARG = TRANSFORMER_OPTIONS_ARG
+    PHASES = ("pe", "blocks")
+    Hooks = Hooks
+
+    def video_heads(self, diffusion_model) -> int:
+        return diffusion_model.num_attention_heads
+
+    def plan_dims(self, diffusion_model, compute_dtype=None) -> memory_plan.ModelDims:
+        return plan_dims(diffusion_model, compute_dtype)
+
+    def rotary_patches(self, model) -> list:
+        return rotary_patches(model)
+
+    def in_place_projections(self, model) -> list:
+        return in_place_projections(model)

@@ -9,15 +9,24 @@ from helpers.comfy_host import import_pack
 
 import_pack()
 mp = importlib.import_module("ltxav_pack.memory_plan")
+LTXAV = importlib.import_module("ltxav_pack.models.ltxav").LTXAV()  # the family: its planner numbers, its geometry
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
-LTX2 = mp.ModelDims(video_dim=4096, audio_dim=2048)
+
+
+def ltx2_dims(**kw) -> "mp.ModelDims":
+    """LTX-2's hidden sizes with the family's planner numbers (and ``kw``'s weights)."""
+    return mp.ModelDims(video_dim=4096, audio_dim=2048, planner=LTXAV.planner, **kw)
+
+
+LTX2 = ltx2_dims()
+from_pixels = LTXAV.geometry.clip
 
 
 pytestmark = pytest.mark.quick  # the whole module is in the fast subset
 
 
 def test_clip_from_pixels():
-    clip = mp.Clip.from_pixels(897, 768, 512)
+    clip = from_pixels(897, 768, 512)
     assert (clip.latent_frames, clip.latent_height, clip.latent_width) == (113, 16, 24)
     assert clip.video_tokens == 43392 and clip.frames == 897 and clip.audio_tokens == 897
     longer = clip.with_latent_frames(226)
@@ -57,7 +66,7 @@ def test_estimate_matches_measured_peaks(row):
     the attention output going into q's buffer (W > 1 peaks then were up to half a hidden vector per
     token higher)."""
     frames, w, h = (int(v) for v in row["case"].split("x"))
-    est = mp.estimate(LTX2, mp.Clip.from_pixels(frames, w, h), world=row["world"], ring=row["ring"],
+    est = mp.estimate(LTX2, from_pixels(frames, w, h), world=row["world"], ring=row["ring"],
                       per_token_timesteps=bool(row["i2v"]))
     measured = max(row["per_rank_peak_over_weights_gb"]) * mp.GIB
     assert abs(est.total - measured) <= 0.10 * measured, (est.describe(), measured / mp.GIB)
@@ -88,7 +97,7 @@ def ltx2_fp8_dims(comfy):
     import torch
 
     model = meta_ltx2(torch.float8_e4m3fn, comfy.ops.pick_operations(torch.float8_e4m3fn, torch.bfloat16))
-    return mp.ModelDims.of(model, compute_dtype=torch.bfloat16)
+    return LTXAV.plan_dims(model, compute_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("row", list(long_video_rows()))
@@ -167,7 +176,7 @@ def checkpoint_dims(comfy):
                 if isinstance(m, torch.nn.Linear):
                     m.weight = torch.nn.Parameter(torch.empty(m.weight.shape, dtype=torch.float8_e4m3fn, device="meta"),
                                                   requires_grad=False)
-        return mp.ModelDims.of(dm, compute_dtype=torch.bfloat16)
+        return LTXAV.plan_dims(dm, compute_dtype=torch.bfloat16)
 
     return {"fp8": dims("fp8"), "bf16": dims("bf16")}
 
@@ -266,27 +275,27 @@ def test_real_path_results_are_there():
 
 
 def test_fp8_weights_count_their_cast():
-    fp8 = mp.ModelDims(weight_bytes=19 * mp.GIB, cast_bytes=16384 * 4096 * 2)
-    clip = mp.Clip.from_pixels(897, 768, 512)
+    fp8 = ltx2_dims(weight_bytes=19 * mp.GIB, cast_bytes=16384 * 4096 * 2)
+    clip = from_pixels(897, 768, 512)
     assert mp.estimate(fp8, clip).parts["weight casts"] == 128 * 2**20
     assert mp.estimate(fp8, clip).total - mp.estimate(LTX2, clip).total == 19 * mp.GIB + 128 * 2**20
 
 
 def test_more_workers_less_memory_and_ring_costs_more():
-    clip = mp.Clip.from_pixels(897, 1280, 704)
+    clip = from_pixels(897, 1280, 704)
     peaks = [mp.estimate(LTX2, clip, world=w).total for w in (1, 2, 4, 8)]
     assert peaks == sorted(peaks, reverse=True)
     assert mp.estimate(LTX2, clip, world=4, ring=2).total > mp.estimate(LTX2, clip, world=4).total
 
 
 def test_unchunked_ffn_sets_the_peak():
-    clip = mp.Clip.from_pixels(897, 768, 512)
+    clip = from_pixels(897, 768, 512)
     assert mp.estimate(LTX2, clip, ffn_chunks=1).total > mp.estimate(LTX2, clip).total
 
 
 def test_largest_latent_frames_is_the_edge():
-    dims = mp.ModelDims(weight_bytes=18 * mp.GIB, cast_bytes=256 << 20)
-    clip = mp.Clip.from_pixels(121, 768, 512)
+    dims = ltx2_dims(weight_bytes=18 * mp.GIB, cast_bytes=256 << 20)
+    clip = from_pixels(121, 768, 512)
     budget = int(24e9)
     for world in (1, 2, 4):
         n = mp.largest_latent_frames(budget, dims, clip, world=world)
@@ -297,8 +306,8 @@ def test_largest_latent_frames_is_the_edge():
 
 
 def test_smallest_world():
-    dims = mp.ModelDims(weight_bytes=18 * mp.GIB)
-    clip = mp.Clip.from_pixels(1601, 768, 512)
+    dims = ltx2_dims(weight_bytes=18 * mp.GIB)
+    clip = from_pixels(1601, 768, 512)
     w = mp.smallest_world(int(24e9), dims, clip, max_world=8, video_heads=32)
     assert w is not None and w > 1
     assert mp.estimate(dims, clip, world=w).total <= int(24e9) < mp.estimate(dims, clip, world=w // 2).total
@@ -306,8 +315,9 @@ def test_smallest_world():
 
 
 def test_streamed_weights_are_two_blocks_and_their_casts(checkpoint_dims):
-    """ModelDims.of LTX-2 at real dims (48 layers, built on the meta device): under streaming two blocks
-    as stored count, and for fp8 four blocks' linears cast to bf16; the parts outside the blocks do not."""
+    """The LTXAV family's ModelDims of LTX-2 at real dims (48 layers, built on the meta device): under
+    streaming two blocks as stored count, and for fp8 four blocks' linears cast to bf16; the parts outside
+    the blocks do not."""
     fp8, bf16 = checkpoint_dims["fp8"], checkpoint_dims["bf16"]
     for dims in (fp8, bf16):
         assert dims.blocks_bytes == 48 * dims.block_bytes  # every block the same size
@@ -321,10 +331,10 @@ def test_streamed_weights_are_two_blocks_and_their_casts(checkpoint_dims):
 def test_streaming_accepts_weights_larger_than_the_card_and_refuses_what_activations_cannot():
     """fp8 LTX-2 (19 GiB of weights) on a 16 GB card: refused whole, accepted streamed; and a clip whose
     activations alone exceed the card is refused either way."""
-    dims = mp.ModelDims(weight_bytes=19 * mp.GIB, cast_bytes=128 << 20, block_bytes=380 << 20,
+    dims = ltx2_dims(weight_bytes=19 * mp.GIB, cast_bytes=128 << 20, block_bytes=380 << 20,
                         blocks_bytes=48 * (380 << 20))
     budget = int(16e9)
-    short = mp.Clip.from_pixels(121, 768, 512)
+    short = from_pixels(121, 768, 512)
     assert mp.estimate(dims, short).total > budget
     assert mp.estimate(dims, short, streaming=True).total <= budget
     assert mp.largest_latent_frames(budget, dims, short) == 0

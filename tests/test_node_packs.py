@@ -175,7 +175,8 @@ def test_planner_counts_gguf_weights_as_stored_and_casts_by_elements(pack, gguf_
     linear = q4.transformer_blocks[0].ff.net[2]  # 384 -> 96, quantized
     assert mp.gguf_quantized(linear.weight) and linear.weight.numel() == 96 * 384 // 32 * 18
     assert mp.cast_bytes(linear.weight, torch.bfloat16, 2) == 96 * 384 * (2 + 2)
-    dims, dims_plain = mp.ModelDims.of(q4, torch.bfloat16), mp.ModelDims.of(plain, torch.bfloat16)
+    family = importlib.import_module("ltxav_pack.models").family_of(plain, "test")
+    dims, dims_plain = family.plan_dims(q4, torch.bfloat16), family.plan_dims(plain, torch.bfloat16)
     assert dims.blocks_bytes < dims_plain.blocks_bytes / 4  # the blocks: float32 against mostly Q4_0
     assert dims.cast_bytes == 2 * dims_plain.cast_bytes  # the largest linear: bf16 cast plus the float16 copy
 

@@ -138,8 +138,8 @@ def test_content_digest_holds_for_every_tensor_kind_comfyui_hands_a_node(pack, c
     from comfy.weight_adapter.lora import LoRAAdapter
     from comfy_kitchen.tensor import QuantizedTensor
 
-    mt = importlib.import_module("ltxav_pack.model_transfer")
-    digest = mt.content_digest
+    keys = importlib.import_module("ltxav_pack.content_keys")
+    digest = keys.content_digest
 
     def kinds(seed):  # what a LoRA loader would make from one file: equal bytes for equal seeds
         g = torch.Generator().manual_seed(seed)
@@ -170,13 +170,13 @@ def test_content_digest_holds_for_every_tensor_kind_comfyui_hands_a_node(pack, c
         before = digest(patches(t, down))
         t.mul_(2)
         assert digest(patches(t, down)) != before
-    monkeypatch.setattr(mt, "_cache_state", lambda t, plain: (t._version, t.data_ptr()))  # the rule before
+    monkeypatch.setattr(keys, "_cache_state", lambda t, plain: (t._version, t.data_ptr()))  # the rule before
     t, down = first["inference"]
     assert digest(patches(t, down)) != digest(patches(t, down))
 
 
 def test_content_digest_follows_content_not_identity(pack):
-    rw = importlib.import_module("ltxav_pack.model_transfer")
+    rw = importlib.import_module("ltxav_pack.content_keys")
     import threading as th
 
     def patches(strength=1.0, t=None):
@@ -441,7 +441,8 @@ def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tin
     assert "2 guidance passes a step, 1 in each worker's forward" in est.note
     clip, batch = ps.plan.latent_clip(latent)
     assert clip.latent_frames == 4 and batch == 1 and est.parts["weights"] > 0
-    dims = mp.ModelDims.of(tiny_model.model.diffusion_model, compute_dtype=torch.float32)
+    dm = tiny_model.model.diffusion_model
+    dims = importlib.import_module("ltxav_pack.models").family_of(dm, "test").plan_dims(dm, compute_dtype=torch.float32)
     kw = dict(world=2, ffn_chunks=1, sampler=True)
     small = mp.estimate(dims, clip.with_latent_frames(2), **kw).total
     assert small < est.total
