@@ -54,8 +54,8 @@ def parallel_inputs():
                                  "model's load recipe and patches (LoRAs), not its weights, and loads the "
                                  "checkpoint from its own disk; Ray's ports and the workers' process-group store then "
                                  "listen on the nodes' network addresses (protect them: Ray token auth, a firewall; "
-                                 "see docs/cluster.md). Changing it after the first prompt needs a ComfyUI restart (Ray "
-                                 "cannot move a running process to another cluster).")),
+                                 "see docs/cluster.md). Changing it after the first prompt needs a ComfyUI restart "
+                                 "(Ray cannot move a running process to another cluster).")),
         io.Combo.Input("cfg_parallel", options=list(CFG_PARALLEL_MODES), default="auto", optional=True,
                        tooltip=("CFG-parallel: run a step's guidance passes (positive and negative at cfg other than "
                                 "1; three with DualCFGGuider or PerpNegGuider) on separate groups of GPUs instead of "
