@@ -201,8 +201,8 @@ class Clip:
     latent_height: int
     latent_width: int
     audio_tokens: int = 0
-    # a Clip(...) made without its family's geometry (the parallel sampler's ``latent_clip`` until its driver
-    # asks the family) has LTX-2's, the one family so far: tests/test_model_family.py keeps the two equal
+    # a Clip(...) made by hand without its family's geometry (tests, benchmarks) has LTX-2's: the driver asks
+    # the family (``Family.latent_clip``); tests/test_model_family.py keeps the two equal
     geometry: LatentGeometry = LatentGeometry(8, 32, 25.0, 128, 128)
 
     @property

@@ -95,7 +95,8 @@ def plan(settings: ParallelSettings, passes, patcher, latent, available: int, cp
     to each pass split over all workers when that fits."""
     passes = guidance_passes.Passes.of(passes)
     dm = patcher.get_model_object("diffusion_model")
-    heads = models.family_of(dm, NODE).video_heads(dm)
+    family = models.family_of(dm, NODE)
+    heads = family.video_heads(dm)
     world = world_of(settings, available, cpu, address)
     cfg, why = cfg_parallel.choose_degree(settings.cfg_parallel, passes, world, settings.ulysses,
                                           max(1, settings.ring), heads, NODE, unit=unit(cpu))
@@ -105,7 +106,7 @@ def plan(settings: ParallelSettings, passes, patcher, latent, available: int, cp
     elif why and cfg > 1:
         notes.append(f"cfg-parallel {cfg}: {why}")
     degrees = degrees_of(settings, world, cfg, heads, cpu)
-    tokens = latent_clip(latent)[0].video_tokens
+    tokens = family.latent_clip(latent)[0].video_tokens
     ShardLayout(tokens, degrees.sequence, 0).check(NODE, unit(cpu))  # else a worker finds it in its first forward
     known = [b for b in budgets or () if b is not None]
     if not known:
@@ -136,14 +137,6 @@ def one_gpu_here(settings: ParallelSettings, cpu: bool, cuda_devices: int) -> bo
             and settings.ring in (0, 1) and settings.cfg_parallel != "on")
 
 
-def latent_clip(latent) -> tuple[memory_plan.Clip, int]:
-    """The planner's view of a sampler's latent (video, or video + audio): its clip and batch size."""
-    parts = latent.unbind() if getattr(latent, "is_nested", False) else [latent]
-    video = parts[0]
-    audio = parts[1].shape[2] if len(parts) > 1 else 0
-    return memory_plan.Clip(video.shape[2], video.shape[3], video.shape[4], audio), video.shape[0]
-
-
 def streams_weights(infos) -> bool:
     """Whether the workers (their ``info()``) run ComfyUI's DynamicVRAM: weights streamed from host memory."""
     return any(i.get("dynamic_vram") for i in infos)
@@ -161,7 +154,7 @@ def passes_per_forward(patcher, clip: memory_plan.Clip, batch: int, share: int, 
     CFG-parallel, the group's ``share`` of them) into one forward when its own estimate for the batch
     (``BaseModel.memory_required`` of the packed latent, times 1.5) is below the free memory, else the
     largest part of them that is (n, n // 2, ...), else one: that choice, with ``budget`` as the free memory."""
-    elements = 128 * (clip.video_tokens + clip.audio_tokens)  # video [B,128,F,H,W] and audio [B,8,T,16], packed
+    elements = clip.geometry.latent_elements(clip)  # the sampler's packed latent (LTXAV: video and audio)
     for i in range(1, share + 1):
         k = share // i
         if patcher.model.memory_required([k * batch, 1, elements]) * 1.5 < budget:
@@ -186,7 +179,7 @@ def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_pl
     dm = patcher.get_model_object("diffusion_model")
     family = models.family_of(dm, NODE)
     dims = family.plan_dims(dm, compute_dtype=patcher.model.get_dtype_inference())
-    clip, batch = latent_clip(latent)
+    clip, batch = family.latent_clip(latent)
     chunking = ffn_chunking.ChunkSettings.from_options(patcher.model_options.get("transformer_options"))
     ffn = 1 if chunking is None else None if chunking.auto else chunking.num_chunks  # None: auto
     # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them;
@@ -209,7 +202,8 @@ def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_pl
                         "this one does, shorten input 'latent_image' or raise input 'gpus'", NODE,
                         est.total / gib, (budget - est.total) / gib, budget / gib)
         return dataclasses.replace(est, note=plan_setting(degrees, passes, per_forward)), per_forward
-    size = f"{clip.latent_width * 32}x{clip.latent_height * 32}"
+    stride = clip.geometry.space_stride
+    size = f"{clip.latent_width * stride}x{clip.latent_height * stride}"
     fits = 0  # the longest length that fits with as many passes a forward as ComfyUI would batch there
     for k in sorted({share // i for i in range(1, share + 1)}):
         longest = memory_plan.largest_latent_frames(budget, dims, clip, world=sequence, **{**kw, "batch": batch * k})
@@ -220,7 +214,8 @@ def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_pl
                                       **ulysses_only)
     device = infos[0]["device"] if infos else "each worker"
     if fits:
-        advice = [f"at {size} with {degrees.world} GPUs the longest video that fits is {(fits - 1) * 8 + 1} frames"]
+        advice = [f"at {size} with {degrees.world} GPUs the longest video that fits is "
+                  f"{clip.geometry.frames(fits)} frames"]
     else:
         fixed = est.parts["weights"] + est.parts["weight casts"] + est.parts["fixed"]
         what = "the weights ComfyUI keeps on the GPU while streaming the rest" if streaming else "the weights"

@@ -111,5 +111,5 @@ def test_the_fake_family_is_gone_after_its_test():
 
 
 def test_a_clip_made_without_a_family_has_ltx_geometry():
-    """``mp.Clip(...)`` without a geometry (the parallel sampler's latent_clip) has LTXAV's: the two stay equal."""
+    """``mp.Clip(...)`` without a geometry (made by hand: tests, benchmarks) has LTXAV's: the two stay equal."""
     assert mp.Clip(1, 1, 1).geometry == importlib.import_module("ltxav_pack.models.ltxav_plan").GEOMETRY

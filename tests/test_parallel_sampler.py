@@ -439,10 +439,11 @@ def test_memory_planner_refuses_what_does_not_fit(ps, nodes_mod, tiny_model, tin
     # the free memory: it runs them one after the other, one a forward
     est = ps.plan.check_memory(tiny_model, latent, groups.Degrees(2), budget=2**30 // 8, passes=2)  # fits: the estimate
     assert "2 guidance passes a step, 1 in each worker's forward" in est.note
-    clip, batch = ps.plan.latent_clip(latent)
-    assert clip.latent_frames == 4 and batch == 1 and est.parts["weights"] > 0
     dm = tiny_model.model.diffusion_model
-    dims = importlib.import_module("ltxav_pack.models").family_of(dm, "test").plan_dims(dm, compute_dtype=torch.float32)
+    family = importlib.import_module("ltxav_pack.models").family_of(dm, "test")
+    clip, batch = family.latent_clip(latent)
+    assert clip.latent_frames == 4 and batch == 1 and est.parts["weights"] > 0
+    dims = family.plan_dims(dm, compute_dtype=torch.float32)
     kw = dict(world=2, ffn_chunks=1, sampler=True)
     small = mp.estimate(dims, clip.with_latent_frames(2), **kw).total
     assert small < est.total
