@@ -390,8 +390,8 @@ def _pid_alive(pid):
 def test_dead_or_frozen_worker_is_an_error_and_the_next_prompt_works(ps, nodes_mod, tiny_model, tiny_model_f64,
                                                                       tiny_ckpt, monkeypatch, fault):
     cc = tiny_ckpt[1]["caption_channels"]
+    parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)  # workers started and the model loaded, at the default limits
     monkeypatch.setenv("LTXAV_PARALLEL_HEARTBEAT_S", "3")
-    parallel_ksampler(nodes_mod, tiny_model, cc, steps=1)
     pids = [i["pid"] for i in worker_infos(ps)]
     t, box = _run_in_thread(lambda: parallel_ksampler(nodes_mod, tiny_model, cc, steps=400))
     _wait_for_step(ps, 2)
