@@ -662,13 +662,14 @@ def test_user_errors_carry_no_frames_of_the_pack(nodes_mod, tiny_model, tiny_ckp
     with pytest.raises(ValueError, match=r"input 'ray_address' is 'nowhere'") as err:
         parallel_ksampler(nodes_mod, tiny_model, cc, address="nowhere")
     files = [f.filename for f in traceback.extract_tb(err.value.__traceback__)]
-    assert not [f for f in files if os.path.basename(f) in ("parallel_sampler.py", "ray_cluster.py")], files
+    pack_files = ("parallel_sampler.py", "ray_cluster.py", "ray_join.py")
+    assert not [f for f in files if os.path.basename(f) in pack_files], files
     assert err.value.__cause__ is None and err.value.__suppress_context__
     node = nodes_mod.LTXAVParallelKSampler
     with pytest.raises(ValueError) as twin:
         node.execute.__wrapped__(node, tiny_model, 42, 1, 3.0, "euler", "simple", [], [], make_latent(), 1.0, 2, 0, 1,
                                  "nowhere")
-    assert any(os.path.basename(f.filename) == "ray_cluster.py" for f in traceback.extract_tb(twin.value.__traceback__))
+    assert any(os.path.basename(f.filename) == "ray_join.py" for f in traceback.extract_tb(twin.value.__traceback__))
     assert node.validate_inputs(ray_address="local") is True and node.validate_inputs(ray_address="auto") is True
     assert node.validate_inputs(ray_address=None) is True  # a linked input: checked when the node runs
     assert node.validate_inputs(ray_address="nowhere").startswith("LTXAV Parallel Sampler: input 'ray_address' is "
