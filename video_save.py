@@ -107,7 +107,7 @@ class PartJob:
 @dataclasses.dataclass
 class PartResult:
     """A worker's part: frames [start, stop) as an MP4 (``data``) or uint8 frames (``images``); its decode
-    seconds, GPU peak above the start (GiB; None on CPU) and host memory (``ray_worker.host_memory``)."""
+    seconds, GPU peak above the start (GiB; None on CPU) and host memory (``instrumentation.host_memory``)."""
 
     start: int
     stop: int

@@ -485,6 +485,7 @@ def test_workers_sharing_a_gpu(ps, monkeypatch):
     import ray
 
     worker = importlib.import_module("ltxav_pack.ray_worker")
+    host = importlib.import_module("ltxav_pack.comfy_host")
     monkeypatch.setattr(ps, "_cpu_mode", lambda: False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
     settings = ps.ParallelSettings(gpus=2)
@@ -494,7 +495,7 @@ def test_workers_sharing_a_gpu(ps, monkeypatch):
     assert ps.POOL.resolve(settings, 32) == (2, ps.Degrees(2, 1, 1), False)
     assert (worker.backend(True), worker.backend(True, 2), worker.backend(False)) == ("nccl", "gloo", "gloo")
     # a 100-byte GPU, 24 bytes a worker: one worker holds 76, each of two 26, of five none (too small)
-    assert [worker.held_bytes(100, 24, n) for n in (1, 2, 5)] == [76, 26, 0]
+    assert [host.held_bytes(100, 24, n) for n in (1, 2, 5)] == [76, 26, 0]
     for bad in ("0", "1.5"):
         monkeypatch.setenv("LTXAV_PARALLEL_WORKERS_PER_GPU", bad)
         with pytest.raises(ValueError, match=rf"LTXAV_PARALLEL_WORKERS_PER_GPU='{re.escape(bad)}' is not a whole"):
