@@ -43,3 +43,10 @@ def user_facing(prefixes: tuple[str, ...]):
         return execute
 
     return wrap
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line (what a worker reports to the driver): its type and the first line of
+    its message."""
+    text = str(e).splitlines()[0][:300] if str(e) else ""
+    return f"{type(e).__name__}: {text}"

@@ -185,3 +185,17 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     """ComfyUI OUTER_SAMPLE wrapper: marks the start of a sampling run (for the once-per-run log)."""
     new_run()
     return executor(*args, **kwargs)
+
+
+def apply_ffn_chunking(model, settings: ChunkSettings):
+    """A clone of ``model`` whose LTX block FFNs run in chunks (the LTX FFN Chunker node's output); ``model``
+    itself is untouched."""
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    on = settings.auto or settings.num_chunks > 1  # 1 chunk = off: plain ComfyUI behaviour
+    if on:
+        to[CHUNKING_KEY] = settings.as_dict()
+    else:
+        to.pop(CHUNKING_KEY, None)
+    set_wrappers(m, on)
+    return m

@@ -1,5 +1,6 @@
 """Per-rank memory lines, off unless LTXAV_PARALLEL_MEMORY_LOG=1 (they synchronise the device), and
-per-rank profiler traces of each sampling run, off unless LTXAV_PARALLEL_TRACE_DIR names a folder.
+per-rank profiler traces of each sampling run, off unless LTXAV_PARALLEL_TRACE_DIR names a folder; and
+a process's host memory (``host_memory``), as each run reports it.
 
 Lines (logger ``...instrumentation``, INFO), for grepping (GiB: 2**30 bytes):
   [RayWorker r] PE Generated. VRAM: A GiB allocated, P GiB peak
@@ -60,3 +61,16 @@ def traced(rank: int):
     path = os.path.join(folder, f"rank{rank}-{os.getpid()}-{time.time_ns()}.json")
     prof.export_chrome_trace(path)
     log.info("[RayWorker %d] trace written: %s", rank, path)
+
+
+def host_memory(gib) -> dict:
+    """This process's host memory (``gib``: bytes to the unit): RSS (resident), PSS (resident, pages
+    shared with other processes counted by share: a memory-mapped checkpoint read by two workers counts
+    half in each) and USS (its own pages only)."""
+    try:
+        import psutil
+
+        m = psutil.Process().memory_full_info()
+    except Exception:  # noqa: BLE001 - no psutil, or no access: no host figures
+        return {}
+    return {f"host_{k}_gib": gib(getattr(m, k)) for k in ("rss", "pss", "uss") if hasattr(m, k)}

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from . import ffn_chunking, memory_plan
 from .errors import user_facing
+from .ffn_chunking import apply_ffn_chunking
 
 CATEGORY = "LTXAV Multi-GPU"
 
@@ -19,19 +20,6 @@ def require_ltx(model, node: str, input_name: str = "model"):
             "Load an LTX-2 checkpoint (LTXAV audio-video, or LTXV video) with 'Load Diffusion Model' "
             "or 'Load Checkpoint' and connect that MODEL.")
     return dm
-
-
-def apply_ffn_chunking(model, settings: ffn_chunking.ChunkSettings):
-    """A clone of ``model`` whose LTX block FFNs run in chunks; ``model`` itself is untouched."""
-    m = model.clone()
-    to = m.model_options.setdefault("transformer_options", {})
-    on = settings.auto or settings.num_chunks > 1  # 1 chunk = off: plain ComfyUI behaviour
-    if on:
-        to[ffn_chunking.CHUNKING_KEY] = settings.as_dict()
-    else:
-        to.pop(ffn_chunking.CHUNKING_KEY, None)
-    ffn_chunking.set_wrappers(m, on)
-    return m
 
 
 class LTXFFNChunker(io.ComfyNode):

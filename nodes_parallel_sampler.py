@@ -7,7 +7,7 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from . import models, ray_cluster
+from . import models, ray_join
 from .cfg_parallel import MODES as CFG_PARALLEL_MODES
 from .driver import NODE, POOL, ParallelSettings
 from .errors import user_facing
@@ -85,7 +85,7 @@ def validate_address(ray_address) -> bool | str:
     if ray_address is None or ray_address.strip() in ("local", "auto"):
         return True
     try:
-        ray_cluster.target(ray_address.strip(), NODE)
+        ray_join.target(ray_address.strip(), NODE)
     except ValueError as e:
         return str(e)
     return True

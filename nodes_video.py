@@ -8,7 +8,7 @@ import os
 import torch
 from comfy_api.latest import Types, io, ui
 
-from . import video_decode, video_save
+from . import decode_plan, video_decode, video_save
 from .nodes_ltx_ffn_chunker import CATEGORY
 
 DECODE_NODE = "LTXAV Decode Video"
@@ -107,7 +107,7 @@ class LTXAVSaveVideo(io.ComfyNode):
         if codec not in (Types.VideoCodec.AUTO, Types.VideoCodec.H264):
             raise ValueError(f"{node}: input 'codec' is {codec!r}; use 'auto' or 'h264'.")
         video, audio = video_save.clip_of(latent, audio_latent, node)
-        width, height = video.shape[-1] * video_decode.SPACE_SCALE, video.shape[-2] * video_decode.SPACE_SCALE
+        width, height = video.shape[-1] * decode_plan.SPACE_SCALE, video.shape[-2] * decode_plan.SPACE_SCALE
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory(), width, height)
         file = f"{filename}_{counter:05}_.{Types.VideoContainer.get_extension(format)}"

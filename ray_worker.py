@@ -3,39 +3,36 @@ sequence-parallel forward, running ComfyUI's own sampler.
 
 Every worker runs the same sampling loop on the same inputs; only the diffusion-model forward is
 split (``xdit_context_parallel``) and its output gathered, so all ranks stay in step and rank 0's
-result is the answer. The worker rebuilds the model from what ``model_transfer.model_spec`` sent:
-the file is read only when the file key changes; for a changed model key (weight patches) it
-clones the loaded model with the new patches, and ComfyUI's patcher restores the original weights
-from its backup before applying them, as it does in its own process when a LoRA strength changes.
-Each job comes with the model's options (wrappers, block patches, callbacks, object patches) in its own
-pickle and samples on a fresh clone that carries them, as each sampler node's MODEL in ComfyUI is one.
+result is the answer. The model it holds, and each job's patcher rebuilt on it, are ``held_model``'s;
+ComfyUI in the worker is started as in ComfyUI's process (``comfy_host``).
 
 This module is sent to Ray workers by value (ComfyUI imports custom nodes under a path-like module
-name that other processes cannot import); it imports the rest of the pack at run time, under the
-same package name as in ComfyUI, so it refers to no pack module at import time.
+name that other processes cannot import). The pack lives under one stable package name in every
+process (``ltxav_pack``: see __init__); a worker registers it first (``_register_pack``), so the
+pack's modules are imported where they are used, by that name (``from . import ...`` inside the
+methods: a module this one imported at its top would be pickled by reference with it, before the
+worker could register the pack).
 """
 from __future__ import annotations
 
-import gc
-import importlib
 import importlib.util
-import logging
 import os
 import socket
 import sys
 import threading
 import time
-import types
-import uuid
 
 import torch
 
-# ComfyUI's memory flags, as each worker reports them (every flag of the ComfyUI process reaches it)
-MEMORY_FLAGS = ("disable_dynamic_vram", "enable_dynamic_vram", "reserve_vram", "lowvram", "novram", "highvram",
-                "gpu_only", "normalvram", "cpu", "disable_smart_memory", "async_offload")
 
+def _register_pack(pack_dir: str, name: str) -> None:
+    """The pack's package under ``name`` (its stable name) in this process, without running its __init__
+    (node registration): its modules then import as in ComfyUI's process."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(pack_dir, "__init__.py"),
+                                                      submodule_search_locations=[pack_dir])
+        sys.modules[name] = importlib.util.module_from_spec(spec)
 
-# --------------------------------------------------------------------------- worker process set-up
 
 def _listen(host: str) -> socket.socket:
     """A listening TCP socket on ``host`` only (port chosen by the system)."""
@@ -43,94 +40,27 @@ def _listen(host: str) -> socket.socket:
     return socket.create_server((host, 0), family=family, backlog=128)
 
 
+def _gpu_id() -> int | None:
+    """The GPU Ray assigned to this actor (None on CPU)."""
+    import ray
+
+    ids = ray.get_gpu_ids()
+    return int(ids[0]) if ids and torch.cuda.is_available() else None
+
+
 def _select_gpu() -> None:
     """Use the GPU Ray assigned to this actor. Actors see every GPU of their node
     (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES): with one visible GPU each, NCCL cannot use
     peer-to-peer / NVLink between workers and the all-to-all falls back to host memory."""
-    import ray
-
-    ids = ray.get_gpu_ids()
-    if ids and torch.cuda.is_available():
-        torch.cuda.set_device(int(ids[0]))  # per thread: methods that touch the GPU call this again
-
-
-def held_bytes(total: int, cap: float, per_gpu: int = 1) -> int:
-    """Bytes each worker holds so that each of the ``per_gpu`` workers sharing a ``total``-byte GPU
-    is left ``cap`` bytes (0 when the card is not larger than that)."""
-    return max(0, int((total - per_gpu * cap) / per_gpu))
-
-
-def _import_host(comfy_path: str, host_args: dict, dynamic_vram: bool = False, cap_bytes: float | None = None,
-                 per_gpu: int = 1):
-    """ComfyUI in this worker, set up as the ComfyUI process is: its command-line flags (memory flags
-    included), and, when the ComfyUI process runs DynamicVRAM (``dynamic_vram``), DynamicVRAM here
-    too, started the way ComfyUI's main.py starts it: comfy-aimdo before this process's first CUDA
-    call, then on this worker's device, with ComfyUI's streaming ModelPatcher. Weights then stay in
-    host memory and page onto the GPU as the activations leave room. ``cap_bytes``: hold the rest of
-    the device (this worker's share of it, of ``per_gpu`` workers on the GPU) in a tensor first, so
-    ComfyUI and its allocators see a card of that size. Returns that tensor (None without a cap on a GPU)."""
-    if comfy_path not in sys.path:
-        sys.path.insert(0, comfy_path)
-    dynamic_vram = dynamic_vram and torch.cuda.is_available()
-    if dynamic_vram:
-        import comfy_aimdo.control
-
-        comfy_aimdo.control.init()
-    _select_gpu()  # before ComfyUI picks its device (the current one)
-    held = None
-    if cap_bytes and torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        if held_bytes(total, cap_bytes, per_gpu):
-            held = torch.empty(held_bytes(total, cap_bytes, per_gpu), dtype=torch.uint8,
-                               device=torch.cuda.current_device())
-    import comfy.cli_args
-
-    for k, v in host_args.items():
-        setattr(comfy.cli_args.args, k, v)
-    # Ray gives each actor its GPU as device 0; the ComfyUI process's own device choice does not apply
-    comfy.cli_args.args.cuda_device = None
-    comfy.cli_args.args.default_device = None
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    import comfy.memory_management
-    import comfy.model_management
-    import comfy.model_patcher
-
-    if dynamic_vram:
-        if comfy_aimdo.control.init_device(comfy.model_management.get_torch_device().index):
-            comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-            comfy.memory_management.aimdo_enabled = True
-        else:
-            logging.getLogger(__name__).warning("comfy-aimdo could not start on this worker's GPU: DynamicVRAM "
-                                                "off here, every weight stays on the GPU")
-    return held
+    gpu = _gpu_id()
+    if gpu is not None:
+        torch.cuda.set_device(gpu)  # per thread: methods that touch the GPU call this again
 
 
 def backend(cuda: bool, per_gpu: int = 1) -> str:
     """The process groups' backend: NCCL between GPUs; gloo on CPU, or when workers share a GPU (NCCL
     refuses two ranks on one device)."""
     return "nccl" if cuda and per_gpu == 1 else "gloo"
-
-
-def dynamic_vram_enabled() -> bool:
-    """Whether this process runs ComfyUI's DynamicVRAM (weights streamed from host memory)."""
-    mm = sys.modules.get("comfy.memory_management")
-    return bool(getattr(mm, "aimdo_enabled", False))
-
-
-def _import_pack(pack_dir: str, pack_name: str) -> types.ModuleType:
-    """The pack's modules, without its __init__ (node registration), under ComfyUI's package name."""
-    if pack_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(pack_name, os.path.join(pack_dir, "__init__.py"),
-                                                      submodule_search_locations=[pack_dir])
-        sys.modules[pack_name] = importlib.util.module_from_spec(spec)
-    return sys.modules[pack_name]
-
-
-def _error_text(e: BaseException) -> str:
-    """An exception as one short line: its type and the first line of its message."""
-    text = str(e).splitlines()[0][:300] if str(e) else ""
-    return f"{type(e).__name__}: {text}"
 
 
 def _fault(spec: str, rank: int, step: int) -> str | None:
@@ -147,33 +77,31 @@ class LTXAVWorker:
 
     def __init__(self, rank: int, world: int, comfy_path: str, pack_dir: str, pack_name: str, host_args: dict,
                  dynamic_vram: bool = False):
+        """``pack_name``: the pack's stable package name (the driver's, ``ltxav_pack``); ``host_args``: the
+        ComfyUI process's flags; ``dynamic_vram``: whether it runs DynamicVRAM (then this worker does too)."""
         self.rank, self.world = rank, world
-        _import_pack(pack_dir, pack_name)
+        _register_pack(pack_dir, pack_name)  # before the first import of the pack's modules
+        from . import comfy_host, envs, jobs, log_relay, memory_plan
 
-        def pack(name):
-            return importlib.import_module(f"{pack_name}.{name}")
-
-        self.logs = pack("log_relay").WorkerLogs(pack_name)  # the pack's log lines, for ComfyUI's log
-        self.envs, self.jobs, self.transfer = pack("envs"), pack("jobs"), pack("model_transfer")
-        self.plan = pack("memory_plan")
-        self.cap = self.envs.MEMORY_CAP_GIB.number() * self.jobs.GIB or None
+        self.logs = log_relay.WorkerLogs(pack_name)  # the pack's log lines, for ComfyUI's log
+        self.comfy, self.envs, self.jobs, self.plan = comfy_host, envs, jobs, memory_plan
+        self.cap = envs.MEMORY_CAP_GIB.number() * jobs.GIB or None
+        self.per_gpu = envs.workers_per_gpu()
+        # Ray gives each actor its GPU as device 0; the ComfyUI process's own device choice does not apply
+        dynamic = comfy_host.prepare(comfy_path, {**host_args, "cuda_device": None, "default_device": None},
+                                     dynamic_vram and torch.cuda.is_available())
         # with DynamicVRAM the cap is a held tensor: comfy-aimdo allocates outside PyTorch's allocator
-        self.per_gpu = self.envs.workers_per_gpu()
-        self.held = _import_host(comfy_path, host_args, dynamic_vram, self.cap if dynamic_vram else None, self.per_gpu)
-        self.models, self.groups = pack("models"), pack("sequence_parallel.groups")
-        self.xsp, self.ffn, self.inst = pack("xdit_context_parallel"), pack("ffn_chunking"), pack("instrumentation")
-        self.cfgp_mod = pack("cfg_parallel")
-        self.pack_name = pack_name
+        self.held = comfy_host.start(dynamic, _gpu_id(), self.cap if dynamic else None, self.per_gpu)
+        from . import cfg_parallel, ffn_chunking, held_model, instrumentation, model_transfer, xdit_context_parallel
+        from .sequence_parallel import groups
+
+        self.transfer, self.groups, self.xsp = model_transfer, groups, xdit_context_parallel
+        self.cfgp_mod, self.ffn, self.inst = cfg_parallel, ffn_chunking, instrumentation
+        self.model = held_model.HeldModel()
         self.step = 0
         self.stop = threading.Event()
         self.busy = threading.Lock()
-        self.base = None  # the model as read from its file: the patcher every patch set is cloned from
-        self.file_key = None
-        self.weights = None  # base's clone with the current weight patches: every job's patcher is cloned from it
-        self.patcher = None  # the last job's patcher (weights' clone with the job's options)
-        self.model_key = None
-        self.loads = 0  # file reads
-        self.repatches = 0  # patch sets applied to the loaded weights without reading the file
+        self.patcher = None  # the last job's patcher (the held weights' clone with the job's options)
         self.listener = None
         self.backend = backend(torch.cuda.is_available(), self.per_gpu)  # the plan counts NCCL's buffers by it
         self.sp = None  # this rank's sequence-parallel part, and its CFG-parallel part: new ones on regroup
@@ -196,14 +124,12 @@ class LTXAVWorker:
         ffn = None
         if self.patcher is not None:
             ffn = self.patcher.model_options.get("transformer_options", {}).get(self.ffn.CHUNKING_KEY)
-        import comfy.cli_args
-
-        flags = {k: getattr(comfy.cli_args.args, k, None) for k in MEMORY_FLAGS}
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
                 "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "device": name,
-                "loads": self.loads, "repatches": self.repatches, "ffn_chunking": ffn,
-                "patcher": None if self.weights is None else type(self.weights).__name__,
-                "dynamic_vram": dynamic_vram_enabled(), "memory_flags": flags, "backend": self.backend,
+                "loads": self.model.loads, "repatches": self.model.repatches,
+                "ffn_chunking": ffn, "patcher": None if self.weights is None else type(self.weights).__name__,
+                "dynamic_vram": self.comfy.dynamic_vram_enabled(), "memory_flags": self.comfy.memory_flags(),
+                "backend": self.backend,
                 "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
     def memory_budget(self) -> int | None:
@@ -217,7 +143,7 @@ class LTXAVWorker:
         budget = free + torch.cuda.memory_reserved()
         if self.held is not None:  # the held rest of the card sits in PyTorch's cache: not this worker's
             budget -= self.held.numel()
-        if dynamic_vram_enabled() and self.weights is not None:
+        if self.comfy.dynamic_vram_enabled() and self.weights is not None:
             budget += self.weights.loaded_size()
         cap = self.cap
         if cap and self.held is not None:  # an emulated card: its share also holds this process's CUDA context
@@ -271,71 +197,30 @@ class LTXAVWorker:
         return self.cfgp.calc_cond_batch_wrapper(executor, *args, **kwargs)
 
     # -- model ------------------------------------------------------------------
+    @property
+    def weights(self):
+        """The held model with its weight patches (None before the first load)."""
+        return self.model.weights
+
     def load(self, file_key: str, key: str, recipe_bytes: bytes, spec_bytes: bytes | None):
-        """Hold the model ``key`` (its file and weight patches): read the file only when ``file_key``
-        differs from the loaded one; otherwise clone the loaded model with the new patches (ComfyUI's
-        patcher puts the original weights back from its backup before applying them). Returns a
-        ``jobs.LoadResult``. The model's options come with each job (``sample``)."""
+        """``held_model.HeldModel.load``: a ``jobs.LoadResult``."""
         _select_gpu()  # Ray runs methods in pool threads; the current CUDA device is per thread
-        if key == self.model_key:
-            return self._loaded("kept", 0.0)
-        if spec_bytes is None:  # the driver sends the patches only to workers that lack this model
-            raise RuntimeError("the model's patches were not sent: this worker holds another model than the "
-                               "driver recorded")
-        t0 = time.perf_counter()
-        self.weights = self.patcher = None
-        self.model_key = None
-        read = file_key != self.file_key
-        if read:
-            self.base = None
-            self.file_key = None
-            gc.collect()
-            if self.cuda:
-                torch.cuda.empty_cache()
-            fn, args = self.transfer.loads(recipe_bytes, {})
-            self.base = fn(*args)
-            self.file_key = file_key
-            self.loads += 1
-        else:
-            self.repatches += 1
-        weights = self.base.clone()
-        patches = self.transfer.loads(spec_bytes, self.transfer.model_refs(weights))
-        weights.patches = {k: list(v) for k, v in patches.items()}
-        weights.patches_uuid = uuid.uuid4()  # a new patch set: ComfyUI's loader unpatches and patches again
-        self.models.family_of(weights.model.diffusion_model, "LTXAV Parallel Sampler")
-        self.weights = weights
-        self.model_key = key
-        return self._loaded("read" if read else "repatched", time.perf_counter() - t0)
+        if key != self.model.model_key:
+            self.patcher = None  # the last job's patcher holds the weights that go
+        return self.model.load(file_key, key, recipe_bytes, spec_bytes)
 
     def check(self, parts: dict) -> dict:
-        """Which of ``parts`` (name -> ``model_transfer.dumps`` pickle of one of the model's options) this
-        worker cannot rebuild: name -> the error. Nothing is kept."""
-        refs = self.transfer.model_refs(self.weights.clone())
-        errors = {}
-        for name, data in parts.items():
-            try:
-                self.transfer.loads(data, refs)
-            except Exception as e:  # noqa: BLE001 - any failure to rebuild is reported, the option dropped
-                errors[name] = _error_text(e)
-        return errors
+        """``held_model.HeldModel.check``: which of the model's options this worker cannot rebuild."""
+        return self.model.check(parts)
 
     def _job(self, payload: bytes):
-        """This job's patcher (a clone of the loaded weights with the job's options, the FFN Chunker's and
-        the pack's wrappers) and the job, rebuilt from one pickle: what they share stays one object."""
+        """This job's patcher and job (``held_model.HeldModel.job``), with this rank's wrappers."""
         import comfy.patcher_extension
 
-        patcher = self.weights.clone()
-        job = self.transfer.loads_job(payload, patcher)
-        # the FFN Chunker's wrappers are the pack's own (not sent): add them again from its settings
-        self.ffn.set_wrappers(patcher, self.ffn.ChunkSettings.from_options(patcher.model_options["transformer_options"])
-                              is not None)
         wrappers = comfy.patcher_extension.WrappersMP
-        patcher.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY, self.diffusion_model_wrapper)
-        patcher.add_wrapper_with_key(wrappers.CALC_COND_BATCH, self.cfgp_mod.WRAPPER_KEY, self.calc_cond_batch_wrapper)
-        return patcher, job
-
-    def _loaded(self, action: str, seconds: float):
-        return self.jobs.LoadResult(action, round(seconds, 3), self.loads, self.repatches)
+        return self.model.job(payload, {
+            (wrappers.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY): self.diffusion_model_wrapper,
+            (wrappers.CALC_COND_BATCH, self.cfgp_mod.WRAPPER_KEY): self.calc_cond_batch_wrapper})
 
     # -- sampling ---------------------------------------------------------------
     def progress(self) -> int:
@@ -386,8 +271,10 @@ class LTXAVWorker:
         try:
             patcher, job, error = *self._job(payload), None
         except Exception as e:  # noqa: BLE001 - reported to the driver; the workers stay
+            from .errors import one_line
+
             patcher = job = None
-            error = _error_text(e)
+            error = one_line(e)
         flag = torch.tensor([0 if error else 1], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.cpu_group)
         if error is None and not flag.item():
@@ -432,8 +319,10 @@ class LTXAVWorker:
             return True
         if data is None:
             return False
+        from . import video_save
+
         self.vae = self.vae_key = None
-        self.vae = importlib.import_module(f"{self.pack_name}.video_save").vae_from_bytes(data)
+        self.vae = video_save.vae_from_bytes(data)
         self.vae_key = key
         return True
 
@@ -448,9 +337,11 @@ class LTXAVWorker:
         try:
             self.step = 0
             self.stop.clear()
-            video_save = importlib.import_module(f"{self.pack_name}.video_save")
+            from . import video_save
+
             return video_save.decode_part(self.vae, self.transfer.loads(job_bytes, {}), (start, stop),
-                                          check=self._check_stop, progress=self._frames_done, host_memory=host_memory)
+                                          check=self._check_stop, progress=self._frames_done,
+                                          host_memory=self.inst.host_memory)
         finally:
             self.busy.release()
 
@@ -472,17 +363,4 @@ class LTXAVWorker:
             gpu["allocated_gib"] = gib(torch.cuda.memory_allocated())
             if self.weights is not None:  # with DynamicVRAM the rest of the weights waits in host memory
                 gpu["weights_gib"] = gib(self.weights.loaded_size())
-        return self.jobs.WorkerMemory(rank=self.rank, **gpu, **host_memory(gib))
-
-
-def host_memory(gib) -> dict:
-    """This process's host memory (``gib``: bytes to the unit): RSS (resident), PSS (resident, pages
-    shared with other processes counted by share: a memory-mapped checkpoint read by two workers counts
-    half in each) and USS (its own pages only)."""
-    try:
-        import psutil
-
-        m = psutil.Process().memory_full_info()
-    except Exception:  # noqa: BLE001 - no psutil, or no access: no host figures
-        return {}
-    return {f"host_{k}_gib": gib(getattr(m, k)) for k in ("rss", "pss", "uss") if hasattr(m, k)}
+        return self.jobs.WorkerMemory(rank=self.rank, **gpu, **self.inst.host_memory(gib))

@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from . import envs, jobs, video_decode, video_file
+from . import decode_plan, envs, jobs, video_decode, video_file
 
 log = logging.getLogger(__name__)
 NODE = "LTXAV Save Video"
@@ -75,12 +75,12 @@ def decode_audio(audio_vae, audio_latent: torch.Tensor, node: str = NODE) -> dic
     return LTXVAudioVAEDecode.execute({"samples": audio_latent}, audio_vae).result[0]
 
 
-def plan_for(vae, video: torch.Tensor, settings: Settings) -> video_decode.Plan:
-    return video_decode.Plan.tiled(video.shape, settings.tile_size, settings.overlap, settings.temporal_size,
+def plan_for(vae, video: torch.Tensor, settings: Settings) -> decode_plan.Plan:
+    return decode_plan.Plan.tiled(video.shape, settings.tile_size, settings.overlap, settings.temporal_size,
                                    settings.temporal_overlap, halo=video_decode.receptive_radius(vae))
 
 
-def load_vae_here(vae, plan: video_decode.Plan) -> None:
+def load_vae_here(vae, plan: decode_plan.Plan) -> None:
     """The VAE on its device, with room for a decode step of the largest tile (ComfyUI's own estimate)."""
     import comfy.model_management
 
@@ -99,7 +99,7 @@ class PartJob:
     frames instead of an encoded MP4 (for tests and short clips)."""
 
     latent: torch.Tensor
-    plan: video_decode.Plan
+    plan: decode_plan.Plan
     fps: float
     frames: bool = False
 
@@ -107,7 +107,7 @@ class PartJob:
 @dataclasses.dataclass
 class PartResult:
     """A worker's part: frames [start, stop) as an MP4 (``data``) or uint8 frames (``images``); its decode
-    seconds, GPU peak above the start (GiB; None on CPU) and host memory (``ray_worker.host_memory``)."""
+    seconds, GPU peak above the start (GiB; None on CPU) and host memory (``instrumentation.host_memory``)."""
 
     start: int
     stop: int
@@ -289,7 +289,7 @@ def save(vae, audio_vae, video: torch.Tensor, audio_latent: torch.Tensor | None,
     return Saved(path, writer.frames, seconds, world, parts, text)
 
 
-def save_here(vae, video: torch.Tensor, plan: video_decode.Plan, writer: video_file.VideoWriter) -> None:
+def save_here(vae, video: torch.Tensor, plan: decode_plan.Plan, writer: video_file.VideoWriter) -> None:
     """Decode in this process and encode as the frames come (the encoder in a thread of its own)."""
     import comfy.model_management
     import comfy.utils
@@ -303,7 +303,7 @@ def save_here(vae, video: torch.Tensor, plan: video_decode.Plan, writer: video_f
         video_file.encode_in_background(writer, batches)
 
 
-def save_on_workers(vae, video: torch.Tensor, plan: video_decode.Plan, fps: float, world: int, cpu: bool,
+def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float, world: int, cpu: bool,
                     writer: video_file.VideoWriter, node: str = NODE, frames: bool = False) -> list[PartResult]:
     """Each of ``world`` workers decodes and encodes one contiguous part of the frames; the parts are then
     written into ``writer`` in order. ``frames``: the workers return uint8 frames instead (tests)."""

@@ -241,30 +241,25 @@ def child(a):
                gguf=a.gguf, tiny=a.tiny,
                steps=a.steps, res=a.res, card_gb=a.card_gb, dynamic_vram=not a.legacy, cfg=a.cfg, guider=a.guider,
                gpus=a.gpus if a.variant.startswith("parallel") else 1, cfg_parallel=a.cfg_parallel)
-    sys.path.insert(0, str(Path(a.comfy).resolve()))
-    # --- as ComfyUI's main.py: comfy.options / cli_args, cuda_malloc, then aimdo before torch ---
-    import comfy.options  # noqa: F401  (arg parsing stays off: args are ComfyUI's defaults)
-    from comfy.cli_args import args, enables_dynamic_vram
-    if a.legacy:
-        args.disable_dynamic_vram = True
-    if a.no_cuda_malloc:
-        args.disable_cuda_malloc = True
-    import cuda_malloc  # noqa: F401  (sets PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync as main.py does)
+    # --- ComfyUI started as its main.py starts it (the pack's comfy_host, as in its workers): its flags,
+    # cuda_malloc and comfy-aimdo before torch touches CUDA; then the emulated card, and DynamicVRAM ---
+    import_pack_modules()
+    from ltxav_pack import comfy_host
+    flags = {**({"disable_dynamic_vram": True} if a.legacy else {}),
+             **({"disable_cuda_malloc": True} if a.no_cuda_malloc else {})}
+    dynamic = comfy_host.prepare(str(Path(a.comfy).resolve()), flags, cuda_malloc=True)
     rec["pytorch_cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-    import comfy_aimdo.control
-    if enables_dynamic_vram():
-        comfy_aimdo.control.init()
     import torch
     cuda = torch.cuda.is_available()
-    if not cuda:
-        args.cpu = True
     dummy = None
     baseline_used = 0
     parallel = a.variant.startswith("parallel")
-    per_gpu = int(os.environ.get("LTXAV_PARALLEL_WORKERS_PER_GPU") or 1) if parallel else 1
-    # the node's one-GPU rule (driver.plan.one_gpu_here) for this benchmark's settings: in this process
-    here = (parallel and a.gpus == 1 and per_gpu == 1
-            and (os.environ.get("LTXAV_PARALLEL_ONE_GPU_IN_PROCESS") or "1") not in ("0", "false", "False"))
+    from ltxav_pack import driver, envs
+    per_gpu = envs.workers_per_gpu() if parallel else 1
+    # the node's own rule: sampling in this process, or on workers
+    here = parallel and driver.plan.one_gpu_here(
+        driver.plan.ParallelSettings(gpus=a.gpus, cfg_parallel=a.cfg_parallel), not cuda,
+        torch.cuda.device_count() if cuda else 0)
     workers = parallel and not here
     rec["in_comfyui_process"] = here
     if cuda:
@@ -274,30 +269,21 @@ def child(a):
         if workers and card < total:  # the worker holds the rest of the card (LTXAV_PARALLEL_MEMORY_CAP_GIB)
             os.environ["LTXAV_PARALLEL_MEMORY_CAP_GIB"] = f"{card / GIB:.6f}"
         elif card < total:
-            dummy = torch.empty(total - card, dtype=torch.uint8, device="cuda")
+            dummy = comfy_host.hold_card(card)
         free2, _ = torch.cuda.mem_get_info()
         baseline_used = total - free2  # CUDA context + dummy: the device peak is counted above this
         rec["workers_per_gpu"] = per_gpu
         if workers and card < total:
             baseline_used += max(0, total - per_gpu * card)  # the workers' held tensors
-        rec.update(card_total_bytes=total, dummy_bytes=(total - card) if dummy is not None else 0,
+        rec.update(card_total_bytes=total, dummy_bytes=dummy.numel() if dummy is not None else 0,
                    free_after_dummy_bytes=free2, context_bytes_before_dummy=total - free)
         torch.cuda.reset_peak_memory_stats()
         torch_alloc_base = torch.cuda.memory_allocated()
-    import comfy.utils
-    import comfy.model_management as mm
+    comfy_host.start(dynamic)
     import comfy.memory_management
-    import comfy.model_patcher
-    if cuda and (args.enable_dynamic_vram or (enables_dynamic_vram() and mm.is_nvidia() and not mm.is_wsl())):
-        if (not args.enable_dynamic_vram) and mm.torch_version_numeric < (2, 8):
-            log.warning("torch < 2.8: DynamicVRAM off")
-        elif comfy_aimdo.control.init_device(mm.get_torch_device().index):
-            comfy_aimdo.control.set_log_info()
-            comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-            comfy.memory_management.aimdo_enabled = True
-            log.info("DynamicVRAM support detected and enabled")
-        else:
-            log.warning("No working comfy-aimdo install detected. DynamicVRAM support disabled.")
+    import comfy.model_management as mm
+    import comfy.utils
+    import comfy_aimdo.control
     rec["aimdo_enabled"] = bool(comfy.memory_management.aimdo_enabled)
     dev = mm.get_torch_device()
     rec["comfy_total_vram_gb"] = round(mm.total_vram / 1024, 3)
@@ -525,7 +511,7 @@ def parallel_sample(a, model, noise, latent, pos, neg, rec):
 
 
 def bench_common():
-    """bench/common.py; imported when needed: it imports torch, which waits for comfy-aimdo in a child."""
+    """bench/common.py, imported when needed (it imports torch only inside its functions)."""
     if str(Path(__file__).resolve().parent) not in sys.path:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
     import common
@@ -541,7 +527,7 @@ def import_pack_modules():
 
 def apply_chunker(model, rec):
     """The pack's LTX FFN Chunker node (auto=True), imported as a package; when its node module
-    cannot be imported (comfy_api needs PyAV), the same three steps the node's execute takes."""
+    cannot be imported (comfy_api needs PyAV), the function its execute calls (``apply_ffn_chunking``)."""
     import_pack_modules()
     try:
         from ltxav_pack import nodes_ltx_ffn_chunker
@@ -549,15 +535,11 @@ def apply_chunker(model, rec):
         rec["_model"] = out.result[0] if hasattr(out, "result") else out[0]
         return "node"
     except ImportError as e:
-        log.warning("node module not importable (%s): applying ffn_chunking as the node does", e)
+        log.warning("node module not importable (%s): the node's apply_ffn_chunking without it", e)
         rec["chunker_import_error"] = str(e)[:200]
     from ltxav_pack import ffn_chunking
-    settings = ffn_chunking.ChunkSettings(1, True)
-    m = model.clone()
-    m.model_options.setdefault("transformer_options", {})[ffn_chunking.CHUNKING_KEY] = settings.as_dict()
-    ffn_chunking.set_wrappers(m, True)
-    rec["_model"] = m
-    return "ffn_chunking.set_wrappers"
+    rec["_model"] = ffn_chunking.apply_ffn_chunking(model, ffn_chunking.ChunkSettings(1, True))
+    return "ffn_chunking.apply_ffn_chunking"
 
 
 # ----------------------------------------------------------------------------- driver (parent)

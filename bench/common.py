@@ -10,8 +10,6 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1 << 30
 
@@ -51,6 +49,8 @@ def rel_l2(got, want) -> float:
 
 
 def import_comfy(path):
+    import torch
+
     sys.path.insert(0, str(path))
     import comfy.cli_args
 
@@ -76,6 +76,7 @@ def build_model(layers, tiny=False, dtype=None, device=None, weight_dtype=None):
     compute ``dtype``: weights stored in it and cast per layer, with the operations ComfyUI picks
     for such a checkpoint (``comfy.ops.pick_operations``, as ``BaseModel`` does)."""
     import comfy.ops
+    import torch
     from comfy.ldm.lightricks.av_model import LTXAVModel
 
     cuda = torch.cuda.is_available()
@@ -97,6 +98,8 @@ def build_model(layers, tiny=False, dtype=None, device=None, weight_dtype=None):
 
 def make_inputs(model, case, i2v=False, seed=0, dtype=None):
     """Latents, timesteps and context for an LTX-2 `frames x width x height` clip (25 fps, audio on)."""
+    import torch
+
     frames, w, h = (int(v) for v in case.split("x"))
     p = next(model.parameters())
     p = torch.empty(0, device=p.device, dtype=dtype or p.dtype)
@@ -119,6 +122,7 @@ def write_checkpoint(path, layers, tiny):
     """A safetensors checkpoint of ``build_model`` (real key names, random weights) with its config in
     the metadata (``config = {"transformer": {...}}``), which ComfyUI's loader detects as LTXAV; returns
     the config."""
+    import torch
     from safetensors.torch import save_file
 
     model = build_model(layers, tiny=tiny)
@@ -144,6 +148,7 @@ def stream_checkpoint(path, transformer, weights, bench_meta, seed=0, std=0.02, 
     import time
 
     import comfy.cli_args
+    import torch
 
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
@@ -203,6 +208,7 @@ def sample_inputs(case, caption_channels):
     """What ``comfy.sample.sample`` takes for a `frames x width x height` clip with audio: an empty AV
     latent, its noise, a positive and a negative Gemma-free conditioning; and the video token count."""
     import comfy.nested_tensor
+    import torch
 
     frames, w, h = (int(v) for v in case.split("x"))
     g = torch.Generator().manual_seed(0)
@@ -262,6 +268,8 @@ def gaps_between(kernels):
 
 
 def device_info():
+    import torch
+
     cuda = torch.cuda.is_available()
     return dict(device=torch.cuda.get_device_name() if cuda else "cpu",
                 date=datetime.date.today().isoformat(), torch=torch.__version__,
@@ -269,6 +277,8 @@ def device_info():
 
 
 def sync():
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 

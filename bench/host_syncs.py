@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 OWN = ("/comfy/", "/comfy_extras/", "xdit_context_parallel.py", "/sequence_parallel/", "/models/", "ffn_chunking.py",
-       "ray_worker.py")
+       "ray_worker.py", "held_model.py")
 
 
 def call_site():

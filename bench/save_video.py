@@ -199,18 +199,15 @@ def gib(n):
 
 def child(a):
     rec = dict(kind="run", variant=a.variant, frames=a.frames_one, res=a.res, card_gb=a.card_gb, smoke=a.smoke)
-    sys.path.insert(0, str(Path(a.comfy).resolve()))
-    import comfy.options  # noqa: F401  (ComfyUI's defaults: no argument parsing)
-    from comfy.cli_args import args, enables_dynamic_vram
-    args.disable_metadata = True  # Save Video reads the workflow from hidden inputs only a server fills
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+    common.import_pack()
+    from ltxav_pack import comfy_host
+    # ComfyUI as its main.py starts it (the pack's comfy_host): Save Video reads the workflow from hidden inputs
+    # only a server fills; --smoke: on the CPU, without cuda_malloc and comfy-aimdo
+    flags = {"disable_metadata": True, **({"cpu": True} if a.smoke else {})}
+    dynamic = comfy_host.prepare(str(Path(a.comfy).resolve()), flags, cuda_malloc=not a.smoke)
     workers = a.variant == "node-workers"
-    if a.smoke:
-        args.cpu = True
-    else:
-        import comfy_aimdo.control
-        import cuda_malloc  # noqa: F401  (as main.py: PYTORCH_CUDA_ALLOC_CONF before torch)
-        if enables_dynamic_vram():
-            comfy_aimdo.control.init()
     import torch
     cuda = torch.cuda.is_available() and not a.smoke
     dummy = None
@@ -221,21 +218,15 @@ def child(a):
         if workers and card < total:
             os.environ["LTXAV_PARALLEL_MEMORY_CAP_GIB"] = f"{card / GIB:.6f}"  # each worker holds the rest
         elif card < total:
-            dummy = torch.empty(total - card, dtype=torch.uint8, device="cuda")
+            dummy = comfy_host.hold_card(card)
         rec.update(card_total_gib=gib(total), dummy_gib=gib(dummy.numel()) if dummy is not None else 0)
+    comfy_host.start(dynamic)
     import comfy.memory_management
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    if cuda and enables_dynamic_vram() and comfy_aimdo.control.init_device(mm.get_torch_device().index):
-        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-        comfy.memory_management.aimdo_enabled = True
     rec["dynamic_vram"] = bool(comfy.memory_management.aimdo_enabled)
     import comfy.sd
     import comfy.utils
     import folder_paths
-    sys.path.insert(0, str(ROOT / "bench"))
-    import common
-    common.import_pack()
+
     from ltxav_pack import video_file, video_save
 
     out_dir = tempfile.mkdtemp(prefix="save_video-")

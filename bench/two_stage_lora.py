@@ -79,34 +79,22 @@ def write_lora(ckpt, path, rank, seed=0):
 # ----------------------------------------------------------------------------- one variant (child)
 
 def child(a):
-    sys.path.insert(0, str(Path(a.comfy).resolve()))
-    # as ComfyUI's main.py, in this order: its defaults (no argument parsing), the CUDA allocator before
-    # torch is imported, then comfy-aimdo before torch touches CUDA
-    import comfy.options  # noqa: F401, I001
-    import cuda_malloc  # noqa: F401
-    import comfy_aimdo.control
-    from comfy.cli_args import enables_dynamic_vram
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
 
-    dynamic = enables_dynamic_vram()
-    if dynamic:
-        comfy_aimdo.control.init()
+    common.import_pack()
+    from ltxav_pack import comfy_host
+
+    # ComfyUI as its main.py starts it (the pack's comfy_host): its defaults (no argument parsing), the CUDA
+    # allocator and comfy-aimdo before torch touches CUDA, then the device and DynamicVRAM
+    dynamic = comfy_host.prepare(str(Path(a.comfy).resolve()), cuda_malloc=True)
     if a.variant == "shared2":
         os.environ["LTXAV_PARALLEL_WORKERS_PER_GPU"] = "2"
     import torch
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    import common
-
     cuda = torch.cuda.is_available()
-    common.import_comfy(a.comfy)
+    comfy_host.start(dynamic)
     import comfy.memory_management
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
-    if cuda and dynamic and mm.is_nvidia() and comfy_aimdo.control.init_device(mm.get_torch_device().index):
-        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic  # DynamicVRAM, as main.py
-        comfy.memory_management.aimdo_enabled = True
-    common.import_pack()
     import comfy.nested_tensor
     import comfy.samplers
     import comfy.sd

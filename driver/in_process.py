@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .. import envs, guidance_passes, instrumentation, jobs, lean_attention, memory_plan, model_transfer, ray_worker
+from .. import comfy_host, envs, guidance_passes, instrumentation, jobs, lean_attention, memory_plan, model_transfer
 from ..sequence_parallel.groups import Degrees
 from .plan import NODE, check_memory
 from .report import step_timings, summary_here
@@ -26,7 +26,7 @@ def run_here(pool, patcher, job: jobs.KSamplerJob | jobs.GuiderJob) -> jobs.RunR
     device = patcher.load_device
     cuda = device.type == "cuda"
     info = {"device": f"{torch.cuda.get_device_name(device)} ({device})" if cuda else str(device),
-            "dynamic_vram": ray_worker.dynamic_vram_enabled() and patcher.is_dynamic()}
+            "dynamic_vram": comfy_host.dynamic_vram_enabled() and patcher.is_dynamic()}
     est = None
     passes = guidance_passes.count(patcher, job, model_transfer.dumps_job(job, patcher, OWN_KEYS), NODE)
     if not envs.SKIP_MEMORY_CHECK.on():
@@ -69,7 +69,7 @@ def run_here(pool, patcher, job: jobs.KSamplerJob | jobs.GuiderJob) -> jobs.RunR
         gpu = {"peak_gib": jobs.gib(torch.cuda.max_memory_allocated(device) - start) if peak_wanted else None,
                "allocated_gib": jobs.gib(torch.cuda.memory_allocated(device)),
                "weights_gib": jobs.gib(patcher.loaded_size())}
-    memory = [jobs.WorkerMemory(rank=0, **gpu, **ray_worker.host_memory(jobs.gib))]
+    memory = [jobs.WorkerMemory(rank=0, **gpu, **instrumentation.host_memory(jobs.gib))]
     timings = {"sampling_s": round(sample_s, 2), "s_per_step": round(sample_s / max(1, job.total_steps), 4),
                **step_timings(marks)}
     text = summary_here(info, memory[0], timings)

@@ -14,7 +14,17 @@ import time
 
 import torch
 
-from .. import cfg_parallel, envs, ffn_chunking, log_relay, ray_cluster, ray_worker, xdit_context_parallel
+from .. import (
+    cfg_parallel,
+    comfy_host,
+    envs,
+    ffn_chunking,
+    log_relay,
+    ray_cluster,
+    ray_join,
+    ray_worker,
+    xdit_context_parallel,
+)
 from ..errors import clause
 from ..sequence_parallel.groups import Degrees
 from .plan import NODE
@@ -115,7 +125,7 @@ class Workers:
         if connected and self.address == address:
             return
         if address not in ("local", "auto"):  # a malformed or dead address says so first, without importing Ray
-            ray_cluster.reachable(ray_cluster.target(address, NODE), NODE)
+            ray_join.reachable(ray_join.target(address, NODE), NODE)
         if connected:
             raise ValueError(f"{NODE}: input 'ray_address' changed from {self.address!r} to {address!r}, but this "
                              "ComfyUI process is already part of a Ray cluster and Ray cannot move it to another "
@@ -183,7 +193,7 @@ class Workers:
             lo = ray_cluster.loopback_interface()
             env["env_vars"].update(GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)
         actors = [cls.options(max_concurrency=2, runtime_env=env, **resources).remote(
-            rank, world, comfy_path, pack_dir, pack_name, _host_args(), ray_worker.dynamic_vram_enabled())
+            rank, world, comfy_path, pack_dir, pack_name, _host_args(), comfy_host.dynamic_vram_enabled())
             for rank in range(world)]
         group = _Group(actors, world, None, self.address, cpu, infos=[], per_gpu=per_gpu, started=t0)
         self.group = group

@@ -487,6 +487,7 @@ def test_workers_sharing_a_gpu(ps, monkeypatch):
     import ray
 
     worker = importlib.import_module("ltxav_pack.ray_worker")
+    host = importlib.import_module("ltxav_pack.comfy_host")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
     settings = ps.plan.ParallelSettings(gpus=2)
     with pytest.raises(ValueError, match=r"input 'gpus' asks for 2 GPUs, but the Ray cluster at .* has 1"):
@@ -497,7 +498,7 @@ def test_workers_sharing_a_gpu(ps, monkeypatch):
         "ltxav_pack.sequence_parallel.groups").Degrees(2, 1, 1)
     assert (worker.backend(True), worker.backend(True, 2), worker.backend(False)) == ("nccl", "gloo", "gloo")
     # a 100-byte GPU, 24 bytes a worker: one worker holds 76, each of two 26, of five none (too small)
-    assert [worker.held_bytes(100, 24, n) for n in (1, 2, 5)] == [76, 26, 0]
+    assert [host.held_bytes(100, 24, n) for n in (1, 2, 5)] == [76, 26, 0]
     for bad in ("0", "1.5"):
         monkeypatch.setenv("LTXAV_PARALLEL_WORKERS_PER_GPU", bad)
         with pytest.raises(ValueError, match=rf"LTXAV_PARALLEL_WORKERS_PER_GPU='{re.escape(bad)}' is not a whole"):
@@ -666,14 +667,14 @@ def test_user_errors_carry_no_frames_of_the_pack(nodes_mod, tiny_model, tiny_ckp
         parallel_ksampler(nodes_mod, tiny_model, cc, address="nowhere")
     files = [f.filename for f in traceback.extract_tb(err.value.__traceback__)]
     pack_frames = [f for f in files if os.path.basename(os.path.dirname(f)) == "driver"
-                   or os.path.basename(f) == "ray_cluster.py"]
+                   or os.path.basename(f) in ("ray_cluster.py", "ray_join.py")]
     assert not pack_frames, files
     assert err.value.__cause__ is None and err.value.__suppress_context__
     node = nodes_mod.LTXAVParallelKSampler
     with pytest.raises(ValueError) as twin:
         node.execute.__wrapped__(node, tiny_model, 42, 1, 3.0, "euler", "simple", [], [], make_latent(), 1.0, 2, 0, 1,
                                  "nowhere")
-    assert any(os.path.basename(f.filename) == "ray_cluster.py" for f in traceback.extract_tb(twin.value.__traceback__))
+    assert any(os.path.basename(f.filename) == "ray_join.py" for f in traceback.extract_tb(twin.value.__traceback__))
     assert node.validate_inputs(ray_address="local") is True and node.validate_inputs(ray_address="auto") is True
     assert node.validate_inputs(ray_address=None) is True  # a linked input: checked when the node runs
     assert node.validate_inputs(ray_address="nowhere").startswith("LTXAV Parallel Sampler: input 'ray_address' is "

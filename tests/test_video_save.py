@@ -3,6 +3,7 @@ VAEs (tests/helpers/tiny_vae.py): the streamed decode's frames against VAEDecode
 tiles (float frames by the float64-reference rule, 8-bit frames at most one level off on a small
 fraction), the audio against LTXVAudioVAEDecode's, the file against Save Video's (frames, rate,
 durations), the parts two CPU workers decode against the whole decode, bad inputs and Interrupt."""
+import importlib
 import io
 import math
 import os
@@ -59,8 +60,8 @@ def vaes(ckpts):
 def three_latent_frames_a_step(video_mod, monkeypatch):
     """Decode steps of 3 latent frames (the tiny frames would take a whole tile a step): several steps a tile,
     ending at other places than the tiles do."""
-    vd = video_mod[0]
-    monkeypatch.setattr(vd, "STEP_BYTES", 3 * vd.TIME_SCALE * vd.SPACE_SCALE ** 2 * HEIGHT * WIDTH * 3)
+    plan = importlib.import_module("ltxav_pack.decode_plan")
+    monkeypatch.setattr(plan, "STEP_BYTES", 3 * plan.TIME_SCALE * plan.SPACE_SCALE ** 2 * HEIGHT * WIDTH * 3)
 
 
 @pytest.fixture(scope="module")
