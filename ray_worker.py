@@ -109,7 +109,7 @@ class LTXAVWorker:
         self.cpu_group = None
         self.cuda = torch.cuda.is_available()
         self.step_times: list[float] = []
-        self.vae = None  # the video VAE a save node sent (video_save.vae_bytes), and its key
+        self.vae = None  # the video VAE a save node sent (video_parts.vae_bytes), and its key
         self.vae_key = None
         if self.cap and self.cuda and self.held is None:
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
@@ -312,23 +312,23 @@ class LTXAVWorker:
 
     # -- video ----------------------------------------------------------------------
     def load_vae(self, key: str, data: bytes | None = None) -> bool:
-        """Hold the video VAE ``key``, built from ``data`` (``video_save.vae_bytes``) unless held already;
+        """Hold the video VAE ``key``, built from ``data`` (``video_parts.vae_bytes``) unless held already;
         False when it is not held and no data came (the driver then sends it)."""
         _select_gpu()
         if key == self.vae_key:
             return True
         if data is None:
             return False
-        from . import video_save
+        from . import video_parts
 
         self.vae = self.vae_key = None
-        self.vae = video_save.vae_from_bytes(data)
+        self.vae = video_parts.vae_from_bytes(data)
         self.vae_key = key
         return True
 
     def decode_part(self, job_bytes: bytes, start: int, stop: int):
-        """Decode and encode frames [start, stop) of the pickled ``video_save.PartJob`` with the VAE held; a
-        ``video_save.PartResult``. ``progress`` answers the frames done meanwhile, ``interrupt`` stops it."""
+        """Decode and encode frames [start, stop) of the pickled ``video_parts.PartJob`` with the VAE held; a
+        ``video_parts.PartResult``. ``progress`` answers the frames done meanwhile, ``interrupt`` stops it."""
         _select_gpu()
         if self.vae is None:
             raise RuntimeError("no VAE loaded")
@@ -337,9 +337,9 @@ class LTXAVWorker:
         try:
             self.step = 0
             self.stop.clear()
-            from . import video_save
+            from . import video_parts
 
-            return video_save.decode_part(self.vae, self.transfer.loads(job_bytes, {}), (start, stop),
+            return video_parts.decode_part(self.vae, self.transfer.loads(job_bytes, {}), (start, stop),
                                           check=self._check_stop, progress=self._frames_done,
                                           host_memory=self.inst.host_memory)
         finally:

@@ -1,0 +1,141 @@
+"""The part of saving a clip that runs where the VAE is (a Ray worker, or ComfyUI's process on one GPU):
+the video VAE sent as its decoder's weights and rebuilt by ComfyUI, and one part of the clip decoded and
+encoded (``decode_part``). ``video_save`` drives it; ``ray_worker`` runs it."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import time
+import uuid
+import weakref
+
+import torch
+
+from . import decode_plan, jobs, video_decode, video_file
+
+_VAE_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VAE object -> key the workers know it by
+
+
+def load_vae_here(vae, plan: decode_plan.Plan) -> None:
+    """The VAE on its device, with room for a decode step of the largest tile (ComfyUI's own estimate)."""
+    import comfy.model_management
+
+    h = max(n for _, n in plan.rows.tiles)
+    w = max(n for _, n in plan.cols.tiles)
+    step = (1, 128, plan.step + 2, h, w)
+    comfy.model_management.load_models_gpu([vae.patcher], memory_required=vae.memory_used_decode(step, vae.vae_dtype),
+                                           force_full_load=vae.disable_offload)
+
+
+@dataclasses.dataclass
+class PartJob:
+    """What a worker decodes: the video latent, the plan, the frame rate; ``frames``: return the uint8
+    frames instead of an encoded MP4 (for tests and short clips)."""
+
+    latent: torch.Tensor
+    plan: decode_plan.Plan
+    fps: float
+    frames: bool = False
+
+
+@dataclasses.dataclass
+class PartResult:
+    """A worker's part: frames [start, stop) as an MP4 (``data``) or uint8 frames (``images``); its decode
+    seconds, GPU peak above the start (GiB; None on CPU) and host memory (``instrumentation.host_memory``)."""
+
+    start: int
+    stop: int
+    interrupted: bool = False
+    data: bytes | None = None
+    images: torch.Tensor | None = None
+    seconds: float = 0.0
+    peak_gib: float | None = None
+    host: dict = dataclasses.field(default_factory=dict)
+
+
+def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None, progress=None, host_memory=None) -> PartResult:
+    """Decode frames [start, stop) of ``job`` with ``vae`` and encode them (a worker's share; it runs where
+    it is called). ``check`` raises ComfyUI's InterruptProcessingException to stop."""
+    import comfy.model_management
+
+    start, stop = frames
+    cuda = vae.device.type == "cuda"
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        load_vae_here(vae, job.plan)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(vae.device)
+            base = torch.cuda.memory_allocated(vae.device)
+        batches = video_decode.decode_chunks(vae, job.latent, job.plan, frames, check=check, progress=progress)
+        result = PartResult(start, stop)
+        try:
+            if job.frames:
+                result.images = torch.cat(list(batches))
+            else:
+                buffer = io.BytesIO()
+                writer = video_file.VideoWriter(buffer, job.fps, job.plan.width, job.plan.height)
+                video_file.encode_in_background(writer, batches)
+                writer.close()
+                result.data = buffer.getvalue()
+        except comfy.model_management.InterruptProcessingException:
+            result.interrupted = True
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(f"out of GPU memory decoding frames {start}..{stop} ({str(e).splitlines()[0][:200]}): "
+                               "use tiles (input 'tile_size' 512) or free the GPU") from None
+    result.seconds = round(time.perf_counter() - t0, 3)
+    if cuda:
+        result.peak_gib = jobs.gib(torch.cuda.max_memory_allocated(vae.device) - base)
+    result.host = host_memory(jobs.gib) if host_memory else {}
+    return result
+
+
+def vae_bytes(vae) -> bytes:
+    """What a worker builds the video VAE from: its decoder's weights (and latent statistics) with the
+    config and dtype, as a safetensors file in memory. The encoder stays behind (decoding does not use it)."""
+    from safetensors.torch import save
+
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in vae.get_sd().items()
+          if k.startswith(("decoder.", "per_channel_statistics."))}
+    config = {**vae.first_stage_model.config, "encoder_blocks": []}  # a stub encoder there: nothing to load
+    meta = {"config": json.dumps({"vae": config}), "dtype": str(vae.vae_dtype)}
+    return save(sd, metadata=meta)
+
+
+def vae_from_bytes(data: bytes):
+    """``vae_bytes``'s VAE, built by ComfyUI (``comfy.sd.VAE``, as the loaders build it) on this process's
+    device, in the sender's dtype."""
+    import comfy.sd
+    from safetensors.torch import load
+
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    meta = header.get("__metadata__", {})
+    dtype = getattr(torch, meta["dtype"].removeprefix("torch."))
+    with _without_encoder_warning():
+        return comfy.sd.VAE(sd=load(data), metadata={"config": meta["config"]}, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _without_encoder_warning():
+    """ComfyUI warns of the missing keys when a VAE is built without its encoder: here that is on purpose."""
+
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return not str(record.getMessage()).startswith("Missing VAE keys")
+
+    f = Drop()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
+
+
+def vae_key(vae) -> str:
+    """The key the workers hold ``vae`` under (one per VAE object: ComfyUI keeps a loader's output)."""
+    key = _VAE_KEYS.get(vae)
+    if key is None:
+        key = _VAE_KEYS[vae] = uuid.uuid4().hex
+    return key
