@@ -93,3 +93,20 @@ class HeldModel:
         for (kind, key), wrapper in wrappers.items():
             patcher.add_wrapper_with_key(kind, key, wrapper)
         return patcher, job
+
+    def job_on_every_rank(self, payload: bytes, wrappers: dict, group):
+        """``job(payload, wrappers)`` and None, or None, None and the error that stopped it; every rank of
+        ``group`` (a CPU process group) learns whether all rebuilt theirs (a rank that samples alone would
+        wait in its collectives)."""
+        import torch.distributed as dist
+
+        try:
+            patcher, job, error = *self.job(payload, wrappers), None
+        except Exception as e:  # noqa: BLE001 - reported to the driver; the workers stay
+            patcher = job = None
+            error = one_line(e)
+        flag = torch.tensor([0 if error else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        if error is None and not flag.item():
+            error = "another worker could not rebuild the job"
+        return patcher, job, error

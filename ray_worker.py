@@ -92,7 +92,15 @@ class LTXAVWorker:
                                      dynamic_vram and torch.cuda.is_available())
         # with DynamicVRAM the cap is a held tensor: comfy-aimdo allocates outside PyTorch's allocator
         self.held = comfy_host.start(dynamic, _gpu_id(), self.cap if dynamic else None, self.per_gpu)
-        from . import cfg_parallel, ffn_chunking, held_model, instrumentation, model_transfer, xdit_context_parallel
+        from . import (
+            cfg_parallel,
+            ffn_chunking,
+            held_model,
+            instrumentation,
+            model_transfer,
+            video_parts,
+            xdit_context_parallel,
+        )
         from .sequence_parallel import groups
 
         self.transfer, self.groups, self.xsp = model_transfer, groups, xdit_context_parallel
@@ -109,8 +117,7 @@ class LTXAVWorker:
         self.cpu_group = None
         self.cuda = torch.cuda.is_available()
         self.step_times: list[float] = []
-        self.vae = None  # the video VAE a save node sent (video_parts.vae_bytes), and its key
-        self.vae_key = None
+        self.vae = video_parts.HeldVae()  # the video VAE a save node sent
         if self.cap and self.cuda and self.held is None:
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap / total))
@@ -213,15 +220,6 @@ class LTXAVWorker:
         """``held_model.HeldModel.check``: which of the model's options this worker cannot rebuild."""
         return self.model.check(parts)
 
-    def _job(self, payload: bytes):
-        """This job's patcher and job (``held_model.HeldModel.job``), with this rank's wrappers."""
-        import comfy.patcher_extension
-
-        wrappers = comfy.patcher_extension.WrappersMP
-        return self.model.job(payload, {
-            (wrappers.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY): self.diffusion_model_wrapper,
-            (wrappers.CALC_COND_BATCH, self.cfgp_mod.WRAPPER_KEY): self.calc_cond_batch_wrapper})
-
     # -- sampling ---------------------------------------------------------------
     def progress(self) -> int:
         return self.step
@@ -263,24 +261,6 @@ class LTXAVWorker:
         finally:
             self.busy.release()
 
-    def _rebuilt(self, payload: bytes):
-        """``_job(payload)``, or the error that stopped it; every rank learns whether all rebuilt theirs
-        (a rank that samples alone would wait in its collectives)."""
-        import torch.distributed as dist
-
-        try:
-            patcher, job, error = *self._job(payload), None
-        except Exception as e:  # noqa: BLE001 - reported to the driver; the workers stay
-            from .errors import one_line
-
-            patcher = job = None
-            error = one_line(e)
-        flag = torch.tensor([0 if error else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.cpu_group)
-        if error is None and not flag.item():
-            error = "another worker could not rebuild the job"
-        return patcher, job, error
-
     def _sample(self, payload: bytes):
         import comfy.model_management
 
@@ -289,7 +269,12 @@ class LTXAVWorker:
         self.stop.clear()
         self.last_x0 = None
         x0 = None
-        patcher, job, error = self._rebuilt(payload)
+        import comfy.patcher_extension
+
+        wrappers = comfy.patcher_extension.WrappersMP
+        patcher, job, error = self.model.job_on_every_rank(payload, {
+            (wrappers.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY): self.diffusion_model_wrapper,
+            (wrappers.CALC_COND_BATCH, self.cfgp_mod.WRAPPER_KEY): self.calc_cond_batch_wrapper}, self.cpu_group)
         if error:
             return self.jobs.SampleResult(interrupted=False, step=0, memory=self.memory(), error=error)
         self.patcher = patcher
@@ -312,47 +297,23 @@ class LTXAVWorker:
 
     # -- video ----------------------------------------------------------------------
     def load_vae(self, key: str, data: bytes | None = None) -> bool:
-        """Hold the video VAE ``key``, built from ``data`` (``video_parts.vae_bytes``) unless held already;
-        False when it is not held and no data came (the driver then sends it)."""
+        """``video_parts.HeldVae.load``: hold the video VAE ``key``."""
         _select_gpu()
-        if key == self.vae_key:
-            return True
-        if data is None:
-            return False
-        from . import video_parts
-
-        self.vae = self.vae_key = None
-        self.vae = video_parts.vae_from_bytes(data)
-        self.vae_key = key
-        return True
+        return self.vae.load(key, data)
 
     def decode_part(self, job_bytes: bytes, start: int, stop: int):
-        """Decode and encode frames [start, stop) of the pickled ``video_parts.PartJob`` with the VAE held; a
-        ``video_parts.PartResult``. ``progress`` answers the frames done meanwhile, ``interrupt`` stops it."""
+        """``video_parts.HeldVae.decode``: frames [start, stop) decoded and encoded; ``progress`` answers the
+        frames done meanwhile, ``interrupt`` stops it."""
         _select_gpu()
-        if self.vae is None:
-            raise RuntimeError("no VAE loaded")
         if not self.busy.acquire(blocking=False):
             raise RuntimeError("this worker is still running the previous job")
         try:
             self.step = 0
             self.stop.clear()
-            from . import video_parts
-
-            return video_parts.decode_part(self.vae, self.transfer.loads(job_bytes, {}), (start, stop),
-                                          check=self._check_stop, progress=self._frames_done,
-                                          host_memory=self.inst.host_memory)
+            return self.vae.decode(self.transfer.loads(job_bytes, {}), (start, stop), self.stop,
+                                   lambda n: setattr(self, "step", n))
         finally:
             self.busy.release()
-
-    def _check_stop(self) -> None:
-        import comfy.model_management
-
-        if self.stop.is_set():
-            raise comfy.model_management.InterruptProcessingException()
-
-    def _frames_done(self, n: int) -> None:
-        self.step = n
 
     def memory(self):
         """This worker's ``jobs.WorkerMemory`` after a run (GPU figures None on CPU)."""

@@ -139,3 +139,39 @@ def vae_key(vae) -> str:
     if key is None:
         key = _VAE_KEYS[vae] = uuid.uuid4().hex
     return key
+
+
+class HeldVae:
+    """The video VAE a worker holds for the save node (sent once per VAE object), and its parts decoded."""
+
+    def __init__(self):
+        self.vae = None
+        self.key = None
+
+    def load(self, key: str, data: bytes | None = None) -> bool:
+        """Hold the VAE ``key``, built from ``data`` (``vae_bytes``) unless held already; False when it is not
+        held and no data came (the driver then sends it)."""
+        if key == self.key:
+            return True
+        if data is None:
+            return False
+        self.vae = self.key = None
+        self.vae = vae_from_bytes(data)
+        self.key = key
+        return True
+
+    def decode(self, job: PartJob, frames: tuple[int, int], stop, progress) -> PartResult:
+        """``decode_part`` of ``job`` with the held VAE; ``stop`` (a threading.Event) set stops it,
+        ``progress(n)`` gets the frames done."""
+        import comfy.model_management
+
+        from .instrumentation import host_memory
+
+        if self.vae is None:
+            raise RuntimeError("no VAE loaded")
+
+        def check():
+            if stop.is_set():
+                raise comfy.model_management.InterruptProcessingException()
+
+        return decode_part(self.vae, job, frames, check=check, progress=progress, host_memory=host_memory)

@@ -125,7 +125,7 @@ def rebuild_check(pool: Workers, group, model: model_transfer.ModelSpec) -> set[
     """Before sampling: every worker rebuilds each of the model's options on its own. Those that fail
     on any worker are dropped with a warning naming them, their node packs and the error (their names
     are returned); the workers stay. (A job that cannot be rebuilt is refused by the workers before
-    they sample: ``LTXAVWorker._rebuilt``.)"""
+    they sample: ``held_model.HeldModel.job_on_every_rank``.)"""
     import ray
 
     parts = model.check_parts()
