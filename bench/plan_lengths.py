@@ -27,7 +27,7 @@ SIZES = {"768x512": (768, 512), "1920x1088": (1920, 1088)}
 WORLDS = (1, 2, 4, 8)
 
 
-def ltx2_fp8_dims(mp):
+def ltx2_fp8_dims(family):
     import comfy.ops
     from comfy.ldm.lightricks.av_model import LTXAVModel
 
@@ -36,7 +36,7 @@ def ltx2_fp8_dims(mp):
                        frequencies_precision="float64", num_attention_heads=32, attention_head_dim=128,
                        cross_attention_dim=4096, audio_num_attention_heads=32, audio_attention_head_dim=64,
                        audio_cross_attention_dim=2048, caption_channels=3840)
-    return mp.ModelDims.of(model, compute_dtype=torch.bfloat16)
+    return family.plan_dims(model, compute_dtype=torch.bfloat16)
 
 
 def main():
@@ -47,14 +47,16 @@ def main():
     common.import_comfy(a.comfy)
     common.import_pack()
     from ltxav_pack import memory_plan as mp
+    from ltxav_pack.models.ltxav import LTXAV
 
-    dims = ltx2_fp8_dims(mp)
+    family = LTXAV()
+    dims = ltx2_fp8_dims(family)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                             text=True).stdout.strip() or None
     rows = []
     for card, free in FREE_GIB.items():
         for size, (w, h) in SIZES.items():
-            clip = mp.Clip.from_pixels(121, w, h)
+            clip = family.geometry.clip(121, w, h)
             for world in WORLDS:
                 budget = int(free * mp.GIB) - (mp.CUDA_CONTEXT_BYTES if world > 1 else 0)
                 kw = dict(world=world, sampler=True, per_token_timesteps=True, streaming=True, lean=True,
