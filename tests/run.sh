@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: find (or unpack) the ComfyUI host, prepare the venv (idempotent; see
-# .ci/setup_env.sh), then run every test. Extra arguments go to pytest (e.g. `-m quick`).
+# .ci/setup_env.sh), then run every test. Extra arguments go to pytest (e.g. `-m quick`); with a path among
+# them (tests/test_plan.py, tests/test_plan.py::test_x) pytest runs those instead of the whole folder.
 # The host: $COMFYUI_PATH, else the ComfyUI this pack sits in, else /opt/ComfyUI, else ../shared/host's
 # archive unpacked into a cache (.ci/host.sh); the venv: .ci/venv.sh (outside custom_nodes in the install
 # layout). With CI=true a missing host or browser fails the run instead of skipping tests.
@@ -16,4 +17,8 @@ else
 fi
 bash "$here/.ci/setup_env.sh"
 cd "$here"
-exec "$(bash "$here/.ci/venv.sh")/bin/python" -m pytest tests "$@"
+where=(tests)
+for arg in "$@"; do
+  case $arg in tests/*|./tests/*) where=() ;; esac
+done
+exec "$(bash "$here/.ci/venv.sh")/bin/python" -m pytest "${where[@]}" "$@"
