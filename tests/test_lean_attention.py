@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers.numerics import assert_matches, mismatches
-from helpers.sp_cases import FORWARD_CASES, forward_inputs, run_case
+from helpers.sp_cases import FORWARD_CASES, forward_inputs, run_case, stock_patchers
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,7 @@ def test_a_wrong_layout_is_caught_and_rows_stay_exact(ltx, rope, small_ranges, m
 
 @pytest.fixture(scope="module")
 def stock_forward(comfy, tiny_ckpts):
-    load = comfy.sd.load_diffusion_model
-    patchers = {(v, dtype): load(str(path), model_options={"dtype": dtype})
-                for v, (path, _) in tiny_ckpts.items() for dtype in (torch.float32, torch.float64)}
+    patchers = stock_patchers(comfy, tiny_ckpts)
 
     @functools.cache
     def result(version, case, dtype=torch.float32):

@@ -17,6 +17,7 @@ from helpers.sp_cases import (
     scaled_attention,
     shifted_tiles,
     small_lean_ranges,
+    stock_patchers,
     token_count,
 )
 from helpers.sp_harness import run_parallel
@@ -30,9 +31,7 @@ ODD_SHAPE = {2: "odd45", 3: "odd70", 4: "odd45"}  # token counts that do not div
 @pytest.fixture(scope="module")
 def stock(comfy, tiny_ckpts):
     """Stock ComfyUI results (no wrapper) in float32 and float64, computed once per (version, case, shape)."""
-    load = comfy.sd.load_diffusion_model
-    patchers = {(v, dtype): load(str(path), model_options={"dtype": dtype})
-                for v, (path, _) in tiny_ckpts.items() for dtype in (torch.float32, torch.float64)}
+    patchers = stock_patchers(comfy, tiny_ckpts)
 
     @functools.cache
     def result(version, case, shape, dtype=torch.float32):

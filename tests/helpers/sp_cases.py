@@ -94,6 +94,13 @@ def sampler_inputs(shape, case, width):
     return pos, neg, LTXVConcatAVLatent.execute(video, audio)[0]
 
 
+def stock_patchers(comfy, tiny_ckpts) -> dict:
+    """Each tiny checkpoint (by version) loaded by ComfyUI in float32 and float64: (version, dtype) -> patcher."""
+    load = comfy.sd.load_diffusion_model
+    return {(v, dtype): load(str(path), model_options={"dtype": dtype})
+            for v, (path, _) in tiny_ckpts.items() for dtype in (torch.float32, torch.float64)}
+
+
 def run_case(patcher, case, shape, transformer_options):
     """Outputs of one case through ``patcher`` (direct diffusion-model forward, or 2 KSampler steps)."""
     import nodes
