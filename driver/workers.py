@@ -154,9 +154,9 @@ class Workers:
         return int(resources.get("CPU" if cpu else "GPU", 0)) * (1 if cpu else envs.workers_per_gpu())
 
     # -- the worker group ---------------------------------------------------------
-    def ensure_group(self, world: int, cpu: bool, degrees: Degrees | None = None) -> tuple[_Group, float]:
+    def ensure_group(self, world: int, cpu: bool) -> tuple[_Group, float]:
         """The group of ``world`` workers: the one running when it answers, else new ones (their process
-        groups set by ``set_degrees``, here when ``degrees`` is given); and the seconds it took."""
+        groups set later by ``set_degrees``); and the seconds it took."""
         import comfy.model_management
 
         g = self.group
@@ -164,7 +164,7 @@ class Workers:
         if g and (g.world, g.address, g.cpu, g.per_gpu) == (world, self.address, cpu, per_gpu):
             try:
                 _heartbeat_of(g, "start")
-                return g, self.set_degrees(g, degrees) if degrees else 0.0
+                return g, 0.0
             except (WorkerFault, _TaskFailed):  # a dead or frozen worker: start over
                 log.warning("%s: a worker of the previous group is gone; starting new workers", NODE)
         self.stop_group()
@@ -198,8 +198,7 @@ class Workers:
         group = _Group(actors, world, None, self.address, cpu, infos=[], per_gpu=per_gpu, started=t0)
         self.group = group
         group.infos = self._wait([a.info.remote() for a in actors], "start", envs.START_S.number(), heartbeat=False)
-        seconds = time.perf_counter() - t0
-        return group, seconds + (self.set_degrees(group, degrees) if degrees else 0.0)
+        return group, time.perf_counter() - t0
 
     def set_degrees(self, group: _Group, degrees: Degrees) -> float:
         """The workers' process groups for ``degrees`` (the plan's), once a run: new workers join them;
@@ -212,8 +211,7 @@ class Workers:
             host, port = self._wait([group.actors[0].rendezvous.remote()], "start", timeout, heartbeat=False)[0]
             self._wait([a.init_groups.remote(host, port, degrees) for a in group.actors], "start", timeout,
                        heartbeat=False)
-            group.infos = self._wait([a.info.remote() for a in group.actors], "start", timeout, heartbeat=False)
-            group.degrees = degrees
+            group.degrees = degrees  # the infos ensure_group read still hold: joining groups changes none
             log.info("%s: started %d workers (%s) in %.1f s: %s", NODE, group.world, degrees.describe(),
                      time.perf_counter() - group.started,
                      ", ".join(f"{i['rank']}: {i['device']} pid {i['pid']} on {node_label(i)}" for i in group.infos))
