@@ -11,6 +11,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 
 b() { local name=$1; shift; python bench/comfy_long_video.py "$@" --commit "${COMMIT:-unknown}" --out "$out/$name.jsonl" > "$out/$name.log" 2>&1; }
 L48="--ckpt /tmp/l48.safetensors --layers 48 --weights fp8 --card-gb 24 --steps 1"
 L8="--ckpt /tmp/l8.safetensors --layers 8 --weights fp8 --card-gb 24 --steps 1"
+L2="--ckpt /tmp/l2.safetensors --layers 2 --weights fp8 --card-gb 24 --steps 1"
+L2B="--ckpt /tmp/l2b.safetensors --layers 2 --weights bf16 --card-gb 24 --steps 1"
 case $call in
   one-card)  # 48 layers at 5,201 frames: the pack (gpus=1, lean) beside stock + chunker, same clip; 8 layers: depth
     b l48-5201 $L48 --frames 5201 --variants parallel-chunker,ffn-chunker --timeout 220
@@ -29,13 +31,34 @@ case $call in
     LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b l8-7401 $L8 --frames 7401,7801 --variants parallel-chunker --timeout 100
     [ -n "${W2:-}" ] && LTXAV_PARALLEL_WORKERS_PER_GPU=2 LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2-l8-11001 $L8 --gpus 2 --frames 11001 --variants parallel-chunker --timeout 300
     ;;
-  workers-2)  # issue 38: two workers sharing one H100 (24 GiB each, gloo), 8 layers, the planner checked
-    LTXAV_PARALLEL_WORKERS_PER_GPU=2 b w2-768 $L8 --gpus 2 --frames 9401,11001,12601 --variants parallel-chunker --timeout 280
-    LTXAV_PARALLEL_WORKERS_PER_GPU=2 LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2-768-past $L8 --gpus 2 --frames 13401 --variants parallel-chunker --timeout 280
+  # issue 38: W workers sharing one GPU over gloo, each capped at --card-gb (the bench sets LTXAV_PARALLEL_MEMORY_CAP_GIB),
+  # the planner checked (a refusal stops the lengths) and then skipped one length further (does it run out of memory?);
+  # 2 layers (depth: `workers-2`, 2 against 8 layers at 9,401 frames; 8 against 48 layers: `one-card`);
+  # LTXAV_PARALLEL_MEMORY_LOG=1: each worker's phase peaks
+  workers-4)  # four workers on one H200 (24 GiB each), 768x512; stock + chunker on one card of 24 GiB, same call
+    export LTXAV_PARALLEL_MEMORY_LOG=1
+    LTXAV_PARALLEL_WORKERS_PER_GPU=4 b w4-768 $L2 --gpus 4 --frames 18801,20001 --variants parallel-chunker --timeout 240
+    LTXAV_PARALLEL_WORKERS_PER_GPU=4 LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w4-768-past $L2 --gpus 4 --frames 21601 --variants parallel-chunker --timeout 200
+    b stock-768 $L2 --frames 5201,5401 --variants ffn-chunker --timeout 90
     ;;
-  workers-4)  # issue 38: four workers sharing one H200 (24 GiB each), 8 layers
-    LTXAV_PARALLEL_WORKERS_PER_GPU=4 b w4-768 $L8 --gpus 4 --frames 14401,18001 --variants parallel-chunker --timeout 280
+  workers-2)  # two workers (24 GiB each, then 16): depth, 768x512 to the edge and past it; stock + chunker at 16 GiB
+    export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2
+    b w2-depth-l8 $L8 --gpus 2 --frames 9401 --variants parallel-chunker --timeout 150
+    b w2-768 $L2 --gpus 2 --frames 9401,11001,11601 --variants parallel-chunker --timeout 120
+    LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2-768-past $L2 --gpus 2 --frames 12401 --variants parallel-chunker --timeout 120
+    b w2-768-16g $L2 --card-gb 16 --gpus 2 --frames 6401,6801 --variants parallel-chunker --timeout 90
+    LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2-768-16g-past $L2 --card-gb 16 --gpus 2 --frames 7401 --variants parallel-chunker --timeout 90
+    LTXAV_PARALLEL_WORKERS_PER_GPU=1 b stock-768-16g $L2 --card-gb 16 --frames 3001,3201 --variants ffn-chunker --timeout 60
+    ;;
+  workers-2-1080p)  # two workers (24 GiB each), 1920x1088, and bf16 768x512; stock + chunker 1920x1088, same call
+    export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2
+    b w2-1080p $L2 --res 1920x1088 --gpus 2 --frames 1801,2201 --variants parallel-chunker --timeout 120
+    LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2-1080p-past $L2 --res 1920x1088 --gpus 2 --frames 2401 --variants parallel-chunker --timeout 120
+    b w2-768-bf16 $L2B --gpus 2 --frames 11001 --variants parallel-chunker --timeout 120
+    LTXAV_PARALLEL_WORKERS_PER_GPU=1 b stock-1080p $L2 --res 1920x1088 --frames 993,1097 --variants ffn-chunker --timeout 60
     ;;
   *) echo "unknown call $call"; exit 2 ;;
 esac
 tail -n 3 "$out"/*.log | cut -c1-400
+# at most 8 files come back from a device call: the logs travel as one archive
+(cd "$out" && tar czf logs.tgz ./*.log && rm -f ./*.log)
