@@ -111,6 +111,18 @@ def dynamic_vram_enabled() -> bool:
     return bool(getattr(mm, "aimdo_enabled", False))
 
 
+def aimdo_usage_gib() -> float | None:
+    """comfy-aimdo's device memory in use in this process (the weights DynamicVRAM holds), GiB; None without it."""
+    if not dynamic_vram_enabled():
+        return None
+    try:
+        import comfy_aimdo.control
+
+        return round(comfy_aimdo.control.get_total_vram_usage() / (1 << 30), 3)
+    except Exception:  # noqa: BLE001 - an older comfy-aimdo: no figure
+        return None
+
+
 def memory_flags() -> dict:
     """ComfyUI's memory flags in this process (``MEMORY_FLAGS``: flag -> value)."""
     import comfy.cli_args

@@ -88,7 +88,8 @@ class LoadResult:
 class WorkerMemory:
     """One worker's memory after a run, GiB. GPU figures are None on CPU: the peak above what was
     allocated when each forward began (weights, latents, conditioning) and its two phases, what stays
-    allocated, the weights on the GPU (with DynamicVRAM the rest waits in host memory); host figures:
+    allocated and PyTorch's peak over the whole run (both less a held rest of an emulated card), the weights on
+    the GPU (with DynamicVRAM the rest waits in host memory) and comfy-aimdo's device memory; host figures:
     RSS, PSS (pages shared with other processes, such as a memory-mapped checkpoint, counted by share)
     and USS (its own pages only)."""
 
@@ -97,7 +98,9 @@ class WorkerMemory:
     pe_gib: float | None = None
     blocks_gib: float | None = None
     allocated_gib: float | None = None
+    max_allocated_gib: float | None = None
     weights_gib: float | None = None
+    aimdo_gib: float | None = None
     host_rss_gib: float | None = None
     host_pss_gib: float | None = None
     host_uss_gib: float | None = None

@@ -321,7 +321,10 @@ class LTXAVWorker:
         gpu = {}
         if self.cuda:
             gpu = {f"{name}_gib": gib(stats[name]) for name in ("peak", "pe", "blocks") if name in stats}
-            gpu["allocated_gib"] = gib(torch.cuda.memory_allocated())
+            held = 0 if self.held is None else self.held.numel() * self.held.element_size()
+            gpu["allocated_gib"] = gib(torch.cuda.memory_allocated() - held)
+            gpu["max_allocated_gib"] = gib(torch.cuda.max_memory_allocated() - held)
+            gpu["aimdo_gib"] = self.comfy.aimdo_usage_gib()
             if self.weights is not None:  # with DynamicVRAM the rest of the weights waits in host memory
                 gpu["weights_gib"] = gib(self.weights.loaded_size())
         return self.jobs.WorkerMemory(rank=self.rank, **gpu, **self.inst.host_memory(gib))
