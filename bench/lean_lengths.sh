@@ -35,12 +35,11 @@ case $call in
   # the planner checked (a refusal stops the lengths) and then skipped one length further (does it run out of memory?);
   # 2 layers (depth: `workers-2`, 2 against 8 layers at 9,401 frames; 8 against 48 layers: `one-card`);
   # LTXAV_PARALLEL_MEMORY_LOG=1: each worker's phase peaks
-  workers-4)  # four workers on one H200 (24 GiB each), 768x512: the target length, depth (2 against 8 layers), past the plan
+  workers-4)  # four workers on one H200 (24 GiB each), 768x512: the target length, then depth (2 against 8 layers)
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=4
-    b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 240
-    b w4-depth-l8 $L8 --gpus 4 --frames 5201 --variants parallel-chunker --timeout 100
-    b w4-depth-l2 $L2 --gpus 4 --frames 5201 --variants parallel-chunker --timeout 80
-    LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w4-768-past $L2 --gpus 4 --frames 21601 --variants parallel-chunker --timeout 240
+    b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 200
+    b w4-depth-l2 $L2 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 60
+    b w4-depth-l8 $L8 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
     ;;
   workers-2)  # two workers (24 GiB each, then 16): depth, 768x512 to the edge and past it; stock + chunker at 16 GiB
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2

@@ -35,9 +35,11 @@ COEFFICIENTS = memory_plan.Coefficients(
     lean_attention=5.0,
     # ... and with gated attention (LTX-2.3) the gated output, a new tensor ComfyUI makes (not measured) ...
     lean_gated=1.0,
-    # ... and over several ranks Ulysses' send buffer and the other ranks' blocks' output and its reshaped copy
-    # (not measured: no run of several workers with the lean attention yet) ...
-    lean_exchange=1.5,
+    # ... and over several ranks Ulysses' exchange (the send buffer, the other ranks' blocks): two workers sharing
+    # one H100 (24 and 16 GiB each, fp8 and bf16, 768x512 and 1920x1088, 2 layers; 2026-12-06,
+    # bench/results/2026-12-06-h100-comfy_long_video-lean-workers2-*) peaked 0.8 of a hidden vector per local
+    # token above the one-card terms; planned as 1.0 (those peaks +1.7 to +3.1 %) ...
+    lean_exchange=1.0,
     # ... and one range's temporaries (a query range's output and its reshaped copy; the rotary rows and
     # rotation of a range are smaller): two hidden vectors of up to memory_plan.LEAN_RANGE_TOKENS local tokens
     lean_range=2.0,
