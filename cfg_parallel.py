@@ -4,7 +4,7 @@ CFG, the three of DualCFGGuider or PerpNegGuider) on separate groups of ranks.
 ComfyUI evaluates every pass of a step in one ``calc_cond_batch`` call, one conditioning list per pass
 (``[positive, negative]`` for CFG; a pass that cfg 1 skips is None), and batches them into one forward.
 With a cfg degree C the workers form C sequence-parallel groups (``sequence_parallel.groups``);
-``CfgParallel.calc_cond_batch_wrapper``, a ComfyUI CALC_COND_BATCH wrapper on every worker, has group
+``CfgParallel.wrapper``, a ComfyUI CALC_COND_BATCH wrapper on every worker, has group
 g evaluate only its share of the passes, each forward split over its own group, and all-gathers the
 outputs over xfuser's CFG group (the ranks that hold the same sequence shard in each group). Every
 rank then returns ComfyUI the outputs of every pass, and the guidance itself (cfg_function, pre- and
@@ -100,7 +100,25 @@ def _unsplit(passes, degree: int) -> str:
 
 class CfgParallel:
     """This process's part of CFG-parallel; create after the process groups
-    (``sequence_parallel.groups``). ``passes`` counts the passes this rank evaluated since ``reset``."""
+    (``sequence_parallel.groups``). ``passes`` counts the passes this rank evaluated since ``reset``. A
+    ``parallel_kinds`` kind: its degree is the number of groups, its planner term the passes of the largest
+    call one group's forward holds."""
+
+    KIND = "cfg"
+    WRAPPER = "CALC_COND_BATCH"
+    WRAPPER_KEY = WRAPPER_KEY
+
+    @classmethod
+    def for_rank(cls, rank: int) -> CfgParallel:
+        return cls()
+
+    @staticmethod
+    def degree(degrees) -> int:
+        return degrees.cfg
+
+    @staticmethod
+    def plan_terms(degrees, passes) -> dict:
+        return {"share": passes.largest_share(degrees.cfg)}
 
     def __init__(self):
         ps = xfuser_compat.load().parallel_state
@@ -112,7 +130,11 @@ class CfgParallel:
     def reset(self) -> None:
         self.passes = 0
 
-    def calc_cond_batch_wrapper(self, executor, model, conds, x_in, timestep, model_options, **kwargs):
+    def report(self) -> dict:
+        """The model passes this rank evaluated in the run."""
+        return {"passes": self.passes}
+
+    def wrapper(self, executor, model, conds, x_in, timestep, model_options, **kwargs):
         """ComfyUI CALC_COND_BATCH wrapper: this group's share of the passes, then every group's outputs."""
         active = [i for i, c in enumerate(conds) if c is not None]
         if self.degree == 1 or len(active) < 2:

@@ -92,19 +92,11 @@ class LTXAVWorker:
                                      dynamic_vram and torch.cuda.is_available())
         # with DynamicVRAM the cap is a held tensor: comfy-aimdo allocates outside PyTorch's allocator
         self.held = comfy_host.start(dynamic, _gpu_id(), self.cap if dynamic else None, self.per_gpu)
-        from . import (
-            cfg_parallel,
-            ffn_chunking,
-            held_model,
-            instrumentation,
-            model_transfer,
-            video_parts,
-            xdit_context_parallel,
-        )
+        from . import ffn_chunking, held_model, instrumentation, model_transfer, parallel_kinds, video_parts
         from .sequence_parallel import groups
 
-        self.transfer, self.groups, self.xsp = model_transfer, groups, xdit_context_parallel
-        self.cfgp_mod, self.ffn, self.inst = cfg_parallel, ffn_chunking, instrumentation
+        self.transfer, self.groups, self.kinds = model_transfer, groups, parallel_kinds
+        self.ffn, self.inst = ffn_chunking, instrumentation
         self.model = held_model.HeldModel()
         self.step = 0
         self.stop = threading.Event()
@@ -112,8 +104,7 @@ class LTXAVWorker:
         self.patcher = None  # the last job's patcher (the held weights' clone with the job's options)
         self.listener = None
         self.backend = backend(torch.cuda.is_available(), self.per_gpu)  # the plan counts NCCL's buffers by it
-        self.sp = None  # this rank's sequence-parallel part, and its CFG-parallel part: new ones on regroup
-        self.cfgp = None
+        self.parts: dict = {}  # this rank's part of each parallel kind (parallel_kinds): new ones on regroup
         self.cpu_group = None
         self.cuda = torch.cuda.is_available()
         self.step_times: list[float] = []
@@ -192,16 +183,7 @@ class LTXAVWorker:
         self._parts()
 
     def _parts(self) -> None:
-        self.sp = self.xsp.SequenceParallel(rank_label=self.rank, phase_stats=True)
-        self.cfgp = self.cfgp_mod.CfgParallel()
-
-    def diffusion_model_wrapper(self, executor, *args, **kwargs):
-        """The model's DIFFUSION_MODEL wrapper: the current sequence-parallel part's."""
-        return self.sp.diffusion_model_wrapper(executor, *args, **kwargs)
-
-    def calc_cond_batch_wrapper(self, executor, *args, **kwargs):
-        """The model's CALC_COND_BATCH wrapper: the current CFG-parallel part's."""
-        return self.cfgp.calc_cond_batch_wrapper(executor, *args, **kwargs)
+        self.parts = self.kinds.make_parts(self.rank)
 
     # -- model ------------------------------------------------------------------
     @property
@@ -269,23 +251,17 @@ class LTXAVWorker:
         self.stop.clear()
         self.last_x0 = None
         x0 = None
-        import comfy.patcher_extension
-
-        wrappers = comfy.patcher_extension.WrappersMP
-        patcher, job, error = self.model.job_on_every_rank(payload, {
-            (wrappers.DIFFUSION_MODEL, self.xsp.WRAPPER_KEY): self.diffusion_model_wrapper,
-            (wrappers.CALC_COND_BATCH, self.cfgp_mod.WRAPPER_KEY): self.calc_cond_batch_wrapper}, self.cpu_group)
+        patcher, job, error = self.model.job_on_every_rank(payload, self.kinds.wrappers(self.parts), self.cpu_group)
         if error:
             return self.jobs.SampleResult(interrupted=False, step=0, memory=self.memory(), error=error)
         self.patcher = patcher
-        self.sp.reset_stats()
-        self.cfgp.reset()
+        self.kinds.reset(self.parts)
         try:
             with self.inst.traced(self.rank):  # LTXAV_PARALLEL_TRACE_DIR: a profiler trace of this run
                 samples = job.sample(self.patcher, self._callback)
         except comfy.model_management.InterruptProcessingException:
             return self.jobs.SampleResult(interrupted=True, step=self.step, memory=self.memory(),
-                                          passes=self.cfgp.passes)
+                                          passes=self.kinds.report(self.parts)["passes"])
         finally:
             x0 = None if self.last_x0 is None or self.rank else self.last_x0.cpu()
             self.last_x0 = None
@@ -293,7 +269,7 @@ class LTXAVWorker:
         first = self.rank == 0
         return self.jobs.SampleResult(interrupted=False, step=self.step, memory=self.memory(),
                                       step_times=self.step_times, samples=samples if first else None,
-                                      x0=x0 if first else None, passes=self.cfgp.passes)
+                                      x0=x0 if first else None, passes=self.kinds.report(self.parts)["passes"])
 
     # -- video ----------------------------------------------------------------------
     def load_vae(self, key: str, data: bytes | None = None) -> bool:
@@ -317,7 +293,7 @@ class LTXAVWorker:
 
     def memory(self):
         """This worker's ``jobs.WorkerMemory`` after a run (GPU figures None on CPU)."""
-        gib, stats = self.jobs.gib, self.sp.stats
+        gib, stats = self.jobs.gib, self.kinds.report(self.parts).get("stats", {})
         gpu = {}
         if self.cuda:
             gpu = {f"{name}_gib": gib(stats[name]) for name in ("peak", "pe", "blocks") if name in stats}

@@ -54,7 +54,26 @@ def _with_role(role: Role, forward, *args, **kwargs):
 
 
 class SequenceParallel:
-    """This process's part of a sequence-parallel forward; create after ``init_process_groups``."""
+    """This process's part of a sequence-parallel forward; create after ``init_process_groups``. A
+    ``parallel_kinds`` kind: its degree is the group's ranks (Ulysses x ring), its planner term the tokens
+    split over them."""
+
+    KIND = "sequence"
+    WRAPPER = "DIFFUSION_MODEL"
+    WRAPPER_KEY = WRAPPER_KEY
+
+    @classmethod
+    def for_rank(cls, rank: int) -> SequenceParallel:
+        """A worker's part: its phase peaks kept for the run's report."""
+        return cls(rank_label=rank, phase_stats=True)
+
+    @staticmethod
+    def degree(degrees) -> int:
+        return degrees.sequence
+
+    @staticmethod
+    def plan_terms(degrees, passes) -> dict:
+        return {"world": degrees.sequence, "ring": degrees.ring}
 
     def __init__(self, rank_label: int | None = None, phase_stats: bool = False):
         xf = xfuser_compat.load()
@@ -73,10 +92,14 @@ class SequenceParallel:
         self.stats: dict[str, int] = {}
         self.constants = RunConstants()
 
-    def reset_stats(self) -> None:
+    def reset(self) -> None:
         """Start of a sampling run: forget the last run's peaks and constants."""
         self.stats = {}
         self.constants.clear()
+
+    def report(self) -> dict:
+        """The run's allocation peaks by phase (bytes above each forward's start; empty without phase stats)."""
+        return {"stats": dict(self.stats)}
 
     def record(self, name: str, base: int) -> None:
         """Keep the allocation peak since ``base`` as phase ``name``'s (and the run's) peak."""
@@ -84,7 +107,7 @@ class SequenceParallel:
         self.stats[name] = max(self.stats.get(name, 0), peak)
         self.stats["peak"] = max(self.stats.get("peak", 0), peak)
 
-    def diffusion_model_wrapper(self, executor, *args, **kwargs):
+    def wrapper(self, executor, *args, **kwargs):
         """ComfyUI DIFFUSION_MODEL wrapper: run this forward sequence-parallel."""
         family = models.family_of(executor.class_obj, "Sequence parallel")
         forward = ShardedForward(self, executor.class_obj, family)

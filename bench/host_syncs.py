@@ -104,13 +104,13 @@ def main():
     sp = xsp.SequenceParallel(rank_label=0, phase_stats=True)
     pack = stock.clone()
     pack.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, xsp.WRAPPER_KEY,
-                              sp.diffusion_model_wrapper)
+                              sp.wrapper)
     want = None
     for name, patcher in (("stock", stock), ("pack, world 1", pack)):
         marks = []
 
         def run(steps):
-            sp.reset_stats()  # as the worker does at the start of each run
+            sp.reset()  # as the worker does at the start of each run
             marks[:] = [time.perf_counter()]
             return comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", pos, neg, latent,
                                        noise_mask=mask, disable_pbar=True, seed=0,

@@ -129,7 +129,7 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
         if world > 1:
             groups.init_process_groups(rank, world, groups.Degrees(world, 1), backend(world, a), f"file://{init_file}")
             sp = xsp.SequenceParallel(phase_stats=True)
-            to["wrappers"][dmw]["sp"] = [sp.diffusion_model_wrapper]
+            to["wrappers"][dmw]["sp"] = [sp.wrapper]
         compute = torch.bfloat16 if on_gpu else torch.float32
         dev = torch.device("cuda", gpu) if on_gpu else torch.device("cpu")
         model = common.build_model(a.layers, tiny=a.tiny, dtype=compute, device=dev, weight_dtype=DTYPES[a.weights])
@@ -159,7 +159,7 @@ def rank_main(rank, world, a, latent_frames, init_file, out_dir):
                 if a.profile and rank == 0:
                     torch.cuda.memory._record_memory_history(max_entries=2_000_000)
             if sp:
-                sp.reset_stats()
+                sp.reset()
             base = torch.cuda.memory_allocated() if on_gpu else 0
             t0 = time.perf_counter()
             try:

@@ -161,7 +161,7 @@ def rank_main(rank, token, a, init_file, out_dir):
         groups.init_process_groups(rank, world, groups.Degrees(ulysses, ring),
                                 "nccl" if on_gpu else "gloo", f"file://{init_file}")
         sp = xsp.SequenceParallel()
-        wrappers["sp"] = [sp.diffusion_model_wrapper]
+        wrappers["sp"] = [sp.wrapper]
     to = {"wrappers": {dmw: wrappers}}
     if a.ffn != "1":
         wrappers["ffn"] = [ffn_chunking.diffusion_model_wrapper]

@@ -11,7 +11,7 @@ from .. import comfy_host, envs, guidance_passes, instrumentation, jobs, lean_at
 from ..sequence_parallel.groups import Degrees
 from .plan import NODE, check_memory
 from .report import step_timings, summary_here
-from .workers import OWN_KEYS
+from .workers import own_keys
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def run_here(pool, patcher, job: jobs.KSamplerJob | jobs.GuiderJob) -> jobs.RunR
     info = {"device": f"{torch.cuda.get_device_name(device)} ({device})" if cuda else str(device),
             "dynamic_vram": comfy_host.dynamic_vram_enabled() and patcher.is_dynamic()}
     est = None
-    passes = guidance_passes.count(patcher, job, model_transfer.dumps_job(job, patcher, OWN_KEYS), NODE)
+    passes = guidance_passes.count(patcher, job, model_transfer.dumps_job(job, patcher, own_keys()), NODE)
     if not envs.SKIP_MEMORY_CHECK.on():
         budget = here_budget(device)
         est = check_memory(patcher, job.latent, Degrees(1), budget, [info], passes)

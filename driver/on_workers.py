@@ -10,7 +10,7 @@ import time
 from .. import envs, guidance_passes, jobs, memory_plan, model_transfer
 from .plan import NODE, ParallelSettings, model_streams, plan
 from .report import StepProgress, short_names, step_timings, summary
-from .workers import OWN_KEYS, Workers, cpu_mode
+from .workers import Workers, cpu_mode, own_keys
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def run_on_workers(pool: Workers, patcher, job: jobs.KSamplerJob | jobs.GuiderJo
     pool.connect(settings.ray_address)  # first: it decides how Ray is imported
     import ray
     t_prepare = time.perf_counter()
-    model = model_transfer.model_spec(patcher, own_keys=OWN_KEYS, node=NODE)
+    model = model_transfer.model_spec(patcher, own_keys=own_keys(), node=NODE)
     if model.skipped:
         log.warning("%s: not reproduced on the workers (cannot be pickled): %s", NODE, short_names(model.skipped))
     if model.not_sent:

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 
-from .. import cfg_parallel, envs, ffn_chunking, guidance_passes, lean_attention, memory_plan, models
+from .. import cfg_parallel, envs, ffn_chunking, guidance_passes, lean_attention, memory_plan, models, parallel_kinds
 from ..sequence_parallel.groups import Degrees, check_degrees
 from ..sequence_parallel.layout import ShardLayout
 
@@ -186,14 +186,14 @@ def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_pl
     # workers that stream the weights keep only the blocks in use on the GPU
     streaming = model_streams(patcher, infos)
     passes = guidance_passes.Passes.of(passes)
-    share = passes.largest_share(degrees.cfg)  # the wrapper's split of the largest call
+    terms = parallel_kinds.plan_terms(degrees, passes)  # each parallel kind's part of one worker's forward
+    share = terms.pop("share")  # CFG-parallel's split of the largest call
     per_forward = passes_per_forward(patcher, clip, batch, share, budget)
     # NCCL's buffers: one set per peer the worker exchanges with (gloo's stay in host memory)
     nccl_peers = degrees.world - 1 if any(i.get("backend") == "nccl" for i in infos) else 0
-    kw = dict(ring=degrees.ring, ffn_chunks=ffn, sampler=True, batch=batch * per_forward, per_token_timesteps=True,
-              streaming=streaming, lean=lean_attention.enabled(), nccl_peers=nccl_peers)
-    sequence = degrees.sequence
-    est = memory_plan.estimate(dims, clip, world=sequence, **kw)
+    kw = dict(ffn_chunks=ffn, sampler=True, batch=batch * per_forward, per_token_timesteps=True,
+              streaming=streaming, lean=lean_attention.enabled(), nccl_peers=nccl_peers, **terms)
+    est = memory_plan.estimate(dims, clip, **kw)
     gib = memory_plan.GIB
     if est.total <= budget:
         if budget - est.total < memory_plan.EDGE_BYTES:
@@ -206,10 +206,10 @@ def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_pl
     size = f"{clip.latent_width * stride}x{clip.latent_height * stride}"
     fits = 0  # the longest length that fits with as many passes a forward as ComfyUI would batch there
     for k in sorted({share // i for i in range(1, share + 1)}):
-        longest = memory_plan.largest_latent_frames(budget, dims, clip, world=sequence, **{**kw, "batch": batch * k})
+        longest = memory_plan.largest_latent_frames(budget, dims, clip, **{**kw, "batch": batch * k})
         if longest and passes_per_forward(patcher, clip.with_latent_frames(longest), batch, share, budget) <= k:
             fits = max(fits, longest)
-    ulysses_only = {k: v for k, v in kw.items() if k != "ring"}
+    ulysses_only = {k: v for k, v in kw.items() if k not in ("ring", "world")}  # it tries each world
     more = memory_plan.smallest_world(budget, dims, clip, max_world=64, video_heads=family.video_heads(dm),
                                       **ulysses_only)
     device = infos[0]["device"] if infos else "each worker"
@@ -225,7 +225,7 @@ def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_pl
         cfg = f"cfg-parallel {degrees.cfg} x " if degrees.cfg > 1 else ""
         advice.append(f"{clip.frames} frames need gpus={more * degrees.cfg} ({cfg}ulysses_degree={more})")
     if ffn == 1:
-        with_chunker = memory_plan.estimate(dims, clip, world=sequence, **{**kw, "ffn_chunks": None})
+        with_chunker = memory_plan.estimate(dims, clip, **{**kw, "ffn_chunks": None})
         if with_chunker.total <= budget:
             advice.append("or add the LTX FFN Chunker before this node")
     raise ValueError(f"{NODE}: a {clip.frames}-frame {size} video needs about {est.total / gib:.2f} GiB per worker "

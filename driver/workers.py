@@ -15,15 +15,14 @@ import time
 import torch
 
 from .. import (
-    cfg_parallel,
     comfy_host,
     envs,
     ffn_chunking,
     log_relay,
+    parallel_kinds,
     ray_cluster,
     ray_join,
     ray_worker,
-    xdit_context_parallel,
 )
 from ..errors import clause
 from ..sequence_parallel.groups import Degrees
@@ -35,8 +34,11 @@ POLL_S = 0.25
 # Ray CPU slots of a local cluster: each worker takes one, and CPU workers (ComfyUI on --cpu) may outnumber
 # the cores (slow, but they run)
 LOCAL_CPU_SLOTS = 8
-# the pack's own wrappers: not sent with the MODEL's options (each worker adds its own)
-OWN_KEYS = (ffn_chunking.WRAPPER_KEY, xdit_context_parallel.WRAPPER_KEY, cfg_parallel.WRAPPER_KEY)
+
+
+def own_keys() -> tuple[str, ...]:
+    """The pack's own wrappers: not sent with the MODEL's options (each worker adds its own)."""
+    return (ffn_chunking.WRAPPER_KEY, *parallel_kinds.own_keys())
 
 
 class WorkerFault(RuntimeError):

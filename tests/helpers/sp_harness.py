@@ -37,12 +37,12 @@ def _rank_main(rank, world, ulysses, ring, ckpts, init_file, out_dir, jobs, env,
     try:
         sp = sp_mod.SequenceParallel()
         dmw = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
-        to = {"wrappers": {dmw: {sp_mod.WRAPPER_KEY: [sp.diffusion_model_wrapper]}}}
+        to = {"wrappers": {dmw: {sp_mod.WRAPPER_KEY: [sp.wrapper]}}}
         patchers = {}
         for version, path in ckpts.items():
             patchers[version] = comfy.sd.load_diffusion_model(path)
             patchers[version].add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
-                                                   sp_mod.WRAPPER_KEY, sp.diffusion_model_wrapper)
+                                                   sp_mod.WRAPPER_KEY, sp.wrapper)
         results = {}
         for job in jobs:
             version, case, shape = job
