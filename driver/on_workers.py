@@ -34,7 +34,8 @@ def run_on_workers(pool: Workers, patcher, job: jobs.KSamplerJob | jobs.GuiderJo
     cpu = cpu_mode()
     available = pool.available(cpu)
     # what no budget changes (the inputs, the degrees, too few tokens) is refused before any worker starts
-    world = plan(settings, passes, patcher, job.latent, available, cpu, pool.address).world
+    shaped = plan(settings, passes, patcher, job.latent, available, cpu, pool.address)
+    world = shaped.world
     total_steps = job.total_steps
     comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
     comfy.model_management.soft_empty_cache()
@@ -44,7 +45,8 @@ def run_on_workers(pool: Workers, patcher, job: jobs.KSamplerJob | jobs.GuiderJo
     budgets = None
     if not envs.SKIP_MEMORY_CHECK.on():
         budgets = pool._wait([a.memory_budget.remote() for a in group.actors], "start", envs.START_S.number())
-    the_plan = plan(settings, passes, patcher, job.latent, available, cpu, pool.address, budgets, group.infos)
+    the_plan = plan(settings, passes, patcher, job.latent, available, cpu, pool.address, budgets, group.infos,
+                    shaped=shaped)  # the workers and degrees decided above, now with the memory verdict
     for note in the_plan.notes:
         log.info("%s: %s", NODE, note)
     start_s += pool.set_degrees(group, the_plan.degrees)

@@ -86,31 +86,25 @@ def degrees_of(settings: ParallelSettings, world: int, cfg: int, video_heads: in
 
 
 def plan(settings: ParallelSettings, passes, patcher, latent, available: int, cpu: bool,
-         address: str | None = "local", budgets=None, infos=()) -> Plan:
+         address: str | None = "local", budgets=None, infos=(), shaped: Plan | None = None) -> Plan:
     """The run's plan for ``patcher``'s model sampling ``latent`` with the job's ``passes``
     (``guidance_passes.Passes``; an int: one call of that many a step) on ``available`` workers. Without
-    ``budgets`` (bytes each worker can use; None entries: unknown) it refuses only what no budget changes,
-    so a run can call it before any worker starts; with them it also decides the passes a forward holds
-    and the memory verdict. With ``cfg_parallel`` auto, a cfg-parallel plan that does not fit falls back
-    to each pass split over all workers when that fits."""
+    ``budgets`` (bytes each worker can use; None entries: unknown) it decides and checks only what no
+    budget changes (workers, degrees, CFG-parallel or not), so a run can call it before any worker starts;
+    with them it also decides the passes a forward holds and the memory verdict, from ``shaped`` (that
+    first plan, not decided again) when given. With ``cfg_parallel`` auto, a cfg-parallel plan that does not
+    fit falls back to each pass split over all workers when that fits."""
     passes = guidance_passes.Passes.of(passes)
     dm = patcher.get_model_object("diffusion_model")
     family = models.family_of(dm, NODE)
     heads = family.video_heads(dm)
-    world = world_of(settings, available, cpu, address)
-    cfg, why = cfg_parallel.choose_degree(settings.cfg_parallel, passes, world, settings.ulysses,
-                                          max(1, settings.ring), heads, NODE, unit=unit(cpu))
-    notes = []
-    if settings.cfg_parallel != "off" and cfg == 1 and world > 1:
-        notes.append(f"cfg-parallel not used ({why})")
-    elif why and cfg > 1:
-        notes.append(f"cfg-parallel {cfg}: {why}")
-    degrees = degrees_of(settings, world, cfg, heads, cpu)
     tokens = family.latent_clip(latent)[0].video_tokens
-    ShardLayout(tokens, degrees.sequence, 0).check(NODE, unit(cpu))  # else a worker finds it in its first forward
+    if shaped is None:
+        shaped = _shape(settings, passes, heads, tokens, available, cpu, address)
+    world, degrees, notes = shaped.world, shaped.degrees, list(shaped.notes)
     known = [b for b in budgets or () if b is not None]
     if not known:
-        return Plan(world, degrees, cpu, tuple(notes))
+        return shaped
     budget = min(known)
     try:
         est, per_forward = fit(patcher, latent, degrees, budget, infos, passes)
@@ -124,6 +118,22 @@ def plan(settings: ParallelSettings, passes, patcher, latent, available: int, cp
         degrees = split_all
         notes.append(f"cfg-parallel not used (the video fits only with each pass split over all {world} GPUs)")
     return Plan(world, degrees, cpu, tuple(notes), est, budget, per_forward)
+
+
+def _shape(settings: ParallelSettings, passes, heads: int, tokens: int, available: int, cpu: bool,
+           address: str | None) -> Plan:
+    """``plan``'s part that no budget changes: the workers, the cfg degree and the other degrees, checked."""
+    world = world_of(settings, available, cpu, address)
+    cfg, why = cfg_parallel.choose_degree(settings.cfg_parallel, passes, world, settings.ulysses,
+                                          max(1, settings.ring), heads, NODE, unit=unit(cpu))
+    notes = []
+    if settings.cfg_parallel != "off" and cfg == 1 and world > 1:
+        notes.append(f"cfg-parallel not used ({why})")
+    elif why and cfg > 1:
+        notes.append(f"cfg-parallel {cfg}: {why}")
+    degrees = degrees_of(settings, world, cfg, heads, cpu)
+    ShardLayout(tokens, degrees.sequence, 0).check(NODE, unit(cpu))  # else a worker finds it in its first forward
+    return Plan(world, degrees, cpu, tuple(notes))
 
 
 def one_gpu_here(settings: ParallelSettings, cpu: bool, cuda_devices: int) -> bool:

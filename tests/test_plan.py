@@ -105,3 +105,20 @@ def test_auto_falls_back_to_every_pass_split_over_all_workers_when_only_that_fit
     # neither fits: the refusal is the split-all plan's, the one that needs least
     with pytest.raises(ValueError, match=rf"^{NODE}: .* per worker \(Ulysses 2 x ring 1; "):
         dp.plan(dp.ParallelSettings(gpus=2), 2, model, latent, 2, False, budgets=[split - 1] * 2)
+
+
+def test_the_verdict_keeps_the_first_plans_decisions(dp, Degrees, tiny_model, monkeypatch):
+    """A run plans before its workers start and again with their budgets: the second plan takes the workers,
+    degrees and notes from the first (``shaped``) and decides only the memory verdict; the twin without
+    ``shaped`` decides them again."""
+    latent = make_latent(**LATENT)["samples"]
+    settings = dp.ParallelSettings(gpus=2)
+    first = dp.plan(settings, 2, tiny_model, latent, available=4, cpu=False)
+    decided = []
+    real = dp._shape
+    monkeypatch.setattr(dp, "_shape", lambda *a: decided.append(a) or real(*a))
+    final = dp.plan(settings, 2, tiny_model, latent, 4, False, budgets=[1 << 40, 1 << 40], shaped=first)
+    assert decided == [] and (final.world, final.degrees, final.notes) == (first.world, first.degrees, first.notes)
+    assert final.estimate is not None
+    dp.plan(settings, 2, tiny_model, latent, 4, False, budgets=[1 << 40, 1 << 40])
+    assert len(decided) == 1
