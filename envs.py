@@ -43,8 +43,9 @@ MEMORY_LOG = Var("LTXAV_PARALLEL_MEMORY_LOG", "", "1: each worker logs its memor
 TRACE_DIR = Var("LTXAV_PARALLEL_TRACE_DIR", "", "a folder: each worker writes a torch.profiler trace of every "
                 "sampling run there")
 WORKERS_PER_GPU = Var("LTXAV_PARALLEL_WORKERS_PER_GPU", "1", "workers that share each GPU, over gloo instead of "
-                      "NCCL (slow; with a cap each gets its share of the card): to measure several workers' host "
-                      "memory on fewer GPUs; for benchmarks and tests")
+                      "NCCL (slow; with a cap each gets its share of the card): to measure several workers' GPU "
+                      "memory and lengths on fewer GPUs, not their host memory (gloo stages GPU tensors through "
+                      "pinned host buffers: 15 to 25 GiB a worker at 10,000 frames); for benchmarks and tests")
 ONE_GPU_IN_PROCESS = Var("LTXAV_PARALLEL_ONE_GPU_IN_PROCESS", "1", "0: gpus=1 starts one Ray worker, as "
                          "several GPUs do, instead of sampling in ComfyUI's process (the worker's CUDA context then "
                          "sits beside ComfyUI's on the card); for benchmarks and tests")
