@@ -41,10 +41,10 @@ case $call in
     b w4-depth-l2 $L2 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 60
     b w4-depth-l8 $L8 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
     ;;
-  workers-2-depth)  # two workers (24 GiB each), 5,201 frames 768x512: the peak at 2 against 8 layers, same call
+  workers-2-depth)  # two workers (24 GiB each), 768x512 (DEPTH_FRAMES, 5,201): the peak at 2 against 8 layers, same call
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2
-    b w2-depth-l2 $L2 --gpus 2 --frames 5201 --variants parallel-chunker --timeout 60
-    b w2-depth-l8 $L8 --gpus 2 --frames 5201 --variants parallel-chunker --timeout 80
+    b w2-depth-l2 $L2 --gpus 2 --frames "${DEPTH_FRAMES:-5201}" --variants parallel-chunker --timeout 60
+    b w2-depth-l8 $L8 --gpus 2 --frames "${DEPTH_FRAMES:-5201}" --variants parallel-chunker --timeout 80
     ;;
   workers-2)  # two workers (24 GiB each, then 16): depth, 768x512 to the edge and past it; stock + chunker at 16 GiB
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2
