@@ -299,7 +299,9 @@ class LTXAVWorker:
             gpu = {f"{name}_gib": gib(stats[name]) for name in ("peak", "pe", "blocks") if name in stats}
             held = 0 if self.held is None else self.held.numel() * self.held.element_size()
             gpu["allocated_gib"] = gib(torch.cuda.memory_allocated() - held)
-            gpu["max_allocated_gib"] = gib(torch.cuda.max_memory_allocated() - held)
+            # the phase peaks reset PyTorch's counter: their record keeps the run's top
+            top = max(stats.get("allocated_top", 0), torch.cuda.max_memory_allocated())
+            gpu["max_allocated_gib"] = gib(top - held)
             gpu["aimdo_gib"] = self.comfy.aimdo_usage_gib()
             if self.weights is not None:  # with DynamicVRAM the rest of the weights waits in host memory
                 gpu["weights_gib"] = gib(self.weights.loaded_size())

@@ -103,9 +103,10 @@ class SequenceParallel:
 
     def record(self, name: str, base: int) -> None:
         """Keep the allocation peak since ``base`` as phase ``name``'s (and the run's) peak."""
-        peak = torch.cuda.max_memory_allocated() - base
-        self.stats[name] = max(self.stats.get(name, 0), peak)
-        self.stats["peak"] = max(self.stats.get("peak", 0), peak)
+        top = torch.cuda.max_memory_allocated()
+        self.stats[name] = max(self.stats.get(name, 0), top - base)
+        self.stats["peak"] = max(self.stats.get("peak", 0), top - base)
+        self.stats["allocated_top"] = max(self.stats.get("allocated_top", 0), top)  # the run's, not above a start
 
     def wrapper(self, executor, *args, **kwargs):
         """ComfyUI DIFFUSION_MODEL wrapper: run this forward sequence-parallel."""
