@@ -691,3 +691,31 @@ def test_quoted_causes_end_no_sentence_twice(ps, pack):
                                 1, "sampling", None)
     assert text == ("worker 1 (its device) failed during sampling: ValueError: Sequence parallel: use fewer GPUs or a "
                     "longer or larger video")
+
+
+@pytest.mark.quick
+def test_worker_memory_leaves_the_held_card_out(monkeypatch):
+    """A worker's memory report on a GPU (its counters stubbed here): what stays allocated and the run's highest
+    allocation are counted less the tensor that holds the rest of an emulated card, and the highest is the run's
+    (kept by the phase peaks, which reset PyTorch's counter), not the last phase's; the twin without a held
+    tensor counts it all."""
+    import importlib
+    import types
+
+    worker = importlib.import_module("ltxav_pack.ray_worker")
+    jobs = importlib.import_module("ltxav_pack.jobs")
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 20 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 21 * gib)  # the last phase's
+    part = types.SimpleNamespace(report=lambda: {"stats": {"peak": 5 * gib, "allocated_top": 30 * gib}})
+    fake = types.SimpleNamespace(
+        jobs=jobs, cuda=True, weights=None, rank=0,
+        held=types.SimpleNamespace(numel=lambda: 15 * gib, element_size=lambda: 1),  # 15 GiB of uint8
+        kinds=importlib.import_module("ltxav_pack.parallel_kinds"), parts={"sequence": part},
+        comfy=types.SimpleNamespace(aimdo_usage_gib=lambda: 0.5),
+        inst=types.SimpleNamespace(host_memory=lambda g: {}))
+    m = worker.LTXAVWorker.memory(fake)
+    assert (m.peak_gib, m.allocated_gib, m.max_allocated_gib, m.aimdo_gib) == (5.0, 5.0, 15.0, 0.5)
+    fake.held = None
+    m = worker.LTXAVWorker.memory(fake)
+    assert (m.allocated_gib, m.max_allocated_gib) == (20.0, 30.0)
