@@ -283,7 +283,6 @@ def child(a):
     import comfy.memory_management
     import comfy.model_management as mm
     import comfy.utils
-    import comfy_aimdo.control
     rec["aimdo_enabled"] = bool(comfy.memory_management.aimdo_enabled)
     dev = mm.get_torch_device()
     rec["comfy_total_vram_gb"] = round(mm.total_vram / 1024, 3)
@@ -353,7 +352,7 @@ def child(a):
             "weights_on_gpu_gb": round(model.loaded_size() / GIB, 3),
             "torch_allocated_gb": round((torch.cuda.memory_allocated() - torch_alloc_base) / GIB, 3),
             "device_free_gb": round(torch.cuda.mem_get_info()[0] / GIB, 3),
-            "aimdo_total_vram_usage_gb": aimdo_usage_gb(comfy_aimdo)}
+            "aimdo_total_vram_usage_gb": comfy_host.aimdo_usage_gib()}
     peak = DevicePeak(torch, baseline_used) if cuda else None
     if peak:
         peak.start()
@@ -409,7 +408,7 @@ def child(a):
             rec["weights_on_gpu_gb_after"] = round(model.loaded_size() / GIB, 3)
         except Exception as e:  # noqa: BLE001
             rec["weights_on_gpu_gb_after"] = repr(e)
-        rec["aimdo_total_vram_usage_gb"] = aimdo_usage_gb(comfy_aimdo)
+        rec["aimdo_total_vram_usage_gb"] = comfy_host.aimdo_usage_gib()
     rec["host_rss_gb"] = rss_gb()
     rec["host_at_end"] = host_memory_record()
     rec["host_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 3)
@@ -450,14 +449,6 @@ def load_gguf(a):
         raise RuntimeError(f"ComfyUI could not load {pack}")
     folder_paths.add_model_folder_path("diffusion_models", str(Path(a.ckpt).resolve().parent), is_default=True)
     return sys.modules[f"{name}.nodes"].UnetLoaderGGUF().load_unet(Path(a.ckpt).name)[0]
-
-
-def aimdo_usage_gb(comfy_aimdo):
-    """comfy-aimdo's device memory in use (its weights), GiB; None where it does not run."""
-    try:
-        return round(comfy_aimdo.control.get_total_vram_usage() / GIB, 3)
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def cfg_guider(model, pos, neg, cfg):
