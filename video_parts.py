@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from . import decode_plan, jobs, video_decode, video_file
+from . import decode_plan, instrumentation, jobs, video_decode, video_file
 
 _VAE_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VAE object -> key the workers know it by
 
@@ -56,7 +56,7 @@ class PartResult:
     host: dict = dataclasses.field(default_factory=dict)
 
 
-def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None, progress=None, host_memory=None) -> PartResult:
+def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None, progress=None) -> PartResult:
     """Decode frames [start, stop) of ``job`` with ``vae`` and encode them (a worker's share; it runs where
     it is called). ``check`` raises ComfyUI's InterruptProcessingException to stop."""
     import comfy.model_management
@@ -88,7 +88,7 @@ def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None, progress
     result.seconds = round(time.perf_counter() - t0, 3)
     if cuda:
         result.peak_gib = jobs.gib(torch.cuda.max_memory_allocated(vae.device) - base)
-    result.host = host_memory(jobs.gib) if host_memory else {}
+    result.host = instrumentation.host_memory(jobs.gib)
     return result
 
 
@@ -165,8 +165,6 @@ class HeldVae:
         ``progress(n)`` gets the frames done."""
         import comfy.model_management
 
-        from .instrumentation import host_memory
-
         if self.vae is None:
             raise RuntimeError("no VAE loaded")
 
@@ -174,4 +172,4 @@ class HeldVae:
             if stop.is_set():
                 raise comfy.model_management.InterruptProcessingException()
 
-        return decode_part(self.vae, job, frames, check=check, progress=progress, host_memory=host_memory)
+        return decode_part(self.vae, job, frames, check=check, progress=progress)
