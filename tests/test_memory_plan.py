@@ -181,13 +181,14 @@ def checkpoint_dims(comfy):
     return {"fp8": dims("fp8"), "bf16": dims("bf16")}
 
 
-def plan_of(row, dims, chunker=True, lean=False):
+def plan_of(row, dims, chunker=True, lean=False, world=1):
     """The current planner's figure for a run, as the node plans gpus=1 in ComfyUI's process at cfg 1
-    (``lean``: with the lean attention, the node's default; the runs before it were planned without)."""
+    (``lean``: with the lean attention, the node's default; the runs before it were planned without), or
+    one of ``world`` workers as the driver plans it."""
     w, h = (int(v) for v in row["res"].split("x"))
     clip = mp.Clip(row["latent_frames"], h // 32, w // 32, row["audio_tokens"])
-    return mp.estimate(dims, clip, ffn_chunks=None if chunker else 1, sampler=True, per_token_timesteps=True,
-                       streaming=True, lean=lean)
+    return mp.estimate(dims, clip, world=world, ffn_chunks=None if chunker else 1, sampler=True,
+                       per_token_timesteps=True, streaming=True, lean=lean)
 
 
 def check_plan_matches_streamed_run(row, est):
@@ -412,14 +413,6 @@ def lean_worker_rows():
                                id=f"{path.stem[11:]}-{row['frames']}x{row['res']}-{row['weights']}")
 
 
-def worker_plan(row, dims):
-    """The current planner's figure for one worker of a run on ``gpus`` workers, as the driver plans it."""
-    w, h = (int(v) for v in row["res"].split("x"))
-    clip = mp.Clip(row["latent_frames"], h // 32, w // 32, row["audio_tokens"])
-    return mp.estimate(dims, clip, world=row["gpus"], sampler=True, per_token_timesteps=True, streaming=True,
-                       lean=True)
-
-
 def activations_gib(est):
     return (est.parts["video tokens"] + est.parts["audio tokens"]) / mp.GIB
 
@@ -429,7 +422,7 @@ def test_lean_plan_matches_several_workers(row, checked, checkpoint_dims):
     """With the lean attention on several workers the planner's activations (video and audio tokens) are within
     10% of every worker's peak above its forward's start (PyTorch's allocator), and every clip that ran with the
     check on is accepted against the worker's share less its CUDA context."""
-    est = worker_plan(row, checkpoint_dims[row["weights"]])
+    est = plan_of(row, checkpoint_dims[row["weights"]], lean=True, world=row["gpus"])
     for worker in row["worker_memory"]:
         assert abs(activations_gib(est) - worker["peak_gib"]) <= 0.10 * worker["peak_gib"], (est.describe(), worker)
     if checked:
@@ -445,4 +438,4 @@ def test_lean_plan_for_several_workers_fails_with_the_unmeasured_exchange(checkp
     dims = checkpoint_dims[row["weights"]]
     old = dataclasses.replace(dims, planner=dataclasses.replace(dims.planner, lean_exchange=1.5))
     peak = row["worker_memory"][0]["peak_gib"]
-    assert abs(activations_gib(worker_plan(row, old)) - peak) > 0.10 * peak
+    assert abs(activations_gib(plan_of(row, old, lean=True, world=row["gpus"])) - peak) > 0.10 * peak

@@ -13,7 +13,6 @@ kinds = importlib.import_module("ltxav_pack.parallel_kinds")
 groups = importlib.import_module("ltxav_pack.sequence_parallel.groups")
 passes_mod = importlib.import_module("ltxav_pack.guidance_passes")
 workers = importlib.import_module("ltxav_pack.driver.workers")
-plan = importlib.import_module("ltxav_pack.driver.plan")
 
 pytestmark = pytest.mark.quick
 
