@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The one-GPU benches of issues 33 (GGUF), 34 (two stages with a LoRA) and 37 (a long clip to a file) on a
+# `device` machine, from the repository root:
+#   COMMIT=<sha> bash bench/issue_benches.sh CALL OUTDIR
+# CALL picks one set of runs (each fits one 10-minute call; every run has its own time limit, most
+# important first); results go to OUTDIR as JSON lines, logs as one archive (a call returns 8 files at most).
+# Needs the carry with PyAV, gguf and ComfyUI-GGUF (bench/README.md, top).
+set -uo pipefail
+call=${1:?call}; out=${2:?outdir}
+mkdir -p "$out"
+source bench/device_setup.sh
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
+c="--commit ${COMMIT:-unknown}"
+r() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "$name rc=$?" >> "$out/rc.txt"; }
+case $call in
+  gguf)  # 48-layer GGUF Q8_0 through ComfyUI-GGUF's loader: stock beside the node at gpus=1, then two workers
+    G="--gguf Q8_0 --layers 48 --card-gb 80 --frames 897 --steps 8 --variants stock,parallel"
+    r gguf-gpus1 280 python bench/comfy_long_video.py $G --gpus 1 --timeout 200 $c --out "$out/gguf-gpus1.jsonl"
+    LTXAV_PARALLEL_WORKERS_PER_GPU=2 r gguf-2workers 280 python bench/comfy_long_video.py $G --gpus 2 --timeout 220 \
+      $c --out "$out/gguf-2workers.jsonl"
+    ;;
+  save)  # decode + save against stock's chain on an emulated 24 GiB card, growing lengths
+    S="python bench/save_video.py --card-gb 24 $c --out $out/save.jsonl"
+    r save-897 200 $S --frames 897 --variants stock,node,node-tiled --timeout 90
+    r save-1080p 150 $S --frames 993 --res 1920x1088 --variants stock,node --timeout 100
+    r save-5201 200 $S --frames 5201 --variants node --timeout 190
+    ;;
+  save-long)  # stock's chain and the node at 2,577 frames, the node at 5,201 with the templates' tiles
+    S="python bench/save_video.py --card-gb 24 $c --out $out/save-long.jsonl"
+    r save-2577 330 $S --frames 2577 --variants stock,node --timeout 160
+    r save-5201-tiled 240 $S --frames 5201 --variants node-tiled --timeout 230
+    ;;
+  save-workers)  # the node's decode on two workers sharing the GPU
+    LTXAV_PARALLEL_WORKERS_PER_GPU=2 r save-workers 560 python bench/save_video.py --card-gb 24 $c \
+      --frames 897,5201 --variants node-workers --gpus 2 --timeout 270 --out "$out/save-workers.jsonl"
+    ;;
+  lora)  # the LTX-2.3 template's two stages with a rank-64 LoRA: stock, gpus=1, two workers; then before the fix
+    L="python bench/two_stage_lora.py --layers 48 --weights fp8 --rank 64 $c"
+    r lora 420 $L --variants stock,gpus1,shared2 --timeout 140 --out "$out/lora.jsonl"
+    r lora-before-fix 160 $L --variants shared2 --before-fix --timeout 150 --out "$out/lora-before-fix.jsonl"
+    ;;
+  *) echo "unknown call $call"; exit 2 ;;
+esac
+cat "$out/rc.txt"; tail -n 4 "$out"/*.log | cut -c1-400
+(cd "$out" && tar czf logs.tgz ./*.log && rm -f ./*.log)
