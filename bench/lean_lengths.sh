@@ -40,6 +40,7 @@ case $call in
     b w4-depth-l2 $L2 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 60
     b w4-depth-l8 $L8 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
     b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 200
+    LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w4-768-past $L2 --gpus 4 --frames 20801 --variants parallel-chunker --timeout 150
     ;;
   workers-2-depth)  # two workers (24 GiB each), 768x512 (DEPTH_FRAMES, 5,201): the peak at 2 against 8 layers, same call
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2
