@@ -11,9 +11,14 @@ Three things, each where the memory goes in a long LTX forward:
   range's output over the queries it came from (softmax attention treats each query on its own, so
   the result is the same), instead of a new output plus ComfyUI's reshaped copy of it;
 * **the output projection in place**: a square ``to_out`` projection runs a range of tokens at a time
-  into its own input (``ffn_chunking.chunked_forward``), instead of a second hidden state.
+  into its own input (``ffn_chunking.chunked_forward``), instead of a second hidden state;
+* **the value in its input's buffer**: self-attention's value projection is the last one made of the
+  normed hidden state, which ComfyUI's block drops after the call, so it runs a range at a time into
+  that state (gated attention's gate logits, which ComfyUI takes from the same input after the
+  attention, are taken first): x, its norm, q, k and v are four hidden states at the attention, not five.
 
-The family says which modules (``rotary_patches``, ``in_place_projections``); ``patches`` makes the
+The family says which modules (``rotary_patches``, ``in_place_projections``, ``in_place_values``);
+``patches`` makes the
 instance attributes. The workers' sharded forward installs them with its own attention routing
 (``xdit_context_parallel``); in ComfyUI's process (one GPU) ``diffusion_model_wrapper`` does, added for
 a run by ``on(patcher)``. Off with
@@ -69,11 +74,43 @@ def projecting_in_place(module):
     return run
 
 
-def patches(model, family) -> list:
-    """``(obj, name, value)`` instance attributes for one lean forward of ``model`` (of ``family``), made
-    from the attributes the modules have now (so they wrap what an outer layer installed)."""
-    return family.rotary_patches(model) + [(m, "forward", projecting_in_place(m))
-                                           for m in family.in_place_projections(model)]
+def value_in_input(attn) -> list:
+    """``(obj, name, value)`` for self-attention ``attn`` (a family's ``in_place_values``): its value
+    projection writes into its input; a gate (``to_gate_logits``, LTX-2.3) is computed from that input
+    before, and handed back when the attention asks for it with the same tensor."""
+    project = projecting_in_place(attn.to_v)
+    gate = getattr(attn, "to_gate_logits", None)
+    if gate is None:
+        return [(attn.to_v, "forward", project)]
+    gate_forward = gate.forward
+    taken = {}
+
+    def value(x):
+        taken["input"], taken["logits"] = x, gate_forward(x)
+        return project(x)
+
+    def gate_logits(x):
+        if taken.get("input") is x:
+            logits = taken["logits"]
+            taken.clear()
+            return logits
+        return gate_forward(x)
+    return [(attn.to_v, "forward", value), (gate, "forward", gate_logits)]
+
+
+def patches(model, family, options: dict) -> list:
+    """``(obj, name, value)`` instance attributes for one lean forward of ``model`` (of ``family``, with
+    the forward's ``transformer_options``), made from the attributes the modules have now (so they wrap
+    what an outer layer installed)."""
+    values = [t for attn in family.in_place_values(model, options) for t in value_in_input(attn)]
+    return values + family.rotary_patches(model) + [(m, "forward", projecting_in_place(m))
+                                                    for m in family.in_place_projections(model)]
+
+
+def values_in_place(model, family, options: dict) -> bool:
+    """Whether a lean forward of ``model`` with these options writes its self-attention values in place
+    (the planner's term)."""
+    return enabled() and bool(family.in_place_values(model, options))
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
@@ -92,7 +129,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return attention_into_query(call, *a, **kw)
 
     args, kwargs = family.with_transformer_options(args, kwargs, {**options, "optimized_attention_override": override})
-    with instance_attrs(patches(model, family)):
+    with instance_attrs(patches(model, family, options)):
         return executor(*args, **kwargs)
 
 

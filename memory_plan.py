@@ -75,6 +75,7 @@ class Coefficients:
     lean_exchange: float  # ... and over several ranks ...
     lean_range: float  # one range's temporaries, of up to LEAN_RANGE_TOKENS local tokens
     lean_pool: float  # the allocator's pool beyond PyTorch's peak, with the lean attention
+    lean_value: float = 0.0  # less when self-attention's value goes into its input's buffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,28 +250,29 @@ def auto_ffn_chunks(tokens: int, ffn_bytes_per_token: int, free_bytes: float | N
     return max(1, min(FFN_MAX_CHUNKS, n))
 
 
-def attention_vectors(dims: ModelDims, world: int, ring: int, lean: bool) -> float:
+def attention_vectors(dims: ModelDims, world: int, ring: int, lean: bool, lean_value: bool = False) -> float:
     """Hidden vectors per local video token at the attention phase's peak."""
     c = dims.planner
     if lean:
-        return (c.lean_attention + (c.lean_gated if dims.gated_attention else 0)
+        return (c.lean_attention - (c.lean_value if lean_value else 0) + (c.lean_gated if dims.gated_attention else 0)
                 + (c.lean_exchange if world > 1 else 0) + (c.ring if ring > 1 else 0))
     return c.attention + (c.ring if ring > 1 else 0) - (c.attention_out_in_place if world > 1 else 0)
 
 
 def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chunks: int | None = None,
              per_token_timesteps: bool = False, sampler: bool = False, batch: int = 1,
-             streaming: bool = False, lean: bool = False, nccl_peers: int = 0) -> Estimate:
+             streaming: bool = False, lean: bool = False, lean_value: bool = False, nccl_peers: int = 0) -> Estimate:
     """Peak memory of one of ``world`` workers (Ulysses x ``ring``) running one forward of ``clip``;
     ``ffn_chunks`` None = auto, 1 = no chunking; ``sampler`` adds the sampler's latent-sized state;
     ``streaming``: ComfyUI streams the weights (DynamicVRAM), only two blocks of them and their casts stay;
-    ``lean``: the lean attention (``lean_attention``) instead of ComfyUI's own memory layout;
+    ``lean``: the lean attention (``lean_attention``) instead of ComfyUI's own memory layout, ``lean_value``
+    with self-attention's value written into its input's buffer;
     ``nccl_peers``: ranks this worker exchanges with over NCCL (their buffers, ``NCCL_PEER_BYTES`` each)."""
     n = clip.video_tokens
     local = math.ceil(n / world)
     vec = dims.vector
     c = dims.planner
-    attn = attention_vectors(dims, world, ring, lean)
+    attn = attention_vectors(dims, world, ring, lean, lean_value)
     if per_token_timesteps:
         attn += c.per_token_timestep
     audio_vec = dims.audio_dim * dims.compute_bytes

@@ -132,6 +132,7 @@ class ShardedForward:
         self.hooks = family.Hooks(model, self)
         self.layout: ShardLayout | None = None
         self.outer_override = None
+        self.options: dict = {}
         self.base = 0
         if sp.phase_stats:
             self.base = torch.cuda.memory_allocated()
@@ -154,6 +155,7 @@ class ShardedForward:
         """The forward's arguments with ``attention_override`` as ComfyUI's attention override (an
         override another node set is kept and called for the kernel)."""
         options = self.family.transformer_options_of(args, kwargs)
+        self.options = options
         self.outer_override = options.get("optimized_attention_override")
         options = {**options, "optimized_attention_override": self.attention_override}
         return self.family.with_transformer_options(args, kwargs, options)
@@ -167,7 +169,7 @@ class ShardedForward:
         with contextlib.ExitStack() as stack:
             stack.enter_context(instance_attrs(self.hooks.patches()))
             if lean_attention.enabled():
-                stack.enter_context(instance_attrs(lean_attention.patches(self.model, self.family)))
+                stack.enter_context(instance_attrs(lean_attention.patches(self.model, self.family, self.options)))
             stack.enter_context(instance_attrs([(module, "forward", functools.partial(_with_role, role, module.forward))
                                                 for module, role in self.hooks.attention_roles()]))
             if instrumentation.enabled() or self.sp.phase_stats:

@@ -60,7 +60,7 @@ def main():
             for world in WORLDS:
                 budget = int(free * mp.GIB) - (mp.CUDA_CONTEXT_BYTES if world > 1 else 0)
                 kw = dict(world=world, sampler=True, per_token_timesteps=True, streaming=True, lean=True,
-                          nccl_peers=world - 1)
+                          lean_value=True, nccl_peers=world - 1)
                 latent = mp.largest_latent_frames(budget, dims, clip, **kw)
                 frames = (latent - 1) * 8 + 1 if latent else 0
                 est = mp.estimate(dims, clip.with_latent_frames(latent), **kw) if latent else None

@@ -201,8 +201,10 @@ def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_pl
     per_forward = passes_per_forward(patcher, clip, batch, share, budget)
     # NCCL's buffers: one set per peer the worker exchanges with (gloo's stay in host memory)
     nccl_peers = degrees.world - 1 if any(i.get("backend") == "nccl" for i in infos) else 0
+    options = patcher.model_options.get("transformer_options") or {}
     kw = dict(ffn_chunks=ffn, sampler=True, batch=batch * per_forward, per_token_timesteps=True,
-              streaming=streaming, lean=lean_attention.enabled(), nccl_peers=nccl_peers, **terms)
+              streaming=streaming, lean=lean_attention.enabled(), nccl_peers=nccl_peers,
+              lean_value=lean_attention.values_in_place(dm, family, options), **terms)
     est = memory_plan.estimate(dims, clip, **kw)
     gib = memory_plan.GIB
     if est.total <= budget:

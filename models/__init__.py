@@ -66,6 +66,10 @@ class Family:
     def in_place_projections(self, model) -> list:
         return []
 
+    def in_place_values(self, model, options: dict) -> list:
+        """Self-attention modules whose value projection may write into their input (the caller drops it)."""
+        return []
+
 
 def register(model_class):
     """Class decorator: the decorated ``Family`` subclass is the family of ``model_class`` (a class, or

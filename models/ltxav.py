@@ -48,6 +48,25 @@ def in_place_projections(model) -> list:
     return [attn.to_out for block in model.transformer_blocks for attn in (block.attn1, block.attn2)]
 
 
+def in_place_values(model, options: dict) -> list:
+    """The self-attentions whose value projection may write into its input: ComfyUI's own ``CrossAttention``
+    in ComfyUI's own audio-video block, whose forward makes the normed input, passes it to the attention
+    and drops it (``del norm_vx``; the value is the last projection made of it). None when a patch
+    replaces blocks (``patches_replace["dit"]``) or another node pack changed a block's or an attention's
+    class or forward: their code may read that input again."""
+    from comfy.ldm.lightricks.av_model import BasicAVTransformerBlock
+    from comfy.ldm.lightricks.model import CrossAttention
+
+    if (options.get("patches_replace") or {}).get("dit"):
+        return []
+    out = []
+    for block in model.transformer_blocks:
+        if type(block) is not BasicAVTransformerBlock or "forward" in vars(block):
+            continue
+        out += [a for a in (block.attn1, block.audio_attn1) if type(a) is CrossAttention and "forward" not in vars(a)]
+    return out
+
+
 def plan_dims(diffusion_model, compute_dtype=None) -> memory_plan.ModelDims:
     """What the memory planner needs of an ``LTXAVModel``; ``compute_dtype``: the dtype it runs in
     (ComfyUI's ``get_dtype_inference()``), default its weights' dtype."""
@@ -237,3 +256,6 @@ class LTXAV(Family):
 
     def in_place_projections(self, model) -> list:
         return in_place_projections(model)
+
+    def in_place_values(self, model, options: dict) -> list:
+        return in_place_values(model, options)

@@ -50,6 +50,10 @@ COEFFICIENTS = memory_plan.Coefficients(
     # Planned only with the lean attention, whose longest clips lie far beyond stock's, so it refuses nothing
     # stock runs
     lean_pool=0.75,
+    # with self-attention's value written into the normed hidden state's buffer (lean_attention.value_in_input),
+    # the moment that ran out of memory above (making v beside x, its norm, q and k) holds four hidden states and
+    # a range: one hidden vector less. Derived from those live blocks, not yet measured
+    lean_value=1.0,
 )
 
 # LTX-2's VAE: 8x time (plus the first frame), 32x space; audio ~25 latents a second. The sampler's latent

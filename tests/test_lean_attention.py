@@ -173,6 +173,30 @@ def counting(obj, name):
         setattr(obj, name, real)
 
 
+@contextlib.contextmanager
+def values_recorded(lean, keep_gate=True):
+    """Record, for each self-attention value projection of a long sequence, whether it went into its
+    input's buffer; ``keep_gate`` False: the gate patch is left out (the twin: the gate then reads v)."""
+    real = lean.value_in_input
+    seen = []
+
+    def recording(attn):
+        (obj, name, value), *rest = real(attn)
+
+        def run(x):
+            out = value(x)
+            if x.shape[1] > 11:
+                seen.append(out.data_ptr() == x.data_ptr())
+            return out
+        return [(obj, name, run)] + (rest if keep_gate else [])
+
+    lean.value_in_input = recording
+    try:
+        yield seen
+    finally:
+        lean.value_in_input = real
+
+
 @pytest.mark.parametrize("version", ["2", "2.3"], ids=["ltx2", "ltx23"])
 @pytest.mark.parametrize("case", FORWARD_CASES + ["ks_i2v", "ks_guide_attenuated"])
 def test_lean_forward_equals_stock(stock_forward, lean, rope, small_ranges, version, case):
@@ -183,13 +207,56 @@ def test_lean_forward_equals_stock(stock_forward, lean, rope, small_ranges, vers
     with counting(rope.RotaryTable, "whole") as whole, counting(rope._Gather, "rows") as ranges, \
             counting(lean.ffn_chunking, "chunked_forward") as projections, \
             in_place(rope.RotaryTable, "rotate", lambda a: a[1]) as rotated, \
-            in_place(lean, "attention_into_query", lambda a: a[1]) as attended:
+            in_place(lean, "attention_into_query", lambda a: a[1]) as attended, values_recorded(lean) as values:
         got = lean_run(lean, patchers[version, torch.float32], case)
     assert not whole and ranges and projections
-    # long queries and keys are normalised and rotated in their projection's buffer, and the attention
-    # output lands in the queries' (unless a mask asks for the plain call)
-    assert rotated and all(rotated) and attended and any(attended)
+    # long queries and keys are normalised and rotated in their projection's buffer, the attention
+    # output lands in the queries' (unless a mask asks for the plain call), and self-attention's values
+    # in the normed hidden state's
+    assert rotated and all(rotated) and attended and any(attended) and values and all(values)
     assert_matches(got, result(version, case), result(version, case, torch.float64), f"{version} {case}")
+
+
+def test_value_in_place_twin_needs_the_gate_taken_first(stock_forward, lean, rope, small_ranges):
+    """The twin: LTX-2.3's gate logits read from the attention's input after its value went there fail."""
+    result, patchers = stock_forward
+    with values_recorded(lean, keep_gate=False) as values:
+        got = lean_run(lean, patchers["2.3", torch.float32], "fwd_t2v")
+    assert values and all(values)
+    assert mismatches(got, result("2.3", "fwd_t2v"), result("2.3", "fwd_t2v", torch.float64))
+
+
+@pytest.mark.quick
+def test_values_go_in_place_only_under_comfyuis_own_blocks(ltx, pack):
+    """Values go into their input only in ComfyUI's own blocks and attention class: not when a patch
+    replaces blocks, another node pack changed a block's forward or an attention's class; the planner
+    counts it the same way."""
+    from comfy.ldm.lightricks.model import CrossAttention
+
+    lean_mod = importlib.import_module("ltxav_pack.lean_attention")
+    family = importlib.import_module("ltxav_pack.models").family_of
+    model, _, _, _ = ltx
+    dm = model.model.diffusion_model
+    fam = family(dm, "test")
+    blocks = list(dm.transformer_blocks)
+    assert fam.in_place_values(dm, {}) == [a for b in blocks for a in (b.attn1, b.audio_attn1)]
+    assert lean_mod.values_in_place(dm, fam, {})
+    replaced = {"patches_replace": {"dit": {("double_block", 0): lambda args, extra: args}}}
+    assert fam.in_place_values(dm, replaced) == [] and not lean_mod.values_in_place(dm, fam, replaced)
+    first = blocks[0]
+
+    class Other(CrossAttention):
+        pass
+    try:
+        first.forward = first.forward
+        assert first.attn1 not in fam.in_place_values(dm, {}) and blocks[1].attn1 in fam.in_place_values(dm, {})
+        del first.forward
+        first.audio_attn1.__class__ = Other
+        got = fam.in_place_values(dm, {})
+        assert first.attn1 in got and first.audio_attn1 not in got
+    finally:
+        vars(first).pop("forward", None)
+        first.audio_attn1.__class__ = CrossAttention
 
 
 def test_lean_forward_twin_sees_a_lost_range(stock_forward, lean, rope, small_ranges, monkeypatch):
