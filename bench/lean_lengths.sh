@@ -31,6 +31,14 @@ case $call in
     LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b l8-7401 $L8 --frames 7401,7801 --variants parallel-chunker --timeout 100
     [ -n "${W2:-}" ] && LTXAV_PARALLEL_WORKERS_PER_GPU=2 LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2-l8-11001 $L8 --gpus 2 --frames 11001 --variants parallel-chunker --timeout 300
     ;;
+  value)  # the value in its input's buffer (197bbcb), one card (24 GiB, 8 layers): 8,301 ran out of memory before;
+    # the planner checked, then one length past it; 1920x1088 at 1.7 x stock's 993; step time beside stock + chunker
+    export LTXAV_PARALLEL_MEMORY_LOG=1
+    b v-l8-768 $L8 --frames 8301,8897 --variants parallel-chunker --timeout 130
+    LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b v-l8-768-past $L8 --frames 9601 --variants parallel-chunker --timeout 130
+    b v-l8-1080p $L8 --res 1920x1088 --frames 1689 --variants parallel-chunker --timeout 120
+    b v-l8-5201 $L8 --frames 5201 --variants parallel-chunker,ffn-chunker --timeout 100
+    ;;
   # issue 38: W workers sharing one GPU over gloo, each capped at --card-gb (the bench sets LTXAV_PARALLEL_MEMORY_CAP_GIB),
   # the planner checked (a refusal stops the lengths) and then skipped one length further (does it run out of memory?);
   # 2 layers (depth: `workers-2`, 2 against 8 layers at 9,401 frames; 8 against 48 layers: `one-card`);
