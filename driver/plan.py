@@ -190,7 +190,8 @@ def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_pl
     family = models.family_of(dm, NODE)
     dims = family.plan_dims(dm, compute_dtype=patcher.model.get_dtype_inference())
     clip, batch = family.latent_clip(latent)
-    chunking = ffn_chunking.ChunkSettings.from_options(patcher.model_options.get("transformer_options"))
+    options = patcher.model_options.get("transformer_options") or {}
+    chunking = ffn_chunking.ChunkSettings.from_options(options)
     ffn = 1 if chunking is None else None if chunking.auto else chunking.num_chunks  # None: auto
     # per-token timesteps (image-to-video, guides) come from the conditioning too: always count them;
     # workers that stream the weights keep only the blocks in use on the GPU
@@ -201,7 +202,6 @@ def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_pl
     per_forward = passes_per_forward(patcher, clip, batch, share, budget)
     # NCCL's buffers: one set per peer the worker exchanges with (gloo's stay in host memory)
     nccl_peers = degrees.world - 1 if any(i.get("backend") == "nccl" for i in infos) else 0
-    options = patcher.model_options.get("transformer_options") or {}
     kw = dict(ffn_chunks=ffn, sampler=True, batch=batch * per_forward, per_token_timesteps=True,
               streaming=streaming, lean=lean_attention.enabled(), nccl_peers=nccl_peers,
               lean_value=lean_attention.values_in_place(dm, family, options), **terms)
