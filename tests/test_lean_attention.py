@@ -217,6 +217,17 @@ def test_lean_forward_equals_stock(stock_forward, lean, rope, small_ranges, vers
     assert_matches(got, result(version, case), result(version, case, torch.float64), f"{version} {case}")
 
 
+@pytest.mark.parametrize("version", ["2", "2.3"], ids=["ltx2", "ltx23"])
+def test_lean_forward_under_inference_mode_equals_stock(stock_forward, lean, rope, small_ranges, version):
+    """As ComfyUI runs nodes (inside ``torch.inference_mode()``): the values, rotations and outputs still go into
+    their buffers and the forward equals stock's."""
+    result, patchers = stock_forward
+    with torch.inference_mode(), values_recorded(lean) as values:
+        got = lean_run(lean, patchers[version, torch.float32], "fwd_t2v")
+    assert values and all(values)
+    assert_matches(got, result(version, "fwd_t2v"), result(version, "fwd_t2v", torch.float64), version)
+
+
 def test_value_in_place_twin_needs_the_gate_taken_first(stock_forward, lean, rope, small_ranges):
     """The twin: LTX-2.3's gate logits read from the attention's input after its value went there fail."""
     result, patchers = stock_forward
@@ -227,22 +238,20 @@ def test_value_in_place_twin_needs_the_gate_taken_first(stock_forward, lean, rop
 
 
 @pytest.mark.quick
-def test_values_go_in_place_only_under_comfyuis_own_blocks(ltx, pack):
+def test_values_go_in_place_only_under_comfyuis_own_blocks(ltx, lean):
     """Values go into their input only in ComfyUI's own blocks and attention class: not when a patch
     replaces blocks, another node pack changed a block's forward or an attention's class; the planner
     counts it the same way."""
     from comfy.ldm.lightricks.model import CrossAttention
 
-    lean_mod = importlib.import_module("ltxav_pack.lean_attention")
-    family = importlib.import_module("ltxav_pack.models").family_of
     model, _, _, _ = ltx
     dm = model.model.diffusion_model
-    fam = family(dm, "test")
+    fam = importlib.import_module("ltxav_pack.models").family_of(dm, "test")
     blocks = list(dm.transformer_blocks)
     assert fam.in_place_values(dm, {}) == [a for b in blocks for a in (b.attn1, b.audio_attn1)]
-    assert lean_mod.values_in_place(dm, fam, {})
+    assert lean.values_in_place(dm, fam, {})
     replaced = {"patches_replace": {"dit": {("double_block", 0): lambda args, extra: args}}}
-    assert fam.in_place_values(dm, replaced) == [] and not lean_mod.values_in_place(dm, fam, replaced)
+    assert fam.in_place_values(dm, replaced) == [] and not lean.values_in_place(dm, fam, replaced)
     first = blocks[0]
 
     class Other(CrossAttention):
