@@ -129,6 +129,28 @@ def ray_stopped_after_module(ps):
 
 
 @pytest.fixture
+def here(ps, monkeypatch):
+    """The driver as on a machine with a GPU: the one-GPU decision applies (gpus=1 samples in this process);
+    no workers left running."""
+    ps.POOL.stop_group()
+    monkeypatch.setattr(ps.workers, "cpu_mode", lambda: False)
+    return ps
+
+
+@pytest.fixture
+def small_ranges(pack, monkeypatch):
+    """The lean attention's ranges of a few tokens (the tiny model's clips have 96), so every range path runs."""
+    import importlib
+
+    from helpers.lean_ranges import shrink
+
+    lean = importlib.import_module("ltxav_pack.lean_attention")
+    rope = importlib.import_module("ltxav_pack.models.ltx_rope")
+    shrink(lean, rope, monkeypatch.setattr)
+    monkeypatch.setattr(rope, "_LAYOUT_OK", {})
+
+
+@pytest.fixture
 def caplog_info(caplog):
     caplog.set_level(logging.INFO)
     return caplog

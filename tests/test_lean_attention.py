@@ -10,6 +10,7 @@ import importlib
 import pytest
 import torch
 
+from helpers.lean_ranges import values_recorded
 from helpers.numerics import assert_matches, mismatches
 from helpers.sp_cases import FORWARD_CASES, forward_inputs, run_case, stock_patchers
 
@@ -22,15 +23,6 @@ def lean(pack):
 @pytest.fixture(scope="module")
 def rope(pack):
     return importlib.import_module("ltxav_pack.models.ltx_rope")
-
-
-@pytest.fixture
-def small_ranges(lean, rope, monkeypatch):
-    """Ranges of a few tokens (the tiny model's clips have 96), so every range path runs."""
-    monkeypatch.setattr(rope, "CHUNK_TOKENS", 7)
-    monkeypatch.setattr(lean, "QUERY_CHUNK_TOKENS", 5)
-    monkeypatch.setattr(lean, "PROJECTION_CHUNK_TOKENS", 11)
-    monkeypatch.setattr(rope, "_LAYOUT_OK", {})
 
 
 def deferred_tables(dm, rope, case="fwd_t2v", shape="even"):
@@ -171,30 +163,6 @@ def counting(obj, name):
         yield calls
     finally:
         setattr(obj, name, real)
-
-
-@contextlib.contextmanager
-def values_recorded(lean, keep_gate=True):
-    """Record, for each self-attention value projection of a long sequence, whether it went into its
-    input's buffer; ``keep_gate`` False: the gate patch is left out (the twin: the gate then reads v)."""
-    real = lean.value_in_input
-    seen = []
-
-    def recording(attn):
-        (obj, name, value), *rest = real(attn)
-
-        def run(x):
-            out = value(x)
-            if x.shape[1] > 11:
-                seen.append(out.data_ptr() == x.data_ptr())
-            return out
-        return [(obj, name, run)] + (rest if keep_gate else [])
-
-    lean.value_in_input = recording
-    try:
-        yield seen
-    finally:
-        lean.value_in_input = real
 
 
 @pytest.mark.parametrize("version", ["2", "2.3"], ids=["ltx2", "ltx23"])

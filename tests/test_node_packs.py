@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers.comfy_host import ROOT, make_latent
+from helpers.lean_ranges import values_recorded
 from helpers.node_packs import GGUF, LTXVIDEO, load_node_pack, not_installed, submodule, write_standin_pack
 from helpers.numerics import assert_matches, mismatches
 from helpers.sampler_cases import (
@@ -208,14 +209,14 @@ def stg_guider(ltxvideo, model, cc, stg=1.0):
     return stg_mod.STGGuiderNode().get_guider(model, pos, neg, 3.0, stg, 0.0)[0]
 
 
-def custom_advanced(nodes_mod, guider, latent, sigmas, parallel=True):
+def custom_advanced(nodes_mod, guider, latent, sigmas, parallel=True, gpus=2):
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
 
     sampler = comfy.samplers.sampler_object("euler")
     if parallel:
         out = nodes_mod.LTXAVParallelSamplerCustomAdvanced.execute(Noise_RandomNoise(5), guider, sampler, sigmas,
-                                                                   latent, 2, 0, 1, "local", "off")
+                                                                   latent, gpus, 0, 1, "local", "off")
         return out.args[0], out.ui
     return SamplerCustomAdvanced.execute(Noise_RandomNoise(5), guider, sampler, sigmas, latent).args[0]
 
@@ -283,6 +284,58 @@ def test_ltxvideo_stat_norm_patcher_equals_stock(ps, nodes_mod, ltxvideo, ltx23)
                                                                                       steps=STEPS)
     assert mismatches(stock_ksampler(model, cc, steps=STEPS), want, reference)  # the patch matters
     got, _ = parallel_ksampler(nodes_mod, patched(model), cc, steps=STEPS)
+    assert_matches(got, want, reference)
+
+
+# --------------------------------------------------------------------------- the lean attention on their models
+
+HERE = "in ComfyUI's process (one GPU: no workers)"
+
+
+def test_gguf_model_lean_in_comfyuis_process_equals_stock(here, nodes_mod, gguf_pack, gguf_files, small_ranges):
+    """gpus=1 on one GPU samples in ComfyUI's process with the lean attention; its ranges shrunk so every range
+    path runs, a GGUF Q4_0 LTX-2.3 model (gated attention, ComfyUI-GGUF's layers) under inference mode, as
+    ComfyUI runs nodes, equals stock GGUF, with self-attention's values in their input's buffer. The twin: the
+    gate read after the value overwrote its input fails the check."""
+    from helpers.tiny_gguf import float64_twin, load_gguf
+    from helpers.tiny_ltxav import context_width
+
+    lean = importlib.import_module("ltxav_pack.lean_attention")
+    name, path, config = gguf_files["2.3", "Q4_0"]
+    model = load_gguf(submodule(gguf_pack, "nodes").UnetLoaderGGUF, name)
+    cc = context_width(config)
+    want, reference = stock_ksampler(model, cc, steps=STEPS), stock_ksampler(float64_twin(model, path), cc,
+                                                                            steps=STEPS)
+    with torch.inference_mode(), values_recorded(lean) as values:
+        got, ui = parallel_ksampler(nodes_mod, model, cc, steps=STEPS, gpus=1)
+    assert HERE in ui.value and values and all(values)
+    assert_matches(got, want, reference)
+    with torch.inference_mode(), values_recorded(lean, keep_gate=False) as values:
+        twin, _ = parallel_ksampler(nodes_mod, model, cc, steps=STEPS, gpus=1)
+    assert values and all(values)
+    assert mismatches(twin, want, reference)
+
+
+def test_ltxvideo_guider_lean_in_comfyuis_process_equals_stock(here, nodes_mod, ltxvideo, ltx23, small_ranges,
+                                                              monkeypatch):
+    """MultimodalGuider with STG at gpus=1 in ComfyUI's process, the lean attention's ranges shrunk, under
+    inference mode: equals stock; its STG block patches (``patches_replace``) keep self-attention's values in
+    a buffer of their own. The twin: STG that never skips attention gives another result."""
+    model, model_f64, cc = ltx23
+    lean = importlib.import_module("ltxav_pack.lean_attention")
+    rope = importlib.import_module("ltxav_pack.models.ltx_rope")
+    rotate, rotations = rope.RotaryTable.rotate, []
+    monkeypatch.setattr(rope.RotaryTable, "rotate", lambda table, x, norm=None: rotations.append(x.shape[1])
+                        or rotate(table, x, norm))
+    latent = make_latent(**LATENT)
+    sigmas = ltxv_sigmas(latent, steps=STEPS)
+    want = custom_advanced(nodes_mod, multimodal_guider(ltxvideo, model, cc), latent, sigmas, parallel=False)
+    reference = custom_advanced(nodes_mod, multimodal_guider(ltxvideo, model_f64, cc), latent, sigmas, parallel=False)
+    assert mismatches(custom_advanced(nodes_mod, multimodal_guider(ltxvideo, model, cc, stg=0.0), latent, sigmas,
+                                      parallel=False), want, reference)
+    with torch.inference_mode(), values_recorded(lean) as values:
+        got, ui = custom_advanced(nodes_mod, multimodal_guider(ltxvideo, model, cc), latent, sigmas, gpus=1)
+    assert HERE in ui.value and not values and rotations  # the lean forward ran, values in their own buffer
     assert_matches(got, want, reference)
 
 

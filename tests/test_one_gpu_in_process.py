@@ -24,14 +24,6 @@ from helpers.sampler_cases import (
 HERE = "LTXAV Parallel Sampler: in ComfyUI's process (one GPU: no workers)"
 
 
-@pytest.fixture
-def here(ps, monkeypatch):
-    """The driver as on a machine with a GPU: the one-GPU decision applies; no workers left running."""
-    ps.POOL.stop_group()
-    monkeypatch.setattr(ps.workers, "cpu_mode", lambda: False)
-    return ps
-
-
 @pytest.mark.quick
 @pytest.mark.parametrize("settings,cpu,devices,env,want", [
     (dict(gpus=1), False, 4, {}, True),

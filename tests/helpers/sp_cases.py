@@ -177,6 +177,7 @@ def no_exchange(sp_mod, rank):
 def small_lean_ranges(sp_mod, rank):
     """The lean attention's ranges shrunk to a few tokens (the tiny clips have 96), so a rank's rotary
     tables, attention calls, norms and projections all go by ranges."""
+    from helpers.lean_ranges import shrink
+
     lean = sp_mod.lean_attention
-    lean.QUERY_CHUNK_TOKENS, lean.PROJECTION_CHUNK_TOKENS = 5, 11
-    importlib.import_module(lean.__name__.rsplit(".", 1)[0] + ".models.ltx_rope").CHUNK_TOKENS = 7
+    shrink(lean, importlib.import_module(lean.__name__.rsplit(".", 1)[0] + ".models.ltx_rope"))
