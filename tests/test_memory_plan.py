@@ -181,14 +181,15 @@ def checkpoint_dims(comfy):
     return {"fp8": dims("fp8"), "bf16": dims("bf16")}
 
 
-def plan_of(row, dims, chunker=True, lean=False, world=1):
+def plan_of(row, dims, chunker=True, lean=False, world=1, lean_value=False):
     """The current planner's figure for a run, as the node plans gpus=1 in ComfyUI's process at cfg 1
-    (``lean``: with the lean attention, the node's default; the runs before it were planned without), or
+    (``lean``: with the lean attention, the node's default; the runs before it were planned without;
+    ``lean_value``: with self-attention's value in its input's buffer, the runs of ``-value-`` files), or
     one of ``world`` workers as the driver plans it."""
     w, h = (int(v) for v in row["res"].split("x"))
     clip = mp.Clip(row["latent_frames"], h // 32, w // 32, row["audio_tokens"])
     return mp.estimate(dims, clip, world=world, ffn_chunks=None if chunker else 1, sampler=True,
-                       per_token_timesteps=True, streaming=True, lean=lean)
+                       per_token_timesteps=True, streaming=True, lean=lean, lean_value=lean_value)
 
 
 def check_plan_matches_streamed_run(row, est):
@@ -359,38 +360,53 @@ def test_docs_list_every_environment_variable(pack, doc, table):
     assert changed != envs.table_markdown(variables) and changed not in text
 
 
-def lean_rows():
+def lean_rows(value=None):
     """The parallel sampler's runs in ComfyUI's process with the lean attention (gpus=1, 8 and 48 layers),
-    at the current code: files named ``-lean-`` without an earlier commit in their name."""
+    at the current code: files named ``-lean-`` without an earlier commit in their name; ``row["value"]``:
+    self-attention's value went into its input's buffer (``-value-`` files), ``value`` picks those or the
+    others (None: all)."""
     for path, row in jsonl_rows("*-comfy_long_video-lean-*.jsonl"):
         if (row.get("kind") == "run" and row["variant"] == "parallel-chunker" and "-402d28f" not in path.stem
-                and row.get("in_comfyui_process", True)):
-            yield row
+                and row.get("in_comfyui_process", True) and value in (None, "-value-" in path.stem)):
+            yield dict(row, value="-value-" in path.stem)
 
 
 def test_lean_plan_matches_its_runs_and_refuses_what_ran_out_of_memory(checkpoint_dims):
     """With the lean attention (one H100, 24 GiB emulated, fp8): where a clip ran, the planner's figure
     less what lives outside PyTorch's allocator (the streamed blocks, the allocator's pool) is within 10%
     of PyTorch's peak; every clip that ran out of memory (7,801 and 8,301 frames at 768x512, 1,601 at
-    1920x1088) is refused against the free memory it had, and every clip that ran (5,201, 7,401) is accepted."""
+    1920x1088; with the value in place 9,601) is refused against the free memory it had, and every clip that
+    ran (5,201, 7,401; with the value in place 5,201 and 8,301) is accepted. Clips the planner refused in the
+    run itself measured nothing and are left out."""
     rows = list(lean_rows())
     assert {r["ok"] for r in rows} == {True, False} and {r["res"] for r in rows} == {"768x512", "1920x1088"}
+    assert {r["frames"] for r in rows if r["value"] and r["ok"]} == {5201, 8301}
     for row in rows:
-        est = plan_of(row, checkpoint_dims[row["weights"]], lean=True)
+        est = plan_of(row, checkpoint_dims[row["weights"]], lean=True, lean_value=row["value"])
         free = row["at_sampling_start"]["device_free_gb"]
         if row["ok"]:
             in_torch = (est.total - est.parts["weights"] - est.parts["allocator pool"]) / mp.GIB
             assert abs(in_torch - row["torch_max_allocated_gb"]) <= 0.10 * row["torch_max_allocated_gb"], (
                 row["frames"], est.describe())
             assert est.total / mp.GIB <= free, (row["frames"], est.describe())
-        else:
+        elif row["oom"]:
             assert est.total / mp.GIB > free, (row["frames"], row["res"], est.describe())
+
+
+def test_value_plan_check_catches_the_plan_without_the_value_term(checkpoint_dims):
+    """The twin: planned without the value in its input's buffer, 8,301 frames (which ran with it) miss its
+    PyTorch peak by more than 10% and are refused against the free memory they had."""
+    row = next(r for r in lean_rows(value=True) if r["ok"] and r["frames"] == 8301)
+    est = plan_of(row, checkpoint_dims[row["weights"]], lean=True)
+    in_torch = (est.total - est.parts["weights"] - est.parts["allocator pool"]) / mp.GIB
+    assert abs(in_torch - row["torch_max_allocated_gb"]) > 0.10 * row["torch_max_allocated_gb"]
+    assert est.total / mp.GIB > row["at_sampling_start"]["device_free_gb"]
 
 
 def test_lean_plan_check_catches_the_plan_without_the_lean_attention(checkpoint_dims):
     """The twin: the same runs planned with ComfyUI's own attention memory (rotary tables, new outputs)
     miss the peak of the clip that ran by more than 10%."""
-    row = next(r for r in lean_rows() if r["ok"])
+    row = next(r for r in lean_rows(value=False) if r["ok"])
     est = plan_of(row, checkpoint_dims[row["weights"]], lean=False)
     in_torch = (est.total - est.parts["weights"]) / mp.GIB
     assert abs(in_torch - row["torch_max_allocated_gb"]) > 0.10 * row["torch_max_allocated_gb"]
@@ -409,7 +425,7 @@ def lean_worker_rows():
     1920x1088, 2 layers), that ran; ``checked``: the planner's check was on (it accepted them)."""
     for path, row in jsonl_rows("*-comfy_long_video-lean-workers*.jsonl"):
         if row.get("kind") == "run" and row.get("ok") and row.get("worker_memory"):
-            yield pytest.param(row, "unchecked" not in path.stem,
+            yield pytest.param(row, "unchecked" not in path.stem, "-value-" in path.stem,
                                id=f"{path.stem[11:]}-{row['frames']}x{row['res']}-{row['weights']}")
 
 
@@ -417,12 +433,13 @@ def activations_gib(est):
     return (est.parts["video tokens"] + est.parts["audio tokens"]) / mp.GIB
 
 
-@pytest.mark.parametrize("row,checked", list(lean_worker_rows()))
-def test_lean_plan_matches_several_workers(row, checked, checkpoint_dims):
+@pytest.mark.parametrize("row,checked,value", list(lean_worker_rows()))
+def test_lean_plan_matches_several_workers(row, checked, value, checkpoint_dims):
     """With the lean attention on several workers the planner's activations (video and audio tokens) are within
     10% of every worker's peak above its forward's start (PyTorch's allocator), and every clip that ran with the
-    check on is accepted against the worker's share less its CUDA context."""
-    est = plan_of(row, checkpoint_dims[row["weights"]], lean=True, world=row["gpus"])
+    check on is accepted against the worker's share less its CUDA context (``value``: the runs with
+    self-attention's value in its input's buffer, planned with it)."""
+    est = plan_of(row, checkpoint_dims[row["weights"]], lean=True, world=row["gpus"], lean_value=value)
     for worker in row["worker_memory"]:
         assert abs(activations_gib(est) - worker["peak_gib"]) <= 0.10 * worker["peak_gib"], (est.describe(), worker)
     if checked:
@@ -434,7 +451,7 @@ def test_lean_plan_for_several_workers_fails_with_the_unmeasured_exchange(checkp
     local token) the activations miss a measured worker peak by more than 10%."""
     import dataclasses
 
-    row = next(p.values[0] for p in lean_worker_rows() if p.values[0]["frames"] == 11001)
+    row = next(p.values[0] for p in lean_worker_rows() if p.values[0]["frames"] == 11001 and not p.values[2])
     dims = checkpoint_dims[row["weights"]]
     old = dataclasses.replace(dims, planner=dataclasses.replace(dims.planner, lean_exchange=1.5))
     peak = row["worker_memory"][0]["peak_gib"]
