@@ -21,8 +21,16 @@ def content_digest(obj, refs: dict | None = None) -> str:
     where it lives: the same LoRA loaded twice gives the same digest, a changed strength another.
     The objects in ``refs`` count by name. What cannot be read this way (no attributes, no pickle)
     counts by identity, so at worst a worker re-applies patches it could have kept."""
+    try:
+        return _digest(obj, {id(v): k for k, v in (refs or {}).items()})
+    except RecursionError:  # too deep to read: a key of its own (patches are re-applied, never wrongly kept)
+        return uuid.uuid4().hex
+
+
+def _digest(obj, names: dict) -> str:
+    """``content_digest`` with the refs' names by object id (made once: a LoRA's every adapter holds a set,
+    digested on its own, and a 48-layer model has thousands of refs)."""
     h = hashlib.blake2b(digest_size=16)
-    names = {id(v): k for k, v in (refs or {}).items()}
     seen: dict[int, tuple[int, object]] = {}  # id -> (position, the object: kept alive so ids stay unique)
 
     def put(tag: bytes, data: bytes = b"") -> None:
@@ -52,7 +60,7 @@ def content_digest(obj, refs: dict | None = None) -> str:
                 walk(o[k])
             return None
         if isinstance(o, (set, frozenset)):
-            return put(b"set", b"".join(sorted(bytes.fromhex(content_digest(x, refs)) for x in o)))
+            return put(b"set", b"".join(sorted(bytes.fromhex(_digest(x, names)) for x in o)))
         if isinstance(o, functools.partial):
             put(b"partial")
             return walk((o.func, o.args, o.keywords))
@@ -93,10 +101,7 @@ def content_digest(obj, refs: dict | None = None) -> str:
         elif data is None:  # nothing to read: identity (a change forces re-applying, never a wrong reuse)
             put(b"id", f"{id(t)}:{uuid.uuid4()}".encode())
 
-    try:
-        walk(obj)
-    except RecursionError:  # too deep to read: a key of its own (patches are re-applied, never wrongly kept)
-        return uuid.uuid4().hex
+    walk(obj)
     return h.hexdigest()
 
 

@@ -194,6 +194,15 @@ def test_content_digest_follows_content_not_identity(pack):
     assert rw.content_digest(twice) != rw.content_digest(thrice)
     a, b = torch.ones(2), torch.zeros(2)
     assert rw.content_digest(a.add) != rw.content_digest(b.add)  # bound to other objects
+    # the model's own objects (refs) count by name, inside a set too (a LoRA adapter's loaded keys are one)
+    w1, w2 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    def held(w):
+        return {"k": [(1.0, {("up", w)})]}
+
+    assert rw.content_digest(held(w1), {"m": w1}) == rw.content_digest(held(w2), {"m": w2})
+    assert rw.content_digest(held(w1), {"m": w1}) != rw.content_digest(held(w1), {"n": w1})  # another name
+    assert rw.content_digest(held(w1)) != rw.content_digest(held(w2))  # no refs: read by content, which differs
 
 
 class SkipFlag:
