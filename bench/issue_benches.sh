@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-GPU benches of issues 33 (GGUF), 34 (two stages with a LoRA) and 37 (a long clip to a file) on a
 # `device` machine, from the repository root:
-#   COMMIT=<sha> bash bench/issue_benches.sh CALL OUTDIR
+#   COMMIT=<sha> bash bench/issue_benches.sh CALL OUTDIR   (CALL: gguf, save, save-1080p, save-long, save-workers, lora)
 # CALL picks one set of runs (each fits one 10-minute call; every run has its own time limit, most
 # important first); results go to OUTDIR as JSON lines, logs as one archive (a call returns 8 files at most).
 # Needs the carry with PyAV, gguf and ComfyUI-GGUF (bench/README.md, top).
@@ -22,8 +22,11 @@ case $call in
   save)  # decode + save against stock's chain on an emulated 24 GiB card, growing lengths
     S="python bench/save_video.py --card-gb 24 $c --out $out/save.jsonl"
     r save-897 200 $S --frames 897 --variants stock,node,node-tiled --timeout 90
-    r save-1080p 150 $S --frames 993 --res 1920x1088 --variants stock,node --timeout 100
-    r save-5201 200 $S --frames 5201 --variants node --timeout 190
+    r save-5201 230 $S --frames 5201 --variants node --timeout 220
+    ;;
+  save-1080p)  # 993 frames at 1920x1088: stock's chain took more than 100 s on an H100 (2026-12-07)
+    r save-1080p 570 python bench/save_video.py --card-gb 24 $c --out "$out/save-1080p.jsonl" --frames 993 \
+      --res 1920x1088 --variants stock,node --timeout 270
     ;;
   save-long)  # stock's chain and the node at 2,577 frames, the node at 5,201 with the templates' tiles
     S="python bench/save_video.py --card-gb 24 $c --out $out/save-long.jsonl"
@@ -35,9 +38,10 @@ case $call in
       --frames 897,5201 --variants node-workers --gpus 2 --timeout 270 --out "$out/save-workers.jsonl"
     ;;
   lora)  # the LTX-2.3 template's two stages with a rank-64 LoRA: stock, gpus=1, two workers; then before the fix
+    # (one prompt: its two stages show the re-patch). Two workers took 136 s for four stages on an H100 (2026-12-07)
     L="python bench/two_stage_lora.py --layers 48 --weights fp8 --rank 64 $c"
-    r lora 420 $L --variants stock,gpus1,shared2 --timeout 140 --out "$out/lora.jsonl"
-    r lora-before-fix 160 $L --variants shared2 --before-fix --timeout 150 --out "$out/lora-before-fix.jsonl"
+    r lora 430 $L --variants stock,gpus1,shared2 --timeout 180 --out "$out/lora.jsonl"
+    r lora-before-fix 140 $L --variants shared2 --before-fix --prompts 1 --timeout 130 --out "$out/lora-before-fix.jsonl"
     ;;
   *) echo "unknown call $call"; exit 2 ;;
 esac
