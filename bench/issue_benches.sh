@@ -40,7 +40,7 @@ case $call in
   lora)  # the LTX-2.3 template's two stages with a rank-64 LoRA: stock, gpus=1, two workers; then before the fix
     # (one prompt: its two stages show the re-patch). Two workers took 136 s for four stages on an H100 (2026-12-07)
     L="python bench/two_stage_lora.py --layers 48 --weights fp8 --rank 64 $c"
-    r lora 430 $L --variants stock,gpus1,shared2 --timeout 180 --out "$out/lora.jsonl"
+    r lora 430 $L --variants stock,gpus1,shared2 --timeout 180 --profile --out "$out/lora.jsonl"
     r lora-before-fix 140 $L --variants shared2 --before-fix --prompts 1 --timeout 130 --out "$out/lora-before-fix.jsonl"
     ;;
   *) echo "unknown call $call"; exit 2 ;;

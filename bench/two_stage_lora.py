@@ -147,7 +147,18 @@ def child(a):
             else:
                 job = jobs.GuiderJob(noise=noise.generate_noise({"samples": latent}), latent=latent, noise_mask=None,
                                      seed=noise.seed, guider=guider, sampler=sampler, sigmas=sigmas)
-                res = driver.POOL.run(model, job, settings)
+                if a.profile and (prompt, index) == (0, 2):  # where the driver's time goes (the log, top 40)
+                    import cProfile
+                    import io
+                    import pstats
+
+                    prof = cProfile.Profile()
+                    res = prof.runcall(driver.POOL.run, model, job, settings)
+                    text = io.StringIO()
+                    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+                    log.info("profile of prompt 0, stage 2 (%s):\n%s", a.variant, text.getvalue())
+                else:
+                    res = driver.POOL.run(model, job, settings)
                 out = res.samples
                 rec.update(model_load=res.model_load and res.model_load.action, timings=res.timings,
                            worker_passes=res.passes, counted_passes=res.counted_passes, summary=res.summary)
@@ -187,6 +198,7 @@ def main(argv=None):
     p.add_argument("--ckpt", default=None, help="checkpoint path (written when missing or of other settings)")
     p.add_argument("--lora", default=None)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
+    p.add_argument("--profile", action="store_true", help="log a profile of the node's call at prompt 0, stage 2")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="JSON lines file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -232,7 +244,8 @@ def main(argv=None):
     emit(dict(kind="files", ckpt=a.ckpt, lora=a.lora, rank=a.rank, **json.loads(r.stdout.strip().splitlines()[-1])))
     argv_base = ["--comfy", a.comfy, "--layers", str(a.layers), "--weights", a.weights, "--rank", str(a.rank),
                  "--res", a.res, "--frames", str(a.frames), "--prompts", str(a.prompts), "--ckpt", a.ckpt,
-                 "--lora", a.lora] + (["--tiny"] if a.tiny else []) + (["--before-fix"] if a.before_fix else [])
+                 "--lora", a.lora] + (["--tiny"] if a.tiny else []) + (["--before-fix"] if a.before_fix else []) + (
+        ["--profile"] if a.profile else [])
     for variant in [v.strip() for v in a.variants.split(",") if v.strip()]:
         if variant not in VARIANTS:
             raise SystemExit(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
