@@ -38,6 +38,8 @@ CUDA_CONTEXT_BYTES = int(0.52 * GIB)
 # reports 3.28 GB more on each of 8 H100s after the first all_to_all_single (32 channels a pair), 0.47 GiB a peer
 NCCL_PEER_BYTES = int(0.47 * GIB)
 LEAN_RANGE_TOKENS = 16384  # lean_attention.QUERY_CHUNK_TOKENS: the tokens of one range of the lean attention
+# the in-place Ulysses exchange's two staging buffers (send and receive), each of this many bytes
+SWAP_STAGING_BYTES = 64 << 20
 # ComfyUI's sampler keeps four float32 copies of the packed latent (noise, latent, denoised and the step's x) ...
 SAMPLER_COPIES = 4
 # ... and nine through the forward with the lean attention (calc_cond_batch's input and its parts, the noise,
@@ -250,29 +252,42 @@ def auto_ffn_chunks(tokens: int, ffn_bytes_per_token: int, free_bytes: float | N
     return max(1, min(FFN_MAX_CHUNKS, n))
 
 
-def attention_vectors(dims: ModelDims, world: int, ring: int, lean: bool, lean_value: bool = False) -> float:
-    """Hidden vectors per local video token at the attention phase's peak."""
+def exchange_in_place(world: int, ring: int, tokens: int) -> bool:
+    """Whether a group's Ulysses exchange goes in q's, k's and v's own buffers with the lean attention
+    (``sequence_parallel.ulysses.swap_head_blocks``): Ulysses alone over a power of two of ranks above one,
+    and ``tokens`` that divide it (no padding)."""
+    return ring == 1 and world > 1 and world & (world - 1) == 0 and tokens % world == 0
+
+
+def attention_vectors(dims: ModelDims, world: int, ring: int, lean: bool, lean_value: bool = False,
+                      in_place: bool = False) -> float:
+    """Hidden vectors per local video token at the attention phase's peak (``in_place``: the lean attention's
+    Ulysses exchange has no send buffer, ``exchange_in_place``)."""
     c = dims.planner
     if lean:
         return (c.lean_attention - (c.lean_value if lean_value else 0) + (c.lean_gated if dims.gated_attention else 0)
-                + (c.lean_exchange if world > 1 else 0) + (c.ring if ring > 1 else 0))
+                + (c.lean_exchange if world > 1 and not in_place else 0) + (c.ring if ring > 1 else 0))
     return c.attention + (c.ring if ring > 1 else 0) - (c.attention_out_in_place if world > 1 else 0)
 
 
 def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chunks: int | None = None,
              per_token_timesteps: bool = False, sampler: bool = False, batch: int = 1,
-             streaming: bool = False, lean: bool = False, lean_value: bool = False, nccl_peers: int = 0) -> Estimate:
+             streaming: bool = False, lean: bool = False, lean_value: bool = False, nccl_peers: int = 0,
+             in_place: bool | None = None) -> Estimate:
     """Peak memory of one of ``world`` workers (Ulysses x ``ring``) running one forward of ``clip``;
     ``ffn_chunks`` None = auto, 1 = no chunking; ``sampler`` adds the sampler's latent-sized state;
     ``streaming``: ComfyUI streams the weights (DynamicVRAM), only two blocks of them and their casts stay;
     ``lean``: the lean attention (``lean_attention``) instead of ComfyUI's own memory layout, ``lean_value``
-    with self-attention's value written into its input's buffer;
+    with self-attention's value written into its input's buffer, ``in_place`` with its Ulysses exchange in
+    q's, k's and v's own buffers (None: where ``exchange_in_place`` says it runs);
     ``nccl_peers``: ranks this worker exchanges with over NCCL (their buffers, ``NCCL_PEER_BYTES`` each)."""
     n = clip.video_tokens
     local = math.ceil(n / world)
     vec = dims.vector
     c = dims.planner
-    attn = attention_vectors(dims, world, ring, lean, lean_value)
+    if in_place is None:
+        in_place = lean and exchange_in_place(world, ring, n)
+    attn = attention_vectors(dims, world, ring, lean, lean_value, in_place)
     if per_token_timesteps:
         attn += c.per_token_timestep
     audio_vec = dims.audio_dim * dims.compute_bytes
@@ -283,7 +298,8 @@ def estimate(dims: ModelDims, clip: Clip, world: int = 1, ring: int = 1, ffn_chu
         "weight casts": dims.streamed_cast_bytes if streaming else dims.cast_bytes,
         "fixed": c.fixed_bytes + (int(c.lean_range * min(local, LEAN_RANGE_TOKENS) * vec) if lean else 0),
         "allocator pool": int(c.lean_pool * local * vec) if lean else 0,
-        "exchange buffers": nccl_peers * NCCL_PEER_BYTES,
+        "exchange buffers": nccl_peers * NCCL_PEER_BYTES + (2 * min(SWAP_STAGING_BYTES, local * vec // world)
+                                                            if in_place else 0),
         "video tokens": int(batch * max(attention, ffn)),
         "audio tokens": int(batch * clip.audio_tokens * c.attention * audio_vec),
     }

@@ -38,7 +38,8 @@ COEFFICIENTS = memory_plan.Coefficients(
     # ... and over several ranks Ulysses' exchange (the send buffer, the other ranks' blocks): two workers sharing
     # one H100 (24 and 16 GiB each, fp8 and bf16, 768x512 and 1920x1088, 2 layers; 2026-12-06,
     # bench/results/2026-12-06-h100-comfy_long_video-lean-workers2-*) peaked 0.8 of a hidden vector per local
-    # token above the one-card terms; planned as 1.0 (those peaks +1.7 to +3.1 %) ...
+    # token above the one-card terms; planned as 1.0 (those peaks +1.7 to +3.1 %), where the exchange still goes
+    # through a send buffer (memory_plan.exchange_in_place: not for 2, 4 or 8 ranks whose tokens divide them) ...
     lean_exchange=1.0,
     # ... and one range's temporaries (a query range's output and its reshaped copy; the rotary rows and
     # rotation of a range are smaller): two hidden vectors of up to memory_plan.LEAN_RANGE_TOKENS local tokens

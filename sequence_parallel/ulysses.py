@@ -2,12 +2,21 @@
 all tokens x its share of the heads, the attention kernel runs, and an all-to-all turns it back. The
 exchanged blocks use yunchang's ``all_to_all_4D`` layout (which xfuser uses); q, k and v's own
 buffers receive when the caller drops them after the call, and this rank's own query block runs
-while the other ranks' blocks travel."""
+while the other ranks' blocks travel.
+
+With the lean attention, where the group is a power of two, the tokens divide it and q, k and v are the
+caller's temporaries, the exchange has no send buffer (a hidden vector a local token less):
+``swap_head_blocks`` swaps head blocks pairwise in q's, k's and v's own buffers through a small staging
+buffer, which leaves each rank all tokens of its heads in another token order; keys and values share
+that order (attention does not depend on the keys' order), the outputs go into q's buffer a query range
+at a time, and the same swap puts them back in place."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from .. import lean_attention, memory_plan
+from ..patching import may_overwrite
 from .attention import receiving
 
 # Heads per all-to-all + attention call (as a share of all heads). Beyond ComfyUI's own q/k/v (which
@@ -16,6 +25,55 @@ from .attention import receiving
 # blocks run (for one sample, at most twice q). One group runs the fewest, largest kernels; its peak
 # stays under RoPE's.
 HEAD_GROUPS = 1
+
+
+def in_place_exchange(world: int, tokens: int, local: int) -> bool:
+    """Whether a Ulysses group of ``world`` ranks, ``local`` tokens each of ``tokens`` in all, exchanges in q's,
+    k's and v's own buffers (``swap_head_blocks``): the lean attention, and what the planner counts so
+    (``memory_plan.exchange_in_place``: a power of two above one, no padding)."""
+    return (lean_attention.enabled() and tokens == local * world
+            and memory_plan.exchange_in_place(world, 1, tokens))
+
+
+def swap_head_blocks(t: torch.Tensor, pg) -> None:
+    """In place: ``t`` [L, W, X] holds this rank's L tokens, each in W blocks (block w for rank w's heads).
+    For every other rank p (pairs ``me ^ r``, r = 1 .. W-1: W a power of two) block p is swapped with rank
+    p's block ``me``, a few tokens at a time through two staging buffers of ``memory_plan.SWAP_STAGING_BYTES``;
+    after it block p holds rank p's tokens of this rank's heads. The same call swaps them back."""
+    world, me = dist.get_world_size(pg), dist.get_rank(pg)
+    n, _, width = t.shape
+    rows = max(1, min(n, memory_plan.SWAP_STAGING_BYTES // (width * t.element_size())))
+    send, recv = t.new_empty((rows, width)), t.new_empty((rows, width))
+    for r in range(1, world):
+        peer = me ^ r
+        splits = [0] * world
+        for start in range(0, n, rows):
+            m = min(n, start + rows) - start
+            splits[peer] = m
+            wide(send[:m]).copy_(wide(t[start:start + m, peer]))
+            dist.all_to_all_single(recv[:m], send[:m], splits, splits, group=pg)
+            wide(t[start:start + m, peer]).copy_(wide(recv[:m]))
+
+
+def ulysses_in_place(kernel, q, k, v, pg) -> torch.Tensor:
+    """``ulysses_attention`` with the exchange in q's, k's and v's own buffers (``in_place_exchange``): their
+    head blocks swapped, each sample's attention over all tokens of this rank's heads written into q's buffer
+    a query range at a time (``lean_attention.attention_into_query``), and swapped back."""
+    world = dist.get_world_size(pg)
+    b, n, heads, d = q.shape
+    share, hd = heads // world, heads // world * d
+    for t in (k, v, q):
+        for i in range(b):
+            swap_head_blocks(t[i].view(n, world, hd), pg)
+    for i in range(b):
+        qi, ki, vi = (t[i].view(1, n * world, hd) for t in (q, k, v))
+        out = lean_attention.attention_into_query(lambda q_, k_, v_, h, mask=None, **_: kernel(q_, k_, v_, h),
+                                                  qi, ki, vi, share)
+        if out.data_ptr() != qi.data_ptr():
+            qi.copy_(out)
+        del out
+        swap_head_blocks(q[i].view(n, world, hd), pg)
+    return q
 
 
 def others(world: int, me: int) -> list[tuple[int, int]]:
@@ -80,6 +138,9 @@ def ulysses_attention(kernel, q, k, v, group: int, total: int, pg) -> torch.Tens
     share = group // world
     hd = share * d
     reuse = len({t.untyped_storage().data_ptr() for t in (q, k, v)}) == 3  # never overwrite a shared buffer
+    if (reuse and groups == 1 and in_place_exchange(world, total, n)
+            and all(may_overwrite(t, whole_view=True) for t in (q, k, v))):
+        return ulysses_in_place(kernel, q, k, v, pg)
     kf, vf = (heads_from_sequence_shards(t, groups, pg, reuse) for t in (k, v))  # [B, G, W*L, h, D]
     land = receiving(q, (b, groups, world, n, share, d), reuse)
     splits = [0 if w == me else n for w in range(world)]  # nothing goes to or comes from this rank

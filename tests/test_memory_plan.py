@@ -181,15 +181,16 @@ def checkpoint_dims(comfy):
     return {"fp8": dims("fp8"), "bf16": dims("bf16")}
 
 
-def plan_of(row, dims, chunker=True, lean=False, world=1, lean_value=False):
+def plan_of(row, dims, chunker=True, lean=False, world=1, lean_value=False, in_place=False):
     """The current planner's figure for a run, as the node plans gpus=1 in ComfyUI's process at cfg 1
     (``lean``: with the lean attention, the node's default; the runs before it were planned without;
     ``lean_value``: with self-attention's value in its input's buffer, the runs of ``-value-`` files), or
-    one of ``world`` workers as the driver plans it."""
+    one of ``world`` workers as the driver plans it (``in_place``: Ulysses' exchange in q's, k's and v's own
+    buffers, which no committed run had yet)."""
     w, h = (int(v) for v in row["res"].split("x"))
     clip = mp.Clip(row["latent_frames"], h // 32, w // 32, row["audio_tokens"])
     return mp.estimate(dims, clip, world=world, ffn_chunks=None if chunker else 1, sampler=True,
-                       per_token_timesteps=True, streaming=True, lean=lean, lean_value=lean_value)
+                       per_token_timesteps=True, streaming=True, lean=lean, lean_value=lean_value, in_place=in_place)
 
 
 def check_plan_matches_streamed_run(row, est):
@@ -444,6 +445,27 @@ def test_lean_plan_matches_several_workers(row, checked, value, checkpoint_dims)
         assert abs(activations_gib(est) - worker["peak_gib"]) <= 0.10 * worker["peak_gib"], (est.describe(), worker)
     if checked:
         assert est.total <= row["card_gb"] * mp.GIB - mp.CUDA_CONTEXT_BYTES, est.describe()
+
+
+@pytest.mark.quick
+def test_in_place_exchange_plans_no_send_buffer(checkpoint_dims):
+    """Where Ulysses' exchange goes in q's, k's and v's own buffers (a power of two of ranks, Ulysses alone, tokens
+    that divide them) the plan drops the send buffer (``lean_exchange`` hidden vectors a local token) and counts
+    the two staging buffers; elsewhere it keeps it."""
+    assert [mp.exchange_in_place(*a) for a in ((2, 1, 96), (4, 1, 96), (8, 1, 96), (1, 1, 96), (3, 1, 96),
+                                                (2, 2, 96), (4, 1, 90))] == [True, True, True, False, False,
+                                                                             False, False]
+    dims = checkpoint_dims["fp8"]
+    clip = mp.Clip(1646, 16, 24, 13161)
+    kw = dict(world=2, sampler=True, per_token_timesteps=True, streaming=True, lean=True, lean_value=True)
+    auto, send = mp.estimate(dims, clip, **kw), mp.estimate(dims, clip, in_place=False, **kw)
+    local = clip.video_tokens // 2
+    dropped = send.parts["video tokens"] - auto.parts["video tokens"]
+    assert dropped == pytest.approx(dims.planner.lean_exchange * local * dims.vector, abs=2)
+    assert auto.parts["exchange buffers"] == 2 * mp.SWAP_STAGING_BYTES and send.parts["exchange buffers"] == 0
+    odd = mp.Clip(1646, 16, 24, 13161)
+    assert mp.estimate(dims, odd, **{**kw, "world": 3}).parts == mp.estimate(dims, odd, in_place=False,
+                                                                            **{**kw, "world": 3}).parts
 
 
 def test_lean_plan_for_several_workers_fails_with_the_unmeasured_exchange(checkpoint_dims):

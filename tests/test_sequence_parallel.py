@@ -11,6 +11,7 @@ from helpers.sp_cases import (
     FORWARD_CASES,
     SAMPLER_CASES,
     SHAPES,
+    exchanges_logged,
     no_exchange,
     recording_shapes,
     run_case,
@@ -18,6 +19,7 @@ from helpers.sp_cases import (
     shifted_tiles,
     small_lean_ranges,
     stock_patchers,
+    swap_one_token_off,
     token_count,
 )
 from helpers.sp_harness import run_parallel
@@ -103,6 +105,30 @@ def test_broken_forward_is_caught(stock, ckpts, broken):
     scale, fails the same check."""
     job = ("2", "fwd_t2v", "even")
     ranks = run_parallel(2, 2, 1, ckpts, [job], sp_attrs={broken.__name__: broken})
+    want, _ = stock(*job)
+    reference, _ = stock(*job, dtype=torch.float64)
+    assert mismatches(ranks[0][job]["outs"], want, reference)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_in_place_exchange_where_the_tokens_divide_equals_stock(stock, ckpts, world):
+    """Ulysses over 2 and 4 ranks: where the video tokens divide the group the exchange swaps head blocks in
+    q's, k's and v's own buffers (no send buffer); where they do not, it goes through a send buffer; both equal
+    stock, in a forward and two sampler steps with the lean attention's ranges shrunk."""
+    jobs = [("2.3", "fwd_t2v", "even"), ("2", "ks_i2v", "even"), ("2", "fwd_t2v", ODD_SHAPE[world])]
+    ranks = run_parallel(world, world, 1, ckpts, jobs, sp_attrs={exchanges_logged.__name__: exchanges_logged,
+                                                                 small_lean_ranges.__name__: small_lean_ranges})
+    for job in jobs:
+        assert_equals_stock(stock, ranks, job)
+    lines = set(ranks[0]["log"])
+    assert f"exchange in place: {token_count('even') // world} tokens a rank" in lines
+    assert f"exchange with a send buffer: {-(-token_count(ODD_SHAPE[world]) // world)} tokens a rank" in lines
+
+
+def test_in_place_exchange_one_token_off_is_caught(stock, ckpts):
+    """The twin: the other ranks' tokens one token off after each swap fail the same check."""
+    job = ("2", "fwd_t2v", "even")
+    ranks = run_parallel(2, 2, 1, ckpts, [job], sp_attrs={swap_one_token_off.__name__: swap_one_token_off})
     want, _ = stock(*job)
     reference, _ = stock(*job, dtype=torch.float64)
     assert mismatches(ranks[0][job]["outs"], want, reference)

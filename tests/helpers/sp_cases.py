@@ -160,6 +160,41 @@ def scaled_attention(sp_mod, rank):
     sp_mod.ShardedForward.kernel_call = kernel_call
 
 
+def exchanges_logged(sp_mod, rank):
+    """Each Ulysses exchange logs which way it went and for how many tokens a rank: in q's, k's and v's own
+    buffers (``ulysses_in_place``) or through a send buffer (``heads_from_sequence_shards``, per tensor)."""
+    import logging
+
+    ulysses = sys.modules[sp_mod.ulysses_attention.__module__]
+    log = logging.getLogger(sp_mod.__name__)
+    in_place, with_buffer = ulysses.ulysses_in_place, ulysses.heads_from_sequence_shards
+
+    def logged_in_place(kernel, q, k, v, pg):
+        log.info("exchange in place: %d tokens a rank", q.shape[1])
+        return in_place(kernel, q, k, v, pg)
+
+    def logged_with_buffer(t, groups, pg, reuse=True):
+        log.info("exchange with a send buffer: %d tokens a rank", t.shape[1])
+        return with_buffer(t, groups, pg, reuse)
+
+    ulysses.ulysses_in_place, ulysses.heads_from_sequence_shards = logged_in_place, logged_with_buffer
+
+
+def swap_one_token_off(sp_mod, rank):
+    """The in-place exchange's swapped blocks (the other ranks' tokens) one token off after every swap."""
+    ulysses = sys.modules[sp_mod.ulysses_attention.__module__]
+    real = ulysses.swap_head_blocks
+
+    def off(t, pg):
+        real(t, pg)
+        me = ulysses.dist.get_rank(pg)
+        for peer in range(t.shape[1]):
+            if peer != me:
+                t[:, peer] = t[:, peer].roll(1, 0)
+
+    ulysses.swap_head_blocks = off
+
+
 def no_exchange(sp_mod, rank):
     """Every exchange path of self-attention, and the output's all-gather, raises: a group of one must
     run ComfyUI's own call (the exchanges' send buffers are a hidden state's worth of memory more than
