@@ -39,6 +39,12 @@ case $call in
     b v-l8-1080p $L8 --res 1920x1088 --frames 1689 --variants parallel-chunker --timeout 120
     b v-l8-5201 $L8 --frames 5201 --variants parallel-chunker,ffn-chunker --timeout 100
     ;;
+  value-1080p)  # one card (24 GiB, 8 layers) at 1920x1088: the planner refused 1,689 frames by 0.01 GiB (value call,
+    # 2026-12-07) and says 1,681 fits; then 1,801 unchecked (does the planner's edge hold?)
+    export LTXAV_PARALLEL_MEMORY_LOG=1
+    b v-l8-1080p-1681 $L8 --res 1920x1088 --frames 1681 --variants parallel-chunker --timeout 120
+    LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b v-l8-1080p-past $L8 --res 1920x1088 --frames 1801 --variants parallel-chunker --timeout 100
+    ;;
   # issue 38: W workers sharing one GPU over gloo, each capped at --card-gb (the bench sets LTXAV_PARALLEL_MEMORY_CAP_GIB),
   # the planner checked (a refusal stops the lengths) and then skipped one length further (does it run out of memory?);
   # 2 layers (depth: `workers-2`, 2 against 8 layers at 9,401 frames; 8 against 48 layers: `one-card`);
