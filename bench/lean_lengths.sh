@@ -59,7 +59,7 @@ case $call in
   workers-2-inplace)  # two workers (24 GiB each), 768x512, Ulysses' exchange in place (824a11e): the planner's new
     # edge (15,025) checked, then one length past it unchecked
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2
-    b w2ip-768 $L2 --gpus 2 --frames 13161,15025 --variants parallel-chunker --timeout 150
+    b w2ip-768 $L2 --gpus 2 --frames 15025 --variants parallel-chunker --timeout 170
     LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2ip-768-past $L2 --gpus 2 --frames 16401 --variants parallel-chunker --timeout 150
     ;;
   workers-2-depth)  # two workers (24 GiB each), 768x512 (DEPTH_FRAMES, 5,201): the peak at 2 against 8 layers, same call
