@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-GPU benches of issues 33 (GGUF), 34 (two stages with a LoRA) and 37 (a long clip to a file) on a
 # `device` machine, from the repository root:
-#   COMMIT=<sha> bash bench/issue_benches.sh CALL OUTDIR   (CALL: gguf, save, save-1080p, save-long, save-workers, lora)
+#   COMMIT=<sha> bash bench/issue_benches.sh CALL OUTDIR   (CALL: gguf, save, save-fidelity, save-1080p, save-long, save-workers, lora)
 # CALL picks one set of runs (each fits one 10-minute call; every run has its own time limit, most
 # important first); results go to OUTDIR as JSON lines, logs as one archive (a call returns 8 files at most).
 # Needs the carry with PyAV, gguf and ComfyUI-GGUF (bench/README.md, top).
@@ -23,6 +23,11 @@ case $call in
     S="python bench/save_video.py --card-gb 24 $c --out $out/save.jsonl"
     r save-897 200 $S --frames 897 --variants stock,node,node-tiled --timeout 90
     r save-5201 230 $S --frames 5201 --variants node --timeout 220
+    ;;
+  save-fidelity)  # 897 frames: stock's chain and the node with the templates' tiles (bf16 VAE), each against the
+    # float32 VAE's frames (2026-12-07: the node's frames were up to 6 levels from stock's on 48 % of values)
+    r save-fidelity 330 python bench/save_video.py --card-gb 24 $c --out "$out/save-fidelity.jsonl" --frames 897 \
+      --variants reference,stock,node-tiled --timeout 150
     ;;
   save-1080p)  # 993 frames at 1920x1088: stock's chain took more than 100 s on an H100 (2026-12-07)
     r save-1080p 570 python bench/save_video.py --card-gb 24 $c --out "$out/save-1080p.jsonl" --frames 993 \

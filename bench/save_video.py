@@ -14,6 +14,8 @@ Variants (each length and variant in a fresh process, ascending lengths):
   node-tiled     LTXAV Save Video, gpus=1, with the templates' VAEDecodeTiled settings (stock's frames exactly)
   node-workers   LTXAV Save Video, gpus=--gpus Ray workers (two on one GPU: LTXAV_PARALLEL_WORKERS_PER_GPU=2),
                  each capped at --card-gb; the workers are started and given the VAE first (not timed)
+  reference      stock's VAEDecodeTiled with the video VAE in float32 on the whole card (no file): the frames
+                 the bf16 variants are compared with, so their own rounding is seen beside their gap to stock
 
 1. Writes --vae once (kept when it is there with the same configs): an LTX-2 video VAE and audio VAE with
    the real configs (ComfyUI's LTX-2 layout: decoder 128->1024 channels, 5 resnets a level, three residual
@@ -28,8 +30,8 @@ Variants (each length and variant in a fresh process, ascending lengths):
    the device memory in use (all processes, the dummy and the memory in use before excluded).
 3. Records: seconds, host peaks above the start (after the VAEs are loaded; the workers' after they hold
    the VAE), GPU peak, the file read back with PyAV (frames, rate, durations), and sampled 8-bit frames
-   before encoding (stock, node, node-tiled); the summary compares them with stock's (levels apart, and
-   the share of values that differ).
+   before encoding (stock, node, node-tiled, reference); the summary compares the node's with stock's, and
+   every variant's with the float32 reference's (levels apart, and the share of values that differ).
 
 --smoke: tiny widths on the CPU (no card, no DynamicVRAM): checks that every variant runs end to end.
 """
@@ -217,7 +219,7 @@ def child(a):
         card = int(a.card_gb * GIB)
         if workers and card < total:
             os.environ["LTXAV_PARALLEL_MEMORY_CAP_GIB"] = f"{card / GIB:.6f}"  # each worker holds the rest
-        elif card < total:
+        elif card < total and a.variant != "reference":
             dummy = comfy_host.hold_card(card)
         rec.update(card_total_gib=gib(total), dummy_gib=gib(dummy.numel()) if dummy is not None else 0)
     comfy_host.start(dynamic)
@@ -233,7 +235,8 @@ def child(a):
     folder_paths.set_output_directory(out_dir)
     t0 = time.perf_counter()
     sd, metadata = comfy.utils.load_torch_file(a.vae, return_metadata=True)
-    vae = comfy.sd.VAE(sd=comfy.utils.state_dict_prefix_replace(sd, {"vae.": ""}, filter_keys=True), metadata=metadata)
+    vae = comfy.sd.VAE(sd=comfy.utils.state_dict_prefix_replace(sd, {"vae.": ""}, filter_keys=True), metadata=metadata,
+                       dtype=torch.float32 if a.variant == "reference" else None)
     audio_vae = comfy.sd.VAE(sd=comfy.utils.state_dict_prefix_replace(
         sd, {"audio_vae.": "autoencoder.", "vocoder.": "vocoder."}, filter_keys=True), metadata=metadata)
     del sd
@@ -286,6 +289,12 @@ def child(a):
             if a.variant == "stock":
                 path, times = stock(vae, audio_vae, video, audio, picks, sampled)
                 rec["stock_node_s"] = times
+            elif a.variant == "reference":
+                import nodes
+                images = nodes.VAEDecodeTiled().decode(vae, {"samples": video}, *TEMPLATE_TILES)[0]
+                for i in picks:
+                    sampled[i] = (images[i] * 255).clamp(0, 255).byte().numpy().copy()
+                del images
             else:
                 tiles = TEMPLATE_TILES if a.variant == "node-tiled" else (0, 64, 0, 8)
                 settings = video_save.Settings(25.0, *tiles, gpus=a.gpus if workers else 1)
@@ -369,25 +378,26 @@ def read_back(path):
 
 # ----------------------------------------------------------------------------- driver (parent)
 
-def compare_samples(folder, frames):
-    """Sampled 8-bit frames of each node variant against stock's: the most levels apart, and the share of
+def compare_samples(folder, frames, against="stock", variants=("node", "node-tiled")):
+    """Sampled 8-bit frames of each variant against ``against``'s: the most levels apart, and the share of
     values that differ."""
     import numpy as np
 
     out = {}
     for f in frames:
-        want = Path(folder, f"stock-{f}.npz")
+        want = Path(folder, f"{against}-{f}.npz")
         if not want.exists():
             continue
         w = np.load(want)
-        for variant in ("node", "node-tiled"):
+        for variant in variants:
             got = Path(folder, f"{variant}-{f}.npz")
             if got.exists():
                 g = np.load(got)
                 d = [np.abs(g[k].astype(int) - w[k].astype(int)) for k in w.files if k in g.files]
                 out[f"{variant}-{f}"] = dict(frames=sorted(int(k) for k in w.files),
                                              max_levels=int(max(x.max() for x in d)),
-                                             share_differing=round(float(np.mean([(x > 0).mean() for x in d])), 6))
+                                             share_differing=round(float(np.mean([(x > 0).mean() for x in d])), 6),
+                                             share_over_one=round(float(np.mean([(x > 1).mean() for x in d])), 6))
     return out
 
 
@@ -483,7 +493,9 @@ def main(argv=None):
             emit(rec)
     summary = dict(kind="summary", command=command, card=device_name(), emulated_card_gib=a.card_gb,
                    workers_per_gpu=os.environ.get("LTXAV_PARALLEL_WORKERS_PER_GPU", "1"),
-                   frames_vs_stock=compare_samples(a.samples, frames), commit=commit, comfyui=str(a.comfy),
+                   frames_vs_stock=compare_samples(a.samples, frames),
+                   frames_vs_float32=compare_samples(a.samples, frames, "reference", ("stock", "node", "node-tiled")),
+                   commit=commit, comfyui=str(a.comfy),
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    python=platform.python_version())
     emit(summary)

@@ -185,6 +185,25 @@ def test_streamed_decode_equals_vaedecodetiled(video_mod, vaes, version, setting
     assert_levels(as_saved(got), as_saved(want), f"{version} {settings}")
 
 
+def test_streamed_decode_in_bfloat16_equals_vaedecodetiled(video_mod, ckpts, vaes):
+    """The video VAE in bfloat16, as ComfyUI loads it on a GPU: the streamed decode equals VAEDecodeTiled's in
+    bfloat16 by the float64-reference rule and in 8-bit frames. The one-level bound is against stock in the
+    same dtype: bfloat16's own rounding puts stock's frames more than one level from the float64 frames (6 to
+    8 levels on about a quarter of the values here; on a GPU: bench/README.md, save_video.py's float32
+    reference)."""
+    from helpers.tiny_vae import load_vaes
+
+    vae16 = load_vaes(ckpts["2"], dtype=torch.bfloat16)[0]
+    assert vae16.vae_dtype == torch.bfloat16
+    video, _ = latents()
+    got, _ = streamed(video_mod, vae16, video, TILED)
+    want, reference = stock_frames(vae16, video, TILED), stock_frames(vaes["2"][1], video, TILED)
+    assert_matches(got, want, reference, "bfloat16", dtype=torch.bfloat16)
+    assert_levels(as_saved(got), as_saved(want), "bfloat16")
+    with pytest.raises(AssertionError, match="levels apart"):  # stock's own bf16 frames, against float64's
+        assert_levels(as_saved(want), as_saved(reference), "stock in bfloat16")
+
+
 @pytest.mark.quick
 def test_parts_with_context_equal_the_whole_decode(video_mod, vaes):
     """A worker's share (a frame range, decoded with the decoder's receptive radius of context on both
