@@ -186,7 +186,7 @@ def plan_of(row, dims, chunker=True, lean=False, world=1, lean_value=False, in_p
     (``lean``: with the lean attention, the node's default; the runs before it were planned without;
     ``lean_value``: with self-attention's value in its input's buffer, the runs of ``-value-`` files), or
     one of ``world`` workers as the driver plans it (``in_place``: Ulysses' exchange in q's, k's and v's own
-    buffers, which no committed run had yet)."""
+    buffers, the runs of ``-inplace-`` files)."""
     w, h = (int(v) for v in row["res"].split("x"))
     clip = mp.Clip(row["latent_frames"], h // 32, w // 32, row["audio_tokens"])
     return mp.estimate(dims, clip, world=world, ffn_chunks=None if chunker else 1, sampler=True,
@@ -423,10 +423,12 @@ def test_lean_plan_refusal_needs_the_pool_allowance(checkpoint_dims):
 def lean_worker_rows():
     """The lean attention's runs on several Ray workers sharing one GPU over gloo, each capped at its card's
     size (``-lean-workers2-`` files: two workers on one H100, 24 and 16 GiB, fp8 and bf16, 768x512 and
-    1920x1088, 2 layers), that ran; ``checked``: the planner's check was on (it accepted them)."""
+    1920x1088, 2 layers), that ran; ``checked``: the planner's check was on (it accepted them); ``value``: with
+    self-attention's value in its input's buffer (``-value-``); ``in_place``: Ulysses' exchange in q's, k's and
+    v's own buffers (``-inplace-``)."""
     for path, row in jsonl_rows("*-comfy_long_video-lean-workers*.jsonl"):
         if row.get("kind") == "run" and row.get("ok") and row.get("worker_memory"):
-            yield pytest.param(row, "unchecked" not in path.stem, "-value-" in path.stem,
+            yield pytest.param(row, "unchecked" not in path.stem, "-value-" in path.stem, "-inplace-" in path.stem,
                                id=f"{path.stem[11:]}-{row['frames']}x{row['res']}-{row['weights']}")
 
 
@@ -434,13 +436,14 @@ def activations_gib(est):
     return (est.parts["video tokens"] + est.parts["audio tokens"]) / mp.GIB
 
 
-@pytest.mark.parametrize("row,checked,value", list(lean_worker_rows()))
-def test_lean_plan_matches_several_workers(row, checked, value, checkpoint_dims):
+@pytest.mark.parametrize("row,checked,value,in_place", list(lean_worker_rows()))
+def test_lean_plan_matches_several_workers(row, checked, value, in_place, checkpoint_dims):
     """With the lean attention on several workers the planner's activations (video and audio tokens) are within
     10% of every worker's peak above its forward's start (PyTorch's allocator), and every clip that ran with the
     check on is accepted against the worker's share less its CUDA context (``value``: the runs with
-    self-attention's value in its input's buffer, planned with it)."""
-    est = plan_of(row, checkpoint_dims[row["weights"]], lean=True, world=row["gpus"], lean_value=value)
+    self-attention's value in its input's buffer, planned with it; ``in_place``: Ulysses' exchange in place)."""
+    est = plan_of(row, checkpoint_dims[row["weights"]], lean=True, world=row["gpus"], lean_value=value,
+                  in_place=in_place)
     for worker in row["worker_memory"]:
         assert abs(activations_gib(est) - worker["peak_gib"]) <= 0.10 * worker["peak_gib"], (est.describe(), worker)
     if checked:
