@@ -21,7 +21,7 @@ re-applied the LoRA at every stage, and the driver pickled and sent it every tim
 Usage: python bench/two_stage_lora.py [--comfy PATH] [--tiny] [--layers 48] [--weights fp8|bf16]
           [--rank 64] [--res 1280x704] [--frames 121] [--prompts 2] [--variants stock,gpus1,shared2]
           [--before-fix] [--ckpt PATH] [--lora PATH] [--commit SHA] [--out results.jsonl]
-``--tiny``: 2 layers at toy dims, 256x192, 25 frames, rank 4: a CPU smoke run.
+``--tiny``: 2 layers (unless --layers) at toy dims, 256x192, 25 frames, rank 4: a CPU smoke run.
 Writes JSON lines: one record per stage (seconds, what the workers did with the model, the node's
 summary), then a summary record (command, card, date, commit).
 """
@@ -186,9 +186,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"), help="ComfyUI host folder")
     p.add_argument("--tiny", action="store_true", help="2 layers at toy dims, small clip: a CPU smoke run")
-    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--layers", type=int, default=None, help="default 48 (--tiny: 2)")
     p.add_argument("--weights", choices=["fp8", "bf16"], default="fp8")
-    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--rank", type=int, default=None, help="default 64 (--tiny: 4)")
     p.add_argument("--res", default="1280x704", help="stage 2's size; stage 1 runs at half of it")
     p.add_argument("--frames", type=int, default=121)
     p.add_argument("--prompts", type=int, default=2, help="runs of the two stages (another seed each)")
@@ -207,8 +207,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     who = "child" if a.child else "main"
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {who} %(name)s: %(message)s", stream=sys.stderr)
+    # --tiny: 2 layers, rank 4 unless given (--tiny --layers 48: the real count of LoRA patches at toy dims)
+    a.layers = a.layers or (2 if a.tiny else 48)
+    a.rank = a.rank or (4 if a.tiny else 64)
     if a.tiny:
-        a.layers, a.rank = 2, 4
         if a.res == p.get_default("res"):
             a.res = "256x192"
         if a.frames == p.get_default("frames"):
