@@ -376,12 +376,14 @@ def test_lean_plan_matches_its_runs_and_refuses_what_ran_out_of_memory(checkpoin
     """With the lean attention (one H100, 24 GiB emulated, fp8): where a clip ran, the planner's figure
     less what lives outside PyTorch's allocator (the streamed blocks, the allocator's pool) is within 10%
     of PyTorch's peak; every clip that ran out of memory (7,801 and 8,301 frames at 768x512, 1,601 at
-    1920x1088; with the value in place 9,601) is refused against the free memory it had, and every clip that
-    ran (5,201, 7,401; with the value in place 5,201 and 8,301) is accepted. Clips the planner refused in the
+    1920x1088; with the value in place 9,601, and 1,801 at 1920x1088) is refused against the free memory it had,
+    and every clip that ran (5,201, 7,401; with the value in place 5,201 and 8,301, and 1,681 at 1920x1088) is
+    accepted. Clips the planner refused in the
     run itself measured nothing and are left out."""
     rows = list(lean_rows())
     assert {r["ok"] for r in rows} == {True, False} and {r["res"] for r in rows} == {"768x512", "1920x1088"}
-    assert {r["frames"] for r in rows if r["value"] and r["ok"]} == {5201, 8301}
+    assert {r["frames"] for r in rows if r["value"] and r["ok"]} == {1681, 5201, 8301}
+    assert any(r["value"] and r["oom"] and r["res"] == "1920x1088" for r in rows)
     for row in rows:
         est = plan_of(row, checkpoint_dims[row["weights"]], lean=True, lean_value=row["value"])
         free = row["at_sampling_start"]["device_free_gb"]
@@ -468,6 +470,17 @@ def test_in_place_exchange_plans_no_send_buffer(checkpoint_dims):
     assert auto.parts["exchange buffers"] == 2 * mp.SWAP_STAGING_BYTES and send.parts["exchange buffers"] == 0
     three = {**kw, "world": 3}  # not a power of two: the send buffer
     assert mp.estimate(dims, clip, **three).parts == mp.estimate(dims, clip, in_place=False, **three).parts
+
+
+def test_in_place_plan_check_catches_the_send_buffer(checkpoint_dims):
+    """The twin of the in-place rows: 15,025 frames on two workers with Ulysses' exchange in place, planned with
+    the send buffer instead, miss the workers' peak by more than 10% and are refused against their share."""
+    row = next(p.values[0] for p in lean_worker_rows() if p.values[3] and p.values[1])
+    assert row["frames"] == 15025
+    est = plan_of(row, checkpoint_dims[row["weights"]], lean=True, world=row["gpus"], lean_value=True, in_place=False)
+    peak = row["worker_memory"][0]["peak_gib"]
+    assert abs(activations_gib(est) - peak) > 0.10 * peak
+    assert est.total > row["card_gb"] * mp.GIB - mp.CUDA_CONTEXT_BYTES
 
 
 def test_lean_plan_for_several_workers_fails_with_the_unmeasured_exchange(checkpoint_dims):
