@@ -81,8 +81,8 @@ def summary(group, memory: list[jobs.WorkerMemory], timings: dict, load: jobs.Lo
         else:
             streamed = " (streamed: DynamicVRAM)" if info.get("dynamic_vram") and streamed_model else ""
             lines.append(f"  worker {m.rank} ({info['device']}): peak {m.peak_gib} GiB above the forward's start "
-                         f"(PE {m.pe_gib} GiB, blocks {m.blocks_gib} GiB); {m.allocated_gib} GiB allocated; "
-                         f"weights on the GPU {m.weights_gib} GiB{streamed}{host}")
+                         f"(input and positions {m.pe_gib} GiB, blocks {m.blocks_gib} GiB); "
+                         f"{m.allocated_gib} GiB allocated; weights on the GPU {m.weights_gib} GiB{streamed}{host}")
     return "\n".join(lines)
 
 
