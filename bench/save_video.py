@@ -290,11 +290,7 @@ def child(a):
                 path, times = stock(vae, audio_vae, video, audio, picks, sampled)
                 rec["stock_node_s"] = times
             elif a.variant == "reference":
-                import nodes
-                images = nodes.VAEDecodeTiled().decode(vae, {"samples": video}, *TEMPLATE_TILES)[0]
-                for i in picks:
-                    sampled[i] = (images[i] * 255).clamp(0, 255).byte().numpy().copy()
-                del images
+                stock_frames(vae, video, picks, sampled)
             else:
                 tiles = TEMPLATE_TILES if a.variant == "node-tiled" else (0, 64, 0, 8)
                 settings = video_save.Settings(25.0, *tiles, gpus=a.gpus if workers else 1)
@@ -341,18 +337,26 @@ def child(a):
     return rec
 
 
+def stock_frames(vae, video, picks, sampled):
+    """VAEDecodeTiled with the templates' settings; the frames at ``picks`` put in ``sampled`` as Save Video
+    converts a frame before encoding."""
+    import nodes
+
+    images = nodes.VAEDecodeTiled().decode(vae, {"samples": video}, *TEMPLATE_TILES)[0]
+    for i in picks:
+        sampled[i] = (images[i] * 255).clamp(0, 255).byte().numpy().copy()
+    return images
+
+
 def stock(vae, audio_vae, video, audio, picks, sampled):
     """The stock chain, node by node, as the official LTX-2 templates wire it."""
-    import nodes
     from comfy_extras.nodes_lt_audio import LTXVAudioVAEDecode
     from comfy_extras.nodes_video import CreateVideo, SaveVideo
 
     times = {}
     t = time.perf_counter()
-    images = nodes.VAEDecodeTiled().decode(vae, {"samples": video}, *TEMPLATE_TILES)[0]
+    images = stock_frames(vae, video, picks, sampled)
     times["VAEDecodeTiled"] = round(time.perf_counter() - t, 2)
-    for i in picks:  # as Save Video converts a frame before encoding
-        sampled[i] = (images[i] * 255).clamp(0, 255).byte().numpy().copy()
     t = time.perf_counter()
     sound = LTXVAudioVAEDecode.execute({"samples": audio}, audio_vae).result[0]
     times["LTXVAudioVAEDecode"] = round(time.perf_counter() - t, 2)
