@@ -39,19 +39,14 @@ case $call in
     b v-l8-1080p $L8 --res 1920x1088 --frames 1689 --variants parallel-chunker --timeout 120
     b v-l8-5201 $L8 --frames 5201 --variants parallel-chunker,ffn-chunker --timeout 100
     ;;
-  issue35)  # what issue 35 still needs, most important first (a short call keeps what ran): two workers at the
-    # planner's in-place edge, one card at 1920x1088 1,681; then the same two past their edges, unchecked
+  issue35)  # two workers (24 GiB each, 768x512) with Ulysses' exchange in place (824a11e) at the planner's edge,
+    # one card (8 layers) at 1920x1088 1,681 (the planner refused 1,689 by 0.01 GiB); then the same two past
+    # their edges, unchecked. Most important first: a call cut short keeps what ran
     export LTXAV_PARALLEL_MEMORY_LOG=1
     LTXAV_PARALLEL_WORKERS_PER_GPU=2 b w2ip-768 $L2 --gpus 2 --frames 15025 --variants parallel-chunker --timeout 170
     b v-l8-1080p-1681 $L8 --res 1920x1088 --frames 1681 --variants parallel-chunker --timeout 120
     LTXAV_PARALLEL_WORKERS_PER_GPU=2 LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2ip-768-past $L2 --gpus 2 --frames 16401 \
       --variants parallel-chunker --timeout 150
-    LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b v-l8-1080p-past $L8 --res 1920x1088 --frames 1801 --variants parallel-chunker --timeout 100
-    ;;
-  value-1080p)  # one card (24 GiB, 8 layers) at 1920x1088: the planner refused 1,689 frames by 0.01 GiB (value call,
-    # 2026-12-07) and says 1,681 fits; then 1,801 unchecked (does the planner's edge hold?)
-    export LTXAV_PARALLEL_MEMORY_LOG=1
-    b v-l8-1080p-1681 $L8 --res 1920x1088 --frames 1681 --variants parallel-chunker --timeout 120
     LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b v-l8-1080p-past $L8 --res 1920x1088 --frames 1801 --variants parallel-chunker --timeout 100
     ;;
   # issue 38: W workers sharing one GPU over gloo, each capped at --card-gb (the bench sets LTXAV_PARALLEL_MEMORY_CAP_GIB),
@@ -64,12 +59,6 @@ case $call in
     b w4-depth-l8 $L8 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
     b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 200
     LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w4-768-past $L2 --gpus 4 --frames 20801 --variants parallel-chunker --timeout 150
-    ;;
-  workers-2-inplace)  # two workers (24 GiB each), 768x512, Ulysses' exchange in place (824a11e): the planner's new
-    # edge (15,025) checked, then one length past it unchecked
-    export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2
-    b w2ip-768 $L2 --gpus 2 --frames 15025 --variants parallel-chunker --timeout 170
-    LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w2ip-768-past $L2 --gpus 2 --frames 16401 --variants parallel-chunker --timeout 150
     ;;
   workers-2-depth)  # two workers (24 GiB each), 768x512 (DEPTH_FRAMES, 5,201): the peak at 2 against 8 layers, same call
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2
