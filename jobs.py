@@ -90,9 +90,9 @@ class WorkerMemory:
     allocated when each forward began (weights, latents, conditioning) and its two phases (``pe_gib``: up to
     the positions, the input's projection included, at long lengths mostly the local hidden state;
     ``blocks_gib``), what stays allocated and PyTorch's highest allocation in the run's forwards (both less a
-    held rest of an emulated card, which the benchmarks hold), the weights on the GPU (with DynamicVRAM the rest waits in host
-    memory) and comfy-aimdo's device memory; host figures: RSS, PSS (pages shared with other processes,
-    such as a memory-mapped checkpoint, counted by share) and USS (its own pages only)."""
+    held rest of an emulated card, which the benchmarks hold), the weights on the GPU (with DynamicVRAM the
+    rest waits in host memory) and comfy-aimdo's device memory; host figures: RSS, PSS (pages shared with
+    other processes, such as a memory-mapped checkpoint, counted by share) and USS (its own pages only)."""
 
     rank: int
     peak_gib: float | None = None

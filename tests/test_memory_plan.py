@@ -378,8 +378,7 @@ def test_lean_plan_matches_its_runs_and_refuses_what_ran_out_of_memory(checkpoin
     of PyTorch's peak; every clip that ran out of memory (7,801 and 8,301 frames at 768x512, 1,601 at
     1920x1088; with the value in place 9,601, and 1,801 at 1920x1088) is refused against the free memory it had,
     and every clip that ran (5,201, 7,401; with the value in place 5,201 and 8,301, and 1,681 at 1920x1088) is
-    accepted. Clips the planner refused in the
-    run itself measured nothing and are left out."""
+    accepted. Clips the planner refused in the run itself measured nothing and are left out."""
     rows = list(lean_rows())
     assert {r["ok"] for r in rows} == {True, False} and {r["res"] for r in rows} == {"768x512", "1920x1088"}
     assert {r["frames"] for r in rows if r["value"] and r["ok"]} == {1681, 5201, 8301}
