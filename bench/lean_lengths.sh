@@ -53,12 +53,14 @@ case $call in
   # the planner checked (a refusal stops the lengths) and then skipped one length further (does it run out of memory?);
   # 2 layers (depth: `workers-2`, 2 against 8 layers at 9,401 frames; 8 against 48 layers: `one-card`);
   # LTXAV_PARALLEL_MEMORY_LOG=1: each worker's phase peaks
-  workers-4)  # four workers on one H200 (24 GiB each), 768x512: depth first (2 against 8 layers), then the target length
+  workers-4)  # four workers on one H200 (24 GiB each), 768x512: depth first (2 against 8 layers), then the edge
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=4
     b w4-depth-l2 $L2 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 60
     b w4-depth-l8 $L8 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
-    b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 200
-    LTXAV_PARALLEL_SKIP_MEMORY_CHECK=1 b w4-768-past $L2 --gpus 4 --frames 20801 --variants parallel-chunker --timeout 150
+    # the planner's edge (23,489, as for two workers at 15,025); the target (>= 18,724) only if the edge failed
+    b w4-768-edge $L2 --gpus 4 --frames 23489 --variants parallel-chunker --timeout 250
+    grep -q '"ok": true' "$out/w4-768-edge.jsonl" 2>/dev/null || \
+      b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 180
     ;;
   workers-2-depth)  # two workers (24 GiB each), 768x512 (DEPTH_FRAMES, 5,201): the peak at 2 against 8 layers, same call
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2
