@@ -59,7 +59,7 @@ case $call in
     b w4-depth-l8 $L8 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
     # the planner's edge (23,489, as for two workers at 15,025); the target (>= 18,724) only if the edge failed
     b w4-768-edge $L2 --gpus 4 --frames 23489 --variants parallel-chunker --timeout 250
-    grep -q '"ok": true' "$out/w4-768-edge.jsonl" 2>/dev/null || \
+    grep '"kind": "run"' "$out/w4-768-edge.jsonl" 2>/dev/null | grep -q '"ok": true' || \
       b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 180
     ;;
   workers-2-depth)  # two workers (24 GiB each), 768x512 (DEPTH_FRAMES, 5,201): the peak at 2 against 8 layers, same call
