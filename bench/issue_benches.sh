@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
 # The one-GPU benches of issues 33 (GGUF), 34 (two stages with a LoRA) and 37 (a long clip to a file) on a
 # `device` machine, from the repository root:
-#   COMMIT=<sha> bash bench/issue_benches.sh CALL OUTDIR   (CALL: gguf, save, save-fidelity, save-1080p, save-long, save-workers, lora)
+#   COMMIT=<sha> bash bench/issue_benches.sh CALL[,CALL...] OUTDIR
+#   (CALL: gguf, gguf-workers, save, save-fidelity, save-1080p, save-long, save-workers, save-workers-897, lora)
 # CALL picks one set of runs (each fits one 10-minute call; every run has its own time limit, most
 # important first); results go to OUTDIR as JSON lines, logs as one archive (a call returns 8 files at most).
 # Needs the carry with PyAV, gguf and ComfyUI-GGUF (bench/README.md, top).
 set -uo pipefail
-call=${1:?call}; out=${2:?outdir}
+calls=${1:?call}; out=${2:?outdir}
 mkdir -p "$out"
 source bench/device_setup.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
 c="--commit ${COMMIT:-unknown}"
 r() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "$name rc=$?" >> "$out/rc.txt"; }
+for call in ${calls//,/ }; do
 case $call in
   gguf)  # 48-layer GGUF Q8_0 through ComfyUI-GGUF's loader: stock beside the node at gpus=1, then two workers
     G="--gguf Q8_0 --layers 48 --card-gb 80 --frames 897 --steps 8 --variants stock,parallel"
     r gguf-gpus1 280 python bench/comfy_long_video.py $G --gpus 1 --timeout 200 $c --out "$out/gguf-gpus1.jsonl"
     LTXAV_PARALLEL_WORKERS_PER_GPU=2 r gguf-2workers 280 python bench/comfy_long_video.py $G --gpus 2 --timeout 220 \
       $c --out "$out/gguf-2workers.jsonl"
+    ;;
+  gguf-workers)  # two workers at 2 steps, beside stock: at 8 steps two workers passed 280 s (2026-12-07; gloo copies
+    # every exchange through host memory, 48 layers a step)
+    r gguf-2workers-2steps 330 python bench/comfy_long_video.py --gguf Q8_0 --layers 48 --card-gb 80 --frames 897 \
+      --steps 2 --variants stock,parallel --gpus 2 --timeout 300 $c --out "$out/gguf-2workers-2steps.jsonl"
     ;;
   save)  # decode + save against stock's chain on an emulated 24 GiB card, growing lengths
     S="python bench/save_video.py --card-gb 24 $c --out $out/save.jsonl"
@@ -42,6 +49,10 @@ case $call in
     LTXAV_PARALLEL_WORKERS_PER_GPU=2 r save-workers 560 python bench/save_video.py --card-gb 24 $c \
       --frames 897,5201 --variants node-workers --gpus 2 --timeout 270 --out "$out/save-workers.jsonl"
     ;;
+  save-workers-897)  # the same at 897 frames only
+    LTXAV_PARALLEL_WORKERS_PER_GPU=2 r save-workers-897 250 python bench/save_video.py --card-gb 24 $c \
+      --frames 897 --variants node-workers --gpus 2 --timeout 230 --out "$out/save-workers.jsonl"
+    ;;
   lora)  # the LTX-2.3 template's two stages with a rank-64 LoRA: stock, gpus=1, two workers; then before the fix
     # (one prompt: its two stages show the re-patch). Two workers took 136 s for four stages on an H100 (2026-12-07)
     L="python bench/two_stage_lora.py --layers 48 --weights fp8 --rank 64 $c"
@@ -50,5 +61,6 @@ case $call in
     ;;
   *) echo "unknown call $call"; exit 2 ;;
 esac
+done
 cat "$out/rc.txt"; tail -n 4 "$out"/*.log | cut -c1-400
 (cd "$out" && tar czf logs.tgz ./*.log && rm -f ./*.log)
