@@ -23,7 +23,7 @@ case $call in
     ;;
   gguf-workers)  # two workers at 2 steps, beside stock: at 8 steps two workers passed 280 s (2026-12-07; gloo copies
     # every exchange through host memory, 48 layers a step)
-    r gguf-2workers-2steps 330 python bench/comfy_long_video.py --gguf Q8_0 --layers 48 --card-gb 80 --frames 897 \
+    LTXAV_PARALLEL_WORKERS_PER_GPU=2 r gguf-2workers-2steps 330 python bench/comfy_long_video.py --gguf Q8_0 --layers 48 --card-gb 80 --frames 897 \
       --steps 2 --variants stock,parallel --gpus 2 --timeout 300 $c --out "$out/gguf-2workers-2steps.jsonl"
     ;;
   save)  # decode + save against stock's chain on an emulated 24 GiB card, growing lengths
