@@ -2,7 +2,7 @@
 # The one-GPU benches of issues 33 (GGUF), 34 (two stages with a LoRA) and 37 (a long clip to a file) on a
 # `device` machine, from the repository root:
 #   COMMIT=<sha> bash bench/issue_benches.sh CALL[,CALL...] OUTDIR
-#   (CALL: gguf, gguf-workers, save, save-fidelity, save-1080p, save-long, save-workers, save-workers-897, lora)
+#   (CALL: gguf, gguf-workers, gguf-speed, save, save-fidelity, save-1080p, save-long, save-workers, save-workers-897, lora)
 # CALL picks one set of runs (each fits one 10-minute call; every run has its own time limit, most
 # important first); results go to OUTDIR as JSON lines, logs as one archive (a call returns 8 files at most).
 # Needs the carry with PyAV, gguf and ComfyUI-GGUF (bench/README.md, top).
@@ -25,6 +25,12 @@ case $call in
     # every exchange through host memory, 48 layers a step)
     LTXAV_PARALLEL_WORKERS_PER_GPU=2 r gguf-2workers-2steps 330 python bench/comfy_long_video.py --gguf Q8_0 --layers 48 --card-gb 80 --frames 897 \
       --steps 2 --variants stock,parallel --gpus 2 --timeout 300 $c --out "$out/gguf-2workers-2steps.jsonl"
+    ;;
+  gguf-speed)  # gpus=1 took 13 % longer a step than stock on GGUF (2026-12-07): the same beside the lean attention off
+    G="--gguf Q8_0 --layers 48 --card-gb 80 --frames 897 --steps 4 --gpus 1 --timeout 200 $c"
+    r gguf-speed 250 python bench/comfy_long_video.py $G --variants stock,parallel --out "$out/gguf-speed.jsonl"
+    LTXAV_PARALLEL_LEAN_ATTENTION=0 r gguf-speed-not-lean 120 python bench/comfy_long_video.py $G --variants parallel \
+      --out "$out/gguf-speed-not-lean.jsonl"
     ;;
   save)  # decode + save against stock's chain on an emulated 24 GiB card, growing lengths
     S="python bench/save_video.py --card-gb 24 $c --out $out/save.jsonl"
