@@ -11,7 +11,8 @@ Three things, each where the memory goes in a long LTX forward:
   range's output over the queries it came from (softmax attention treats each query on its own, so
   the result is the same), instead of a new output plus ComfyUI's reshaped copy of it;
 * **the output projection in place**: a square ``to_out`` projection runs a range of tokens at a time
-  into its own input (``ffn_chunking.chunked_forward``), instead of a second hidden state;
+  into its own input (``ffn_chunking.chunked_forward``), instead of a second hidden state (a GGUF weight
+  dequantized once a call, not once a range);
 * **the value in its input's buffer**: self-attention's value projection is the last one made of the
   normed hidden state, which ComfyUI's block drops after the call, so it runs a range at a time into
   that state (gated attention's gate logits, which ComfyUI takes from the same input after the
@@ -60,17 +61,46 @@ def attention_into_query(call, q, k, v, heads, mask=None, **kwargs):
     return q
 
 
+def quantized_layers(module) -> list:
+    """The ComfyUI-GGUF layers in ``module`` that hold quantized weights (their own ``is_ggml_quantized``
+    and ``cast_bias_weight``), unless something already set an instance ``cast_bias_weight`` on them."""
+    return [m for m in module.modules() if callable(getattr(m, "is_ggml_quantized", None))
+            and callable(getattr(m, "cast_bias_weight", None)) and "cast_bias_weight" not in vars(m)
+            and m.is_ggml_quantized()]
+
+
+def _cast_once(cast):
+    got = {}
+
+    def once(input=None, dtype=None, device=None, bias_dtype=None):
+        key = (getattr(input, "dtype", None), getattr(input, "device", None), dtype, device, bias_dtype)
+        if key not in got:
+            got[key] = cast(input, dtype=dtype, device=device, bias_dtype=bias_dtype)
+        return got[key]
+    return once
+
+
+def dequantized_once(layers):
+    """For the ``with`` body, each ComfyUI-GGUF layer of ``layers`` dequantizes its weight (and applies its
+    LoRA patches: its own ``cast_bias_weight``) for the first range of tokens and hands the same weight
+    to the others, as one call on the whole input does, instead of once a range. Instance attributes."""
+    return instance_attrs([(m, "cast_bias_weight", _cast_once(m.cast_bias_weight)) for m in layers])
+
+
 def projecting_in_place(module):
     """A forward for a projection ``module`` whose output is as wide as its input: long inputs a range
-    of tokens at a time into the input's own buffer when it is the caller's temporary."""
+    of tokens at a time into the input's own buffer when it is the caller's temporary (a GGUF weight
+    dequantized once for all ranges)."""
     forward = module.forward
+    quantized = quantized_layers(module)
 
     def run(x):
         n = x.shape[1] if x.dim() == 3 else 0
         if n <= PROJECTION_CHUNK_TOKENS:
             return forward(x)
-        return ffn_chunking.chunked_forward(module, x, math.ceil(n / PROJECTION_CHUNK_TOKENS), whole_view=True,
-                                            plain=lambda _, t: forward(t))
+        with dequantized_once(quantized):
+            return ffn_chunking.chunked_forward(module, x, math.ceil(n / PROJECTION_CHUNK_TOKENS),
+                                                whole_view=True, plain=lambda _, t: forward(t))
     return run
 
 

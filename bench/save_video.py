@@ -154,8 +154,9 @@ def vaes_match(path, smoke):
 # ----------------------------------------------------------------------------- one run (child)
 
 class Sampler(threading.Thread):
-    """Every ``period`` s: resident memory of this process, of the Ray workers (``ray::LTXAVWorker``) and of
-    the other processes below this one (Ray's own), and the device memory in use; their peaks."""
+    """Every ``period`` s: resident memory of this process (and its part that is not file pages or shared
+    memory), of the Ray workers (``ray::LTXAVWorker``) and of the other processes below this one (Ray's
+    own), and the device memory in use; their peaks."""
 
     def __init__(self, torch, cuda, period=0.05):
         super().__init__(daemon=True)
@@ -168,7 +169,8 @@ class Sampler(threading.Thread):
         self.peak = dict(self.now)
 
     def sample(self) -> dict:
-        out = {"driver": self.me.memory_info().rss, "workers": 0, "ray": 0}
+        mine = self.me.memory_info()  # driver_anon: what is not file pages or shared memory (RssAnon)
+        out = {"driver": mine.rss, "driver_anon": mine.rss - mine.shared, "workers": 0, "ray": 0}
         for p in self.me.children(recursive=True):
             try:
                 kind = "workers" if "LTXAVWorker" in " ".join(p.cmdline()) else "ray"
@@ -313,7 +315,8 @@ def child(a):
     peak = sampler.stop()
     rec["host_start_gib"] = {k: gib(v) for k, v in start.items() if k != "device"}
     rec["host_peak_gib"] = {k: gib(v) for k, v in peak.items() if k != "device"}
-    rec["host_peak_above_start_gib"] = {k: gib(peak[k] - start[k]) for k in ("driver", "workers", "ray")}
+    rec["host_peak_above_start_gib"] = {k: gib(peak[k] - start[k])
+                                        for k in ("driver", "driver_anon", "workers", "ray")}
     if cuda:  # every process on the card, what emulates the small card (dummy, workers' held rest) excluded
         held = dummy.numel() if dummy is not None else 0
         if workers:

@@ -316,6 +316,69 @@ def test_gguf_model_lean_in_comfyuis_process_equals_stock(here, nodes_mod, gguf_
     assert mismatches(twin, want, reference)
 
 
+def gguf_projection(gguf_pack, width=64, seed=0):
+    """A square output projection as ComfyUI's LTX attention has one (``Sequential(Linear, Dropout)``), its
+    Linear ComfyUI-GGUF's with a Q8_0 weight (quantized by the ``gguf`` package) and an F32 bias, loaded as
+    its loader loads a layer's tensors."""
+    import gguf
+    import numpy as np
+
+    ops = submodule(gguf_pack, "ops")
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(width, width, generator=g) * 0.05
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    blocks = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(weight.numpy(), q8)))
+    linear = ops.GGMLOps.Linear(width, width)
+    linear.load_state_dict({"weight": ops.GGMLTensor(blocks, tensor_type=q8, tensor_shape=torch.Size([width, width])),
+                            "bias": torch.randn(width, generator=g) * 0.05})
+    assert linear.is_ggml_quantized()
+    return torch.nn.Sequential(linear, torch.nn.Dropout(0.0)).eval()
+
+
+def dequantizations(monkeypatch, gguf_pack) -> list:
+    """Each ``dequantize_tensor`` call ComfyUI-GGUF's layers make, by the shape of what they dequantize."""
+    ops, calls = submodule(gguf_pack, "ops"), []
+    real = ops.dequantize_tensor
+    monkeypatch.setattr(ops, "dequantize_tensor", lambda tensor, *a, **k: calls.append(
+        tuple(getattr(tensor, "tensor_shape", tensor.shape))) or real(tensor, *a, **k))
+    return calls
+
+
+@pytest.mark.quick
+def test_gguf_projection_by_ranges_dequantizes_once(gguf_pack, small_ranges, monkeypatch):
+    """The lean attention's output projection over a long input, a range of tokens at a time into the input's
+    buffer, dequantizes a GGUF weight (and its bias) once per call, as the call on the whole input does,
+    not once a range, and again at the next call; its output equals ComfyUI-GGUF's own forward range by range,
+    to the bit, under inference mode; the layer has no instance attribute left. The twin: ranges without it
+    dequantize every range."""
+    from helpers.lean_ranges import LONG
+
+    lean = importlib.import_module("ltxav_pack.lean_attention")
+    ffn_chunking = importlib.import_module("ltxav_pack.ffn_chunking")
+    proj = gguf_projection(gguf_pack)
+    calls = dequantizations(monkeypatch, gguf_pack)
+    tokens = 4 * LONG + 3
+    x = torch.randn(1, tokens, 64, generator=torch.Generator().manual_seed(1))
+    n_ranges = -(-tokens // LONG)
+    with torch.inference_mode():
+        proj(x)
+        whole = list(calls)
+        calls.clear()
+        run = lean.projecting_in_place(proj)
+        got = run(x.clone())
+        once = list(calls)
+        calls.clear()
+        run(x.clone())  # the next call (the next step, a LoRA changed meanwhile) dequantizes again
+        again = list(calls)
+        calls.clear()
+        want = ffn_chunking.chunked_forward(proj, x.clone(), n_ranges, whole_view=True)  # the same ranges
+        every_range = list(calls)
+    assert whole == [(64,), (64, 64)]  # the bias, then the weight
+    assert once == whole == again and torch.equal(got, want)
+    assert "cast_bias_weight" not in vars(proj[0])
+    assert every_range == whole * n_ranges != once
+
+
 def test_ltxvideo_guider_lean_in_comfyuis_process_equals_stock(here, nodes_mod, ltxvideo, ltx23, small_ranges,
                                                               monkeypatch):
     """MultimodalGuider with STG at gpus=1 in ComfyUI's process, the lean attention's ranges shrunk, under
