@@ -13,21 +13,26 @@ source bench/device_setup.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
 c="--commit ${COMMIT:-unknown}"
 r() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "$name rc=$?" >> "$out/rc.txt"; }
+GG="--gguf Q8_0 --layers 48 --card-gb 80 --frames 897"  # the GGUF runs' model and clip (the whole card)
+# the save node on two workers sharing the GPU: w2save NAME LIMIT FRAMES TIMEOUT
+w2save() { LTXAV_PARALLEL_WORKERS_PER_GPU=2 r "$1" "$2" python bench/save_video.py --card-gb 24 $c --frames "$3" \
+  --variants node-workers --gpus 2 --timeout "$4" --out "$out/save-workers.jsonl"; }
 for call in ${calls//,/ }; do
 case $call in
   gguf)  # 48-layer GGUF Q8_0 through ComfyUI-GGUF's loader: stock beside the node at gpus=1, then two workers
-    G="--gguf Q8_0 --layers 48 --card-gb 80 --frames 897 --steps 8 --variants stock,parallel"
+    # (at 8 steps they passed the 280-s limit on an H100, 2026-12-07: gguf-workers runs 2)
+    G="$GG --steps 8 --variants stock,parallel"
     r gguf-gpus1 280 python bench/comfy_long_video.py $G --gpus 1 --timeout 200 $c --out "$out/gguf-gpus1.jsonl"
     LTXAV_PARALLEL_WORKERS_PER_GPU=2 r gguf-2workers 280 python bench/comfy_long_video.py $G --gpus 2 --timeout 220 \
       $c --out "$out/gguf-2workers.jsonl"
     ;;
   gguf-workers)  # two workers at 2 steps, beside stock: at 8 steps two workers passed 280 s (2026-12-07; gloo copies
     # every exchange through host memory, 48 layers a step)
-    LTXAV_PARALLEL_WORKERS_PER_GPU=2 r gguf-2workers-2steps 330 python bench/comfy_long_video.py --gguf Q8_0 --layers 48 --card-gb 80 --frames 897 \
-      --steps 2 --variants stock,parallel --gpus 2 --timeout 300 $c --out "$out/gguf-2workers-2steps.jsonl"
+    LTXAV_PARALLEL_WORKERS_PER_GPU=2 r gguf-2workers-2steps 330 python bench/comfy_long_video.py $GG --steps 2 \
+      --variants stock,parallel --gpus 2 --timeout 300 $c --out "$out/gguf-2workers-2steps.jsonl"
     ;;
   gguf-speed)  # gpus=1 took 13 % longer a step than stock on GGUF (2026-12-07): the same beside the lean attention off
-    G="--gguf Q8_0 --layers 48 --card-gb 80 --frames 897 --steps 4 --gpus 1 --timeout 200 $c"
+    G="$GG --steps 4 --gpus 1 --timeout 200 $c"
     r gguf-speed 250 python bench/comfy_long_video.py $G --variants stock,parallel --out "$out/gguf-speed.jsonl"
     LTXAV_PARALLEL_LEAN_ATTENTION=0 r gguf-speed-not-lean 120 python bench/comfy_long_video.py $G --variants parallel \
       --out "$out/gguf-speed-not-lean.jsonl"
@@ -52,12 +57,10 @@ case $call in
     r save-5201-tiled 240 $S --frames 5201 --variants node-tiled --timeout 230
     ;;
   save-workers)  # the node's decode on two workers sharing the GPU
-    LTXAV_PARALLEL_WORKERS_PER_GPU=2 r save-workers 560 python bench/save_video.py --card-gb 24 $c \
-      --frames 897,5201 --variants node-workers --gpus 2 --timeout 270 --out "$out/save-workers.jsonl"
+    w2save save-workers 560 897,5201 270
     ;;
   save-workers-897)  # the same at 897 frames only
-    LTXAV_PARALLEL_WORKERS_PER_GPU=2 r save-workers-897 250 python bench/save_video.py --card-gb 24 $c \
-      --frames 897 --variants node-workers --gpus 2 --timeout 230 --out "$out/save-workers.jsonl"
+    w2save save-workers-897 250 897 230
     ;;
   lora)  # the LTX-2.3 template's two stages with a rank-64 LoRA: stock, gpus=1, two workers; then before the fix
     # (one prompt: its two stages show the re-patch). Two workers took 136 s for four stages on an H100 (2026-12-07)
