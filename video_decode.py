@@ -30,7 +30,14 @@ import torch
 
 from .decode_plan import SPACE_SCALE, TIME_SCALE, Plan, latent_of_frame, out_frames
 
-FRAME_BATCH = 16  # output frames blended and handed out at a time (at most)
+FRAME_BATCH = 16  # output frames blended and handed out at a time (at most) ...
+BATCH_BYTES = 32 << 20  # ... and their uint8 bytes at most (a 1920x1088 frame is 6 MiB: 5 at a time)
+
+
+def batch_frames(height: int, width: int) -> int:
+    """Frames blended and handed out at a time for frames of height x width: FRAME_BATCH, fewer for large
+    frames (the encoder's queue holds a few batches in host memory), at least one."""
+    return max(1, min(FRAME_BATCH, BATCH_BYTES // (height * width * 3)))
 _ABSENT = object()
 
 
@@ -190,6 +197,7 @@ class _Run:
         self.emitted = start  # frames before this one have been handed out
         self.pending: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}  # (time tile, spatial tile)
         self.device = decoder.vae.device
+        self.batch = batch_frames(plan.height, plan.width)
 
     def temporal_tiles(self) -> list[int]:
         """The temporal tiles whose frames meet [start, stop)."""
@@ -241,7 +249,7 @@ class _Run:
 
     def blend_until(self, frontier: int) -> Iterator[torch.Tensor]:
         while self.emitted < frontier:
-            f0, f1 = self.emitted, min(frontier, self.emitted + FRAME_BATCH)
+            f0, f1 = self.emitted, min(frontier, self.emitted + self.batch)
             yield self.blend(f0, f1)
             self.emitted = f1
             self.release(f1)

@@ -204,6 +204,25 @@ def test_streamed_decode_in_bfloat16_equals_vaedecodetiled(video_mod, ckpts, vae
 
 
 @pytest.mark.quick
+def test_frame_batches_follow_the_frame_size_and_leave_the_frames_as_they_are(video_mod, vaes, monkeypatch):
+    """Frames are handed out in batches of at most 32 MiB of uint8 (16 frames at 768x512, 5 at 1920x1088, at
+    least one): the frames are the same whatever the batch; the twin, the same batches out of order, differ."""
+    vd = video_mod[0]
+    assert [vd.batch_frames(h, w) for h, w in ((512, 768), (1088, 1920), (4320, 7680))] == [16, 5, 1]
+    vae = vaes["2"][0]
+    video, _ = latents()
+    whole = streamed(video_mod, vae, video, TILED, as_uint8=True)[0]
+    monkeypatch.setattr(vd, "BATCH_BYTES", 3 * HEIGHT * 32 * WIDTH * 32 * 3)
+    plan = streamed(video_mod, vae, video, TILED, frames=(0, 1))[1]
+    assert vd.batch_frames(plan.height, plan.width) == 3
+    with torch.inference_mode():
+        batches = list(vd.decode_chunks(vae, video, plan))
+    assert len(batches) > 2 and {b.shape[0] for b in batches[:-1]} <= {1, 2, 3}
+    assert torch.equal(torch.cat(batches), whole)
+    assert not torch.equal(torch.cat(batches[1:] + batches[:1]), whole)
+
+
+@pytest.mark.quick
 def test_parts_with_context_equal_the_whole_decode(video_mod, vaes):
     """A worker's share (a frame range, decoded with the decoder's receptive radius of context on both
     sides) is the same as those frames of the whole decode: three parts put together equal stock."""
