@@ -62,6 +62,15 @@ case $call in
     grep '"kind": "run"' "$out/w4-768-edge.jsonl" 2>/dev/null | grep -q '"ok": true' || \
       b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 180
     ;;
+  workers-4-16)  # four workers on one H100 (16 GiB each: 4 x 24 does not fit its 79 GiB), 768x512: depth (2 against
+    # 8 layers), then the planner's edge (12,721); 0.9 x 4 x stock + chunker's 3,001 (10,809) only if the edge failed
+    export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=4
+    b w4-16g-depth-l2 $L2 --card-gb 16 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 60
+    b w4-16g-depth-l8 $L8 --card-gb 16 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
+    b w4-16g-768-edge $L2 --card-gb 16 --gpus 4 --frames 12721 --variants parallel-chunker --timeout 200
+    grep '"kind": "run"' "$out/w4-16g-768-edge.jsonl" 2>/dev/null | grep -q '"ok": true' || \
+      b w4-16g-768 $L2 --card-gb 16 --gpus 4 --frames 10809 --variants parallel-chunker --timeout 170
+    ;;
   workers-2-depth)  # two workers (24 GiB each), 768x512 (DEPTH_FRAMES, 5,201): the peak at 2 against 8 layers, same call
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=2
     b w2-depth-l2 $L2 --gpus 2 --frames "${DEPTH_FRAMES:-5201}" --variants parallel-chunker --timeout 60
