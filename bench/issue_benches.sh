@@ -2,7 +2,7 @@
 # The one-GPU benches of issues 33 (GGUF), 34 (two stages with a LoRA) and 37 (a long clip to a file) on a
 # `device` machine, from the repository root:
 #   COMMIT=<sha> bash bench/issue_benches.sh CALL[,CALL...] OUTDIR
-#   (CALL: gguf, gguf-workers, gguf-speed, save, save-fidelity, save-1080p, save-long, save-workers, save-workers-897, lora)
+#   (CALL: gguf, gguf-workers, gguf-speed, save, save-fidelity, save-1080p, save-1080p-node, save-long, save-workers, save-workers-897, lora)
 # CALL picks one set of runs (each fits one 10-minute call; every run has its own time limit, most
 # important first); results go to OUTDIR as JSON lines, logs as one archive (a call returns 8 files at most).
 # Needs the carry with PyAV, gguf and ComfyUI-GGUF (bench/README.md, top).
@@ -50,6 +50,10 @@ case $call in
   save-1080p)  # 993 frames at 1920x1088: stock's chain took more than 100 s on an H100 (2026-12-07)
     r save-1080p 570 python bench/save_video.py --card-gb 24 $c --out "$out/save-1080p.jsonl" --frames 993 \
       --res 1920x1088 --variants stock,node --timeout 270
+    ;;
+  save-1080p-node)  # the node alone at 993 frames 1920x1088 (stock's chain beside it: save-1080p, 2026-12-07)
+    r save-1080p-node 220 python bench/save_video.py --card-gb 24 $c --out "$out/save-1080p-node.jsonl" --frames 993 \
+      --res 1920x1088 --variants node --timeout 200
     ;;
   save-long)  # stock's chain and the node at 2,577 frames, the node at 5,201 with the templates' tiles
     S="python bench/save_video.py --card-gb 24 $c --out $out/save-long.jsonl"
