@@ -4,9 +4,9 @@ converted to yuv420p the same way, the audio trimmed to the video's length the s
 in the file's metadata. Only a few frames are in memory at a time, and the audio is interleaved with
 the video as it goes (SaveVideo writes it after the last frame).
 
-The video comes either as frames (``add_frames``), encoded here, or as parts encoded elsewhere
-(``add_segment``: an MP4 of consecutive frames a worker wrote with this class), whose packets are copied
-into this file one part after the other, their times shifted to the part's first frame.
+The video comes either as frames (``add_frames``), encoded here, or as segments encoded elsewhere
+(``add_segment``: an MP4 of consecutive frames a worker wrote with this class, ``Segments``), whose packets
+are copied into this file one segment after the other, their times shifted to the segment's first frame.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import json
 import math
 import queue
 import threading
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 
 import torch
@@ -158,10 +159,63 @@ class VideoWriter:
                 pass
 
 
+class Segments:
+    """Frames from ``first_frame`` on, written as consecutive standalone MP4s in memory, each a ``VideoWriter``
+    on a BytesIO (so each begins with a keyframe): a new one once the current one's bytes reach ``limit``,
+    checked after each batch (``add_frames``, which may run in another thread than ``take``). The finished
+    ones wait, in order, for ``take``."""
+
+    def __init__(self, fps: float, width: int, height: int, first_frame: int, limit: int):
+        self.fps, self.width, self.height, self.limit = fps, width, height, limit
+        self.frames = first_frame  # the number of the next frame
+        self.first = first_frame  # the current segment's first frame
+        self.writer: VideoWriter | None = None
+        self.buffer: io.BytesIO | None = None
+        self.finished: deque = deque()  # (first frame, MP4 bytes)
+
+    def add_frames(self, frames: torch.Tensor) -> None:
+        if self.writer is None:
+            self.buffer, self.first = io.BytesIO(), self.frames
+            self.writer = VideoWriter(self.buffer, self.fps, self.width, self.height)
+        self.writer.add_frames(frames)
+        self.frames += frames.shape[0]
+        if self.buffer.getbuffer().nbytes >= self.limit:
+            self.close()
+
+    def close(self) -> None:
+        """Finish the current segment (if any)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.finished.append((self.first, self.buffer.getvalue()))
+            self.writer = self.buffer = None
+
+    def abort(self) -> None:
+        """Drop the current segment after an error."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = self.buffer = None
+
+    def take(self) -> list[tuple[int, bytes]]:
+        """The segments finished since the last call: (first frame, MP4 bytes), in order."""
+        out = []
+        while self.finished:
+            out.append(self.finished.popleft())
+        return out
+
+
 def encode_in_background(writer: VideoWriter, batches: Iterable[torch.Tensor], depth: int = 2) -> int:
     """Write ``batches`` of uint8 frames with ``writer`` in a thread of its own (PyAV encodes without the
     GIL), so the next batch is decoded meanwhile; at most ``depth`` batches wait. Returns the frames
     written; an error on either side ends both."""
+    for _ in encoding(writer, batches, depth):
+        pass
+    return writer.frames
+
+
+def encoding(writer: VideoWriter | Segments, batches: Iterable[torch.Tensor], depth: int = 2) -> Iterator[None]:
+    """``encode_in_background`` a batch at a time: it yields each time a batch is handed to the encoder
+    thread, so the caller can act in between (take ``Segments``' finished segments); when it ends, the
+    thread has written every batch. Closing it early ends the thread too."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     failed: list[BaseException] = []
     stop = object()
@@ -186,9 +240,9 @@ def encode_in_background(writer: VideoWriter, batches: Iterable[torch.Tensor], d
             if failed:
                 break
             q.put(batch)
+            yield
     finally:
         q.put(stop)
         t.join()
     if failed:
         raise failed[0]
-    return writer.frames
