@@ -1,6 +1,7 @@
 """The pack's Ray worker group (kept alive across prompts): the Ray connection, starting and stopping the
 workers, their process groups, and waiting on their calls while watching them (heartbeats, stalls,
-Interrupt). A worker that dies, fails or stops answering ends the wait with an error within seconds; the
+Interrupt), their results or, from a method that yields (a Ray streaming generator), its items as they
+come. A worker that dies, fails or stops answering ends the wait with an error within seconds; the
 whole group is then killed (its peers would wait in collectives forever) and the next prompt starts a
 new one."""
 from __future__ import annotations
@@ -11,6 +12,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -238,9 +241,13 @@ class Workers:
             except Exception:  # noqa: BLE001 - already gone
                 pass
 
-    def _wait(self, refs, what, stall_s, heartbeat=True, progress: StepProgress | None = None, node=NODE):
+    def _wait(self, refs, what, stall_s, heartbeat=True, progress: StepProgress | None = None, node=NODE,
+              on_item: Callable[[int, Any], Any] | None = None):
         """Results of ``refs`` (one per worker, in rank order), watching the workers meanwhile; errors
-        name ``node``."""
+        name ``node``. A ref may be a streaming generator (a worker method that yields): its items are taken
+        as they arrive (at most one a worker each round; each freed from Ray's object store once taken) and
+        its result is its last item. ``on_item(rank, item)``, given every result and item as it arrives,
+        returns what to keep as the rank's result (one that stores a stream's items elsewhere keeps none)."""
         import comfy.model_management
         import ray
 
@@ -253,10 +260,8 @@ class Workers:
                 done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
                 for ref in done:
                     rank = pending.pop(ref)
-                    try:
-                        results[rank] = ray.get(ref)
-                    except ray.exceptions.RayError as e:
-                        raise _TaskFailed(rank, e) from None
+                    if _arrived(ref, rank, results, on_item):
+                        pending[ref] = rank  # a stream with more to come
                 if not pending:
                     break
                 if heartbeat:
@@ -290,6 +295,22 @@ class Workers:
             raise
         _relay_logs(group)
         return results
+
+
+def _arrived(ref, rank, results, on_item) -> bool:
+    """What a ready ``ref`` holds (a task's result, or a streaming generator's next item) into
+    ``results[rank]``, through ``on_item``; True when ``ref`` is a stream that may yield more."""
+    import ray
+
+    stream = isinstance(ref, ray.ObjectRefGenerator)
+    try:
+        item = ray.get(next(ref) if stream else ref)
+    except StopIteration:  # the stream's end
+        return False
+    except ray.exceptions.RayError as e:
+        raise _TaskFailed(rank, e) from None
+    results[rank] = item if on_item is None else on_item(rank, item)
+    return stream
 
 
 def _heartbeat_of(group, what):
