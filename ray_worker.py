@@ -278,16 +278,18 @@ class LTXAVWorker:
         return self.vae.load(key, data)
 
     def decode_part(self, job_bytes: bytes, start: int, stop: int):
-        """``video_parts.HeldVae.decode``: frames [start, stop) decoded and encoded; ``progress`` answers the
-        frames done meanwhile, ``interrupt`` stops it."""
+        """``video_parts.HeldVae.decode``: frames [start, stop) decoded and encoded, as a Ray streaming
+        generator (the caller gets an ObjectRefGenerator): each segment as soon as it is finished, then the
+        ``PartResult``. It runs in one of the actor's threads, so ``poll`` answers the frames done meanwhile
+        and ``interrupt`` stops it."""
         _select_gpu()
         if not self.busy.acquire(blocking=False):
             raise RuntimeError("this worker is still running the previous job")
         try:
             self.step = 0
             self.stop.clear()
-            return self.vae.decode(self.transfer.loads(job_bytes, {}), (start, stop), self.stop,
-                                   lambda n: setattr(self, "step", n))
+            yield from self.vae.decode(self.transfer.loads(job_bytes, {}), (start, stop), self.stop,
+                                       lambda n: setattr(self, "step", n))
         finally:
             self.busy.release()
 

@@ -1,22 +1,30 @@
 """The part of saving a clip that runs where the VAE is (a Ray worker, or ComfyUI's process on one GPU):
 the video VAE sent as its decoder's weights and rebuilt by ComfyUI, and one part of the clip decoded and
-encoded (``decode_part``). ``video_save`` drives it; ``ray_worker`` runs it."""
+encoded (``decode_part``). ``video_save`` drives it; ``ray_worker`` runs it.
+
+A part is encoded as consecutive standalone MP4 segments of about ``SEGMENT_BYTES`` each (a new one, with
+a new keyframe, once the current one passes it at a batch's end), and ``decode_part`` yields each segment
+as soon as it is finished: in a worker, a Ray streaming generator hands it to ComfyUI's process at once, so
+the worker holds the segment being written and at most ``SEGMENTS_AHEAD`` sent ones the driver has not
+taken yet (Ray's generator backpressure), whatever the part's length. The last item is the ``PartResult``."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 
 import torch
 
 from . import decode_plan, instrumentation, jobs, video_decode, video_file
 
 _VAE_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VAE object -> key the workers know it by
+SEGMENT_BYTES = 16 << 20  # a part's MP4 segment is finished once its bytes pass this (checked at a batch's end)
+SEGMENTS_AHEAD = 2  # segments a worker may have sent that the driver has not taken yet (Ray's backpressure)
 
 
 def load_vae_here(vae, plan: decode_plan.Plan) -> None:
@@ -33,37 +41,50 @@ def load_vae_here(vae, plan: decode_plan.Plan) -> None:
 @dataclasses.dataclass
 class PartJob:
     """What a worker decodes: the video latent, the plan, the frame rate; ``frames``: return the uint8
-    frames instead of an encoded MP4 (for tests and short clips)."""
+    frames instead of encoded segments (for tests and short clips); ``segment_bytes``: the segments' size
+    (the driver's ``SEGMENT_BYTES``: the workers are other processes)."""
 
     latent: torch.Tensor
     plan: decode_plan.Plan
     fps: float
     frames: bool = False
+    segment_bytes: int = SEGMENT_BYTES
+
+
+@dataclasses.dataclass
+class Segment:
+    """A finished piece of a worker's part: a standalone MP4 of the frames from ``first_frame`` on."""
+
+    first_frame: int
+    data: bytes
 
 
 @dataclasses.dataclass
 class PartResult:
-    """A worker's part: frames [start, stop) as an MP4 (``data``) or uint8 frames (``images``); its decode
-    seconds, GPU peak above the start (GiB; None on CPU) and host memory (``instrumentation.host_memory``)."""
+    """A worker's part, frames [start, stop), after its segments (or as uint8 frames: ``images``): whether
+    it was interrupted, its decode seconds, GPU peak above the start (GiB; None on CPU) and host memory
+    (``instrumentation.host_memory``)."""
 
     start: int
     stop: int
     interrupted: bool = False
-    data: bytes | None = None
     images: torch.Tensor | None = None
     seconds: float = 0.0
     peak_gib: float | None = None
     host: dict = dataclasses.field(default_factory=dict)
 
 
-def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None, progress=None) -> PartResult:
+def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None,
+                progress=None) -> Iterator[Segment | PartResult]:
     """Decode frames [start, stop) of ``job`` with ``vae`` and encode them (a worker's share; it runs where
-    it is called). ``check`` raises ComfyUI's InterruptProcessingException to stop."""
+    it is called): yields each ``Segment`` as soon as it is finished, then the ``PartResult``. ``check``
+    raises ComfyUI's InterruptProcessingException to stop (the segment being written is dropped)."""
     import comfy.model_management
 
     start, stop = frames
     cuda = vae.device.type == "cuda"
     t0 = time.perf_counter()
+    # inference mode is per thread: it holds across the yields as one thread resumes this (Ray's executor does)
     with torch.inference_mode():
         load_vae_here(vae, job.plan)
         if cuda:
@@ -75,11 +96,7 @@ def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None, progress
             if job.frames:
                 result.images = torch.cat(list(batches))
             else:
-                buffer = io.BytesIO()
-                writer = video_file.VideoWriter(buffer, job.fps, job.plan.width, job.plan.height)
-                video_file.encode_in_background(writer, batches)
-                writer.close()
-                result.data = buffer.getvalue()
+                yield from _segments(batches, job, start)
         except comfy.model_management.InterruptProcessingException:
             result.interrupted = True
         except torch.OutOfMemoryError as e:
@@ -89,7 +106,22 @@ def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None, progress
     if cuda:
         result.peak_gib = jobs.gib(torch.cuda.max_memory_allocated(vae.device) - base)
     result.host = instrumentation.host_memory(jobs.gib)
-    return result
+    yield result
+
+
+def _segments(batches, job: PartJob, start: int) -> Iterator[Segment]:
+    """``batches`` (frames from ``start`` on) encoded beside their decode (``video_file.encoding``) into
+    segments of about ``job.segment_bytes``, each yielded once finished."""
+    segments = video_file.Segments(job.fps, job.plan.width, job.plan.height, start, job.segment_bytes)
+    try:
+        with contextlib.closing(video_file.encoding(segments, batches)) as steps:
+            for _ in steps:
+                yield from (Segment(*s) for s in segments.take())
+        segments.close()
+    except BaseException:
+        segments.abort()
+        raise
+    yield from (Segment(*s) for s in segments.take())
 
 
 def vae_bytes(vae) -> bytes:
@@ -160,9 +192,9 @@ class HeldVae:
         self.key = key
         return True
 
-    def decode(self, job: PartJob, frames: tuple[int, int], stop, progress) -> PartResult:
-        """``decode_part`` of ``job`` with the held VAE; ``stop`` (a threading.Event) set stops it,
-        ``progress(n)`` gets the frames done."""
+    def decode(self, job: PartJob, frames: tuple[int, int], stop, progress) -> Iterator[Segment | PartResult]:
+        """``decode_part`` of ``job`` with the held VAE (its segments, then its result); ``stop`` (a
+        threading.Event) set stops it, ``progress(n)`` gets the frames done."""
         import comfy.model_management
 
         if self.vae is None:

@@ -3,9 +3,13 @@ decodes it, the video decoded a few frames at a time (``video_decode``) and enco
 (``video_file``). On one GPU this runs in ComfyUI's process; with several, the frames are split into
 one contiguous part per Ray worker of the parallel sampler: each worker decodes its part (with the
 decoder's receptive radius of context on both sides, so its frames are those of the whole decode) and
-encodes it to an MP4 in memory, and ComfyUI's process copies the parts' packets into the file in
-order, with the audio. The video VAE reaches the workers as its decoder's weights and config (sent once
-per VAE, kept by each worker).
+encodes it into consecutive MP4 segments of about ``video_parts.SEGMENT_BYTES``, each sent as soon as it
+is finished (a Ray streaming generator). ComfyUI's process takes the segments of all workers as they
+arrive and writes each to a file of its own in a temporary folder beside the output file (removed
+however the save ends); once every part is done, it copies the segments' packets into the file in frame
+order, one segment in memory at a time, with the audio. So neither side holds more than a few segments
+of encoded video, whatever the clip's length. The video VAE reaches the workers as its decoder's weights
+and config (sent once per VAE, kept by each worker).
 """
 from __future__ import annotations
 
@@ -14,12 +18,13 @@ import dataclasses
 import logging
 import os
 import sys
+import tempfile
 import time
 
 import torch
 
-from . import decode_plan, envs, video_decode, video_file
-from .video_parts import PartJob, PartResult, load_vae_here, vae_bytes, vae_key
+from . import decode_plan, envs, video_decode, video_file, video_parts
+from .video_parts import PartJob, PartResult, Segment, load_vae_here, vae_bytes, vae_key
 
 log = logging.getLogger(__name__)
 NODE = "LTXAV Save Video"
@@ -177,8 +182,9 @@ def save_here(vae, video: torch.Tensor, plan: decode_plan.Plan, writer: video_fi
 
 def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float, world: int, cpu: bool,
                     writer: video_file.VideoWriter, node: str = NODE, frames: bool = False) -> list[PartResult]:
-    """Each of ``world`` workers decodes and encodes one contiguous part of the frames; the parts are then
-    written into ``writer`` in order. ``frames``: the workers return uint8 frames instead (tests)."""
+    """Each of ``world`` workers decodes and encodes one contiguous part of the frames, sending it in
+    segments that wait on disk (beside ``writer``'s file) until every part is done; they are then written
+    into ``writer`` in order. ``frames``: the workers return uint8 frames instead (tests)."""
     import comfy.model_management
     import ray
 
@@ -199,18 +205,61 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
         del data
     ranges = plan.split(world)
     POOL.status(f"decoding {plan.frames} frames on {len(ranges)} workers")
-    job = ray.put(model_transfer.dumps(PartJob(video.detach().cpu(), plan, fps, frames), {}))
-    refs = [a.decode_part.remote(job, start, stop) for a, (start, stop) in zip(group.actors, ranges)]
+    job = ray.put(model_transfer.dumps(PartJob(video.detach().cpu(), plan, fps, frames, video_parts.SEGMENT_BYTES),
+                                       {}))
     first = ranges[0][1] - ranges[0][0]
-    parts = POOL._wait(refs, "decoding", envs.STALL_S.number(), progress=StepProgress(first), node=node)
-    if any(p.interrupted for p in parts):
-        comfy.model_management.interrupt_current_processing(False)
-        raise comfy.model_management.InterruptProcessingException()
-    for p in parts:
-        if p.data is not None:
-            writer.add_segment(p.data, p.start)
-            p.data = None
+    beside = os.path.dirname(os.path.abspath(writer.target)) if isinstance(writer.target, (str, os.PathLike)) else None
+    with tempfile.TemporaryDirectory(dir=beside, prefix=".ltxav-parts-") as spool:  # beside None: a BytesIO (tests)
+        received = SegmentFiles(spool, node)
+        streams = [a.decode_part.options(_generator_backpressure_num_objects=video_parts.SEGMENTS_AHEAD).remote(
+            job, start, stop) for a, (start, stop) in zip(group.actors, ranges)]
+        parts = POOL._wait(streams, "decoding", envs.STALL_S.number(), progress=StepProgress(first), node=node,
+                           on_item=received.take)
+        if any(p.interrupted for p in parts) or comfy.model_management.processing_interrupted():
+            comfy.model_management.interrupt_current_processing(False)
+            raise comfy.model_management.InterruptProcessingException()
+        received.write_into(writer)
     return parts
+
+
+class SegmentFiles:
+    """The segments the workers send (``video_parts.Segment``), each written to a file of its own in
+    ``folder`` as it arrives, then copied into the video file in frame order (``write_into``)."""
+
+    def __init__(self, folder: str, node: str = NODE):
+        self.folder, self.node = folder, node
+        self.files: list[tuple[int, str]] = []  # (first frame, path)
+
+    def take(self, rank: int, item: Segment | PartResult) -> PartResult | None:
+        """``Workers._wait``'s ``on_item``: a segment goes to its file (nothing of it is kept), a worker's
+        ``PartResult`` is its result."""
+        if not isinstance(item, Segment):
+            return item
+        path = os.path.join(self.folder, f"{item.first_frame:09d}.mp4")
+        try:
+            with open(path, "wb") as f:
+                f.write(item.data)
+        except OSError as e:
+            raise RuntimeError(f"{self.node}: cannot write the workers' video to a temporary file in {self.folder} "
+                               f"({e.strerror or e}): saving on several GPUs needs room there for the encoded "
+                               "video twice (its segments, then the file); free disk space in ComfyUI's output "
+                               "folder, or save with input 'gpus' 1.") from None
+        self.files.append((item.first_frame, path))
+        return None
+
+    def write_into(self, writer: video_file.VideoWriter) -> None:
+        """Every segment's packets into ``writer``, in frame order, one segment in memory at a time; each file
+        removed once copied."""
+        for first, path in sorted(self.files):
+            if first != writer.frames:
+                raise RuntimeError(f"{self.node}: the workers' video has no frames {writer.frames}..{first - 1} "
+                                   "(a segment is missing); run the prompt again.")
+            with open(path, "rb") as f:
+                data = f.read()
+            writer.add_segment(data, first)
+            del data
+            os.remove(path)
+        self.files = []
 
 
 def workers(world: int, cpu: bool, node: str = NODE):

@@ -2,7 +2,9 @@
 VAEs (tests/helpers/tiny_vae.py): the streamed decode's frames against VAEDecodeTiled's with the same
 tiles (float frames by the float64-reference rule, 8-bit frames at most one level off on a small
 fraction), the audio against LTXVAudioVAEDecode's, the file against Save Video's (frames, rate,
-durations), the parts two CPU workers decode against the whole decode, bad inputs and Interrupt."""
+durations), the parts two CPU workers decode against the whole decode, the segments they send them in
+joined in order (and their temporary files removed however the save ends), bad inputs and Interrupt."""
+import errno
 import importlib
 import io
 import math
@@ -17,6 +19,7 @@ from helpers.numerics import assert_matches, mismatches
 pytestmark = pytest.mark.usefixtures("ray_stopped_after_module")
 
 LATENT_FRAMES, HEIGHT, WIDTH = 12, 3, 5  # latent: 89 frames of 160x96
+SEGMENTED = 24  # latent frames of the segment tests: 185 frames, parts longer than x264's delay (about 50 frames)
 TILED = (128, 32, 48, 16)  # VAEDecodeTiled settings: 2 spatial tiles, 3 temporal tiles with a 9-frame feather
 WHOLE = (0, 64, 0, 8)  # the node's defaults: one tile
 LEVEL_FRACTION = 1e-3  # 8-bit frames: at most one level off on at most this share of the values
@@ -417,6 +420,149 @@ def test_two_workers_decode_parts_that_equal_stock(ps, video_mod, vaes, tmp_path
     mine, stock = read_video(path), read_video(tmp_path / "stock.mp4")
     assert mine[:5] == stock[:5]
     assert_frames_in_order(mine[5], got)
+
+
+def spools(folder):
+    """The save's temporary folders under ``folder`` (segments on their way into the file)."""
+    return list(folder.rglob(".ltxav-parts-*"))
+
+
+def test_a_worker_streams_its_part_and_answers_while_it_runs(ps, video_mod, vaes):
+    """decode_part is a Ray streaming generator in the threaded actor: held after its first segment (Ray's
+    backpressure, one item ahead, not taken), the worker still answers ``poll`` (part way through the frames)
+    and ``interrupt`` from its other thread; taken on, the part ends with its segments so far and a PartResult
+    marked interrupted (the segment being written dropped), and the worker takes the next call."""
+    import ray
+
+    vs = video_mod[1]
+    vp = importlib.import_module("ltxav_pack.video_parts")
+    mt = importlib.import_module("ltxav_pack.model_transfer")
+    vae = vaes["2"][0]
+    video, _ = latents(frames=SEGMENTED)
+    plan = vs.plan_for(vae, video, vs.Settings(25.0, *TILED))
+    group, key = vs.workers(2, True), vs.vae_key(vae)
+    if not all(ps.POOL._wait([a.load_vae.remote(key) for a in group.actors], "test", 120)):
+        ps.POOL._wait([a.load_vae.remote(key, vs.vae_bytes(vae)) for a in group.actors], "test", 120)
+    job = ray.put(mt.dumps(vp.PartJob(video, plan, 25.0, segment_bytes=1), {}))
+    actor = group.actors[0]
+    stream = actor.decode_part.options(_generator_backpressure_num_objects=1).remote(job, 0, plan.frames)
+    assert ray.wait([stream], timeout=120)[0]
+    step, _ = ray.get(actor.poll.remote(), timeout=30)
+    assert 0 < step < plan.frames
+    ray.get(actor.interrupt.remote(), timeout=30)
+    *segments, result = [ray.get(ref) for ref in stream]
+    assert segments and all(isinstance(s, vp.Segment) for s in segments) and segments[0].first_frame == 0
+    assert isinstance(result, vp.PartResult) and result.interrupted and (result.start, result.stop) == (0, plan.frames)
+    assert ps.POOL._wait([a.load_vae.remote(key) for a in group.actors], "test", 60) == [True, True]
+
+
+def test_parts_arrive_in_segments_joined_in_order(ps, video_mod, vaes, tmp_path, monkeypatch):
+    """gpus=2 with segments of one batch (SEGMENT_BYTES tiny; the job carries it to the workers): each part
+    arrives as several standalone MP4s, each beginning with a keyframe, which wait in a temporary folder beside
+    the file (gone after the save) and are joined in frame order: the file has stock's frame count, rate and
+    durations, its frames in order. The twin: the same segments joined out of order give frames that are not."""
+    import av
+    import folder_paths
+
+    _, vs, vf, nodes_video = video_mod
+    vp = importlib.import_module("ltxav_pack.video_parts")
+    vae, _, audio_vae = vaes["2"]
+    video, audio = latents(frames=SEGMENTED)
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(vp, "SEGMENT_BYTES", 1)  # a new segment after every batch that brought packets
+    joined, spooled = [], []
+    real_add = vf.VideoWriter.add_segment
+
+    def add_segment(self, data, first_frame):
+        joined.append((first_frame, data))
+        spooled.append(len(spools(tmp_path)))
+        return real_add(self, data, first_frame)
+
+    monkeypatch.setattr(vf.VideoWriter, "add_segment", add_segment)
+    with torch.inference_mode():
+        out = nodes_video.LTXAVSaveVideo.execute(av_latent(video, audio), vae, 25.0, "video/ltxav", "auto", "auto", 2,
+                                                 *TILED, audio_vae=audio_vae)
+    path, _ = saved_file(out.ui.as_dict(), tmp_path)
+    plan = vs.plan_for(vae, video, vs.Settings(25.0, *TILED))
+    firsts = [f for f, _ in joined]
+    assert firsts == sorted(firsts) and firsts[0] == 0
+    for start, stop in plan.split(2):
+        assert start in firsts and len([f for f in firsts if start <= f < stop]) >= 2, (start, stop, firsts)
+    for _, data in joined:
+        with av.open(io.BytesIO(data)) as c:
+            assert next(p for p in c.demux(video=0) if p.dts is not None).is_keyframe
+    assert spooled == [1] * len(joined) and not spools(tmp_path)
+    stock_save(vae, audio_vae, video, audio, TILED, tmp_path / "stock.mp4")
+    mine, stock = read_video(path), read_video(tmp_path / "stock.mp4")
+    assert mine[:5] == stock[:5]
+    sent = as_saved(stock_frames(vae, video, TILED))
+    assert_frames_in_order(mine[5], sent)
+
+    swapped = vf.VideoWriter(str(tmp_path / "swapped.mp4"), 25.0, plan.width, plan.height)
+    frame = 0
+    for _, data in [joined[1], joined[0], *joined[2:]]:
+        frame += real_add(swapped, data, frame)
+    swapped.close()
+    twin = read_video(tmp_path / "swapped.mp4")
+    assert twin[0] == mine[0]
+    with pytest.raises(AssertionError, match="is not the frame sent there"):
+        assert_frames_in_order(twin[5], sent)
+
+
+@pytest.mark.parametrize("fault", ["interrupt", "worker dies", "disk full"])
+def test_a_stopped_save_on_workers_leaves_no_segments(ps, video_mod, vaes, tmp_path, monkeypatch, fault):
+    """When the first segment reaches ComfyUI's process, Interrupt is pressed, the other worker dies, or the
+    segment cannot be written: the save raises InterruptProcessingException (the workers kept) or an error
+    naming the node (the workers stopped), and the temporary folder, which was there, is gone with the file."""
+    import comfy.model_management
+    import folder_paths
+    import ray
+
+    _, vs, _, nodes_video = video_mod
+    vp = importlib.import_module("ltxav_pack.video_parts")
+    vae, _, audio_vae = vaes["2"]
+    video, audio = latents(frames=SEGMENTED)
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(vp, "SEGMENT_BYTES", 1)
+    real_take, seen = vs.SegmentFiles.take, []
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def take(self, rank, item):
+        if isinstance(item, vp.Segment) and not seen:
+            seen.append((rank, self.folder, os.path.isdir(self.folder)))
+            if fault == "interrupt":
+                comfy.model_management.interrupt_current_processing(True)
+            elif fault == "worker dies":
+                ray.kill(ps.POOL.group.actors[1 - rank], no_restart=True)
+            else:
+                monkeypatch.setattr(vs, "open", no_space, raising=False)
+        return real_take(self, rank, item)
+
+    monkeypatch.setattr(vs.SegmentFiles, "take", take)
+    want = {"interrupt": comfy.model_management.InterruptProcessingException, "worker dies": RuntimeError,
+            "disk full": RuntimeError}[fault]
+    try:
+        with pytest.raises(want) as err, torch.inference_mode():
+            nodes_video.LTXAVSaveVideo.execute(av_latent(video, audio), vae, 25.0, "video/ltxav", "auto", "auto", 2,
+                                               *TILED, audio_vae=audio_vae)
+    finally:
+        interrupted = comfy.model_management.processing_interrupted()
+        comfy.model_management.interrupt_current_processing(False)
+    assert not interrupted
+    rank, folder, existed = seen[0]
+    assert existed and os.path.dirname(folder) == str(tmp_path / "video")
+    assert not os.path.exists(folder) and not spools(tmp_path) and not list(tmp_path.rglob("*.mp4"))
+    if fault == "interrupt":
+        assert ps.POOL.group is not None
+        return
+    assert ps.POOL.group is None
+    if fault == "worker dies":
+        assert f"LTXAV Save Video: worker {1 - rank} (cpu) died during decoding" in str(err.value)
+    else:
+        assert "LTXAV Save Video: cannot write the workers' video to a temporary file in" in str(err.value)
+        assert "No space left on device" in str(err.value) and "input 'gpus' 1" in str(err.value)
 
 
 def test_save_node_through_the_server(server, ckpts):
