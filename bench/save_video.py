@@ -167,6 +167,8 @@ class Sampler(threading.Thread):
         self.stop_flag = threading.Event()
         self.now = self.sample()
         self.peak = dict(self.now)
+        self.t0 = time.perf_counter()
+        self.peak_at = dict.fromkeys(self.now, 0.0)  # seconds after the start at which each peak was sampled
 
     def sample(self) -> dict:
         mine = self.me.memory_info()  # driver_anon: what is not file pages or shared memory (RssAnon)
@@ -189,7 +191,8 @@ class Sampler(threading.Thread):
             except Exception:  # noqa: BLE001 - a process ended between listing and reading
                 continue
             for k, v in self.now.items():
-                self.peak[k] = max(self.peak.get(k, 0), v)
+                if v > self.peak.get(k, 0):
+                    self.peak[k], self.peak_at[k] = v, round(time.perf_counter() - self.t0, 2)
 
     def stop(self) -> dict:
         self.stop_flag.set()
@@ -298,6 +301,14 @@ def child(a):
                 settings = video_save.Settings(25.0, *tiles, gpus=a.gpus if workers else 1)
                 path = os.path.join(out_dir, "video", f"node_{a.variant}.mp4")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
+                real_audio = video_save.decode_audio
+
+                def decode_audio(*args, **kw):  # when the audio is decoded: the phases of the host peaks
+                    out = real_audio(*args, **kw)
+                    rec["audio_decoded_at_s"] = round(time.perf_counter() - sampler.t0, 2)
+                    return out
+
+                video_save.decode_audio = decode_audio
                 saved = video_save.save(vae, audio_vae, video, audio, settings, path)
                 plan = video_save.plan_for(vae, video, settings)
                 rec.update(plan=dict(whole=plan.whole, time_tiles=len(plan.time.tiles),
@@ -317,6 +328,7 @@ def child(a):
     rec["host_peak_gib"] = {k: gib(v) for k, v in peak.items() if k != "device"}
     rec["host_peak_above_start_gib"] = {k: gib(peak[k] - start[k])
                                         for k in ("driver", "driver_anon", "workers", "ray")}
+    rec["host_peak_at_s"] = {k: sampler.peak_at[k] for k in ("driver", "driver_anon", "workers", "ray")}
     if cuda:  # every process on the card, what emulates the small card (dummy, workers' held rest) excluded
         held = dummy.numel() if dummy is not None else 0
         if workers:
