@@ -32,13 +32,13 @@ from .decode_plan import SPACE_SCALE, TIME_SCALE, Plan, latent_of_frame, out_fra
 
 FRAME_BATCH = 16  # output frames blended and handed out at a time (at most) ...
 BATCH_BYTES = 32 << 20  # ... and their uint8 bytes at most (a 1920x1088 frame is 6 MiB: 5 at a time)
+_ABSENT = object()
 
 
 def batch_frames(height: int, width: int) -> int:
     """Frames blended and handed out at a time for frames of height x width: FRAME_BATCH, fewer for large
     frames (the encoder's queue holds a few batches in host memory), at least one."""
     return max(1, min(FRAME_BATCH, BATCH_BYTES // (height * width * 3)))
-_ABSENT = object()
 
 
 def receptive_radius(vae) -> int:

@@ -195,14 +195,7 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
     group = workers(world, cpu, node)
     comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
     comfy.model_management.soft_empty_cache()
-    key = vae_key(vae)
-    held = POOL._wait([a.load_vae.remote(key) for a in group.actors], "loading the VAE", envs.LOAD_S.number(),
-                      node=node)
-    if not all(held):
-        data = ray.put(vae_bytes(vae))
-        POOL._wait([a.load_vae.remote(key, data) for a in group.actors], "loading the VAE", envs.LOAD_S.number(),
-                   node=node)
-        del data
+    hold_vae(group, vae, node)
     ranges = plan.split(world)
     POOL.status(f"decoding {plan.frames} frames on {len(ranges)} workers")
     job = ray.put(model_transfer.dumps(PartJob(video.detach().cpu(), plan, fps, frames, video_parts.SEGMENT_BYTES),
@@ -220,6 +213,22 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
             raise comfy.model_management.InterruptProcessingException()
         received.write_into(writer)
     return parts
+
+
+def hold_vae(group, vae, node: str = NODE) -> None:
+    """Every worker of ``group`` holds ``vae``: the workers that hold it already answer so, and it is sent
+    (once, through Ray's object store) only when one does not."""
+    import ray
+
+    from .driver import POOL
+
+    key = vae_key(vae)
+    held = POOL._wait([a.load_vae.remote(key) for a in group.actors], "loading the VAE", envs.LOAD_S.number(),
+                      node=node)
+    if not all(held):
+        data = ray.put(vae_bytes(vae))
+        POOL._wait([a.load_vae.remote(key, data) for a in group.actors], "loading the VAE", envs.LOAD_S.number(),
+                   node=node)
 
 
 class SegmentFiles:

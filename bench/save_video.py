@@ -260,13 +260,7 @@ def child(a):
     if workers:  # the group and the VAE first: what a run after sampling finds
         t1 = time.perf_counter()
         group = video_save.workers(a.gpus, not cuda)
-        key = video_save.vae_key(vae)
-        import ray
-
-        from ltxav_pack.driver import POOL
-        data = ray.put(video_save.vae_bytes(vae))
-        POOL._wait([x.load_vae.remote(key, data) for x in group.actors], "setup", 600)
-        del data
+        video_save.hold_vae(group, vae)
         rec["workers_setup_s"] = round(time.perf_counter() - t1, 2)
     else:
         real_add = video_file.VideoWriter.add_frames

@@ -441,8 +441,7 @@ def test_a_worker_streams_its_part_and_answers_while_it_runs(ps, video_mod, vaes
     video, _ = latents(frames=SEGMENTED)
     plan = vs.plan_for(vae, video, vs.Settings(25.0, *TILED))
     group, key = vs.workers(2, True), vs.vae_key(vae)
-    if not all(ps.POOL._wait([a.load_vae.remote(key) for a in group.actors], "test", 120)):
-        ps.POOL._wait([a.load_vae.remote(key, vs.vae_bytes(vae)) for a in group.actors], "test", 120)
+    vs.hold_vae(group, vae)
     job = ray.put(mt.dumps(vp.PartJob(video, plan, 25.0, segment_bytes=1), {}))
     actor = group.actors[0]
     stream = actor.decode_part.options(_generator_backpressure_num_objects=1).remote(job, 0, plan.frames)
