@@ -111,6 +111,31 @@ class Plan:
             step = max(1, min(16, STEP_BYTES // per_latent))
         return cls(time, rows, cols, whole, step, halo)
 
+    def temporal_tiles(self, start: int, stop: int) -> list[int]:
+        """The temporal tiles whose frames meet output frames [start, stop)."""
+        out = []
+        for k, (p, n) in enumerate(self.time.tiles):
+            first = p * TIME_SCALE
+            if first < stop and first + out_frames(n) > start:
+                out.append(k)
+        return out
+
+    def tile_latents(self, k: int, start: int, stop: int) -> tuple[int, int]:
+        """The latent frames [a, b) temporal tile ``k``'s decode is fed for output frames [start, stop): the
+        tile's own, cut to the range with ``halo`` latent frames of context where the range cuts the tile."""
+        p, n = self.time.tiles[k]
+        first, end = p * TIME_SCALE, p * TIME_SCALE + out_frames(n)
+        lo, hi = max(start, first), min(stop, end)
+        a = max(p, latent_of_frame(lo) - self.halo) if lo > first else p
+        b = min(p + n, latent_of_frame(hi - 1) + self.halo + 1) if hi < end else p + n
+        return a, b
+
+    def latents_for(self, start: int, stop: int) -> tuple[int, int]:
+        """The latent frames [a, b) that output frames [start, stop) are decoded from (every tile's, with
+        the halo): what a worker decoding that range needs of the latent."""
+        spans = [self.tile_latents(k, start, stop) for k in self.temporal_tiles(start, stop)]
+        return min(a for a, _ in spans), max(b for _, b in spans)
+
     def split(self, parts: int) -> list[tuple[int, int]]:
         """``parts`` contiguous frame ranges (start, stop) covering the clip, about equal, cut at latent
         frame boundaries (every part at least one latent frame long; fewer parts for a short clip)."""

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .decode_plan import SPACE_SCALE, TIME_SCALE, Plan, latent_of_frame, out_frames
+from .decode_plan import SPACE_SCALE, TIME_SCALE, Plan, out_frames
 
 FRAME_BATCH = 16  # output frames blended and handed out at a time (at most) ...
 BATCH_BYTES = 32 << 20  # ... and their uint8 bytes at most (a 1920x1088 frame is 6 MiB: 5 at a time)
@@ -101,8 +101,9 @@ class _Stream:
     """One tile's decode, fed latent frames [start, stop) a piece at a time. Its decoder caches live between
     pieces in ``state`` (ComfyUI keys them by thread: they are put back for each piece and taken after)."""
 
-    def __init__(self, latent, start: int, stop: int, first_frame: int):
+    def __init__(self, latent, start: int, stop: int, first_frame: int, latent_start: int = 0):
         self.latent, self.next, self.stop = latent, start, stop
+        self.latent_start = latent_start  # the latent frame ``latent`` begins with (a worker's slice)
         self.frame = first_frame  # the absolute output frame of the next frame this stream produces
         self.state = None
 
@@ -136,7 +137,8 @@ class _Decoder:
             j = stream.next
             last = j + n >= stream.stop
             # as VAE.decode_tiled's decode_fn, then VideoVAE.decode and Decoder.forward_orig
-            x = stream.latent[:, :, j:j + n].to(self.vae.vae_dtype).to(self.vae.device)
+            i = j - stream.latent_start
+            x = stream.latent[:, :, i:i + n].to(self.vae.vae_dtype).to(self.vae.device)
             x = self.model.per_channel_statistics.un_normalize(x)
             if last:
                 self.cva.mark_conv3d_ended(self.dec.conv_in)
@@ -161,18 +163,24 @@ def _identity(module):
 
 def decode_chunks(vae, latent: torch.Tensor, plan: Plan, frames: tuple[int, int] | None = None,
                   as_uint8: bool = True, check: Callable[[], None] | None = None,
-                  progress: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
+                  progress: Callable[[int], None] | None = None, latent_start: int = 0) -> Iterator[torch.Tensor]:
     """Decode output frames [start, stop) (default: all) of ``latent`` ([1, 128, T, H, W], an LTX-2 video
     latent as the samplers return it) with ``vae``, ComfyUI's VAE, and yield them in order as [n, H, W, 3]
     CPU tensors: uint8 as SaveVideo converts frames (``(x * 255).clamp(0, 255).byte()``), or float32 in
     [0, 1] as VAEDecodeTiled returns them. ``check()`` runs between steps (it raises to stop);
-    ``progress(n)`` gets the frames handed out so far."""
+    ``progress(n)`` gets the frames handed out so far. ``latent_start``: ``latent`` is the clip's latent
+    frames from this one on (at least ``plan.latents_for(start, stop)``: a worker's slice)."""
     if latent.ndim != 5 or latent.shape[0] != 1:
         raise ValueError(f"expected a [1, 128, T, H, W] video latent, got {list(latent.shape)}")
     start, stop = frames or (0, plan.frames)
     if not 0 <= start < stop <= plan.frames:
         raise ValueError(f"frames {start}..{stop} outside the clip's {plan.frames}")
-    run = _Run(_Decoder(vae), latent, plan, start, stop, as_uint8)
+    need = plan.latents_for(start, stop)
+    have = (latent_start, latent_start + latent.shape[2])
+    if have[0] > need[0] or have[1] < need[1]:
+        raise ValueError(f"frames {start}..{stop} need latent frames {need[0]}..{need[1] - 1}; "
+                         f"the latent holds {have[0]}..{have[1] - 1}")
+    run = _Run(_Decoder(vae), latent, plan, start, stop, as_uint8, latent_start)
     done = 0
     for tile in run.temporal_tiles():
         for batch in run.decode_tile(tile, check):
@@ -191,8 +199,9 @@ class _Run:
     """One decode of frames [start, stop): the tiles' streams, the frames they produced and not yet handed
     out (per tile, in the VAE's dtype), and the blending of complete frames."""
 
-    def __init__(self, decoder: _Decoder, latent, plan: Plan, start: int, stop: int, as_uint8: bool):
-        self.decoder, self.latent, self.plan = decoder, latent, plan
+    def __init__(self, decoder: _Decoder, latent, plan: Plan, start: int, stop: int, as_uint8: bool,
+                 latent_start: int = 0):
+        self.decoder, self.latent, self.plan, self.latent_start = decoder, latent, plan, latent_start
         self.start, self.stop, self.as_uint8 = start, stop, as_uint8
         self.emitted = start  # frames before this one have been handed out
         self.pending: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}  # (time tile, spatial tile)
@@ -200,32 +209,23 @@ class _Run:
         self.batch = batch_frames(plan.height, plan.width)
 
     def temporal_tiles(self) -> list[int]:
-        """The temporal tiles whose frames meet [start, stop)."""
-        out = []
-        for k, (p, n) in enumerate(self.plan.time.tiles):
-            first = p * TIME_SCALE
-            if first < self.stop and first + out_frames(n) > self.start:
-                out.append(k)
-        return out
+        return self.plan.temporal_tiles(self.start, self.stop)
 
     def tile_frames(self, k: int) -> tuple[int, int]:
         p, n = self.plan.time.tiles[k]
         return p * TIME_SCALE, p * TIME_SCALE + out_frames(n)
 
     def decode_tile(self, k: int, check) -> Iterator[torch.Tensor]:
-        plan, halo = self.plan, self.plan.halo
-        p, n = plan.time.tiles[k]
-        first, end = self.tile_frames(k)
-        lo, hi = max(self.start, first), min(self.stop, end)
-        a = max(p, latent_of_frame(lo) - halo) if lo > first else p
-        b = min(p + n, latent_of_frame(hi - 1) + halo + 1) if hi < end else p + n
+        plan = self.plan
+        end = self.tile_frames(k)[1]
+        a, b = plan.tile_latents(k, self.start, self.stop)
         # frames from the next temporal tile's start on wait for its contribution
         nxt = self.tile_frames(k + 1)[0] if k + 1 < len(plan.time.tiles) else end
         cap = min(self.stop, nxt)
         streams = []
         for s, ((y, h), (x, w)) in enumerate(plan.spatial_tiles):
             tile_latent = self.latent[:, :, :, y:y + h, x:x + w]
-            streams.append((s, _Stream(tile_latent, a, b, a * TIME_SCALE)))
+            streams.append((s, _Stream(tile_latent, a, b, a * TIME_SCALE, self.latent_start)))
         while not streams[0][1].done:
             if check is not None:
                 check()

@@ -40,15 +40,25 @@ def load_vae_here(vae, plan: decode_plan.Plan) -> None:
 
 @dataclasses.dataclass
 class PartJob:
-    """What a worker decodes: the video latent, the plan, the frame rate; ``frames``: return the uint8
-    frames instead of encoded segments (for tests and short clips); ``segment_bytes``: the segments' size
-    (the driver's ``SEGMENT_BYTES``: the workers are other processes)."""
+    """What a worker decodes: the video latent (the clip's latent frames from ``latent_start`` on: a part's
+    slice, ``of``), the plan, the frame rate; ``frames``: return the uint8 frames instead of encoded
+    segments (for tests and short clips); ``segment_bytes``: the segments' size (the driver's
+    ``SEGMENT_BYTES``: the workers are other processes)."""
 
     latent: torch.Tensor
     plan: decode_plan.Plan
     fps: float
     frames: bool = False
     segment_bytes: int = SEGMENT_BYTES
+    latent_start: int = 0
+
+    @classmethod
+    def of(cls, video: torch.Tensor, plan: decode_plan.Plan, part: tuple[int, int], fps: float,
+           **kw) -> PartJob:
+        """The job for output frames ``part`` [start, stop) of the clip ``video``: only the latent frames they
+        are decoded from (``plan.latents_for``: the part and its halo), copied to the CPU."""
+        a, b = plan.latents_for(*part)
+        return cls(video[:, :, a:b].detach().to("cpu", copy=True).contiguous(), plan, fps, latent_start=a, **kw)
 
 
 @dataclasses.dataclass
@@ -90,7 +100,8 @@ def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None,
         if cuda:
             torch.cuda.reset_peak_memory_stats(vae.device)
             base = torch.cuda.memory_allocated(vae.device)
-        batches = video_decode.decode_chunks(vae, job.latent, job.plan, frames, check=check, progress=progress)
+        batches = video_decode.decode_chunks(vae, job.latent, job.plan, frames, check=check, progress=progress,
+                                             latent_start=job.latent_start)
         result = PartResult(start, stop)
         try:
             if job.frames:

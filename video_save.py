@@ -198,14 +198,15 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
     hold_vae(group, vae, node)
     ranges = plan.split(world)
     POOL.status(f"decoding {plan.frames} frames on {len(ranges)} workers")
-    job = ray.put(model_transfer.dumps(PartJob(video.detach().cpu(), plan, fps, frames, video_parts.SEGMENT_BYTES),
-                                       {}))
+    part_jobs = [ray.put(model_transfer.dumps(PartJob.of(video, plan, r, fps, frames=frames,
+                                                    segment_bytes=video_parts.SEGMENT_BYTES), {}))
+            for r in ranges]  # each worker gets its part's latent frames and their halo, not the clip's
     first = ranges[0][1] - ranges[0][0]
     beside = os.path.dirname(os.path.abspath(writer.target)) if isinstance(writer.target, (str, os.PathLike)) else None
     with tempfile.TemporaryDirectory(dir=beside, prefix=".ltxav-parts-") as spool:  # beside None: a BytesIO (tests)
         received = SegmentFiles(spool, node)
         streams = [a.decode_part.options(_generator_backpressure_num_objects=video_parts.SEGMENTS_AHEAD).remote(
-            job, start, stop) for a, (start, stop) in zip(group.actors, ranges)]
+            job, start, stop) for a, job, (start, stop) in zip(group.actors, part_jobs, ranges)]
         parts = POOL._wait(streams, "decoding", envs.STALL_S.number(), progress=StepProgress(first), node=node,
                            on_item=received.take)
         if any(p.interrupted for p in parts) or comfy.model_management.processing_interrupted():

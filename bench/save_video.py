@@ -172,11 +172,14 @@ class Sampler(threading.Thread):
 
     def sample(self) -> dict:
         mine = self.me.memory_info()  # driver_anon: what is not file pages or shared memory (RssAnon)
-        out = {"driver": mine.rss, "driver_anon": mine.rss - mine.shared, "workers": 0, "ray": 0}
+        out = {"driver": mine.rss, "driver_anon": mine.rss - mine.shared, "workers": 0, "workers_anon": 0, "ray": 0}
         for p in self.me.children(recursive=True):
             try:
                 kind = "workers" if "LTXAVWorker" in " ".join(p.cmdline()) else "ray"
-                out[kind] += p.memory_info().rss
+                m = p.memory_info()
+                out[kind] += m.rss
+                if kind == "workers":  # without file pages and shared memory (Ray's object store is shared memory)
+                    out["workers_anon"] += m.rss - m.shared
             except self.psutil.Error:
                 pass
         if self.cuda:
@@ -321,8 +324,8 @@ def child(a):
     rec["host_start_gib"] = {k: gib(v) for k, v in start.items() if k != "device"}
     rec["host_peak_gib"] = {k: gib(v) for k, v in peak.items() if k != "device"}
     rec["host_peak_above_start_gib"] = {k: gib(peak[k] - start[k])
-                                        for k in ("driver", "driver_anon", "workers", "ray")}
-    rec["host_peak_at_s"] = {k: sampler.peak_at[k] for k in ("driver", "driver_anon", "workers", "ray")}
+                                        for k in ("driver", "driver_anon", "workers", "workers_anon", "ray")}
+    rec["host_peak_at_s"] = {k: sampler.peak_at[k] for k in ("driver", "driver_anon", "workers", "workers_anon", "ray")}
     if cuda:  # every process on the card, what emulates the small card (dummy, workers' held rest) excluded
         held = dummy.numel() if dummy is not None else 0
         if workers:

@@ -136,16 +136,23 @@ def assert_levels(got, want, what=""):
         f"{what}: {diff.max().item()} levels apart at most, {off:.2e} of the values differ"
 
 
-def streamed(video_mod, vae, video, settings, frames=None, as_uint8=False, halo=None):
+def streamed(video_mod, vae, video, settings, frames=None, as_uint8=False, halo=None, sliced=False):
+    """The streamed decode of ``frames``; ``sliced``: from only the latent frames a worker gets for them
+    (``PartJob.of``), as a worker decodes its part."""
     vd, vs, _, _ = video_mod
     plan = vs.plan_for(vae, video, vs.Settings(25.0, *settings))
     if halo is not None:
         import dataclasses
 
         plan = dataclasses.replace(plan, halo=halo)
+    latent, first = video, 0
+    if sliced:
+        job = importlib.import_module("ltxav_pack.video_parts").PartJob.of(video, plan, frames, 25.0)
+        latent, first = job.latent, job.latent_start
     with torch.inference_mode():
         vs.load_vae_here(vae, plan)
-        return torch.cat(list(vd.decode_chunks(vae, video, plan, frames, as_uint8=as_uint8))), plan
+        return torch.cat(list(vd.decode_chunks(vae, latent, plan, frames, as_uint8=as_uint8,
+                                               latent_start=first))), plan
 
 
 @pytest.mark.quick
@@ -227,26 +234,35 @@ def test_frame_batches_follow_the_frame_size_and_leave_the_frames_as_they_are(vi
 
 @pytest.mark.quick
 def test_parts_with_context_equal_the_whole_decode(video_mod, vaes):
-    """A worker's share (a frame range, decoded with the decoder's receptive radius of context on both
-    sides) is the same as those frames of the whole decode: three parts put together equal stock."""
+    """A worker's share (a frame range, decoded from only its latent frames and the decoder's receptive
+    radius of context on both sides, as ``PartJob.of`` slices them) is the same as those frames of the whole
+    decode: three parts put together equal stock. A slice short of that context is refused, by name."""
+    vd, vs = video_mod[:2]
+    vp = importlib.import_module("ltxav_pack.video_parts")
     vae, vae64, _ = vaes["2"]
-    video, _ = latents()
+    video, _ = latents(frames=SEGMENTED)
     plan = streamed(video_mod, vae, video, TILED, frames=(0, 1))[1]
     parts = plan.split(3)
     assert len(parts) == 3 and parts[0][0] == 0 and parts[-1][1] == plan.frames
-    got = torch.cat([streamed(video_mod, vae, video, TILED, frames=p)[0] for p in parts])
+    spans = [plan.latents_for(*p) for p in parts]  # the middle part's slice misses latent frames at both ends
+    assert spans[0][0] == 0 and spans[-1][1] == video.shape[2] and 0 < spans[1][0] < spans[1][1] < video.shape[2]
+    got = torch.cat([streamed(video_mod, vae, video, TILED, frames=p, sliced=True)[0] for p in parts])
     assert_matches(got, stock_frames(vae, video, TILED), stock_frames(vae64, video, TILED), "parts")
+    job = vp.PartJob.of(video, plan, parts[1], 25.0)
+    short = job.latent[:, :, 1:]
+    with pytest.raises(ValueError, match=rf"frames {parts[1][0]}..{parts[1][1]} need latent frames {spans[1][0]}\.\."):
+        next(vd.decode_chunks(vae, short, plan, parts[1], latent_start=job.latent_start + 1))
 
 
 def test_parts_without_context_differ(video_mod, vaes):
     """The twin: parts decoded with one latent frame of context instead of the receptive radius fail the
     same checks (the decoder sees the part's ends as the clip's)."""
     vae, vae64, _ = vaes["2"]
-    video, _ = latents()
+    video, _ = latents(frames=SEGMENTED)
     plan = streamed(video_mod, vae, video, TILED, frames=(0, 1))[1]
     assert plan.halo > 1
     parts = plan.split(3)
-    got = torch.cat([streamed(video_mod, vae, video, TILED, frames=p, halo=1)[0] for p in parts])
+    got = torch.cat([streamed(video_mod, vae, video, TILED, frames=p, halo=1, sliced=True)[0] for p in parts])
     want = stock_frames(vae, video, TILED)
     assert mismatches(got, want, stock_frames(vae64, video, TILED))
     with pytest.raises(AssertionError, match="levels apart"):
