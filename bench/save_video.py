@@ -153,6 +153,9 @@ def vaes_match(path, smoke):
 
 # ----------------------------------------------------------------------------- one run (child)
 
+TIMELINE_S = 2.0  # seconds between the timeline's samples
+
+
 class Sampler(threading.Thread):
     """Every ``period`` s: resident memory of this process (and its part that is not file pages or shared
     memory), of the Ray workers (``ray::LTXAVWorker``) and of the other processes below this one (Ray's
@@ -169,6 +172,8 @@ class Sampler(threading.Thread):
         self.peak = dict(self.now)
         self.t0 = time.perf_counter()
         self.peak_at = dict.fromkeys(self.now, 0.0)  # seconds after the start at which each peak was sampled
+        self.timeline = []  # every TIMELINE_S: (seconds, ComfyUI's process and the workers without file pages
+        self.next_mark = 0.0  # and shared memory, bytes): when each grows
 
     def sample(self) -> dict:
         mine = self.me.memory_info()  # driver_anon: what is not file pages or shared memory (RssAnon)
@@ -193,9 +198,13 @@ class Sampler(threading.Thread):
                 self.now = self.sample()
             except Exception:  # noqa: BLE001 - a process ended between listing and reading
                 continue
+            t = time.perf_counter() - self.t0
             for k, v in self.now.items():
                 if v > self.peak.get(k, 0):
-                    self.peak[k], self.peak_at[k] = v, round(time.perf_counter() - self.t0, 2)
+                    self.peak[k], self.peak_at[k] = v, round(t, 2)
+            if t >= self.next_mark:
+                self.timeline.append((round(t, 1), self.now["driver_anon"], self.now["workers_anon"]))
+                self.next_mark = t + TIMELINE_S
 
     def stop(self) -> dict:
         self.stop_flag.set()
@@ -326,6 +335,8 @@ def child(a):
     rec["host_peak_above_start_gib"] = {k: gib(peak[k] - start[k])
                                         for k in ("driver", "driver_anon", "workers", "workers_anon", "ray")}
     rec["host_peak_at_s"] = {k: sampler.peak_at[k] for k in ("driver", "driver_anon", "workers", "workers_anon", "ray")}
+    rec["host_anon_timeline_gib"] = [(t, gib(d - start["driver_anon"]), gib(w - start["workers_anon"]))
+                                     for t, d, w in sampler.timeline]  # (s, ComfyUI's process, workers) above start
     if cuda:  # every process on the card, what emulates the small card (dummy, workers' held rest) excluded
         held = dummy.numel() if dummy is not None else 0
         if workers:
