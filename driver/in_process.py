@@ -2,6 +2,7 @@
 nodes sample, after the planner's check against this GPU."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -9,7 +10,7 @@ import torch
 
 from .. import comfy_host, envs, guidance_passes, instrumentation, jobs, lean_attention, memory_plan, model_transfer
 from ..sequence_parallel.groups import Degrees
-from .plan import NODE, check_memory
+from .plan import NODE, check_memory, needs_lean_attention
 from .report import step_timings, summary_here
 from .workers import own_keys
 
@@ -29,12 +30,16 @@ def run_here(pool, patcher, job: jobs.KSamplerJob | jobs.GuiderJob) -> jobs.RunR
             "dynamic_vram": comfy_host.dynamic_vram_enabled() and patcher.is_dynamic()}
     est = None
     passes = guidance_passes.count(patcher, job, model_transfer.dumps_job(job, patcher, own_keys()), NODE)
+    lean = lean_attention.enabled()  # unchecked runs keep it: the longest clips
     if not envs.SKIP_MEMORY_CHECK.on():
         budget = here_budget(device)
-        est = check_memory(patcher, job.latent, Degrees(1), budget, [info], passes)
+        # ComfyUI's own attention (stock's forward and speed) where it fits; the lean one where the clip needs it
+        lean = needs_lean_attention(patcher, job.latent, budget, [info], passes)
+        est = check_memory(patcher, job.latent, Degrees(1), budget, [info], passes, lean=lean)
         streamed = "; weights streamed from host memory (DynamicVRAM)" if info["dynamic_vram"] else ""
-        log.info("%s: planned peak %.2f GiB of %.2f GiB free (in ComfyUI's process, one GPU; %s%s)", NODE,
-                 est.total / memory_plan.GIB, budget / memory_plan.GIB, est.describe(), streamed)
+        attention = "lean attention (the clip needs it)" if lean else "ComfyUI's attention"
+        log.info("%s: planned peak %.2f GiB of %.2f GiB free (in ComfyUI's process, one GPU, %s; %s%s)", NODE,
+                 est.total / memory_plan.GIB, budget / memory_plan.GIB, attention, est.describe(), streamed)
     pool.status("sampling in ComfyUI's process (one GPU: no workers)")
     pbar = comfy.utils.ProgressBar(job.total_steps)
     marks, last = [time.perf_counter()], {}
@@ -53,7 +58,7 @@ def run_here(pool, patcher, job: jobs.KSamplerJob | jobs.GuiderJob) -> jobs.RunR
     # the patcher that samples: a guider's own (the same MODEL), else the node's
     sampling = getattr(getattr(job, "guider", None), "model_patcher", None) or patcher
     try:
-        with lean_attention.on(sampling):
+        with lean_attention.on(sampling) if lean else contextlib.nullcontext():
             samples = job.sample(patcher, callback)
     except torch.OutOfMemoryError as e:  # the same type: ComfyUI's executor frees its models on it
         plan = "" if est is None else (

@@ -177,15 +177,29 @@ def plan_setting(degrees: Degrees, passes, per_forward: int) -> str:
     return f"{degrees.describe()}; {passes.describe()}, {per_forward} in each worker's forward"
 
 
-def check_memory(patcher, latent, degrees, budget, infos=(), passes=1) -> memory_plan.Estimate:
+def check_memory(patcher, latent, degrees, budget, infos=(), passes=1, lean=None) -> memory_plan.Estimate:
     """Refuse a run on ``latent`` whose predicted per-worker peak exceeds ``budget`` bytes, saying what
     would fit. ``passes``: the job's guidance passes (``guidance_passes.Passes``; an int: one call of that
-    many a step): a worker's forward holds its share of the largest call."""
-    return fit(patcher, latent, degrees, budget, infos, passes)[0]
+    many a step): a worker's forward holds its share of the largest call. ``lean``: planned with the lean
+    attention (None: when it is on, ``LTXAV_PARALLEL_LEAN_ATTENTION``)."""
+    return fit(patcher, latent, degrees, budget, infos, passes, lean)[0]
 
 
-def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_plan.Estimate, int]:
-    """``check_memory``'s estimate, and the guidance passes a worker's forward holds."""
+def needs_lean_attention(patcher, latent, budget, infos=(), passes=1) -> bool:
+    """One GPU in ComfyUI's process: whether the clip needs the lean attention, that is whether ComfyUI's own
+    attention's plan leaves less than ``memory_plan.EDGE_BYTES`` of ``budget`` (where it fits, the run is
+    stock's forward exactly, at stock's speed: the lean attention's ranges cost time on some models, 11 % a
+    step on a GGUF Q8_0 one at 897 frames, bench/README.md)."""
+    if not lean_attention.enabled():
+        return False
+    plain = fit(patcher, latent, Degrees(1), budget, infos, passes, lean=False, refuse=False)[0]
+    return plain.total + memory_plan.EDGE_BYTES > budget
+
+
+def fit(patcher, latent, degrees, budget, infos=(), passes=1, lean=None,
+        refuse=True) -> tuple[memory_plan.Estimate, int]:
+    """``check_memory``'s estimate, and the guidance passes a worker's forward holds (``refuse`` False: the
+    estimate whether it fits or not)."""
     dm = patcher.get_model_object("diffusion_model")
     family = models.family_of(dm, NODE)
     dims = family.plan_dims(dm, compute_dtype=patcher.model.get_dtype_inference())
@@ -202,11 +216,14 @@ def fit(patcher, latent, degrees, budget, infos=(), passes=1) -> tuple[memory_pl
     per_forward = passes_per_forward(patcher, clip, batch, share, budget)
     # NCCL's buffers: one set per peer the worker exchanges with (gloo's stay in host memory)
     nccl_peers = degrees.world - 1 if any(i.get("backend") == "nccl" for i in infos) else 0
+    lean = lean_attention.enabled() if lean is None else lean
     kw = dict(ffn_chunks=ffn, sampler=True, batch=batch * per_forward, per_token_timesteps=True,
-              streaming=streaming, lean=lean_attention.enabled(), nccl_peers=nccl_peers,
-              lean_value=lean_attention.values_in_place(dm, family, options), **terms)
+              streaming=streaming, lean=lean, nccl_peers=nccl_peers,
+              lean_value=lean and lean_attention.values_in_place(dm, family, options), **terms)
     est = memory_plan.estimate(dims, clip, **kw)
     gib = memory_plan.GIB
+    if not refuse:
+        return est, per_forward
     if est.total <= budget:
         if budget - est.total < memory_plan.EDGE_BYTES:
             log.warning("%s: the plan (%.2f GiB) leaves %.2f GiB of the %.2f GiB free: at the card's edge, where "

@@ -138,6 +138,14 @@ def here(ps, monkeypatch):
 
 
 @pytest.fixture
+def lean_here(here, monkeypatch):
+    """``here``, with gpus=1 runs taking the lean attention as for a clip that needs it (the tiny models' clips
+    fit ComfyUI's own attention; the decision itself: tests/test_one_gpu_in_process.py)."""
+    monkeypatch.setattr(here.in_process, "needs_lean_attention", lambda *a, **kw: True)
+    return here
+
+
+@pytest.fixture
 def small_ranges(pack, monkeypatch):
     """The lean attention's ranges of a few tokens (the tiny model's clips have 96), so every range path runs."""
     import importlib

@@ -292,7 +292,7 @@ def test_ltxvideo_stat_norm_patcher_equals_stock(ps, nodes_mod, ltxvideo, ltx23)
 HERE = "in ComfyUI's process (one GPU: no workers)"
 
 
-def test_gguf_model_lean_in_comfyuis_process_equals_stock(here, nodes_mod, gguf_pack, gguf_files, small_ranges):
+def test_gguf_model_lean_in_comfyuis_process_equals_stock(lean_here, nodes_mod, gguf_pack, gguf_files, small_ranges):
     """gpus=1 on one GPU samples in ComfyUI's process with the lean attention; its ranges shrunk so every range
     path runs, a GGUF Q4_0 LTX-2.3 model (gated attention, ComfyUI-GGUF's layers) under inference mode, as
     ComfyUI runs nodes, equals stock GGUF, with self-attention's values in their input's buffer. The twin: the
@@ -379,7 +379,7 @@ def test_gguf_projection_by_ranges_dequantizes_once(gguf_pack, small_ranges, mon
     assert every_range == whole * n_ranges != once
 
 
-def test_ltxvideo_guider_lean_in_comfyuis_process_equals_stock(here, nodes_mod, ltxvideo, ltx23, small_ranges,
+def test_ltxvideo_guider_lean_in_comfyuis_process_equals_stock(lean_here, nodes_mod, ltxvideo, ltx23, small_ranges,
                                                               monkeypatch):
     """MultimodalGuider with STG at gpus=1 in ComfyUI's process, the lean attention's ranges shrunk, under
     inference mode: equals stock; its STG block patches (``patches_replace``) keep self-attention's values in

@@ -90,6 +90,30 @@ def test_one_gpu_planner_refuses_what_does_not_fit(here, nodes_mod, tiny_model, 
     assert "planned peak" in caplog_info.text and "in ComfyUI's process, one GPU" in caplog_info.text
 
 
+def test_one_gpu_uses_the_lean_attention_only_where_the_clip_needs_it(here, nodes_mod, tiny_model, tiny_model_f64,
+                                                                      tiny_ckpt, monkeypatch, caplog_info):
+    """Where ComfyUI's own attention's plan leaves the card's edge allowance (``memory_plan.EDGE_BYTES``) the run
+    is stock's forward, without the lean attention's wrapper; on a card (``LTXAV_PARALLEL_MEMORY_CAP_GIB``) where
+    it would not, the run is lean (its wrapper runs every forward) and still equals stock."""
+    import re
+
+    lean = __import__("ltxav_pack.lean_attention", fromlist=["x"])
+    mp = __import__("ltxav_pack.memory_plan", fromlist=["x"])
+    calls = []
+    real = lean.diffusion_model_wrapper
+    monkeypatch.setattr(lean, "diffusion_model_wrapper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cc = tiny_ckpt[1]["caption_channels"]
+    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc, gpus=1)
+    assert calls == [] and "one GPU, ComfyUI's attention;" in caplog_info.text
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
+    plain = float(re.search(r"planned peak (\d+\.\d+) GiB", caplog_info.text).group(1))
+    caplog_info.clear()
+    monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GIB", str(plain + mp.EDGE_BYTES / mp.GIB / 2))
+    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc, gpus=1)
+    assert len(calls) >= 3 and "one GPU, lean attention (the clip needs it);" in caplog_info.text
+    assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
+
+
 def test_one_gpu_out_of_memory_is_a_clear_error(here, nodes_mod, tiny_model, tiny_model_f64, tiny_ckpt, monkeypatch):
     """An out-of-memory error keeps its type (ComfyUI's executor frees its models on it) and says what to
     do; the next prompt works."""
