@@ -111,12 +111,17 @@ class Plan:
             step = max(1, min(16, STEP_BYTES // per_latent))
         return cls(time, rows, cols, whole, step, halo)
 
+    def tile_frames(self, k: int) -> tuple[int, int]:
+        """The output frames [first, end) temporal tile ``k`` decodes."""
+        p, n = self.time.tiles[k]
+        return p * TIME_SCALE, p * TIME_SCALE + out_frames(n)
+
     def temporal_tiles(self, start: int, stop: int) -> list[int]:
         """The temporal tiles whose frames meet output frames [start, stop)."""
         out = []
-        for k, (p, n) in enumerate(self.time.tiles):
-            first = p * TIME_SCALE
-            if first < stop and first + out_frames(n) > start:
+        for k in range(len(self.time.tiles)):
+            first, end = self.tile_frames(k)
+            if first < stop and end > start:
                 out.append(k)
         return out
 
@@ -124,7 +129,7 @@ class Plan:
         """The latent frames [a, b) temporal tile ``k``'s decode is fed for output frames [start, stop): the
         tile's own, cut to the range with ``halo`` latent frames of context where the range cuts the tile."""
         p, n = self.time.tiles[k]
-        first, end = p * TIME_SCALE, p * TIME_SCALE + out_frames(n)
+        first, end = self.tile_frames(k)
         lo, hi = max(start, first), min(stop, end)
         a = max(p, latent_of_frame(lo) - self.halo) if lo > first else p
         b = min(p + n, latent_of_frame(hi - 1) + self.halo + 1) if hi < end else p + n

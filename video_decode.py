@@ -211,16 +211,12 @@ class _Run:
     def temporal_tiles(self) -> list[int]:
         return self.plan.temporal_tiles(self.start, self.stop)
 
-    def tile_frames(self, k: int) -> tuple[int, int]:
-        p, n = self.plan.time.tiles[k]
-        return p * TIME_SCALE, p * TIME_SCALE + out_frames(n)
-
     def decode_tile(self, k: int, check) -> Iterator[torch.Tensor]:
         plan = self.plan
-        end = self.tile_frames(k)[1]
+        end = plan.tile_frames(k)[1]
         a, b = plan.tile_latents(k, self.start, self.stop)
         # frames from the next temporal tile's start on wait for its contribution
-        nxt = self.tile_frames(k + 1)[0] if k + 1 < len(plan.time.tiles) else end
+        nxt = plan.tile_frames(k + 1)[0] if k + 1 < len(plan.time.tiles) else end
         cap = min(self.stop, nxt)
         streams = []
         for s, ((y, h), (x, w)) in enumerate(plan.spatial_tiles):

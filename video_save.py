@@ -198,9 +198,9 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
     hold_vae(group, vae, node)
     ranges = plan.split(world)
     POOL.status(f"decoding {plan.frames} frames on {len(ranges)} workers")
-    part_jobs = [ray.put(model_transfer.dumps(PartJob.of(video, plan, r, fps, frames=frames,
-                                                    segment_bytes=video_parts.SEGMENT_BYTES), {}))
-            for r in ranges]  # each worker gets its part's latent frames and their halo, not the clip's
+    # each worker gets its part's latent frames and their halo, not the clip's
+    part_jobs = [ray.put(model_transfer.dumps(
+        PartJob.of(video, plan, r, fps, frames=frames, segment_bytes=video_parts.SEGMENT_BYTES), {})) for r in ranges]
     first = ranges[0][1] - ranges[0][0]
     beside = os.path.dirname(os.path.abspath(writer.target)) if isinstance(writer.target, (str, os.PathLike)) else None
     with tempfile.TemporaryDirectory(dir=beside, prefix=".ltxav-parts-") as spool:  # beside None: a BytesIO (tests)

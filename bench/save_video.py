@@ -154,6 +154,7 @@ def vaes_match(path, smoke):
 # ----------------------------------------------------------------------------- one run (child)
 
 TIMELINE_S = 2.0  # seconds between the timeline's samples
+HOST_KEYS = ("driver", "driver_anon", "workers", "workers_anon", "ray")  # the host figures each run reports
 
 
 class Sampler(threading.Thread):
@@ -332,9 +333,8 @@ def child(a):
     peak = sampler.stop()
     rec["host_start_gib"] = {k: gib(v) for k, v in start.items() if k != "device"}
     rec["host_peak_gib"] = {k: gib(v) for k, v in peak.items() if k != "device"}
-    rec["host_peak_above_start_gib"] = {k: gib(peak[k] - start[k])
-                                        for k in ("driver", "driver_anon", "workers", "workers_anon", "ray")}
-    rec["host_peak_at_s"] = {k: sampler.peak_at[k] for k in ("driver", "driver_anon", "workers", "workers_anon", "ray")}
+    rec["host_peak_above_start_gib"] = {k: gib(peak[k] - start[k]) for k in HOST_KEYS}
+    rec["host_peak_at_s"] = {k: sampler.peak_at[k] for k in HOST_KEYS}
     rec["host_anon_timeline_gib"] = [(t, gib(d - start["driver_anon"]), gib(w - start["workers_anon"]))
                                      for t, d, w in sampler.timeline]  # (s, ComfyUI's process, workers) above start
     if cuda:  # every process on the card, what emulates the small card (dummy, workers' held rest) excluded

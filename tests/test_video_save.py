@@ -237,7 +237,7 @@ def test_parts_with_context_equal_the_whole_decode(video_mod, vaes):
     """A worker's share (a frame range, decoded from only its latent frames and the decoder's receptive
     radius of context on both sides, as ``PartJob.of`` slices them) is the same as those frames of the whole
     decode: three parts put together equal stock. A slice short of that context is refused, by name."""
-    vd, vs = video_mod[:2]
+    vd = video_mod[0]
     vp = importlib.import_module("ltxav_pack.video_parts")
     vae, vae64, _ = vaes["2"]
     video, _ = latents(frames=SEGMENTED)
