@@ -94,7 +94,8 @@ def test_one_gpu_uses_the_lean_attention_only_where_the_clip_needs_it(here, node
                                                                       tiny_ckpt, monkeypatch, caplog_info):
     """Where ComfyUI's own attention's plan leaves the card's edge allowance (``memory_plan.EDGE_BYTES``) the run
     is stock's forward, without the lean attention's wrapper; on a card (``LTXAV_PARALLEL_MEMORY_CAP_GIB``) where
-    it would not, the run is lean (its wrapper runs every forward) and still equals stock."""
+    it would not, the run is lean (its wrapper runs every forward) and still equals stock. Both under inference
+    mode, as ComfyUI runs nodes."""
     import re
 
     lean = __import__("ltxav_pack.lean_attention", fromlist=["x"])
@@ -103,13 +104,15 @@ def test_one_gpu_uses_the_lean_attention_only_where_the_clip_needs_it(here, node
     real = lean.diffusion_model_wrapper
     monkeypatch.setattr(lean, "diffusion_model_wrapper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     cc = tiny_ckpt[1]["caption_channels"]
-    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc, gpus=1)
+    with torch.inference_mode():
+        got, _ = parallel_ksampler(nodes_mod, tiny_model, cc, gpus=1)
     assert calls == [] and "one GPU, ComfyUI's attention;" in caplog_info.text
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
     plain = float(re.search(r"planned peak (\d+\.\d+) GiB", caplog_info.text).group(1))
     caplog_info.clear()
     monkeypatch.setenv("LTXAV_PARALLEL_MEMORY_CAP_GIB", str(plain + mp.EDGE_BYTES / mp.GIB / 2))
-    got, _ = parallel_ksampler(nodes_mod, tiny_model, cc, gpus=1)
+    with torch.inference_mode():
+        got, _ = parallel_ksampler(nodes_mod, tiny_model, cc, gpus=1)
     assert len(calls) >= 3 and "one GPU, lean attention (the clip needs it);" in caplog_info.text
     assert_equals_stock(got, tiny_model, tiny_model_f64, cc)
 
