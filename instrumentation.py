@@ -63,6 +63,18 @@ def traced(rank: int):
     log.info("[RayWorker %d] trace written: %s", rank, path)
 
 
+def host_anon(gib) -> float | None:
+    """This process's resident memory less its file pages and shared memory (what its own allocations hold;
+    psutil's rss - shared), in ``gib``'s unit; None without psutil. Cheap: for phases of a run."""
+    try:
+        import psutil
+
+        m = psutil.Process().memory_info()
+    except Exception:  # noqa: BLE001 - no psutil, or no access
+        return None
+    return gib(m.rss - m.shared)
+
+
 def host_memory(gib) -> dict:
     """This process's host memory (``gib``: bytes to the unit): RSS (resident), PSS (resident, pages
     shared with other processes counted by share: a memory-mapped checkpoint read by two workers counts

@@ -73,7 +73,8 @@ class Segment:
 class PartResult:
     """A worker's part, frames [start, stop), after its segments (or as uint8 frames: ``images``): whether
     it was interrupted, its decode seconds, GPU peak above the start (GiB; None on CPU) and host memory
-    (``instrumentation.host_memory``)."""
+    (``instrumentation.host_memory``, and ``anon_gib``: ``instrumentation.host_anon`` at the part's start,
+    once the VAE is on its device, after the first batch, the most at any batch's end, and at the end)."""
 
     start: int
     stop: int
@@ -94,14 +95,16 @@ def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None,
     start, stop = frames
     cuda = vae.device.type == "cuda"
     t0 = time.perf_counter()
+    anon = {"start": instrumentation.host_anon(jobs.gib)}
     # inference mode is per thread: it holds across the yields as one thread resumes this (Ray's executor does)
     with torch.inference_mode():
         load_vae_here(vae, job.plan)
+        anon["vae_loaded"] = instrumentation.host_anon(jobs.gib)
         if cuda:
             torch.cuda.reset_peak_memory_stats(vae.device)
             base = torch.cuda.memory_allocated(vae.device)
-        batches = video_decode.decode_chunks(vae, job.latent, job.plan, frames, check=check, progress=progress,
-                                             latent_start=job.latent_start)
+        batches = _noting(video_decode.decode_chunks(vae, job.latent, job.plan, frames, check=check, progress=progress,
+                                                     latent_start=job.latent_start), anon)
         result = PartResult(start, stop)
         try:
             if job.frames:
@@ -116,8 +119,20 @@ def decode_part(vae, job: PartJob, frames: tuple[int, int], check=None,
     result.seconds = round(time.perf_counter() - t0, 3)
     if cuda:
         result.peak_gib = jobs.gib(torch.cuda.max_memory_allocated(vae.device) - base)
-    result.host = instrumentation.host_memory(jobs.gib)
+    anon["end"] = instrumentation.host_anon(jobs.gib)
+    result.host = {**instrumentation.host_memory(jobs.gib), "anon_gib": anon}
     yield result
+
+
+def _noting(batches, anon: dict):
+    """``batches`` as they are, noting this process's ``host_anon`` after the first and its most at any."""
+    for i, batch in enumerate(batches):
+        yield batch
+        now = instrumentation.host_anon(jobs.gib)
+        if i == 0:
+            anon["first_batch"] = now
+        if now is not None:
+            anon["batches_most"] = max(anon.get("batches_most", now), now)
 
 
 def _segments(batches, job: PartJob, start: int) -> Iterator[Segment]:

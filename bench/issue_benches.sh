@@ -3,7 +3,7 @@
 # `device` machine, from the repository root:
 #   COMMIT=<sha> bash bench/issue_benches.sh CALL[,CALL...] OUTDIR
 #   (CALL: gguf, gguf-workers, gguf-speed, save, save-fidelity, save-1080p, save-1080p-node, save-long, save-workers,
-#   save-workers-897, save-workers-5201, lora)
+#   save-workers-897, save-workers-5201, save-workers-malloc, lora)
 # CALL picks one set of runs (each fits one 10-minute call; every run has its own time limit, most
 # important first); results go to OUTDIR as JSON lines, logs as one archive (a call returns 8 files at most).
 # Needs the carry with PyAV, gguf and ComfyUI-GGUF (bench/README.md, top).
@@ -69,6 +69,11 @@ case $call in
     ;;
   save-workers-5201)  # the same at 5,201 frames only (the parts sent in segments, spooled to disk: 046d61c)
     w2save save-workers-5201 300 5201 280
+    ;;
+  save-workers-malloc)  # 5,201 frames on two workers, then the same with glibc's mmap threshold fixed at 64 KiB
+    # in every process (workers included: Ray's processes inherit it): 2.11 GiB resident in all (2026-12-07)
+    w2save save-workers-5201 200 5201 180
+    MALLOC_MMAP_THRESHOLD_=65536 w2save save-workers-5201-mmap64k 200 5201 180
     ;;
   lora)  # the LTX-2.3 template's two stages with a rank-64 LoRA: stock, gpus=1, two workers; then before the fix
     # (one prompt: its two stages show the re-patch). Two workers took 136 s for four stages on an H100 (2026-12-07)

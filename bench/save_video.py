@@ -516,7 +516,7 @@ def main(argv=None):
     for f in frames:
         for variant in variants:
             rec = run_child(a, variant, f, argv_base)
-            rec.update(commit=commit)
+            rec.update(commit=commit, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
             emit(rec)
     summary = dict(kind="summary", command=command, card=device_name(), emulated_card_gib=a.card_gb,
                    workers_per_gpu=os.environ.get("LTXAV_PARALLEL_WORKERS_PER_GPU", "1"),
