@@ -3,7 +3,7 @@
 # `device` machine, from the repository root:
 #   COMMIT=<sha> bash bench/issue_benches.sh CALL[,CALL...] OUTDIR
 #   (CALL: gguf, gguf-workers, gguf-speed, save, save-fidelity, save-1080p, save-1080p-node, save-long, save-workers,
-#   save-workers-897, save-workers-5201, save-workers-malloc, lora)
+#   save-workers-897, save-workers-5201, save-workers-malloc, save-stock-5201, lora)
 # CALL picks one set of runs (each fits one 10-minute call; every run has its own time limit, most
 # important first); results go to OUTDIR as JSON lines, logs as one archive (a call returns 8 files at most).
 # Needs the carry with PyAV, gguf and ComfyUI-GGUF (bench/README.md, top).
@@ -60,6 +60,11 @@ case $call in
     S="python bench/save_video.py --card-gb 24 $c --out $out/save-long.jsonl"
     r save-2577 330 $S --frames 2577 --variants stock,node --timeout 160
     r save-5201-tiled 240 $S --frames 5201 --variants node-tiled --timeout 230
+    ;;
+  save-stock-5201)  # stock's chain at 5,201 frames (the templates' tiles): 134 s and 34 GiB of host memory at 2,577
+    # (2026-12-07); about twice that here, on a machine of 128 GiB
+    r save-stock-5201 560 python bench/save_video.py --card-gb 24 $c --out "$out/save-stock-5201.jsonl" --frames 5201 \
+      --variants stock --timeout 540
     ;;
   save-workers)  # the node's decode on two workers sharing the GPU
     w2save save-workers 560 897,5201 270
