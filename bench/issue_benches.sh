@@ -15,9 +15,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt" 
 c="--commit ${COMMIT:-unknown}"
 r() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "$name rc=$?" >> "$out/rc.txt"; }
 GG="--gguf Q8_0 --layers 48 --card-gb 80 --frames 897"  # the GGUF runs' model and clip (the whole card)
-# the save node on two workers sharing the GPU: w2save NAME LIMIT FRAMES TIMEOUT
-w2save() { LTXAV_PARALLEL_WORKERS_PER_GPU=2 r "$1" "$2" python bench/save_video.py --card-gb 24 $c --frames "$3" \
-  --variants node-workers --gpus 2 --timeout "$4" --out "$out/save-workers.jsonl"; }
+# the save node on two workers sharing the GPU: w2save NAME LIMIT FRAMES TIMEOUT [ARGS]
+w2save() { local name=$1 limit=$2 frames=$3 timeout=$4; shift 4
+  LTXAV_PARALLEL_WORKERS_PER_GPU=2 r "$name" "$limit" python bench/save_video.py --card-gb 24 $c --frames "$frames" \
+    --variants node-workers --gpus 2 --timeout "$timeout" --out "$out/save-workers.jsonl" "$@"; }
 for call in ${calls//,/ }; do
 case $call in
   gguf)  # 48-layer GGUF Q8_0 through ComfyUI-GGUF's loader: stock beside the node at gpus=1, then two workers
@@ -75,10 +76,12 @@ case $call in
   save-workers-5201)  # the same at 5,201 frames only (the parts sent in segments, spooled to disk: 046d61c)
     w2save save-workers-5201 300 5201 280
     ;;
-  save-workers-malloc)  # 5,201 frames on two workers, then the same with glibc's mmap threshold fixed at 64 KiB
-    # in every process (workers included: Ray's processes inherit it): 2.11 GiB resident in all (2026-12-07)
-    w2save save-workers-5201 200 5201 180
-    MALLOC_MMAP_THRESHOLD_=65536 w2save save-workers-5201-mmap64k 200 5201 180
+  save-workers-malloc)  # 5,201 frames on two workers: as a first save (2.11 GiB resident in all, 2026-12-07), after
+    # a first save of 97 frames (what a second prompt finds), and that with glibc's mmap threshold fixed at 64 KiB in
+    # every process (workers included: Ray's processes inherit it)
+    w2save save-workers-5201 190 5201 175
+    w2save save-workers-5201-warm 190 5201 175 --warm-frames 97
+    MALLOC_MMAP_THRESHOLD_=65536 w2save save-workers-5201-warm-mmap64k 190 5201 175 --warm-frames 97
     ;;
   lora)  # the LTX-2.3 template's two stages with a rank-64 LoRA: stock, gpus=1, two workers; then before the fix
     # (one prompt: its two stages show the re-patch). Two workers took 136 s for four stages on an H100 (2026-12-07)

@@ -6,7 +6,7 @@ wall time.
 
 Usage: python bench/save_video.py [--comfy PATH] [--vae /tmp/ltx2_vaes_bench.safetensors] [--card-gb 24]
           [--frames 897,2577,5201] [--res 768x512] [--variants stock,node,node-tiled,node-workers]
-          [--gpus 2] [--timeout 560] [--commit SHA] [--out results.jsonl] [--smoke]
+          [--gpus 2] [--warm-frames 0] [--timeout 560] [--commit SHA] [--out results.jsonl] [--smoke]
 
 Variants (each length and variant in a fresh process, ascending lengths):
   stock          VAEDecodeTiled(512, 64, 4096, 8) -> LTXVAudioVAEDecode -> CreateVideo(25 fps) -> SaveVideo
@@ -33,9 +33,14 @@ Variants (each length and variant in a fresh process, ascending lengths):
    before encoding (stock, node, node-tiled, reference); the summary compares the node's with stock's, and
    every variant's with the float32 reference's (levels apart, and the share of values that differ).
 
+--warm-frames N: before the start, the same variant saves a clip of N frames (not measured), so what a
+process's first decode loads once (CUDA's and cuDNN's kernels, the encoder's library) is in the start: the
+figures are then a save's in a process that has saved before (a second prompt's).
+
 --smoke: tiny widths on the CPU (no card, no DynamicVRAM): checks that every variant runs end to end.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -218,7 +223,8 @@ def gib(n):
 
 
 def child(a):
-    rec = dict(kind="run", variant=a.variant, frames=a.frames_one, res=a.res, card_gb=a.card_gb, smoke=a.smoke)
+    rec = dict(kind="run", variant=a.variant, frames=a.frames_one, res=a.res, card_gb=a.card_gb, smoke=a.smoke,
+               warm_frames=a.warm_frames)
     sys.path.insert(0, str(ROOT / "bench"))
     import common
     common.import_pack()
@@ -285,6 +291,10 @@ def child(a):
             return real_add(self, batch)
 
         video_file.VideoWriter.add_frames = add_frames
+
+    if a.warm_frames and a.variant != "reference":
+        rec["warm_s"] = warm(a, vae, audio_vae, workers, out_dir)
+        sampled.clear()
 
     import gc
     gc.collect()
@@ -360,6 +370,30 @@ def child(a):
     return rec
 
 
+def warm(a, vae, audio_vae, workers, out_dir) -> float:
+    """--warm-frames: the variant saves a clip of that many frames (random latents), untimed; its seconds."""
+    import torch
+
+    from ltxav_pack import video_save
+
+    w, h = (int(v) for v in a.res.split("x"))
+    g = torch.Generator().manual_seed(2)
+    video = torch.randn(1, 128, (a.warm_frames - 1) // 8 + 1, h // 32, w // 32, generator=g)
+    audio = torch.randn(1, 8, math.ceil(a.warm_frames / 25.0 * 25.0), 16, generator=g)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if a.variant == "stock":
+            stock(vae, audio_vae, video, audio, [], {}, prefix="video/warm")
+        else:
+            tiles = TEMPLATE_TILES if a.variant == "node-tiled" else (0, 64, 0, 8)
+            settings = video_save.Settings(25.0, *tiles, gpus=a.gpus if workers else 1)
+            video_save.save(vae, audio_vae, video, audio, settings, os.path.join(out_dir, "warm.mp4"))
+    shutil.rmtree(os.path.join(out_dir, "video", "warm"), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(out_dir, "warm.mp4"))
+    return round(time.perf_counter() - t0, 2)
+
+
 def stock_frames(vae, video, picks, sampled):
     """VAEDecodeTiled with the templates' settings; the frames at ``picks`` put in ``sampled`` as Save Video
     converts a frame before encoding."""
@@ -371,7 +405,7 @@ def stock_frames(vae, video, picks, sampled):
     return images
 
 
-def stock(vae, audio_vae, video, audio, picks, sampled):
+def stock(vae, audio_vae, video, audio, picks, sampled, prefix="video/stock"):
     """The stock chain, node by node, as the official LTX-2 templates wire it."""
     from comfy_extras.nodes_lt_audio import LTXVAudioVAEDecode
     from comfy_extras.nodes_video import CreateVideo, SaveVideo
@@ -385,7 +419,7 @@ def stock(vae, audio_vae, video, audio, picks, sampled):
     times["LTXVAudioVAEDecode"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     clip = CreateVideo.execute(images, 25.0, sound).result[0]
-    out = SaveVideo.execute(clip, "video/stock", "auto", "auto")
+    out = SaveVideo.execute(clip, prefix, "auto", "auto")
     times["CreateVideo+SaveVideo"] = round(time.perf_counter() - t, 2)
     item = out.ui.as_dict()["images"][0]
     import folder_paths
@@ -456,6 +490,7 @@ def main(argv=None):
     p.add_argument("--res", default="768x512")
     p.add_argument("--variants", default="stock,node,node-tiled,node-workers")
     p.add_argument("--gpus", type=int, default=2, help="node-workers: Ray workers")
+    p.add_argument("--warm-frames", type=int, default=0, help="save this many frames first, not measured")
     p.add_argument("--timeout", type=float, default=560, help="seconds per run (subprocess)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="JSON lines file")
@@ -512,7 +547,7 @@ def main(argv=None):
         emit(dict(kind="vae_file", ok=True, path=a.vae, **json.loads(r.stdout.strip().splitlines()[-1])))
 
     argv_base = ["--comfy", a.comfy, "--vae", a.vae, "--card-gb", str(a.card_gb), "--res", a.res,
-                 "--gpus", str(a.gpus)] + (["--smoke"] if a.smoke else [])
+                 "--gpus", str(a.gpus), "--warm-frames", str(a.warm_frames)] + (["--smoke"] if a.smoke else [])
     for f in frames:
         for variant in variants:
             rec = run_child(a, variant, f, argv_base)
