@@ -62,6 +62,16 @@ case $call in
     grep '"kind": "run"' "$out/w4-768-edge.jsonl" 2>/dev/null | grep -q '"ok": true' || \
       b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 180
     ;;
+  workers-4-h100)  # the same four 24 GiB workers on one H100: the caps (24 GiB each, 96 in all) are limits, not
+    # reservations, so this fits the H100's 79 GiB while the four peaks together do (2 layers: about 13 GiB each at the
+    # edge); an out-of-memory on the whole card (not a worker's cap) shows in the log as the card's, not the cap's
+    export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=4
+    b w4-768-edge $L2 --gpus 4 --frames 23489 --variants parallel-chunker --timeout 250
+    grep '"kind": "run"' "$out/w4-768-edge.jsonl" 2>/dev/null | grep -q '"ok": true' || \
+      b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 180
+    b w4-depth-l2 $L2 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 60
+    b w4-depth-l8 $L8 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
+    ;;
   workers-4-anchor)  # stock + chunker on one 24 GiB share of the same card, beside workers-4 (its anchor: 5,201)
     LTXAV_PARALLEL_WORKERS_PER_GPU=1 b stock-768-24g $L2 --frames 5201,5601 --variants ffn-chunker --timeout 120
     ;;
