@@ -69,6 +69,9 @@ case $call in
     b w4-768-edge $L2 --gpus 4 --frames 23489 --variants parallel-chunker --timeout 250
     grep '"kind": "run"' "$out/w4-768-edge.jsonl" 2>/dev/null | grep -q '"ok": true' || \
       b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 180
+    ;;
+  workers-4-h100-depth)  # the same: 2 against 8 layers at 2,577 frames
+    export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=4
     b w4-depth-l2 $L2 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 60
     b w4-depth-l8 $L8 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
     ;;
