@@ -97,4 +97,4 @@ case $call in
 esac
 done
 cat "$out/rc.txt"; tail -n 4 "$out"/*.log | cut -c1-400
-(cd "$out" && tar czf logs.tgz ./*.log && rm -f ./*.log)
+(cd "$out" && tar czf "logs-${calls//,/-}.tgz" ./*.log && rm -f ./*.log)  # named for the calls: calls chained into one OUTDIR keep every archive

@@ -112,4 +112,4 @@ case $call in
 esac
 tail -n 3 "$out"/*.log | cut -c1-400
 # at most 8 files come back from a device call: the logs travel as one archive
-(cd "$out" && tar czf logs.tgz ./*.log && rm -f ./*.log)
+(cd "$out" && tar czf "logs-${call}.tgz" ./*.log && rm -f ./*.log)  # named for the call: calls chained into one OUTDIR keep every archive
