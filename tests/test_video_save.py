@@ -419,6 +419,10 @@ def test_two_workers_decode_parts_that_equal_stock(ps, video_mod, vaes, tmp_path
     writer = vf.VideoWriter(io.BytesIO(), 25.0, plan.width, plan.height)
     parts = vs.save_on_workers(vae, video, plan, 25.0, 2, True, writer, frames=True)
     assert [(p.start, p.stop) for p in parts] == plan.split(2) and len(ps.POOL.group.actors) == 2
+    for p in parts:  # each worker's host memory at its part's phases (what bench/save_video.py records)
+        phases = p.host["anon_gib"]
+        assert set(phases) == {"start", "vae_loaded", "first_batch", "batches_most", "end"}, phases
+        assert all(v > 0 for v in phases.values()) and phases["batches_most"] >= phases["first_batch"], phases
     got = torch.cat([p.images for p in parts])
     images = stock_frames(vae, video, TILED)
     assert_levels(got, as_saved(images), "the workers' frames")
