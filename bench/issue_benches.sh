@@ -3,7 +3,7 @@
 # `device` machine, from the repository root:
 #   COMMIT=<sha> bash bench/issue_benches.sh CALL[,CALL...] OUTDIR
 #   (CALL: gguf, gguf-workers, gguf-speed, save, save-fidelity, save-1080p, save-1080p-node, save-long, save-workers,
-#   save-workers-897, save-workers-5201, save-workers-malloc, save-workers-warm, save-stock-5201, lora)
+#   save-workers-897, save-workers-5201, save-workers-warm, save-stock-5201, lora)
 # CALL picks one set of runs (each fits one 10-minute call; every run has its own time limit, most
 # important first); results go to OUTDIR as JSON lines, logs as one archive (a call returns 8 files at most).
 # Needs the carry with PyAV, gguf and ComfyUI-GGUF (bench/README.md, top).
@@ -76,14 +76,9 @@ case $call in
   save-workers-5201)  # the same at 5,201 frames only (the parts sent in segments, spooled to disk: 046d61c)
     w2save save-workers-5201 300 5201 280
     ;;
-  save-workers-malloc)  # 5,201 frames on two workers: as a first save (2.11 GiB resident in all, 2026-12-07), after
-    # a first save of 97 frames (what a second prompt finds), and that with glibc's mmap threshold fixed at 64 KiB in
-    # every process (workers included: Ray's processes inherit it)
-    w2save save-workers-5201 190 5201 175
-    w2save save-workers-5201-warm 190 5201 175 --warm-frames 97
-    MALLOC_MMAP_THRESHOLD_=65536 w2save save-workers-5201-warm-mmap64k 190 5201 175 --warm-frames 97
-    ;;
-  save-workers-warm)  # save-workers-malloc without its first run (the cold one is save-workers-5201's)
+  save-workers-warm)  # 5,201 frames on two workers after a first save of 97 frames (what a second prompt finds; the
+    # first save is save-workers-5201), then that with glibc's mmap threshold fixed at 64 KiB in every process
+    # (Ray's processes inherit it)
     w2save save-workers-5201-warm 170 5201 160 --warm-frames 97
     MALLOC_MMAP_THRESHOLD_=65536 w2save save-workers-5201-warm-mmap64k 170 5201 160 --warm-frames 97
     ;;

@@ -53,16 +53,8 @@ case $call in
   # the planner checked (a refusal stops the lengths) and then skipped one length further (does it run out of memory?);
   # 2 layers (depth: `workers-2`, 2 against 8 layers at 9,401 frames; 8 against 48 layers: `one-card`);
   # LTXAV_PARALLEL_MEMORY_LOG=1: each worker's phase peaks
-  workers-4)  # four workers on one H200 (24 GiB each), 768x512: the planner's edge first (23,489, as for two workers
-    # at 15,025), then depth (2 against 8 layers), then the target (>= 18,724) only if the edge failed
-    export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=4
-    b w4-768-edge $L2 --gpus 4 --frames 23489 --variants parallel-chunker --timeout 250
-    b w4-depth-l2 $L2 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 60
-    b w4-depth-l8 $L8 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
-    grep '"kind": "run"' "$out/w4-768-edge.jsonl" 2>/dev/null | grep -q '"ok": true' || \
-      b w4-768 $L2 --gpus 4 --frames 18801 --variants parallel-chunker --timeout 180
-    ;;
-  workers-4-h100)  # the same four 24 GiB workers on one H100: the caps (24 GiB each, 96 in all) are limits, not
+  workers-4-h100)  # four workers of 24 GiB each on one GPU, 768x512, the planner's edge (23,489 as for four cards)
+    # and the target (>= 18,724) only if the edge failed. On one H100: the caps (24 GiB each, 96 in all) are limits, not
     # reservations, so this fits the H100's 79 GiB while the four peaks together do (2 layers: about 13 GiB each at the
     # edge); an out-of-memory on the whole card (not a worker's cap) shows in the log as the card's, not the cap's
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=4
@@ -75,10 +67,10 @@ case $call in
     b w4-depth-l2 $L2 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 60
     b w4-depth-l8 $L8 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 70
     ;;
-  workers-4-anchor)  # stock + chunker on one 24 GiB share of the same card, beside workers-4 (its anchor: 5,201)
+  workers-4-anchor)  # stock + chunker on one 24 GiB share of the same card, beside workers-4-h100 (its anchor: 5,201)
     LTXAV_PARALLEL_WORKERS_PER_GPU=1 b stock-768-24g $L2 --frames 5201,5601 --variants ffn-chunker --timeout 120
     ;;
-  workers-4-16)  # four workers on one H100 (16 GiB each: 4 x 24 does not fit its 79 GiB), 768x512: depth (2 against
+  workers-4-16)  # four workers on one H100, 16 GiB each, 768x512: depth (2 against
     # 8 layers), then the planner's edge (12,721); 0.9 x 4 x stock + chunker's 3,001 (10,809) only if the edge failed
     export LTXAV_PARALLEL_MEMORY_LOG=1 LTXAV_PARALLEL_WORKERS_PER_GPU=4
     b w4-16g-depth-l2 $L2 --card-gb 16 --gpus 4 --frames 2577 --variants parallel-chunker --timeout 60

@@ -269,9 +269,7 @@ def child(a):
 
     w, h = (int(v) for v in a.res.split("x"))
     frames = a.frames_one
-    g = torch.Generator().manual_seed(1)
-    video = torch.randn(1, 128, (frames - 1) // 8 + 1, h // 32, w // 32, generator=g)
-    audio = torch.randn(1, 8, math.ceil(frames / 25.0 * 25.0), 16, generator=g)
+    video, audio = random_latents(torch, a.res, frames, seed=1)
     rec.update(latent_frames=video.shape[2], clip_float32_gib=gib(frames * h * w * 12))
     picks = sorted({i for i in (0, 1, frames // 2, 4088, 4089, frames - 1) if 0 <= i < frames})
     sampled = {}
@@ -314,8 +312,7 @@ def child(a):
             elif a.variant == "reference":
                 stock_frames(vae, video, picks, sampled)
             else:
-                tiles = TEMPLATE_TILES if a.variant == "node-tiled" else (0, 64, 0, 8)
-                settings = video_save.Settings(25.0, *tiles, gpus=a.gpus if workers else 1)
+                settings = node_settings(a, workers)
                 path = os.path.join(out_dir, "video", f"node_{a.variant}.mp4")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 real_audio = video_save.decode_audio
@@ -370,24 +367,36 @@ def child(a):
     return rec
 
 
+def random_latents(torch, res: str, frames: int, seed: int):
+    """Random video [1, 128, F, H/32, W/32] and audio [1, 8, T, 16] latents of a clip of ``frames`` at ``res``."""
+    w, h = (int(v) for v in res.split("x"))
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(1, 128, (frames - 1) // 8 + 1, h // 32, w // 32, generator=g)
+    audio = torch.randn(1, 8, math.ceil(frames / 25.0 * 25.0), 16, generator=g)
+    return video, audio
+
+
+def node_settings(a, workers: bool):
+    """The save node's settings for the variant: the templates' tiles for node-tiled, else whole frames."""
+    from ltxav_pack import video_save
+
+    tiles = TEMPLATE_TILES if a.variant == "node-tiled" else (0, 64, 0, 8)
+    return video_save.Settings(25.0, *tiles, gpus=a.gpus if workers else 1)
+
+
 def warm(a, vae, audio_vae, workers, out_dir) -> float:
     """--warm-frames: the variant saves a clip of that many frames (random latents), untimed; its seconds."""
     import torch
 
     from ltxav_pack import video_save
 
-    w, h = (int(v) for v in a.res.split("x"))
-    g = torch.Generator().manual_seed(2)
-    video = torch.randn(1, 128, (a.warm_frames - 1) // 8 + 1, h // 32, w // 32, generator=g)
-    audio = torch.randn(1, 8, math.ceil(a.warm_frames / 25.0 * 25.0), 16, generator=g)
+    video, audio = random_latents(torch, a.res, a.warm_frames, seed=2)
     t0 = time.perf_counter()
     with torch.inference_mode():
         if a.variant == "stock":
             stock(vae, audio_vae, video, audio, [], {}, prefix="video/warm")
         else:
-            tiles = TEMPLATE_TILES if a.variant == "node-tiled" else (0, 64, 0, 8)
-            settings = video_save.Settings(25.0, *tiles, gpus=a.gpus if workers else 1)
-            video_save.save(vae, audio_vae, video, audio, settings, os.path.join(out_dir, "warm.mp4"))
+            video_save.save(vae, audio_vae, video, audio, node_settings(a, workers), os.path.join(out_dir, "warm.mp4"))
     shutil.rmtree(os.path.join(out_dir, "video", "warm"), ignore_errors=True)
     with contextlib.suppress(OSError):
         os.remove(os.path.join(out_dir, "warm.mp4"))
