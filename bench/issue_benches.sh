@@ -3,7 +3,7 @@
 # `device` machine, from the repository root:
 #   COMMIT=<sha> bash bench/issue_benches.sh CALL[,CALL...] OUTDIR
 #   (CALL: gguf, gguf-workers, gguf-speed, save, save-fidelity, save-1080p, save-1080p-node, save-long, save-workers,
-#   save-workers-897, save-workers-5201, save-workers-warm, save-stock-5201, lora)
+#   save-workers-897, save-workers-5201, save-workers-warm, save-workers-cold-warm, save-stock-5201, lora)
 # CALL picks one set of runs (each fits one 10-minute call; every run has its own time limit, most
 # important first); results go to OUTDIR as JSON lines, logs as one archive (a call returns 8 files at most).
 # Needs the carry with PyAV, gguf and ComfyUI-GGUF (bench/README.md, top).
@@ -81,6 +81,11 @@ case $call in
     # (Ray's processes inherit it)
     w2save save-workers-5201-warm 170 5201 160 --warm-frames 97
     MALLOC_MMAP_THRESHOLD_=65536 w2save save-workers-5201-warm-mmap64k 170 5201 160 --warm-frames 97
+    ;;
+  save-workers-cold-warm)  # the first save in fresh workers and a later one, in one call on one machine: what a
+    # first decode loads once (each part's phases: parts[].anon_gib; ComfyUI's process: host_anon_timeline_gib)
+    w2save save-workers-5201 300 5201 280
+    w2save save-workers-5201-warm 170 5201 160 --warm-frames 97
     ;;
   lora)  # the LTX-2.3 template's two stages with a rank-64 LoRA: stock, gpus=1, two workers; then before the fix
     # (one prompt: its two stages show the re-patch). Two workers took 136 s for four stages on an H100 (2026-12-07)

@@ -5,8 +5,9 @@ in headless Chromium, driven by Playwright, against the shared headless server (
 - each UI-format example workflow opens the way a user opens it (dropped on the canvas, menu File > Open,
   the Templates browser) with no node missing or red and no error overlay, and its screenshot is the
   template thumbnail ``example_workflows/<name>.jpg`` (rewrite them with LTXAV_WRITE_SCREENSHOTS=1);
-- with the model files swapped for the tiny checkpoint and inputs in the page, the Run button queues the
-  workflow and the server's /history shows it succeeded.
+- with the model files swapped for the tiny checkpoints and inputs in the page, the Run button queues the
+  workflow, the server's /history shows it succeeded, and the pack's own examples end in a video file
+  (LTXAV Save Video on the sampler's workers) with every frame and its sound.
 
 Skips, saying why, without the ComfyUI host, the Python package playwright or Debian's chromium.
 """
@@ -21,6 +22,8 @@ import pytest
 from helpers.browser_ui import UI_SETTINGS, ComfyPage, launch, skip_reason
 from helpers.comfy_server import PACK_FOLDER
 from helpers.official_templates import files_of, write_audio
+from helpers.tiny_vae import write_tiny_checkpoint
+from helpers.video_files import read_video
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "example_workflows"
@@ -88,7 +91,7 @@ def test_pack_nodes_display_names_and_input_tooltips(server, pack, info):
 def ui_server(server):
     """The shared server, plus what a user of the example workflows has and the test host lacks:
     placeholder files under the model names the workflows load (also inside the official templates'
-    subgraphs; so the front end reports no missing model; the run swaps them for the tiny checkpoint),
+    subgraphs; so the front end reports no missing model; the run swaps them for the tiny checkpoints),
     the images they load (example.png for the i2v LoadImage) and their audio. Front-end settings for a
     predictable page (UI_SETTINGS). Placeholders are removed afterwards."""
     status, _ = server.post("/settings", UI_SETTINGS)
@@ -106,6 +109,11 @@ def ui_server(server):
             write_audio(p)
         else:
             p.write_bytes(b"")
+    # the run gives the example workflows' LTXAV Save Video the VAEs of a tiny checkpoint
+    server.vae_ckpt = "tiny_ltxav_vae_ui.safetensors"
+    vae_file = server.base / "models" / "checkpoints" / server.vae_ckpt
+    write_tiny_checkpoint(vae_file)
+    made += [vae_file, vae_file.with_name(vae_file.name + ".dm")]  # .dm: its transformer, written first
     yield server
     for p in made:
         p.unlink(missing_ok=True)
@@ -195,7 +203,7 @@ def test_example_workflow_loads_clean_and_runs_from_the_run_button(ui, ui_server
     assert shot.stat().st_size < THUMBNAIL_MAX_BYTES
 
     prefix = f"ui_{path.stem}"
-    ui.swap_in_tiny_model("tiny_ltxav.safetensors", ui_server.dataset, prefix)
+    ui.swap_in_tiny_model("tiny_ltxav.safetensors", ui_server.vae_ckpt, ui_server.dataset, prefix)
     prompt_id = ui.click_run()
     entry = ui_server.wait(prompt_id, timeout=300)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:3000]
@@ -208,10 +216,18 @@ def test_example_workflow_loads_clean_and_runs_from_the_run_button(ui, ui_server
     shapes = sorted(tuple(t.shape) for t in latents.values())
     assert shapes == [(1, 8, 26, 16), (1, 128, 4, 3, 4)], shapes
     assert all(t.isfinite().all() for t in latents.values())
+    # the workflow ends in a file: LTXAV Save Video on the same two workers, 25 frames with their sound
+    (saved,) = [nid for nid, out in entry["outputs"].items() if out.get("animated")]
+    item = entry["outputs"][saved]["images"][0]
+    assert (item["type"], item["subfolder"]) == ("output", "video") and item["filename"].startswith(prefix)
+    frames, rate, seconds, audio_s, _, decoded = read_video(ui_server.base / "output" / "video" / item["filename"])
+    assert (frames, rate, tuple(decoded.shape)) == (25, 25, (25, 96, 128, 3)) and seconds == pytest.approx(1.0)
+    assert audio_s == pytest.approx(1.0, abs=0.05)
     # the page got the results over its websocket, and shows no error
-    ui.page.wait_for_function("ids => ids.every(id => app.nodeOutputs?.[id])", arg=list(latents), timeout=15_000)
+    ui.page.wait_for_function("ids => ids.every(id => app.nodeOutputs?.[id])", arg=[*latents, saved], timeout=15_000)
     shown = ui.node_outputs()
     assert all(shown[nid]["latents"] == entry["outputs"][nid]["latents"] for nid in latents), shown
+    assert shown[saved]["images"] == entry["outputs"][saved]["images"], shown
     assert ui.last_execution_error() is None
     assert_clean(ui, f"{path.name} after the run")
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from helpers.numerics import assert_matches, mismatches
+from helpers.video_files import read_video
 
 pytestmark = pytest.mark.usefixtures("ray_stopped_after_module")
 
@@ -272,18 +273,6 @@ def test_parts_without_context_differ(video_mod, vaes):
 def saved_file(entry_ui, folder):
     item = entry_ui["images"][0]
     return os.path.join(folder, item["subfolder"], item["filename"]), item
-
-
-def read_video(path):
-    """(frames, frame rate, video seconds, audio seconds, audio sample rate, decoded frames) of an MP4."""
-    import av
-
-    with av.open(str(path)) as c:
-        v, a = c.streams.video[0], (c.streams.audio[0] if c.streams.audio else None)
-        out = (v.frames, v.average_rate, float(v.duration * v.time_base),
-               float(a.duration * a.time_base) if a else None, a.sample_rate if a else None)
-        decoded = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in c.decode(video=0)])
-    return (*out, decoded)
 
 
 def stock_save(vae, audio_vae, video, audio, settings, path, fps=25.0):

@@ -86,7 +86,7 @@ GRAPH_PROBLEMS = """() => {
 # SaveLatent for the separated video/audio latents instead of the VAE decoders; a small video; 2 steps; 2
 # CPU workers. LTXVImgToVideoInplace (i2v) needs the video VAE: bypassed (Ctrl+B in the editor).
 # Every other node of the workflow (the pack's sampler and chunker included) stays as loaded.
-TINY_SWAP = """({unet, dataset, prefix}) => {
+TINY_SWAP = """({unet, vae, dataset, prefix}) => {
   const g = app.graph;
   const all = t => g.nodes.filter(n => n.type === t);
   const one = t => {
@@ -121,12 +121,27 @@ TINY_SWAP = """({unet, dataset, prefix}) => {
   link(ds, 1, zero, 'conditioning');
   link(zero, 0, cond, 'negative');
   link(ds, 0, one('LTXVConcatAVLatent'), 'audio_latent');
-  const sep = one('LTXVSeparateAVLatent');
+  const saves = all('LTXAVSaveVideo');
+  let sep = all('LTXVSeparateAVLatent')[0];
+  if (!sep) {  // the latent LTXAV Save Video saves, split and saved beside it
+    const save = one('LTXAVSaveVideo'), i = save.findInputSlot('latent');
+    sep = add('LTXVSeparateAVLatent', [save.pos[0], save.pos[1] + 400]);
+    link(save.getInputNode(i), save.getInputLink(i).origin_slot, sep, 'av_latent');
+  }
   link(sep, 0, add('SaveLatent', [sep.pos[0] + 300, sep.pos[1]], {filename_prefix: `latents/${prefix}_v`}), 'samples');
   link(sep, 1, add('SaveLatent', [sep.pos[0] + 300, sep.pos[1] + 150], {filename_prefix: `latents/${prefix}_a`}),
        'samples');
-  for (const t of ['CheckpointLoaderSimple', 'LTXAVTextEncoderLoader', 'CLIPTextEncode', 'LTXVAudioVAELoader',
-                   'LTXVEmptyLatentAudio', 'VAEDecodeTiled', 'LTXVAudioVAEDecode', 'CreateVideo', 'SaveVideo'])
+  const gone = ['LTXAVTextEncoderLoader', 'CLIPTextEncode', 'LTXVEmptyLatentAudio', 'VAEDecodeTiled',
+                'LTXVAudioVAEDecode', 'CreateVideo', 'SaveVideo'];
+  if (saves.length) {  // down to the file: the VAEs from the tiny checkpoint, the save on the sampler's workers
+    set(ckpt, 'ckpt_name', vae);
+    set(one('LTXVAudioVAELoader'), 'ckpt_name', vae);
+    for (const n of saves) {
+      set(n, 'gpus', 2);
+      set(n, 'filename_prefix', `video/${prefix}`);
+    }
+  } else gone.push('CheckpointLoaderSimple', 'LTXVAudioVAELoader');
+  for (const t of gone)
     for (const n of all(t)) g.remove(n);
   const video = one('EmptyLTXVLatentVideo');
   set(video, 'width', 128);
@@ -293,8 +308,12 @@ class ComfyPage:
         return path
 
     # --- running -------------------------------------------------------------------------------------------
-    def swap_in_tiny_model(self, unet: str, dataset: str, prefix: str) -> list[str]:
-        return self.page.evaluate(TINY_SWAP, {"unet": unet, "dataset": dataset, "prefix": prefix})
+    def swap_in_tiny_model(self, unet: str, vae: str, dataset: str, prefix: str) -> list[str]:
+        """The model files swapped for the tiny ones, as a user would pick them: ``unet`` (models/diffusion_models)
+        into the FFN Chunker, the dataset's conditioning and audio latent for Gemma's, 25 frames of 128x96, 2
+        steps on 2 workers; the latents saved (SaveLatent); stock's decode chain removed, or LTXAV Save Video
+        kept with its VAEs from ``vae`` (models/checkpoints) and its save on the 2 workers. The node types."""
+        return self.page.evaluate(TINY_SWAP, {"unet": unet, "vae": vae, "dataset": dataset, "prefix": prefix})
 
     def click_run(self) -> str:
         """Click the Run button; the id of the prompt the page queued."""
