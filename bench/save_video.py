@@ -222,6 +222,28 @@ def gib(n):
     return round(n / GIB, 3)
 
 
+def marking(phases: dict, start_anon: int, owner, name: str, what: str) -> None:
+    """``owner.name`` notes ComfyUI's process's memory without file pages and shared memory (GiB above
+    ``start_anon``) before and after each call, as ``phases[what + "_before" / "_after"]``: where a first save
+    grows it (the audio's decode, ComfyUI's unload of its models, the segments' join)."""
+    import psutil
+
+    real = getattr(owner, name)
+
+    def anon():
+        m = psutil.Process().memory_info()
+        return gib(m.rss - m.shared - start_anon)
+
+    def marked(*args, **kw):
+        phases[f"{what}_before"] = anon()
+        try:
+            return real(*args, **kw)
+        finally:
+            phases[f"{what}_after"] = anon()
+
+    setattr(owner, name, marked)
+
+
 def child(a):
     rec = dict(kind="run", variant=a.variant, frames=a.frames_one, res=a.res, card_gb=a.card_gb, smoke=a.smoke,
                warm_frames=a.warm_frames)
@@ -249,6 +271,7 @@ def child(a):
     comfy_host.start(dynamic)
     import comfy.memory_management
     rec["dynamic_vram"] = bool(comfy.memory_management.aimdo_enabled)
+    import comfy.model_management
     import comfy.sd
     import comfy.utils
     import folder_paths
@@ -323,6 +346,10 @@ def child(a):
                     return out
 
                 video_save.decode_audio = decode_audio
+                rec["driver_anon_phases_gib"] = phases = {}
+                marking(phases, start["driver_anon"], video_save, "decode_audio", "audio")
+                marking(phases, start["driver_anon"], comfy.model_management, "unload_all_models", "unload")
+                marking(phases, start["driver_anon"], video_save.SegmentFiles, "write_into", "join")
                 saved = video_save.save(vae, audio_vae, video, audio, settings, path)
                 plan = video_save.plan_for(vae, video, settings)
                 rec.update(plan=dict(whole=plan.whole, time_tiles=len(plan.time.tiles),
