@@ -84,11 +84,13 @@ class LTXAVSaveVideo(io.ComfyNode):
                                tooltip=("The codec, as Save Video's (H.264 with the encoder's defaults). Encoding "
                                         "takes CPU time, overlapped with the decode.")),
                 io.Int.Input("gpus", default=0, min=0, max=64,
-                             tooltip=("GPUs to decode on. 1 (or 0 on a machine with one GPU, or ComfyUI on --cpu): "
-                                      "in ComfyUI's process. N: the parallel sampler's N Ray workers (started if "
-                                      "there are none of that count) each decode and encode one part of the "
-                                      "frames, about 1/N of the time, and ComfyUI's process writes the parts in "
-                                      "order; 0: every GPU. With --cpu: the number of CPU worker processes.")),
+                             tooltip=("GPUs to decode on. 0: the parallel sampler's workers while they run (none "
+                                      "restart), else every GPU. 1 (or 0 on a machine with one GPU, or ComfyUI on "
+                                      "--cpu with no workers): in ComfyUI's process. N: the parallel sampler's N "
+                                      "Ray workers (started if there are none of that count: the next sampling run "
+                                      "then starts its own again, a model load) each decode and encode one part of "
+                                      "the frames, about 1/N of the time, and ComfyUI's process writes the parts in "
+                                      "order. With --cpu: the number of CPU worker processes.")),
                 *tile_inputs(),
             ],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],

@@ -98,12 +98,17 @@ class Saved:
 
 def workers_for(gpus: int, node: str = NODE) -> tuple[int, bool]:
     """(Ray workers to decode on, 0: ComfyUI's process; whether they are CPU processes) for input ``gpus``:
-    1 (or 0 with one GPU, or ComfyUI on --cpu): this process; else that many workers (0: every GPU)."""
+    0 with the parallel sampler's workers running: as many (they decode, none restart); 1 (or 0 with one
+    GPU, or ComfyUI on --cpu): this process; else that many workers (0: every GPU)."""
+    from .driver import POOL
     from .driver.workers import cpu_mode
 
     if gpus < 0:
         raise ValueError(f"{node}: input 'gpus' is {gpus}; use 0 for every GPU, 1 for ComfyUI's process, or a count.")
     cpu = cpu_mode()
+    running = POOL.group
+    if gpus == 0 and running is not None and running.cpu == cpu:
+        return running.world, cpu
     if cpu:
         return (0 if gpus <= 1 else gpus), True
     per_gpu = envs.workers_per_gpu()

@@ -396,7 +396,8 @@ def test_interrupt_leaves_no_file(video_mod, vaes, tmp_path, monkeypatch):
 
 def test_two_workers_decode_parts_that_equal_stock(ps, video_mod, vaes, tmp_path, monkeypatch):
     """gpus=2 on CPU workers: each worker decodes and encodes one part; their frames equal stock's, the
-    file joins the parts in order with the audio, and the VAE is sent once."""
+    file joins the parts in order with the audio, and the VAE is sent once. The node with gpus 0 saves on
+    the workers that run (none restart); with none running, in ComfyUI's process."""
     import folder_paths
 
     _, vs, vf, nodes_video = video_mod
@@ -421,14 +422,21 @@ def test_two_workers_decode_parts_that_equal_stock(ps, video_mod, vaes, tmp_path
         vs.save_on_workers(vae, video, plan, 25.0, 99, True, writer)
     assert len(ps.POOL.group.actors) == 2  # the workers are still there
 
+    # gpus 0: the running workers save it (none restart), not ComfyUI's process
+    group = ps.POOL.group
+    monkeypatch.setattr(vs, "save_here", lambda *a, **k: pytest.fail("saved in ComfyUI's process"))
     with torch.inference_mode():
-        out = nodes_video.LTXAVSaveVideo.execute(av_latent(video, audio), vae, 25.0, "video/ltxav", "auto", "auto", 2,
+        out = nodes_video.LTXAVSaveVideo.execute(av_latent(video, audio), vae, 25.0, "video/ltxav", "auto", "auto", 0,
                                                  *TILED, audio_vae=audio_vae)
+    assert ps.POOL.group is group
     path, _ = saved_file(out.ui.as_dict(), tmp_path)
     stock_save(vae, audio_vae, video, audio, TILED, tmp_path / "stock.mp4")
     mine, stock = read_video(path), read_video(tmp_path / "stock.mp4")
     assert mine[:5] == stock[:5]
     assert_frames_in_order(mine[5], got)
+    assert vs.workers_for(0) == (2, True) and vs.workers_for(3) == (3, True)
+    monkeypatch.setattr(ps.POOL, "group", None)  # no workers running: on --cpu, gpus 0 is ComfyUI's process
+    assert vs.workers_for(0) == (0, True)
 
 
 def spools(folder):
