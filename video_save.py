@@ -104,7 +104,8 @@ def workers_for(gpus: int, node: str = NODE) -> tuple[int, bool]:
     from .driver.workers import cpu_mode
 
     if gpus < 0:
-        raise ValueError(f"{node}: input 'gpus' is {gpus}; use 0 for every GPU, 1 for ComfyUI's process, or a count.")
+        raise ValueError(f"{node}: input 'gpus' is {gpus}; use 0 for the sampler's workers (else every GPU), 1 for "
+                         "ComfyUI's process, or a count.")
     cpu = cpu_mode()
     running = POOL.group
     if gpus == 0 and running is not None and running.cpu == cpu:

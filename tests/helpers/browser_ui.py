@@ -83,9 +83,10 @@ GRAPH_PROBLEMS = """() => {
 # swap what needs those files for stock nodes on the tiny test inputs, as the API tests do
 # (comfy_server.t2v_prompt): UNETLoader(tiny checkpoint) -> the workflow's LTX FFN Chunker; the dataset's
 # conditioning -> LTXVConditioning (negative: ConditioningZeroOut); its audio latent -> LTXVConcatAVLatent;
-# SaveLatent for the separated video/audio latents instead of the VAE decoders; a small video; 2 steps; 2
+# SaveLatent for the separated video/audio latents, instead of stock's VAE decoders or beside LTXAV Save
+# Video (kept, with the VAEs of a tiny checkpoint: the workflow ends in a file); a small video; 2 steps; 2
 # CPU workers. LTXVImgToVideoInplace (i2v) needs the video VAE: bypassed (Ctrl+B in the editor).
-# Every other node of the workflow (the pack's sampler and chunker included) stays as loaded.
+# Every other node of the workflow (the pack's sampler, chunker and save included) stays as loaded.
 TINY_SWAP = """({unet, vae, dataset, prefix}) => {
   const g = app.graph;
   const all = t => g.nodes.filter(n => n.type === t);
