@@ -226,13 +226,12 @@ def marking(phases: dict, start_anon: int, owner, name: str, what: str) -> None:
     """``owner.name`` notes ComfyUI's process's memory without file pages and shared memory (GiB above
     ``start_anon``) before and after each call, as ``phases[what + "_before" / "_after"]``: where a first save
     grows it (the audio's decode, ComfyUI's unload of its models, the segments' join)."""
-    import psutil
+    from ltxav_pack.instrumentation import host_anon
 
     real = getattr(owner, name)
 
     def anon():
-        m = psutil.Process().memory_info()
-        return gib(m.rss - m.shared - start_anon)
+        return host_anon(lambda n: gib(n - start_anon))
 
     def marked(*args, **kw):
         phases[f"{what}_before"] = anon()
