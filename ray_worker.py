@@ -277,18 +277,19 @@ class LTXAVWorker:
         _select_gpu()
         return self.vae.load(key, data)
 
-    def decode_part(self, job_bytes: bytes, start: int, stop: int):
+    def decode_part(self, job_bytes: bytes, start: int, stop: int, latent=None):
         """``video_parts.HeldVae.decode``: frames [start, stop) decoded and encoded, as a Ray streaming
         generator (the caller gets an ObjectRefGenerator): each segment as soon as it is finished, then the
         ``PartResult``. It runs in one of the actor's threads, so ``poll`` answers the frames done meanwhile
-        and ``interrupt`` stops it."""
+        and ``interrupt`` stops it. ``latent``: the job's latent, sent apart (``PartJob.for_ray``)."""
         _select_gpu()
         if not self.busy.acquire(blocking=False):
             raise RuntimeError("this worker is still running the previous job")
         try:
             self.step = 0
             self.stop.clear()
-            yield from self.vae.decode(self.transfer.loads(job_bytes, {}), (start, stop), self.stop,
+            job = self.transfer.loads(job_bytes, {})
+            yield from self.vae.decode(job if latent is None else job.with_latent(latent), (start, stop), self.stop,
                                        lambda n: setattr(self, "step", n))
         finally:
             self.busy.release()

@@ -45,7 +45,7 @@ class PartJob:
     segments (for tests and short clips); ``segment_bytes``: the segments' size (the driver's
     ``SEGMENT_BYTES``: the workers are other processes)."""
 
-    latent: torch.Tensor
+    latent: torch.Tensor  # a meta tensor while it travels apart (``for_ray``)
     plan: decode_plan.Plan
     fps: float
     frames: bool = False
@@ -59,6 +59,25 @@ class PartJob:
         are decoded from (``plan.latents_for``: the part and its halo), copied to the CPU."""
         a, b = plan.latents_for(*part)
         return cls(video[:, :, a:b].detach().to("cpu", copy=True).contiguous(), plan, fps, latent_start=a, **kw)
+
+    def for_ray(self) -> tuple[PartJob, object]:
+        """This job with its latent left as a shape and dtype (a meta tensor), and the latent's bytes as a NumPy
+        array: Ray puts an array in its object store as it is, and a worker reads it there in place
+        (``with_latent``). A tensor inside the job's pickle is copied twice on the worker's heap instead (the
+        pickle's bytes, then the tensor)."""
+        latent = self.latent.contiguous()
+        return (dataclasses.replace(self, latent=torch.empty(latent.shape, dtype=latent.dtype, device="meta")),
+                latent.reshape(-1).view(torch.uint8).numpy())
+
+    def with_latent(self, array) -> PartJob:
+        """The job with ``for_ray``'s latent back: a tensor on the array's memory (the object store's,
+        read-only: the decode only reads it, and moves each step to the VAE's device and dtype)."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            latent = torch.from_numpy(array)
+        return dataclasses.replace(self, latent=latent.view(self.latent.dtype).view(self.latent.shape))
 
 
 @dataclasses.dataclass

@@ -133,13 +133,15 @@ def save(vae, audio_vae, video: torch.Tensor, audio_latent: torch.Tensor | None,
         raise ValueError(f"{node}: input 'vae' is {e}; connect the LTX-2 checkpoint's VAE (Load Checkpoint) or "
                          "use VAEDecodeTiled for other VAEs.") from None
     world, cpu = workers_for(settings.gpus, node)
+    if audio_latent is not None and audio_vae is None:
+        raise ValueError(f"{node}: the latent has audio, but input 'audio_vae' is not connected: connect "
+                         "'LTXV Audio VAE Loader' (the checkpoint's audio VAE), or connect only "
+                         "LTXVSeparateAVLatent's video output to save the video without sound.")
     audio = None
     t0 = time.perf_counter()
+    if world:
+        free_gpu_for_workers()
     if audio_latent is not None:
-        if audio_vae is None:
-            raise ValueError(f"{node}: the latent has audio, but input 'audio_vae' is not connected: connect "
-                             "'LTXV Audio VAE Loader' (the checkpoint's audio VAE), or connect only "
-                             "LTXVSeparateAVLatent's video output to save the video without sound.")
         with torch.inference_mode():
             audio = decode_audio(audio_vae, audio_latent, node)
     where = "in ComfyUI's process" if not world else f"on {world} {'CPU ' if cpu else ''}workers"
@@ -190,7 +192,8 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
                     writer: video_file.VideoWriter, node: str = NODE, frames: bool = False) -> list[PartResult]:
     """Each of ``world`` workers decodes and encodes one contiguous part of the frames, sending it in
     segments that wait on disk (beside ``writer``'s file) until every part is done; they are then written
-    into ``writer`` in order. ``frames``: the workers return uint8 frames instead (tests)."""
+    into ``writer`` in order. ``frames``: the workers return uint8 frames instead (tests). ``save`` frees
+    ComfyUI's models from the GPUs before (``free_gpu_for_workers``)."""
     import comfy.model_management
     import ray
 
@@ -199,20 +202,21 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
     from .driver.report import StepProgress
 
     group = workers(world, cpu, node)
-    comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
-    comfy.model_management.soft_empty_cache()
+    comfy.model_management.soft_empty_cache()  # what ComfyUI's process cached on GPU 0 (a worker's too) goes back
     hold_vae(group, vae, node)
     ranges = plan.split(world)
     POOL.status(f"decoding {plan.frames} frames on {len(ranges)} workers")
-    # each worker gets its part's latent frames and their halo, not the clip's
-    part_jobs = [ray.put(model_transfer.dumps(
-        PartJob.of(video, plan, r, fps, frames=frames, segment_bytes=video_parts.SEGMENT_BYTES), {})) for r in ranges]
+    part_jobs = []  # each worker gets its part's latent frames and their halo, not the clip's, apart from the job
+    for r in ranges:
+        job, latent = PartJob.of(video, plan, r, fps, frames=frames, segment_bytes=video_parts.SEGMENT_BYTES).for_ray()
+        part_jobs.append((ray.put(model_transfer.dumps(job, {})), ray.put(latent)))
+        del latent
     first = ranges[0][1] - ranges[0][0]
     beside = os.path.dirname(os.path.abspath(writer.target)) if isinstance(writer.target, (str, os.PathLike)) else None
     with tempfile.TemporaryDirectory(dir=beside, prefix=".ltxav-parts-") as spool:  # beside None: a BytesIO (tests)
         received = SegmentFiles(spool, node)
         streams = [a.decode_part.options(_generator_backpressure_num_objects=video_parts.SEGMENTS_AHEAD).remote(
-            job, start, stop) for a, job, (start, stop) in zip(group.actors, part_jobs, ranges)]
+            job, start, stop, latent) for a, (job, latent), (start, stop) in zip(group.actors, part_jobs, ranges)]
         parts = POOL._wait(streams, "decoding", envs.STALL_S.number(), progress=StepProgress(first), node=node,
                            on_item=received.take)
         if any(p.interrupted for p in parts) or comfy.model_management.processing_interrupted():
@@ -220,6 +224,17 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
             raise comfy.model_management.InterruptProcessingException()
         received.write_into(writer)
     return parts
+
+
+def free_gpu_for_workers() -> None:
+    """ComfyUI's models off the GPUs before a save on the workers (GPU 0 is also a worker's). It comes before
+    the save loads the audio VAE, so the audio VAE stays loaded after it, as LTXVAudioVAEDecode leaves it:
+    unloading it within the save would copy its weights into host memory (ComfyUI's unload of a model whose
+    weights are mapped from the file) for nothing."""
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
 
 
 def hold_vae(group, vae, node: str = NODE) -> None:

@@ -255,6 +255,31 @@ def test_parts_with_context_equal_the_whole_decode(video_mod, vaes):
         next(vd.decode_chunks(vae, short, plan, parts[1], latent_start=job.latent_start + 1))
 
 
+@pytest.mark.quick
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_part_job_travels_without_its_latent(video_mod, vaes, dtype):
+    """``PartJob.for_ray``: the job's pickle holds the latent's shape and dtype only, the latent goes as an
+    array of its bytes (Ray hands a worker a read-only view of its object store), and ``with_latent`` on the
+    worker's side gives back the same latent, bit for bit, in its dtype (bfloat16 has no NumPy dtype). The
+    twin: one byte changed in the array shows in the latent."""
+    vp = importlib.import_module("ltxav_pack.video_parts")
+    mt = importlib.import_module("ltxav_pack.model_transfer")
+    video = latents(frames=SEGMENTED)[0].to(dtype)
+    vs = video_mod[1]
+    plan = vs.plan_for(vaes["2"][0], video, vs.Settings(25.0, *TILED))
+    job = vp.PartJob.of(video, plan, plan.split(3)[1], 25.0)
+    light, array = job.for_ray()
+    data = mt.dumps(light, {})
+    assert light.latent.device.type == "meta" and len(data) < job.latent.numel() * job.latent.element_size() // 4
+    array.flags.writeable = False
+    back = mt.loads(data, {}).with_latent(array)
+    assert back.latent.dtype == dtype and back.latent.shape == job.latent.shape and torch.equal(back.latent, job.latent)
+    assert (back.plan, back.latent_start, back.fps) == (job.plan, job.latent_start, job.fps)
+    changed = array.copy()
+    changed[len(changed) // 2] ^= 0x40
+    assert not torch.equal(light.with_latent(changed).latent, job.latent)
+
+
 def test_parts_without_context_differ(video_mod, vaes):
     """The twin: parts decoded with one latent frame of context instead of the receptive radius fail the
     same checks (the decoder sees the part's ends as the clip's)."""
@@ -422,13 +447,17 @@ def test_two_workers_decode_parts_that_equal_stock(ps, video_mod, vaes, tmp_path
         vs.save_on_workers(vae, video, plan, 25.0, 99, True, writer)
     assert len(ps.POOL.group.actors) == 2  # the workers are still there
 
-    # gpus 0: the running workers save it (none restart), not ComfyUI's process
+    # gpus 0: the running workers save it (none restart), not ComfyUI's process; ComfyUI's models are
+    # unloaded before the audio's decode, so the audio VAE stays loaded after it, as stock's decode leaves it
+    import comfy.model_management as mm
+
     group = ps.POOL.group
     monkeypatch.setattr(vs, "save_here", lambda *a, **k: pytest.fail("saved in ComfyUI's process"))
     with torch.inference_mode():
         out = nodes_video.LTXAVSaveVideo.execute(av_latent(video, audio), vae, 25.0, "video/ltxav", "auto", "auto", 0,
                                                  *TILED, audio_vae=audio_vae)
     assert ps.POOL.group is group
+    assert [m.model for m in mm.current_loaded_models] == [audio_vae.patcher]
     path, _ = saved_file(out.ui.as_dict(), tmp_path)
     stock_save(vae, audio_vae, video, audio, TILED, tmp_path / "stock.mp4")
     mine, stock = read_video(path), read_video(tmp_path / "stock.mp4")
