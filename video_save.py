@@ -139,11 +139,11 @@ def save(vae, audio_vae, video: torch.Tensor, audio_latent: torch.Tensor | None,
                          "LTXVSeparateAVLatent's video output to save the video without sound.")
     audio = None
     t0 = time.perf_counter()
-    if world:
-        free_gpu_for_workers()
     if audio_latent is not None:
         with torch.inference_mode():
             audio = decode_audio(audio_vae, audio_latent, node)
+    if world:
+        free_gpu_for_workers(keep=audio_vae)
     where = "in ComfyUI's process" if not world else f"on {world} {'CPU ' if cpu else ''}workers"
     log.info("%s: decoding %d frames %dx%d (%s tiles x %d latent frames a step) %s", node, plan.frames,
              plan.width, plan.height, "no" if plan.whole else f"{len(plan.time.tiles)} x {len(plan.spatial_tiles)}",
@@ -193,7 +193,7 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
     """Each of ``world`` workers decodes and encodes one contiguous part of the frames, sending it in
     segments that wait on disk (beside ``writer``'s file) until every part is done; they are then written
     into ``writer`` in order. ``frames``: the workers return uint8 frames instead (tests). ``save`` frees
-    ComfyUI's models from the GPUs before (``free_gpu_for_workers``)."""
+    the GPU of ComfyUI's models before (``free_gpu_for_workers``)."""
     import comfy.model_management
     import ray
 
@@ -226,15 +226,16 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
     return parts
 
 
-def free_gpu_for_workers() -> None:
-    """ComfyUI's models off the GPUs before a save on the workers (GPU 0 is also a worker's). It comes before
-    the save loads the audio VAE, so the audio VAE stays loaded after it, as LTXVAudioVAEDecode leaves it:
-    unloading it within the save would copy its weights into host memory (ComfyUI's unload of a model whose
-    weights are mapped from the file) for nothing."""
-    import comfy.model_management
+def free_gpu_for_workers(keep=None) -> None:
+    """ComfyUI's models off the GPU before a save on the workers (GPU 0 is also a worker's), but ``keep`` (the
+    audio VAE the save just used): it stays loaded, as LTXVAudioVAEDecode leaves it. Unloading it would copy
+    its weights into host memory (ComfyUI's unload of a model whose weights are mapped from the file), and
+    the next save would load it again."""
+    import comfy.model_management as mm
 
-    comfy.model_management.unload_all_models()
-    comfy.model_management.soft_empty_cache()
+    patcher = getattr(keep, "patcher", None)
+    mm.free_memory(1e30, mm.get_torch_device(), keep_loaded=[m for m in mm.current_loaded_models if m.model is patcher])
+    mm.soft_empty_cache()
 
 
 def hold_vae(group, vae, node: str = NODE) -> None:

@@ -347,7 +347,7 @@ def child(a):
                 video_save.decode_audio = decode_audio
                 rec["driver_anon_phases_gib"] = phases = {}
                 marking(phases, start["driver_anon"], video_save, "decode_audio", "audio")
-                marking(phases, start["driver_anon"], comfy.model_management, "unload_all_models", "unload")
+                marking(phases, start["driver_anon"], video_save, "free_gpu_for_workers", "unload")
                 marking(phases, start["driver_anon"], video_save.SegmentFiles, "write_into", "join")
                 saved = video_save.save(vae, audio_vae, video, audio, settings, path)
                 plan = video_save.plan_for(vae, video, settings)

@@ -447,8 +447,8 @@ def test_two_workers_decode_parts_that_equal_stock(ps, video_mod, vaes, tmp_path
         vs.save_on_workers(vae, video, plan, 25.0, 99, True, writer)
     assert len(ps.POOL.group.actors) == 2  # the workers are still there
 
-    # gpus 0: the running workers save it (none restart), not ComfyUI's process; ComfyUI's models are
-    # unloaded before the audio's decode, so the audio VAE stays loaded after it, as stock's decode leaves it
+    # gpus 0: the running workers save it (none restart), not ComfyUI's process; ComfyUI's models (the video
+    # VAE stock_frames loaded) are unloaded, but the audio VAE the save used stays loaded, as stock's leaves it
     import comfy.model_management as mm
 
     group = ps.POOL.group
