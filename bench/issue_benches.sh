@@ -84,8 +84,8 @@ case $call in
     ;;
   save-workers-cold-warm)  # the first save in fresh workers and a later one, in one call on one machine: what a
     # first decode loads once (each part's phases: parts[].anon_gib; ComfyUI's process: host_anon_timeline_gib)
-    w2save save-workers-5201 300 5201 280
-    w2save save-workers-5201-warm 170 5201 160 --warm-frames 97
+    w2save save-workers-5201 270 5201 250
+    w2save save-workers-5201-warm 290 5201 270 --warm-frames 97  # 160 s timed out once (ec8f040: setup 41 s)
     ;;
   lora)  # the LTX-2.3 template's two stages with a rank-64 LoRA: stock, gpus=1, two workers; then before the fix
     # (one prompt: its two stages show the re-patch). Two workers took 136 s for four stages on an H100 (2026-12-07)
