@@ -33,6 +33,8 @@ Variants (each length and variant in a fresh process, ascending lengths):
    before encoding (stock, node, node-tiled, reference); the summary compares the node's with stock's, and
    every variant's with the float32 reference's (levels apart, and the share of values that differ).
 
+--latent-in-pickle: node-workers with each part's latent sent inside its job's pickle, as before ec8f040
+(now it goes apart, as an array a worker reads in Ray's object store): the two transfers on one machine.
 --warm-frames N: before the start, the same variant saves a clip of N frames (not measured), so what a
 process's first decode loads once (CUDA's and cuDNN's kernels, the encoder's library) is in the start: the
 figures are then a save's in a process that has saved before (a second prompt's).
@@ -245,7 +247,7 @@ def marking(phases: dict, start_anon: int, owner, name: str, what: str) -> None:
 
 def child(a):
     rec = dict(kind="run", variant=a.variant, frames=a.frames_one, res=a.res, card_gb=a.card_gb, smoke=a.smoke,
-               warm_frames=a.warm_frames)
+               warm_frames=a.warm_frames, latent_in_pickle=a.latent_in_pickle)
     sys.path.insert(0, str(ROOT / "bench"))
     import common
     common.import_pack()
@@ -296,6 +298,8 @@ def child(a):
     picks = sorted({i for i in (0, 1, frames // 2, 4088, 4089, frames - 1) if 0 <= i < frames})
     sampled = {}
 
+    if workers and a.latent_in_pickle:  # the parts' latents inside the jobs' pickles, as before ec8f040
+        video_save.PartJob.for_ray = lambda job: (job, None)
     if workers:  # the group and the VAE first: what a run after sampling finds
         t1 = time.perf_counter()
         group = video_save.workers(a.gpus, not cuda)
@@ -526,6 +530,8 @@ def main(argv=None):
     p.add_argument("--variants", default="stock,node,node-tiled,node-workers")
     p.add_argument("--gpus", type=int, default=2, help="node-workers: Ray workers")
     p.add_argument("--warm-frames", type=int, default=0, help="save this many frames first, not measured")
+    p.add_argument("--latent-in-pickle", action="store_true",
+                   help="node-workers: send each part's latent inside its job's pickle (the transfer before ec8f040)")
     p.add_argument("--timeout", type=float, default=560, help="seconds per run (subprocess)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="JSON lines file")
@@ -582,7 +588,8 @@ def main(argv=None):
         emit(dict(kind="vae_file", ok=True, path=a.vae, **json.loads(r.stdout.strip().splitlines()[-1])))
 
     argv_base = ["--comfy", a.comfy, "--vae", a.vae, "--card-gb", str(a.card_gb), "--res", a.res,
-                 "--gpus", str(a.gpus), "--warm-frames", str(a.warm_frames)] + (["--smoke"] if a.smoke else [])
+                 "--gpus", str(a.gpus), "--warm-frames", str(a.warm_frames)] + (["--smoke"] if a.smoke else []) \
+        + (["--latent-in-pickle"] if a.latent_in_pickle else [])
     for f in frames:
         for variant in variants:
             rec = run_child(a, variant, f, argv_base)
