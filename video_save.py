@@ -202,7 +202,6 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
     from .driver.report import StepProgress
 
     group = workers(world, cpu, node)
-    comfy.model_management.soft_empty_cache()  # what ComfyUI's process cached on GPU 0 (a worker's too) goes back
     hold_vae(group, vae, node)
     ranges = plan.split(world)
     POOL.status(f"decoding {plan.frames} frames on {len(ranges)} workers")
