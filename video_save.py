@@ -143,7 +143,9 @@ def save(vae, audio_vae, video: torch.Tensor, audio_latent: torch.Tensor | None,
         with torch.inference_mode():
             audio = decode_audio(audio_vae, audio_latent, node)
     if world:
-        free_gpu_for_workers(keep=audio_vae)
+        from .driver.workers import free_gpu_for_workers
+
+        free_gpu_for_workers(keep=getattr(audio_vae, "patcher", None))
     where = "in ComfyUI's process" if not world else f"on {world} {'CPU ' if cpu else ''}workers"
     log.info("%s: decoding %d frames %dx%d (%s tiles x %d latent frames a step) %s", node, plan.frames,
              plan.width, plan.height, "no" if plan.whole else f"{len(plan.time.tiles)} x {len(plan.spatial_tiles)}",
@@ -223,18 +225,6 @@ def save_on_workers(vae, video: torch.Tensor, plan: decode_plan.Plan, fps: float
             raise comfy.model_management.InterruptProcessingException()
         received.write_into(writer)
     return parts
-
-
-def free_gpu_for_workers(keep=None) -> None:
-    """ComfyUI's models off the GPU before a save on the workers (GPU 0 is also a worker's), but ``keep`` (the
-    audio VAE the save just used): it stays loaded, as LTXVAudioVAEDecode leaves it. Unloading it would copy
-    its weights into host memory (ComfyUI's unload of a model whose weights are mapped from the file), and
-    the next save would load it again."""
-    import comfy.model_management as mm
-
-    patcher = getattr(keep, "patcher", None)
-    mm.free_memory(1e30, mm.get_torch_device(), keep_loaded=[m for m in mm.current_loaded_models if m.model is patcher])
-    mm.soft_empty_cache()
 
 
 def hold_vae(group, vae, node: str = NODE) -> None:

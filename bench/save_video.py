@@ -278,6 +278,7 @@ def child(a):
     import folder_paths
 
     from ltxav_pack import video_file, video_save
+    from ltxav_pack.driver import workers as driver_workers
 
     out_dir = tempfile.mkdtemp(prefix="save_video-")
     folder_paths.set_output_directory(out_dir)
@@ -351,7 +352,7 @@ def child(a):
                 video_save.decode_audio = decode_audio
                 rec["driver_anon_phases_gib"] = phases = {}
                 marking(phases, start["driver_anon"], video_save, "decode_audio", "audio")
-                marking(phases, start["driver_anon"], video_save, "free_gpu_for_workers", "unload")
+                marking(phases, start["driver_anon"], driver_workers, "free_gpu_for_workers", "unload")
                 marking(phases, start["driver_anon"], video_save.SegmentFiles, "write_into", "join")
                 saved = video_save.save(vae, audio_vae, video, audio, settings, path)
                 plan = video_save.plan_for(vae, video, settings)

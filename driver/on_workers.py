@@ -10,7 +10,7 @@ import time
 from .. import envs, guidance_passes, jobs, memory_plan, model_transfer
 from .plan import NODE, ParallelSettings, model_streams, plan
 from .report import StepProgress, short_names, step_timings, summary
-from .workers import Workers, cpu_mode, own_keys
+from .workers import Workers, cpu_mode, free_gpu_for_workers, own_keys
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ def run_on_workers(pool: Workers, patcher, job: jobs.KSamplerJob | jobs.GuiderJo
     shaped = plan(settings, passes, patcher, job.latent, available, cpu, pool.address)
     world = shaped.world
     total_steps = job.total_steps
-    comfy.model_management.unload_all_models()  # GPU 0 is also a worker's: free ComfyUI's own models
-    comfy.model_management.soft_empty_cache()
+    free_gpu_for_workers()
     prepare_s = time.perf_counter() - t_prepare
 
     group, start_s = pool.ensure_group(world, cpu)

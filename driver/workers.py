@@ -81,6 +81,17 @@ def cpu_mode() -> bool:
     return mm.cpu_state == mm.CPUState.CPU or not torch.cuda.is_available()
 
 
+def free_gpu_for_workers(keep=None) -> None:
+    """ComfyUI's models off its GPU before the workers run on it (GPU 0 is also a worker's), but the
+    ModelPatcher ``keep``, which stays loaded: the audio VAE a save has just used, as LTXVAudioVAEDecode leaves
+    it (unloading it would copy its weights, memory-mapped from the file, into host memory, and the next save
+    would load it again). Without ``keep``: ComfyUI's ``unload_all_models``."""
+    import comfy.model_management as mm
+
+    mm.free_memory(1e30, mm.get_torch_device(), keep_loaded=[m for m in mm.current_loaded_models if m.model is keep])
+    mm.soft_empty_cache()
+
+
 def _host_args() -> dict:
     import comfy.cli_args
 
