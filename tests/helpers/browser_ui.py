@@ -218,6 +218,20 @@ class ComfyPage:
         """Drag the file from the desktop onto the canvas."""
         self.page.evaluate(DROP_FILE, {"name": path.name, "text": path.read_text()})
         self._wait_loaded(path.stem, len(json.loads(path.read_text())["nodes"]))
+        self._drop_stuck_block_mask()
+
+    def _drop_stuck_block_mask(self, timeout_ms: int = 5_000):
+        """A drop shows the front end's full-screen BlockUI while it loads the file (the workspace's spinner).
+        When the spinner goes off before the mask's animation ends, PrimeVue can leave the mask in the document,
+        invisible, taking every click (primefaces/primevue#7817, #8376; it once held the Run button for 60 s in
+        CI). Once the spinner is off, a mask still there after ``timeout_ms`` is that one: it is removed."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        self.page.wait_for_function("() => !app.extensionManager.spinner")
+        try:
+            self.page.wait_for_selector(".p-blockui-mask-document", state="detached", timeout=timeout_ms)
+        except PlaywrightTimeout:
+            self.page.evaluate("() => document.querySelectorAll('.p-blockui-mask-document').forEach(m => m.remove())")
 
     def open_file(self, path: Path):
         """ComfyUI menu (the logo) > File > Open, pick the file in the browser's file chooser."""
